@@ -1,0 +1,97 @@
+"""Every config field the trainer understands, with its default and meaning.
+
+Experiments in `experiments/` start from `get_config()` here and change what
+they need. `research.train` checks the final config against this schema before
+anything is compiled: an unknown field or a wrong type fails with the field's
+name and the nearest valid one.
+"""
+
+import ml_collections
+
+
+def get_config():
+  """Returns the default config (a locked `ml_collections.ConfigDict`)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # --- Model -------------------------------------------------------------------
+  # `name`: a Hugging Face model directory, a hub name (needs internet), or a
+  # short alias from `research.models.hub.ALIASES` (e.g. "all-minilm-l6-v2",
+  # the packaged offline checkpoint).
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "all-minilm-l6-v2"
+  c.model.dtype = "float32"         # compute dtype: float32 | bfloat16
+  c.model.param_dtype = "float32"   # master weights
+  c.model.attention_impl = "xla"    # xla | cudnn (jax.nn.dot_product_attention)
+  c.model.hidden_dropout = -1.0     # < 0: keep the checkpoint's config.json
+  c.model.attention_dropout = -1.0  # < 0: keep the checkpoint's config.json
+  c.model.remat = False             # rematerialise each layer in backward
+
+  # --- Task --------------------------------------------------------------------
+  # sequence_classification (num_labels == 1 means regression),
+  # token_classification, question_answering, masked_lm.
+  c.task = "sequence_classification"
+  c.num_labels = 2
+
+  # --- Data --------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "local"            # local | tfds | hf
+  c.data.name = ""                   # tfds "glue/sst2" or hf "nyu-mll/glue"
+  c.data.hf_config = ""              # hf dataset config, e.g. "sst2"
+  c.data.data_dir = ""               # tfds data_dir / hf cache_dir ("" = default)
+  # Local files. eval_file: one path (split "validation"), or several as
+  # "matched=dev_m.tsv,mismatched=dev_mm.tsv".
+  c.data.train_file = ""
+  c.data.eval_file = ""
+  c.data.format = "auto"             # auto (by extension) | csv | tsv | jsonl
+  c.data.train_split = "train"
+  c.data.eval_splits = ("validation",)
+  c.data.text_fields = ("sentence",)  # one text or a text pair
+  c.data.label_field = "label"
+  # The declared label set, in id order. Empty: integer labels are taken as
+  # ids; string labels are sorted and numbered. Saved as labels.json.
+  c.data.label_names = ()
+  c.data.max_length = 128
+  c.data.buckets = (32, 64, 128)     # padded lengths; the largest is max_length
+  c.data.bad_rows = "error"          # error | skip (skipped rows are counted)
+  c.data.cache_dir = ""              # tokenisation cache ("" = <workdir>/cache)
+
+  # --- Optimisation ------------------------------------------------------------
+  c.batch_size = 32                  # global batch, all devices together
+  c.eval_batch_size = 64
+  c.num_epochs = 3.0                 # used when total_steps <= 0
+  c.total_steps = -1
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"         # adamw | adafactor | lamb
+  c.optimizer.learning_rate = 2e-5
+  c.optimizer.weight_decay = 0.01    # masked off biases and LayerNorm
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-6
+  c.optimizer.schedule = "linear"    # linear | cosine | constant (all warm up)
+  c.optimizer.warmup_proportion = 0.1
+  c.optimizer.warmup_steps = -1      # >= 0 overrides warmup_proportion
+  c.optimizer.grad_clip_norm = 1.0   # <= 0: no clipping
+  c.optimizer.grad_accum_steps = 1   # micro-batches per update
+
+  # --- Loop, evaluation, checkpoints -------------------------------------------
+  c.log_every_steps = 10
+  c.eval_every_steps = -1            # <= 0: once per epoch
+  c.eval_metric = "accuracy"         # selects the best checkpoint
+  c.eval_metric_mode = "max"         # max | min
+  c.early_stopping_patience = -1     # evaluations without improvement; <= 0 off
+  c.checkpoint_every_steps = -1      # <= 0: at every evaluation
+  c.keep_checkpoints = 2             # most recent kept, besides the best
+  c.max_bad_steps = 10               # consecutive non-finite losses before stop
+
+  # --- Tracking ----------------------------------------------------------------
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.mode = "auto"              # auto (online iff WANDB_API_KEY) | online | offline | disabled
+  c.wandb.project = "research-bert"
+  c.wandb.entity = ""
+  c.wandb.group = ""
+  c.wandb.name = ""
+  c.wandb.tags = ()
+
+  c.lock()
+  return c

