@@ -220,20 +220,22 @@ class BertModel(nnx.Module):
 
   Call with int arrays `input_ids`, `attention_mask` (1 = real token) and
   optionally `token_type_ids`, `position_ids`, all [batch, length]. Returns
-  `(sequence_output [batch, length, hidden], pooled_output [batch, hidden])`.
+  `(sequence_output [batch, length, hidden], pooled_output [batch, hidden])`;
+  `pooled_output` is None without a pooler (token-level heads, as in
+  Hugging Face, have none).
   """
 
   def __init__(self, cfg: BertConfig, *, dtype=jnp.float32,
                param_dtype=jnp.float32, attention_impl=None, remat=False,
-               rngs: nnx.Rngs):
+               add_pooler=True, rngs: nnx.Rngs):
     self.cfg = cfg
     self.remat = remat
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embeddings = Embeddings(cfg, **kw)
     self.layers = nnx.List([Layer(cfg, attention_impl=attention_impl, **kw)
                             for _ in range(cfg.num_hidden_layers)])
-    self.pooler = _dense(cfg, cfg.hidden_size, cfg.hidden_size,
-                         ("embed", None), **kw)
+    self.pooler = (_dense(cfg, cfg.hidden_size, cfg.hidden_size,
+                          ("embed", None), **kw) if add_pooler else None)
 
   def position_ids(self, attention_mask):
     """Absolute positions; RoBERTa counts only real tokens, from pad_id + 1."""
@@ -257,5 +259,6 @@ class BertModel(nnx.Module):
         x = nnx.remat(lambda lyr, h, m, r: lyr(h, m, rngs=r))(layer, x, mask, rngs)
       else:
         x = layer(x, mask, rngs=rngs)
-    pooled = jnp.tanh(self.pooler(x[:, 0]))
-    return x, pooled
+    if self.pooler is None:
+      return x, None
+    return x, jnp.tanh(self.pooler(x[:, 0]))

