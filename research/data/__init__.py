@@ -1,0 +1,38 @@
+"""The input pipeline: sources -> checked rows -> cached tokens -> batches.
+
+Typical use by the trainer:
+
+  train, evals, label_names, skipped = data.load_splits(
+      config, tokenizer, cache_dir=os.path.join(workdir, "cache"))
+  data.save_label_names(os.path.join(workdir, "labels.json"), label_names)
+  batcher = data.Batcher(train, config.batch_size, config.data.buckets,
+                         seed=config.seed, shuffle=True,
+                         process_index=jax.process_index(),
+                         process_count=jax.process_count())
+  for batch in batcher.iterate(start_step): ...
+  # Evaluate with the training buckets: no extra compilations.
+  for batch in data.Batcher(evals["validation"], config.eval_batch_size,
+                            batcher.buckets, shuffle=False, ...).eval_batches():
+    ...
+
+`data.buckets` empty means `auto_buckets` of the training lengths.
+"""
+
+from research.data.batching import Batcher
+from research.data.batching import auto_buckets
+from research.data.batching import make_buckets
+from research.data.batching import padding_efficiency
+from research.data.errors import DataError
+from research.data.labels import load_label_names
+from research.data.labels import save_label_names
+from research.data.splits import TokenizedSplit
+from research.data.splits import load_splits
+from research.data.splits import parse_eval_files
+from research.data.tokenize import load_tokenizer
+from research.data.tokenize import tokenizer_fingerprint
+
+__all__ = [
+    "Batcher", "DataError", "TokenizedSplit", "auto_buckets", "load_label_names",
+    "load_splits", "load_tokenizer", "make_buckets", "padding_efficiency",
+    "parse_eval_files", "save_label_names", "tokenizer_fingerprint",
+]

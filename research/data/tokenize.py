@@ -1,0 +1,197 @@
+"""Tokenisation with a Hugging Face fast tokenizer, cached on disk.
+
+A split is tokenised once (no padding: token ids stored flat with offsets) and
+saved as .npz under the cache directory. The file name is a hash of everything
+that determines its content: the source's identity (file path and content
+hash, or dataset name/version/split), text and label fields, bad-row policy,
+max_length and the tokenizer's full definition. Labels are cached raw, so the
+label set is applied afterwards and never invalidates the cache.
+"""
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import os
+import tempfile
+
+import numpy as np
+
+from research.data.errors import DataError
+
+# Bump when the cached arrays change meaning.
+CACHE_VERSION = 1
+_CHUNK = 8192  # Examples per tokenizer call: bounded memory for big splits.
+
+
+def load_tokenizer(name_or_dir):
+  """Loads the Hugging Face fast tokenizer of a model directory (or name)."""
+  import transformers  # Heavy; only when a tokenizer is needed.
+  return transformers.AutoTokenizer.from_pretrained(name_or_dir)
+
+
+def tokenizer_fingerprint(tokenizer):
+  """Returns a hex hash of the tokenizer's full definition.
+
+  Hashes the serialized fast tokenizer (vocabulary, normalizer, special
+  tokens, post-processor) minus its transient truncation/padding state, which
+  changes with every call and does not affect what we store.
+  """
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is None:
+    raise DataError(f"{type(tokenizer).__name__} is not a fast tokenizer; "
+                    "the data pipeline needs one (tokenizer.json)")
+  spec = json.loads(backend.to_str())
+  spec.pop("truncation", None)
+  spec.pop("padding", None)
+  blob = type(tokenizer).__name__ + json.dumps(spec, sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclasses.dataclass
+class Encoded:
+  """A tokenised split as cached: flat token arrays plus raw labels.
+
+  Attributes:
+    input_ids: int32 [total_tokens], the examples back to back.
+    token_type_ids: int8 [total_tokens].
+    offsets: int64 [n + 1]; example i is input_ids[offsets[i]:offsets[i+1]].
+    labels: raw labels (str array [n]) or None when the split is unlabeled.
+    rows: int32 [n], each example's line/row number in its source.
+    where: the source's description for messages.
+    unit: "line" or "row" (what `rows` counts).
+    skipped: rows dropped while reading, by reason.
+    label_names: the source's own label names, or None.
+  """
+  input_ids: np.ndarray
+  token_type_ids: np.ndarray
+  offsets: np.ndarray
+  labels: np.ndarray | None
+  rows: np.ndarray
+  where: str
+  unit: str
+  skipped: dict
+  label_names: tuple | None
+
+
+def encode(tokenizer, texts, max_length):
+  """Tokenises texts (or text pairs) BERT-style, truncated to max_length.
+
+  Args:
+    tokenizer: a Hugging Face fast tokenizer.
+    texts: one list of strings (single texts) or two (pairs; the second gets
+      token_type_id 1, longest-first truncation).
+    max_length: the most tokens per example, special tokens included.
+
+  Returns:
+    (input_ids int32 [T], token_type_ids int8 [T], offsets int64 [n + 1]).
+  """
+  n = len(texts[0])
+  ids, types, lengths = [], [], []
+  for start in range(0, n, _CHUNK):
+    parts = [t[start:start + _CHUNK] for t in texts]
+    out = tokenizer(*parts, truncation=True, max_length=max_length,
+                    return_attention_mask=False, return_token_type_ids=True)
+    # Per-chunk numpy arrays: Python int lists of a whole corpus are huge.
+    ids.append(np.fromiter(itertools.chain.from_iterable(out["input_ids"]),
+                           np.int32))
+    types.append(np.fromiter(
+        itertools.chain.from_iterable(out["token_type_ids"]), np.int8))
+    lengths.append(np.fromiter(map(len, out["input_ids"]), np.int64))
+  offsets = np.zeros(n + 1, np.int64)
+  np.cumsum(np.concatenate(lengths), out=offsets[1:])
+  return np.concatenate(ids), np.concatenate(types), offsets
+
+
+def _save(path, enc):
+  meta = {"where": enc.where, "unit": enc.unit, "skipped": enc.skipped,
+          "label_names": enc.label_names, "version": CACHE_VERSION}
+  arrays = dict(input_ids=enc.input_ids, token_type_ids=enc.token_type_ids,
+                offsets=enc.offsets, rows=enc.rows,
+                meta=np.asarray(json.dumps(meta)))
+  if enc.labels is not None:
+    arrays["labels"] = enc.labels
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  # Write then rename: a reader (another host, a crash) never sees half a file.
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def _load(path):
+  with np.load(path, allow_pickle=False) as f:
+    meta = json.loads(str(f["meta"]))
+    if meta.get("version") != CACHE_VERSION:
+      return None
+    names = meta["label_names"]
+    return Encoded(
+        input_ids=f["input_ids"], token_type_ids=f["token_type_ids"],
+        offsets=f["offsets"], rows=f["rows"],
+        labels=f["labels"] if "labels" in f.files else None,
+        where=meta["where"], unit=meta["unit"], skipped=meta["skipped"],
+        label_names=tuple(names) if names is not None else None)
+
+
+def cache_key(**parts):
+  """Returns a hex hash of JSON-serialisable keyword parts."""
+  blob = json.dumps(parts, sort_keys=True, default=list)
+  return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def encode_split(source, tokenizer, text_fields, label_field, bad_rows,
+                 max_length, require_labels, cache_dir, tokenizer_hash=None):
+  """Reads and tokenises one split, or loads it from the cache.
+
+  Args:
+    source: a `research.data.sources` source (LocalFile, TfdsSplit, HfSplit).
+    tokenizer: a Hugging Face fast tokenizer.
+    text_fields: one or two text columns.
+    label_field: the label column ("" for none).
+    bad_rows: "error" or "skip".
+    max_length: truncation length.
+    require_labels: a missing label column is an error (training splits).
+    cache_dir: where .npz files go; None or "" disables the cache.
+    tokenizer_hash: `tokenizer_fingerprint(tokenizer)`, if already computed.
+
+  Returns:
+    An `Encoded` split.
+  """
+  path = None
+  if cache_dir:
+    key = cache_key(
+        version=CACHE_VERSION, source=source.identity(),
+        text_fields=list(text_fields), label_field=label_field,
+        bad_rows=bad_rows, max_length=max_length,
+        require_labels=require_labels,
+        tokenizer=tokenizer_hash or tokenizer_fingerprint(tokenizer))
+    path = os.path.join(cache_dir, f"tokens-{key[:24]}.npz")
+    if os.path.exists(path):
+      try:
+        enc = _load(path)
+      except (OSError, ValueError, KeyError) as e:
+        logging.warning("Ignoring unreadable cache file %s (%s)", path, e)
+        enc = None
+      if enc is not None:
+        logging.info("Loaded %s from the cache %s", enc.where, path)
+        return enc
+  raw = source.read(text_fields, label_field, bad_rows, require_labels)
+  if not raw.rows:
+    raise DataError(f"{raw.where}: no usable rows" + (
+        f" (skipped: {raw.skipped})" if raw.skipped else ""))
+  input_ids, token_type_ids, offsets = encode(tokenizer, raw.texts, max_length)
+  enc = Encoded(
+      input_ids=input_ids, token_type_ids=token_type_ids, offsets=offsets,
+      labels=np.asarray(raw.labels, str) if raw.labels is not None else None,
+      rows=np.asarray(raw.rows, np.int32), where=raw.where, unit=raw.unit,
+      skipped=raw.skipped, label_names=raw.label_names)
+  if path:
+    _save(path, enc)
+    logging.info("Tokenised %s (%d examples) into %s", raw.where,
+                 len(raw.rows), path)
+  return enc
