@@ -52,7 +52,9 @@ def get_config():
   # ids; string labels are sorted and numbered. Saved as labels.json.
   c.data.label_names = ()
   c.data.max_length = 128
-  c.data.buckets = (32, 64, 128)     # padded lengths; the largest is max_length
+  # Padded lengths (max_length is always one): one compilation each. Empty:
+  # chosen from the training lengths (research.data.auto_buckets, 8 buckets).
+  c.data.buckets = ()
   c.data.bad_rows = "error"          # error | skip (skipped rows are counted)
   c.data.cache_dir = ""              # tokenisation cache ("" = <workdir>/cache)
 
@@ -77,7 +79,10 @@ def get_config():
   # --- Loop, evaluation, checkpoints -------------------------------------------
   c.log_every_steps = 10
   c.eval_every_steps = -1            # <= 0: once per epoch
-  c.eval_metric = "accuracy"         # selects the best checkpoint
+  # Metrics computed on every eval split (research/evaluation/metrics.py);
+  # eval/loss is always logged.
+  c.metrics = ("accuracy",)
+  c.eval_metric = "accuracy"         # selects the best checkpoint (or "loss")
   c.eval_metric_mode = "max"         # max | min
   c.early_stopping_patience = -1     # evaluations without improvement; <= 0 off
   c.checkpoint_every_steps = -1      # <= 0: at every evaluation

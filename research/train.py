@@ -1,0 +1,352 @@
+"""Fine-tunes a BERT-family encoder from an experiment config.
+
+    python -m research.train --config experiments/quickstart.py --workdir /tmp/qs
+    python -m research.train --config experiments/quickstart.py \
+        --config.optimizer.learning_rate=3e-5 --workdir /tmp/qs2
+
+A `--workdir` that holds checkpoints of an earlier run resumes it exactly
+(parameters, optimiser state, step, data position; dropout keys are a function
+of the seed and the step). `train_and_evaluate(config, workdir)` is the whole
+run and what tests call.
+
+The file reads top to bottom as the run does: config and workdir, data, model
+and optimiser, the update and eval steps, checkpoint restore, the loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from research import data, models
+from research.configs import ConfigError, validate
+from research.evaluation import metrics as metrics_lib
+from research.models import hf
+from research.training import optimizers
+from research.training.checkpointing import Checkpointer, CheckpointError, abstract_like
+from research.training.tracker import create_tracker
+
+log = logging.getLogger("research.train")
+
+# Exit status after saving on preemption (SIGTERM), so schedulers restart us.
+PREEMPTED_EXIT_CODE = 143
+# Tasks whose training inputs research.data builds today.
+TRAINABLE_TASKS = ("sequence_classification",)
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+class Preempted(Exception):
+  """Raised after the preemption checkpoint is written."""
+
+
+def loss_and_predictions(logits, batch, regression):
+  """Weighted mean loss over real rows (weights 0 are padding rows).
+
+  Returns:
+    (loss scalar, predictions [batch]: class ids, or the regression output).
+  """
+  w = batch["weights"]
+  if regression:
+    pred = logits[:, 0]
+    per_example = jnp.square(pred - batch["labels"])
+  else:
+    pred = jnp.argmax(logits, axis=-1)
+    labels = jnp.maximum(batch["labels"], 0)  # -1 (no label) has weight 0
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return (per_example * w).sum() / jnp.maximum(w.sum(), 1.0), pred
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) training with periodic evaluation; returns the summary."""
+  # --- Config and workdir -------------------------------------------------------
+  validate(config)
+  if config.task not in TRAINABLE_TASKS:
+    raise ConfigError(f"config.task={config.task!r}: training data for this "
+                      f"head is not built yet; trainable: {', '.join(TRAINABLE_TASKS)}")
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  regression = config.num_labels == 1
+
+  # --- Data -------------------------------------------------------------------
+  model_dir = hf.resolve(config.model.name)
+  tokenizer = data.load_tokenizer(str(model_dir))
+  labels_path = os.path.join(workdir, "labels.json")
+  saved_labels = (data.load_label_names(labels_path)
+                  if os.path.exists(labels_path) else None)
+  train_split, eval_splits, label_names, skipped = data.load_splits(
+      config, tokenizer, cache_dir=os.path.join(workdir, "cache"),
+      label_names=saved_labels)
+  if train_split is None:
+    raise ConfigError("no training split: set config.data.train_file "
+                      "(local) or config.data.train_split")
+  if not regression and len(label_names) != config.num_labels:
+    raise ConfigError(
+        f"config.num_labels={config.num_labels} but the data has "
+        f"{len(label_names)} labels: {', '.join(map(str, label_names))}")
+  if is_main:
+    data.save_label_names(labels_path, label_names)
+  for split, counts in skipped.items():
+    log.warning("skipped rows in %s (data.bad_rows='skip'): %s", split, counts)
+
+  accum = config.optimizer.grad_accum_steps
+  # The loader yields micro-batches; `accum` of them make one update.
+  train_batches = data.Batcher(
+      train_split, config.batch_size // accum, config.data.buckets,
+      seed=config.seed, shuffle=True, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  eval_batches = {
+      name: data.Batcher(split, config.eval_batch_size, train_batches.buckets,
+                         shuffle=False, process_index=jax.process_index(),
+                         process_count=jax.process_count())
+      for name, split in eval_splits.items()}
+  total_steps = optimizers.steps_from_config(config, train_batches.steps_per_epoch)
+  steps_per_epoch = max(1, train_batches.steps_per_epoch // accum)
+  eval_every = (config.eval_every_steps if config.eval_every_steps > 0
+                else steps_per_epoch)
+  checkpoint_every = (config.checkpoint_every_steps
+                      if config.checkpoint_every_steps > 0 else eval_every)
+  log.info("%d training examples, %d steps/epoch, %d steps, buckets %s",
+           len(train_split), steps_per_epoch, total_steps,
+           list(train_batches.buckets))
+
+  # --- Model and optimiser ------------------------------------------------------
+  overrides = {}
+  if config.model.hidden_dropout >= 0:
+    overrides["hidden_dropout_prob"] = config.model.hidden_dropout
+  if config.model.attention_dropout >= 0:
+    overrides["attention_probs_dropout_prob"] = config.model.attention_dropout
+  model, report = hf.load_pretrained(
+      str(model_dir), config.task, config.num_labels, dtype=config.model.dtype,
+      param_dtype=config.model.param_dtype,
+      attention_impl=config.model.attention_impl, remat=config.model.remat,
+      config_overrides=overrides, seed=config.seed)
+  log.info("%s", report)
+  if config.data.max_length > model.cfg.max_position_embeddings - model.cfg.position_offset:
+    raise ConfigError(
+        f"config.data.max_length={config.data.max_length} exceeds the "
+        f"model's {model.cfg.max_position_embeddings} positions")
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = optimizers.build_optimizer(config.optimizer, total_steps)
+  schedule = optimizers.learning_rate_schedule(config.optimizer, total_steps)
+  state = {"params": params, "opt_state": tx.init(params)}
+  base_key = jax.random.key(config.seed)
+
+  # --- Update and eval steps ----------------------------------------------------
+  def loss_fn(params, batch, dropout_key):
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["input_ids"], batch["attention_mask"],
+                   batch["token_type_ids"], rngs=nnx.Rngs(dropout=dropout_key))
+    return loss_and_predictions(logits, batch, regression)[0]
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def train_step(state, batch, micro_step):
+    dropout_key = jax.random.fold_in(base_key, micro_step)
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, dropout_key)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                    "bad_steps": optimizers.bad_step_count(opt_state)}
+    return {"params": params, "opt_state": opt_state}, step_metrics
+
+  @jax.jit
+  def eval_step(params, batch):
+    logits = nnx.merge(graphdef, params)(
+        batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    loss, pred = loss_and_predictions(logits, batch, regression)
+    return loss * batch["weights"].sum(), pred
+
+  def evaluate(params) -> dict[str, float]:
+    results = {}
+    for name, batcher in eval_batches.items():
+      preds, labels, weights, loss_sum = [], [], [], 0.0
+      for batch in batcher.eval_batches():
+        loss, pred = eval_step(params, batch)
+        loss_sum += float(loss)
+        preds.append(np.asarray(pred))
+        labels.append(batch["labels"])
+        weights.append(batch["weights"])
+      preds, labels, weights = map(np.concatenate, (preds, labels, weights))
+      prefix = "eval/" if len(eval_batches) == 1 else f"eval/{name}/"
+      if not eval_splits[name].has_labels:
+        continue
+      results[prefix + "loss"] = loss_sum / weights.sum()
+      for metric, value in metrics_lib.compute(config.metrics, preds, labels,
+                                               weights).items():
+        results[prefix + metric] = value
+    return results
+
+  # The first eval split selects the best checkpoint and drives early stopping.
+  first_split = next(iter(eval_batches), None)
+  best_key = ("eval/" if len(eval_batches) == 1 else f"eval/{first_split}/") \
+      + config.eval_metric
+  sign = 1.0 if config.eval_metric_mode == "max" else -1.0
+
+  # --- Checkpoint restore -------------------------------------------------------
+  checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints,
+                              best_metric=best_key,
+                              best_mode=config.eval_metric_mode)
+  checkpointer.install_sigterm_handler()
+  progress = {"best": None, "evals_without_improvement": 0}
+  start_step = 0
+  if checkpointer.latest_step() is not None:
+    start_step, state, extras = checkpointer.restore(abstract_like(state))
+    progress = extras["progress"]
+    log.info("resumed from step %d in %s", start_step, workdir)
+  tracker = create_tracker(config, workdir, jax.process_index(),
+                           resume_step=start_step if start_step else None)
+  tracker.log_config(config.to_dict())
+
+  def save(step, eval_results=None, force=False):
+    extras = {"progress": progress, "step": step,
+              "epoch": step // steps_per_epoch, "label_names": list(label_names)}
+    checkpointer.save(step, state, extras, metrics=eval_results, force=force)
+
+  # --- Training loop ------------------------------------------------------------
+  summary = {}
+  if start_step >= total_steps:
+    log.info("run already finished at step %d", start_step)
+  window = {"loss": [], "examples": 0, "tokens": 0, "start": time.perf_counter()}
+  previous = None  # the last step's metrics, read one step late (no stall)
+  bar = _progress_bar(total_steps, start_step, is_main)
+  step = start_step
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      for micro in range(accum):
+        micro_step = (step - 1) * accum + micro
+        batch = train_batches.batch_at(micro_step)
+        state, step_metrics = train_step(state, batch, micro_step)
+        window["examples"] += int(batch["weights"].sum())
+        window["tokens"] += int(batch["attention_mask"].sum())
+      window["loss"].append(step_metrics["loss"])
+      if previous is not None and int(previous["bad_steps"]) >= config.max_bad_steps:
+        raise TrainingError(
+            f"step {step - 1}: {int(previous['bad_steps'])} consecutive "
+            f"non-finite losses (config.max_bad_steps={config.max_bad_steps}); "
+            f"parameters are from before them; the last checkpoint is step "
+            f"{checkpointer.latest_step()}")
+      previous = step_metrics
+
+      if step % config.log_every_steps == 0 or step == total_steps:
+        elapsed = time.perf_counter() - window["start"]
+        train_metrics = {
+            "train/loss": float(np.mean(jax.device_get(window["loss"]))),
+            "train/learning_rate": float(schedule(step - 1)),
+            "train/grad_norm": float(step_metrics["grad_norm"]),
+            "train/bad_steps_total": int(optimizers.total_bad_steps(state["opt_state"])),
+            "train/examples_per_second": window["examples"] / elapsed,
+            "train/tokens_per_second": window["tokens"] / elapsed,
+            "train/epoch": step / steps_per_epoch,
+        }
+        tracker.log(step, train_metrics)
+        bar.set_postfix(loss=f"{train_metrics['train/loss']:.4f}",
+                        ex_s=f"{train_metrics['train/examples_per_second']:.1f}")
+        window = {"loss": [], "examples": 0, "tokens": 0,
+                  "start": time.perf_counter()}
+      bar.update(1)
+
+      eval_results = None
+      if eval_batches and (step % eval_every == 0 or step == total_steps):
+        eval_results = evaluate(state["params"])
+        tracker.log(step, eval_results)
+        log.info("step %d: %s", step, _fmt(eval_results))
+        value = eval_results.get(best_key)
+        if value is not None and (progress["best"] is None
+                                  or sign * value > sign * progress["best"]):
+          progress.update(best=value, best_step=step, evals_without_improvement=0)
+        else:
+          progress["evals_without_improvement"] += 1
+      if step % checkpoint_every == 0 or step == total_steps or eval_results:
+        save(step, eval_results)
+      if checkpointer.reached_preemption(step):
+        save(step, force=True)
+        checkpointer.wait_until_finished()
+        raise Preempted(f"preempted: saved step {step} in {workdir}; rerun "
+                        "the same command to resume")
+      if (config.early_stopping_patience > 0 and
+          progress["evals_without_improvement"] >= config.early_stopping_patience):
+        log.info("early stopping at step %d: no improvement of %s in %d evals",
+                 step, best_key, config.early_stopping_patience)
+        save(step, eval_results)
+        break
+    summary = {"final_step": step, "best_step": progress.get("best_step"),
+               f"best/{best_key}": progress["best"],
+               "train_step_compilations": train_step._cache_size(),  # pylint: disable=protected-access
+               "eval_step_compilations": eval_step._cache_size()}  # pylint: disable=protected-access
+    if eval_results is None and eval_batches:
+      eval_results = evaluate(state["params"])
+    summary.update(eval_results or {})
+    tracker.summary(summary)
+  finally:
+    bar.close()
+    checkpointer.wait_until_finished()
+    checkpointer.restore_sigterm_handler()
+    checkpointer.close()
+    tracker.finish()
+  if is_main:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump({k: v for k, v in summary.items()}, f, indent=2, default=float)
+  return summary
+
+
+def _fmt(results):
+  return ", ".join(f"{k}={v:.4f}" for k, v in results.items())
+
+
+def _progress_bar(total, initial, enabled):
+  import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm.tqdm(total=total, initial=initial, disable=not enabled,
+                   desc="train", unit="step", dynamic_ncols=True,
+                   file=sys.stderr)
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  for noisy in ("absl", "orbax", "jax._src", "wandb"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  try:
+    summary = train_and_evaluate(config, workdir)
+  except Preempted as e:
+    print(e, file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT_CODE)
+  except (ConfigError, data.DataError, hf.CheckpointError, CheckpointError,
+          TrainingError) as e:
+    # A user mistake or a stop with a reason: the message, not a traceback.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(_fmt({k: v for k, v in summary.items()
+              if k.startswith("eval") and isinstance(v, float)}))
+
+
+def _flags():
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  config_flags.DEFINE_config_file(
+      "config", None, "Experiment config: experiments/<name>.py[:arg]",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (resumed if it exists).")
+  flags.mark_flags_as_required(["config", "workdir"])
+  return app
+
+
+if __name__ == "__main__":
+  _flags().run(main)
