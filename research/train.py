@@ -132,12 +132,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     overrides["hidden_dropout_prob"] = config.model.hidden_dropout
   if config.model.attention_dropout >= 0:
     overrides["attention_probs_dropout_prob"] = config.model.attention_dropout
-  model, report = hf.load_pretrained(
+  model, _ = hf.load_pretrained(
       str(model_dir), config.task, config.num_labels, dtype=config.model.dtype,
       param_dtype=config.model.param_dtype,
       attention_impl=config.model.attention_impl, remat=config.model.remat,
       config_overrides=overrides, seed=config.seed)
-  log.info("%s", report)
   if config.data.max_length > model.cfg.max_position_embeddings - model.cfg.position_offset:
     raise ConfigError(
         f"config.data.max_length={config.data.max_length} exceeds the "
@@ -161,7 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, dropout_key)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                     "bad_steps": optimizers.bad_step_count(opt_state)}
     return {"params": params, "opt_state": opt_state}, step_metrics
 
@@ -253,6 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "train/examples_per_second": window["examples"] / elapsed,
             "train/tokens_per_second": window["tokens"] / elapsed,
             "train/epoch": step / steps_per_epoch,
+            # One per bucket shape; growing after epoch 1 means a recompile.
+            "train/compilations": train_step._cache_size(),  # pylint: disable=protected-access
         }
         tracker.log(step, train_metrics)
         bar.set_postfix(loss=f"{train_metrics['train/loss']:.4f}",
@@ -337,16 +338,30 @@ def main(argv):
               if k.startswith("eval") and isinstance(v, float)}))
 
 
-def _flags():
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
+def parse_flags(argv):
+  """Parses --config/--config.*/--workdir; a bad override is a message."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   config_flags.DEFINE_config_file(
       "config", None, "Experiment config: experiments/<name>.py[:arg]",
       lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (resumed if it exists).")
   flags.mark_flags_as_required(["config", "workdir"])
-  return app
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections raises these for unknown or mistyped fields, with the
+    # nearest valid name ("Did you mean ..."); a get_config error arrives as
+    # a formatted traceback, whose last line is the message.
+    text = str(e).replace("\\n", "\n").replace("\\'", "'")
+    lines = [l.strip(" '\"") for l in text.splitlines() if l.strip(" '\"")]
+    message = lines[-1] if "Traceback" in text else " ".join(lines)
+    if isinstance(e, AttributeError):
+      message = f"unknown config field {message}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
-  _flags().run(main)
+  from absl import app  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=parse_flags)

@@ -27,3 +27,19 @@ def minilm_dir():
 def tiny_bert_dir():
   """A small random BERT written by tests/testdata/make_golden.py."""
   return TESTDATA / "tiny_bert"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, minilm_dir):
+  """A 2-layer, 32-wide random BERT with MiniLM's vocabulary and tokenizer.
+
+  Fast enough for end-to-end training tests; written by our own exporter.
+  """
+  from research.models import BertConfig, create_model, hf  # pylint: disable=import-outside-toplevel
+  cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                   num_attention_heads=4, intermediate_size=64,
+                   max_position_embeddings=128)
+  out = tmp_path_factory.mktemp("tiny_model")
+  hf.export(create_model("sequence_classification", cfg, 2, seed=0), out,
+            "sequence_classification", tokenizer_dir=minilm_dir)
+  return out

@@ -193,3 +193,13 @@ def test_config_from_dict_ignores_unknown_fields():
                               "num_attention_heads": 4, "use_cache": True})
   assert cfg.hidden_size == 64
   assert create_model("sequence_classification", TINY).cfg == TINY
+
+
+def test_head_of_another_shape_is_reinitialised_and_reported(tmp_path, tiny_bert_dir):
+  model, _ = hf.load_pretrained(str(tiny_bert_dir), "sequence_classification", 3)
+  out = hf.export(model, tmp_path, "sequence_classification")
+  again, report = hf.load_pretrained(str(out), "sequence_classification", 2)
+  assert report.mismatched == ["classifier.weight (3, 32)", "classifier.bias (3,)"]
+  assert report.missing == ["classifier.bias", "classifier.kernel"]
+  assert report.unexpected == [] and "another shape" in str(report)
+  assert again.classifier.kernel.shape == (32, 2)

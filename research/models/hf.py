@@ -297,9 +297,15 @@ class LoadReport:
   loaded: list[str]
   missing: list[str]      # model weights not in the file: newly initialised
   unexpected: list[str]   # file keys the model does not use
+  # Head weights of another shape (e.g. a head fine-tuned for 3 labels reused
+  # for 2): newly initialised, like `missing`, as HF's ignore_mismatched_sizes.
+  mismatched: list[str] = dataclasses.field(default_factory=list)
 
   def __str__(self):
     lines = [f"loaded {len(self.loaded)} tensors from {self.source}"]
+    if self.mismatched:
+      lines.append("head weights of another shape, newly initialised: "
+                   + ", ".join(self.mismatched))
     if self.missing:
       lines.append("newly initialised (not in the checkpoint; train before "
                    "use): " + ", ".join(self.missing))
@@ -350,12 +356,15 @@ def assign(model: nnx.Module, tensors: dict[str, np.ndarray], names: dict,
   """Copies `tensors` into `model` by the name map; checks every shape."""
   state = nnx.state(model, nnx.Param)
   flat = dict(nnx.to_flat_state(state))
-  loaded, used = [], set()
+  loaded, used, mismatched = [], set(), []
   for hf_key, (path, kind) in names.items():
     if hf_key not in tensors or path not in flat:
       continue
     variable = flat[path]
     value = _to_ours(kind, np.asarray(tensors[hf_key]), cfg)
+    if tuple(value.shape) != tuple(variable.shape) and path[0] != "bert":
+      mismatched.append(f"{hf_key} {tuple(tensors[hf_key].shape)}")
+      continue
     if tuple(value.shape) != tuple(variable.shape):
       raise CheckpointError(
           f"{source}: key {hf_key!r} has shape {tuple(tensors[hf_key].shape)}, "
@@ -367,8 +376,9 @@ def assign(model: nnx.Module, tensors: dict[str, np.ndarray], names: dict,
   nnx.update(model, state)
   missing = [".".join(map(str, p)) for p in flat if p not in used]
   unexpected = sorted(k for k in tensors if k not in set(loaded)
-                      and not k.endswith(_IGNORED_SUFFIXES))
-  return LoadReport(str(source), loaded, missing, unexpected)
+                      and not k.endswith(_IGNORED_SUFFIXES)
+                      and not any(m.startswith(k + " ") for m in mismatched))
+  return LoadReport(str(source), loaded, missing, unexpected, mismatched)
 
 
 # --- Export -------------------------------------------------------------------

@@ -374,6 +374,7 @@ class Checkpointer:
       abstract_state: PyTree,
       step: int | None = None,
       best: bool = False,
+      partial: bool = False,
   ) -> tuple[int, PyTree, dict[str, Any]]:
     """Restores a checkpoint onto `abstract_state`'s shapes and shardings.
 
@@ -384,6 +385,8 @@ class Checkpointer:
         save time (resharded restore).
       step: the step to restore; default the latest (or the best).
       best: restore from the best directory instead of the latest ones.
+      partial: `abstract_state` names a subset of the saved tree (e.g. only
+        the parameters, for export); the rest is not read.
 
     Returns:
       `(step, state, extras)`.
@@ -405,15 +408,21 @@ class Checkpointer:
           f"{sorted(manager.all_steps())}."
       )
     args = ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
+        state=(ocp.args.PyTreeRestore(
+            abstract_state, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(
+                abstract_state)) if partial
+               else ocp.args.StandardRestore(abstract_state)),
         extras=ocp.args.JsonRestore(),
     )
     try:
       restored = manager.restore(step, args=args)
     except Exception as e:
+      # Orbax prints whole metadata trees; the start says what went wrong.
+      detail = str(e) if len(str(e)) < 2000 else str(e)[:2000] + " [...]"
       raise CheckpointError(
-          f"Restoring checkpoint {manager.directory / str(step)} failed: {e}"
-      ) from e
+          f"Restoring checkpoint {manager.directory / str(step)} failed: "
+          f"{detail}") from e
     return step, restored.state, restored.extras
 
   # --- Preemption --------------------------------------------------------------
