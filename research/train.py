@@ -24,12 +24,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
-from research import data, models
+from research import data, parallelism
 from research.configs import ConfigError, validate
 from research.evaluation import metrics as metrics_lib
 from research.models import hf
@@ -53,21 +54,98 @@ class Preempted(Exception):
   """Raised after the preemption checkpoint is written."""
 
 
-def loss_and_predictions(logits, batch, regression):
-  """Weighted mean loss over real rows (weights 0 are padding rows).
+def per_example_loss(logits, batch, regression):
+  """Loss per row and predictions: class ids, or the regression output.
 
-  Returns:
-    (loss scalar, predictions [batch]: class ids, or the regression output).
+  Rows with weight 0 (padding rows of the last eval batch, examples without a
+  label) are masked by the callers' weighted sums.
   """
-  w = batch["weights"]
   if regression:
     pred = logits[:, 0]
-    per_example = jnp.square(pred - batch["labels"])
+    return jnp.square(pred - batch["labels"]), pred
+  labels = jnp.maximum(batch["labels"], 0)  # -1 (no label) has weight 0
+  return (optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+          jnp.argmax(logits, axis=-1))
+
+
+def make_train_step(graphdef, tx, *, regression, seed, mesh, strategy,
+                    state_sharding):
+  """The jitted update: `(state, batch, micro_step) -> (state, metrics)`.
+
+  The loss is the weighted mean over the global batch, computed as
+  sum(loss * weight) / total weight so that every strategy and device count
+  gives the same gradient. `state` is donated: its buffers are reused.
+
+  Args:
+    graphdef: the model's `nnx.GraphDef` (structure without weights).
+    tx: the optax transformation (`optimizers.build_optimizer`).
+    regression: single-output regression head.
+    seed: dropout keys are `fold_in(key(seed), micro_step)`: a resumed run
+      draws the same masks.
+    mesh: the device mesh.
+    strategy: "jit" (sharded program) or "pmap" (per-device program with an
+      explicit gradient all-reduce, via shard_map).
+    state_sharding: NamedShardings of `{"params", "opt_state"}`.
+  """
+  base_key = jax.random.key(seed)
+  batch_sharding = parallelism.batch_sharding(mesh)
+  replicated = parallelism.replicated(mesh)
+
+  def loss_fn(params, batch, dropout_key, total_weight):
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["input_ids"], batch["attention_mask"],
+                   batch["token_type_ids"], rngs=nnx.Rngs(dropout=dropout_key))
+    loss, _ = per_example_loss(logits, batch, regression)
+    return (loss * batch["weights"]).sum() / total_weight
+
+  def apply(state, loss, grads):
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "opt_state": opt_state}, {
+        "loss": loss, "grad_norm": optax.tree.norm(grads),
+        "bad_steps": optimizers.bad_step_count(opt_state)}
+
+  if strategy == "jit":
+    def step(state, batch, micro_step):
+      key = jax.random.fold_in(base_key, micro_step)
+      total = jnp.maximum(batch["weights"].sum(), 1.0)
+      loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, key,
+                                                total)
+      return apply(state, loss, grads)
   else:
-    pred = jnp.argmax(logits, axis=-1)
-    labels = jnp.maximum(batch["labels"], 0)  # -1 (no label) has weight 0
-    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return (per_example * w).sum() / jnp.maximum(w.sum(), 1.0), pred
+    axes = parallelism.BATCH_AXES
+
+    def per_device(state, batch, micro_step):
+      # Each device differentiates its share of the global mean; the psum is
+      # the gradient all-reduce.
+      key = jax.random.fold_in(jax.random.fold_in(base_key, micro_step),
+                               jax.lax.axis_index(axes))
+      total = jnp.maximum(jax.lax.psum(batch["weights"].sum(), axes), 1.0)
+      loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, key,
+                                                total)
+      loss, grads = jax.lax.psum((loss, grads), axes)
+      return apply(state, loss, grads)
+
+    # check_vma=False: with it on, JAX would already sum the gradients of
+    # the replicated parameters in the transpose, and the psum above would
+    # count them once per device. Off, the program is the classic pmap one.
+    step = jax.shard_map(per_device, mesh=mesh,
+                         in_specs=(jax.P(), jax.P(axes), jax.P()),
+                         out_specs=(jax.P(), jax.P()), check_vma=False)
+  return jax.jit(step, in_shardings=(state_sharding, batch_sharding, None),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
+def make_eval_step(graphdef, *, regression, mesh, params_sharding):
+  """The jitted eval: `(params, batch) -> (weighted loss sum, predictions)`."""
+  def step(params, batch):
+    logits = nnx.merge(graphdef, params)(
+        batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    loss, pred = per_example_loss(logits, batch, regression)
+    return (loss * batch["weights"]).sum(), pred
+  return jax.jit(step, in_shardings=(params_sharding,
+                                     parallelism.batch_sharding(mesh)),
+                 out_shardings=parallelism.replicated(mesh))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -105,7 +183,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for split, counts in skipped.items():
     log.warning("skipped rows in %s (data.bad_rows='skip'): %s", split, counts)
 
+  mesh = parallelism.make_mesh(config.parallelism)
   accum = config.optimizer.grad_accum_steps
+  parallelism.check_batch_size(config.batch_size // accum, mesh,
+                               "config.batch_size / grad_accum_steps"
+                               if accum > 1 else "config.batch_size")
+  parallelism.check_batch_size(config.eval_batch_size, mesh,
+                               "config.eval_batch_size")
   # The loader yields micro-batches; `accum` of them make one update.
   train_batches = data.Batcher(
       train_split, config.batch_size // accum, config.data.buckets,
@@ -145,46 +229,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = optimizers.build_optimizer(config.optimizer, total_steps)
   schedule = optimizers.learning_rate_schedule(config.optimizer, total_steps)
   state = {"params": params, "opt_state": tx.init(params)}
-  base_key = jax.random.key(config.seed)
+  # Place every leaf by its logical axis names (replicated for pmap).
+  state_sharding = parallelism.state_shardings(
+      state, mesh, config.parallelism.logical_axis_rules,
+      config.parallelism.strategy)
+  state = jax.device_put(state, state_sharding)
 
   # --- Update and eval steps ----------------------------------------------------
-  def loss_fn(params, batch, dropout_key):
-    model = nnx.merge(graphdef, params)
-    logits = model(batch["input_ids"], batch["attention_mask"],
-                   batch["token_type_ids"], rngs=nnx.Rngs(dropout=dropout_key))
-    return loss_and_predictions(logits, batch, regression)[0]
-
-  @functools.partial(jax.jit, donate_argnums=0)
-  def train_step(state, batch, micro_step):
-    dropout_key = jax.random.fold_in(base_key, micro_step)
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, dropout_key)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                    "bad_steps": optimizers.bad_step_count(opt_state)}
-    return {"params": params, "opt_state": opt_state}, step_metrics
-
-  @jax.jit
-  def eval_step(params, batch):
-    logits = nnx.merge(graphdef, params)(
-        batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    loss, pred = loss_and_predictions(logits, batch, regression)
-    return loss * batch["weights"].sum(), pred
+  train_step = make_train_step(
+      graphdef, tx, regression=regression, seed=config.seed, mesh=mesh,
+      strategy=config.parallelism.strategy, state_sharding=state_sharding)
+  eval_step = make_eval_step(graphdef, regression=regression, mesh=mesh,
+                             params_sharding=state_sharding["params"])
+  batch_sharding = parallelism.batch_sharding(mesh)
 
   def evaluate(params) -> dict[str, float]:
     results = {}
     for name, batcher in eval_batches.items():
-      preds, labels, weights, loss_sum = [], [], [], 0.0
-      for batch in batcher.eval_batches():
-        loss, pred = eval_step(params, batch)
-        loss_sum += float(loss)
-        preds.append(np.asarray(pred))
-        labels.append(batch["labels"])
-        weights.append(batch["weights"])
-      preds, labels, weights = map(np.concatenate, (preds, labels, weights))
-      prefix = "eval/" if len(eval_batches) == 1 else f"eval/{name}/"
       if not eval_splits[name].has_labels:
         continue
+      preds, labels, weights, loss_sum = [], [], [], 0.0
+      for host_batch, batch in parallelism.prefetch(
+          batcher.eval_batches(), batch_sharding, config.parallelism.prefetch):
+        loss, pred = eval_step(params, batch)
+        loss_sum += float(loss)
+        # Global arrays -> numpy on every host (multi-host safe).
+        pred, label, weight = multihost_utils.process_allgather(
+            (pred, batch["labels"], batch["weights"]), tiled=True)
+        preds.append(pred)
+        labels.append(label)
+        weights.append(weight)
+      preds, labels, weights = map(np.concatenate, (preds, labels, weights))
+      prefix = "eval/" if len(eval_batches) == 1 else f"eval/{name}/"
       results[prefix + "loss"] = loss_sum / weights.sum()
       for metric, value in metrics_lib.compute(config.metrics, preds, labels,
                                                weights).items():
@@ -223,16 +299,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.info("run already finished at step %d", start_step)
   window = {"loss": [], "examples": 0, "tokens": 0, "start": time.perf_counter()}
   previous = None  # the last step's metrics, read one step late (no stall)
+  eval_results = None
   bar = _progress_bar(total_steps, start_step, is_main)
+  # Micro-batches from the resume point on; the data position is the step.
+  batches = parallelism.prefetch(
+      train_batches.iterate(start_step * accum, (total_steps - start_step) * accum),
+      batch_sharding, config.parallelism.prefetch)
   step = start_step
   try:
     for step in range(start_step + 1, total_steps + 1):
+      eval_results = None
       for micro in range(accum):
-        micro_step = (step - 1) * accum + micro
-        batch = train_batches.batch_at(micro_step)
-        state, step_metrics = train_step(state, batch, micro_step)
-        window["examples"] += int(batch["weights"].sum())
-        window["tokens"] += int(batch["attention_mask"].sum())
+        host_batch, batch = next(batches)
+        state, step_metrics = train_step(state, batch, (step - 1) * accum + micro)
+        # Counted on the host copy: reading device arrays would wait for them.
+        window["examples"] += int(host_batch["weights"].sum()) * jax.process_count()
+        window["tokens"] += int(host_batch["attention_mask"].sum()) * jax.process_count()
       window["loss"].append(step_metrics["loss"])
       if previous is not None and int(previous["bad_steps"]) >= config.max_bad_steps:
         raise TrainingError(
@@ -262,7 +344,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   "start": time.perf_counter()}
       bar.update(1)
 
-      eval_results = None
       if eval_batches and (step % eval_every == 0 or step == total_steps):
         eval_results = evaluate(state["params"])
         tracker.log(step, eval_results)
@@ -325,12 +406,13 @@ def main(argv):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   try:
+    parallelism.initialize_distributed(config.parallelism.distributed)
     summary = train_and_evaluate(config, workdir)
   except Preempted as e:
     print(e, file=sys.stderr)
     sys.exit(PREEMPTED_EXIT_CODE)
   except (ConfigError, data.DataError, hf.CheckpointError, CheckpointError,
-          TrainingError) as e:
+          parallelism.ParallelismError, TrainingError) as e:
     # A user mistake or a stop with a reason: the message, not a traceback.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -22,6 +22,7 @@ def _tiny_config(model_dir, **overrides):
   config = quickstart.get_config()
   config.model.name = str(model_dir)
   config.wandb.mode = "disabled"
+  config.parallelism.mesh_shape = (1, 1, 1)  # test_parallel.py covers meshes
   config.optimizer.learning_rate = 1e-3
   for key, value in overrides.items():
     target = config
@@ -53,6 +54,7 @@ def test_quickstart_beats_majority_class(tmp_path):
   """The embedded MiniLM, 1 epoch (20 steps): dev majority class is 0.50."""
   config = quickstart.get_config()
   config.total_steps = 20
+  config.parallelism.mesh_shape = (1, 1, 1)
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary["eval/accuracy"] >= 0.75, summary
   rows = tracker.read_jsonl(tmp_path / "metrics.jsonl")

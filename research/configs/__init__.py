@@ -22,6 +22,8 @@ CHOICES = {
     "optimizer.schedule": ("linear", "cosine", "constant"),
     "eval_metric_mode": ("max", "min"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
+    "parallelism.strategy": ("jit", "pmap"),
+    "parallelism.distributed": ("auto", "on", "off"),
 }
 
 POSITIVE = ("batch_size", "eval_batch_size", "data.max_length",

@@ -89,6 +89,21 @@ def get_config():
   c.keep_checkpoints = 2             # most recent kept, besides the best
   c.max_bad_steps = 10               # consecutive non-finite losses before stop
 
+  # --- Parallelism (research/parallelism) --------------------------------------
+  c.parallelism = ml_collections.ConfigDict()
+  # jit: one program over the mesh, parameters sharded by logical axis names
+  # (data parallel, FSDP, tensor parallel by mesh shape alone).
+  # pmap: per-device program (jax.shard_map), replicated parameters, explicit
+  # gradient all-reduce; the mesh must be data only.
+  c.parallelism.strategy = "jit"
+  c.parallelism.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1: the rest
+  # Logical axis (models/bert.py) -> mesh axis; unnamed logical axes replicate.
+  c.parallelism.logical_axis_rules = (
+      ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
+      ("kv", None), ("mlp", "tensor"))
+  c.parallelism.prefetch = 2          # batches put on device ahead of the step
+  c.parallelism.distributed = "auto"  # jax.distributed.initialize(): auto | on | off
+
   # --- Tracking ----------------------------------------------------------------
   c.wandb = ml_collections.ConfigDict()
   c.wandb.mode = "auto"              # auto (online iff WANDB_API_KEY) | online | offline | disabled

@@ -1,0 +1,255 @@
+"""Strategies and meshes on 8 simulated CPU devices (see conftest.py)."""
+
+import os
+import pathlib
+import stat
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import quickstart
+from research import data, parallelism, train
+from research.configs import default
+from research.models import BertConfig, create_model, hf
+from research.training import optimizers
+from research.training.checkpointing import Checkpointer, abstract_like
+
+REPO = pathlib.Path(__file__).parent.parent
+GOLDEN = REPO / "tests" / "testdata" / "bert_base_shardings_fsdp2_tensor4.txt"
+
+
+def _parallelism(strategy, mesh_shape):
+  p = default.get_config().parallelism
+  p.strategy, p.mesh_shape = strategy, mesh_shape
+  return p
+
+
+@pytest.fixture(scope="module")
+def batches(tiny_model_dir):
+  """Ten global batches of 16 from the quickstart data, one bucket."""
+  config = quickstart.get_config()
+  config.data.buckets = (64,)
+  train_split, _, _, _ = data.load_splits(config, str(tiny_model_dir))
+  batcher = data.Batcher(train_split, 16, (64,), seed=0)
+  return [batcher.batch_at(i) for i in range(10)]
+
+
+def _trajectory(model_dir, batches, strategy, mesh_shape, accum=1, steps=10):
+  """Losses and final params of `steps` updates (dropout off: comparable)."""
+  model, _ = hf.load_pretrained(
+      str(model_dir), "sequence_classification", 2, seed=0,
+      config_overrides={"hidden_dropout_prob": 0.0,
+                        "attention_probs_dropout_prob": 0.0})
+  graphdef, params = nnx.split(model, nnx.Param)
+  opt = default.get_config().optimizer
+  opt.learning_rate, opt.grad_accum_steps, opt.warmup_steps = 1e-3, accum, 2
+  tx = optimizers.build_optimizer(opt, steps)
+  mesh = parallelism.make_mesh(_parallelism(strategy, mesh_shape))
+  state = {"params": params, "opt_state": tx.init(params)}
+  sharding = parallelism.state_shardings(
+      state, mesh, default.get_config().parallelism.logical_axis_rules, strategy)
+  state = jax.device_put(state, sharding)
+  step = train.make_train_step(graphdef, tx, regression=False, seed=0,
+                               mesh=mesh, strategy=strategy,
+                               state_sharding=sharding)
+  losses = []
+  for i, batch in enumerate(batches[:steps * accum]):
+    state, metrics = step(state, parallelism.shard_batch(
+        batch, parallelism.batch_sharding(mesh)), i)
+    losses.append(float(metrics["loss"]))
+  return np.array(losses), jax.device_get(state["params"]), state
+
+
+def test_all_strategies_follow_the_single_device_trajectory(tiny_model_dir, batches):
+  ref_losses, ref_params, _ = _trajectory(tiny_model_dir, batches, "jit", (1, 1, 1))
+  assert ref_losses[-1] < ref_losses[0]  # it trains
+  for strategy, mesh_shape in [("pmap", (8, 1, 1)), ("jit", (8, 1, 1)),
+                               ("jit", (2, 4, 1)), ("jit", (1, 2, 4))]:
+    losses, params, state = _trajectory(tiny_model_dir, batches, strategy,
+                                        mesh_shape)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5,
+                               err_msg=f"{strategy} {mesh_shape}")
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+      np.testing.assert_allclose(a, b, atol=2e-5, err_msg=f"{strategy} {mesh_shape}")
+    if mesh_shape == (1, 2, 4):  # really sharded, not replicated
+      kernel = state["params"]["bert"]["layers"][0]["intermediate"]["kernel"]
+      assert kernel.sharding.spec == jax.P("fsdp", "tensor")
+      assert kernel.addressable_shards[0].data.shape == (16, 16)
+
+
+def test_gradient_accumulation_equals_larger_batch(tiny_model_dir, batches):
+  halves = []
+  for batch in batches[:2]:
+    halves += [{k: v[:8] for k, v in batch.items()},
+               {k: v[8:] for k, v in batch.items()}]
+  big_losses, big, _ = _trajectory(tiny_model_dir, batches, "jit", (1, 1, 1),
+                                   steps=2)
+  _, accumulated, _ = _trajectory(tiny_model_dir, halves, "jit", (1, 1, 1),
+                                  accum=2, steps=2)
+  for a, b in zip(jax.tree.leaves(accumulated), jax.tree.leaves(big)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _bert_base_shardings():
+  cfg = BertConfig()  # bert-base: 12 layers, 768 wide
+  abstract_model = nnx.eval_shape(
+      lambda: create_model("sequence_classification", cfg, 2))
+  _, params = nnx.split(abstract_model, nnx.Param)
+  tx = optimizers.build_optimizer(default.get_config().optimizer, 100)
+  state = {"params": params, "opt_state": jax.eval_shape(tx.init, params)}
+  mesh = parallelism.make_mesh(_parallelism("jit", (1, 2, 4)))
+  return parallelism.state_shardings(
+      state, mesh, default.get_config().parallelism.logical_axis_rules)
+
+
+def test_bert_base_shardings_match_golden_table():
+  """A change to sharding shows up in review as a change to the golden file.
+
+  Regenerate with: UPDATE_GOLDEN=1 pytest tests/test_parallel.py -k golden
+  """
+  rows = parallelism.sharding_table(_bert_base_shardings()["params"])
+  table = "".join(f"{path}\t{spec}\n" for path, spec in rows)
+  if os.environ.get("UPDATE_GOLDEN"):
+    GOLDEN.write_text(table)
+  assert table == GOLDEN.read_text()
+  assert "layers/0/attention/query/kernel\t('fsdp', 'tensor', None)" in table
+
+
+def test_save_on_8_devices_restore_on_4_and_on_2x4(tmp_path, tiny_model_dir, batches):
+  _, _, state = _trajectory(tiny_model_dir, batches, "jit", (1, 8, 1), steps=2)
+  with Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(2, state, {"step": 2})
+  expected = jax.device_get(state)
+  rules = default.get_config().parallelism.logical_axis_rules
+  for mesh_shape in [(1, 4, 1), (1, 2, 4)]:
+    mesh = parallelism.make_mesh(_parallelism("jit", mesh_shape))
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        state, parallelism.state_shardings(state, mesh, rules))
+    with Checkpointer(tmp_path) as ckpt:
+      _, restored, _ = ckpt.restore(target)
+    for a, b, t in zip(jax.tree.leaves(restored), jax.tree.leaves(expected),
+                       jax.tree.leaves(target)):
+      np.testing.assert_array_equal(np.asarray(a), b)
+      assert a.sharding == t.sharding
+      assert len(a.sharding.device_set) == int(np.prod(mesh_shape))
+
+
+def test_batch_not_divisible_fails_before_compiling(tmp_path, tiny_model_dir):
+  config = quickstart.get_config()
+  config.model.name, config.wandb.mode = str(tiny_model_dir), "disabled"
+  config.batch_size = 12
+  with pytest.raises(parallelism.ParallelismError,
+                     match="config.batch_size=12 is not divisible by the "
+                           "data-parallel size 8"):
+    train.train_and_evaluate(config, str(tmp_path))
+  config.batch_size, config.parallelism.strategy = 16, "pmap"
+  config.parallelism.mesh_shape = (2, 4, 1)
+  with pytest.raises(parallelism.ParallelismError, match="fsdp = tensor = 1"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_end_to_end_run_on_fsdp_and_tensor_mesh(tmp_path, tiny_model_dir):
+  config = quickstart.get_config()
+  config.model.name, config.wandb.mode = str(tiny_model_dir), "disabled"
+  config.total_steps, config.eval_every_steps = 4, 4
+  config.parallelism.mesh_shape = (2, 2, 2)
+  config.model.dtype, config.model.remat = "bfloat16", True
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["final_step"] == 4 and 0.0 <= summary["eval/accuracy"] <= 1.0
+  # Resume the finished run on a different mesh: restores, nothing to do.
+  config.parallelism.mesh_shape = (8, 1, 1)
+  assert train.train_and_evaluate(config, str(tmp_path))["final_step"] == 4
+
+
+# --- launch.sh --------------------------------------------------------------
+
+
+@pytest.fixture
+def stub_gcloud(tmp_path):
+  """A `gcloud` on PATH that records each call's arguments, one per line."""
+  log = tmp_path / "gcloud.log"
+  stub = tmp_path / "bin" / "gcloud"
+  stub.parent.mkdir()
+  stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\x1f" "$@" >> {log}\n'
+                  f'printf "\\n" >> {log}\n')
+  stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+  env = dict(os.environ, PATH=f"{stub.parent}:{os.environ['PATH']}",
+             WANDB_API_KEY="secret-key-123")
+  return env, log
+
+
+def _launch(env, *args):
+  return subprocess.run(["bash", str(REPO / "launch.sh"), *args], env=env,
+                        capture_output=True, text=True, timeout=60, check=False)
+
+
+def _calls(log):
+  if not log.exists():
+    return []
+  return [line.split("\x1f")[:-1] for line in log.read_text().splitlines()]
+
+
+def test_launch_tpu_issues_create_scp_and_ssh_on_all_workers(stub_gcloud):
+  env, log = stub_gcloud
+  out = _launch(env, "tpu", "--name", "my-tpu", "--zone", "us-central2-b",
+                "--create", "--accelerator-type", "v4-32",
+                "experiments/quickstart.py", "--workdir", "gs://bucket/run 1",
+                "--config.data.text_fields=('a b',)")
+  assert out.returncode == 0, out.stderr
+  calls = _calls(log)
+  assert [c[:4] for c in calls] == [["compute", "tpus", "tpu-vm", "create"]] + \
+      [["compute", "tpus", "tpu-vm", "scp"]] * 2 + [["compute", "tpus", "tpu-vm", "ssh"]]
+  assert calls[0][4:] == ["my-tpu", "--zone", "us-central2-b",
+                          "--accelerator-type", "v4-32", "--version",
+                          "tpu-ubuntu2204-base"]
+  assert all("--worker=all" in c for c in calls[1:])
+  ssh = calls[-1]
+  command = ssh[ssh.index("--command") + 1]
+  assert "pip install -q -e '.[tpu,tfds,hf]'" in command
+  # The remote shell must see the arguments exactly: run the tail through bash.
+  tail = command.split("; . ~/.research-env; ")[1]
+  argv = subprocess.run(["bash", "-c", f"printf '%s\\n' {tail}"],
+                        capture_output=True, text=True, check=True).stdout
+  assert argv.splitlines() == [
+      "python3", "-m", "research.train", "--config", "experiments/quickstart.py",
+      "--workdir", "gs://bucket/run 1", "--config.data.text_fields=('a b',)"]
+  # The W&B key travels in a file, never in arguments or output.
+  assert "secret-key-123" not in log.read_text() + out.stdout + out.stderr
+
+
+def test_launch_dry_run_runs_nothing(stub_gcloud):
+  env, log = stub_gcloud
+  out = _launch(env, "tpu", "--name", "t", "--zone", "z", "--dry-run",
+                "experiments/quickstart.py")
+  assert out.returncode == 0, out.stderr
+  assert _calls(log) == []
+  assert "+ gcloud compute tpus tpu-vm ssh t --zone z --worker=all" in out.stdout
+  assert "secret-key-123" not in out.stdout
+  out = _launch(env, "gpu", "--coordinator", "10.0.0.2:1234", "--num-processes",
+                "2", "--process-id", "1", "--dry-run", "experiments/quickstart.py")
+  assert out.returncode == 0, out.stderr
+  assert ("+ env JAX_COORDINATOR_ADDRESS=10.0.0.2:1234 JAX_NUM_PROCESSES=2 "
+          "JAX_PROCESS_ID=1 python3 -m research.train") in out.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "usage"),
+    (["cloud", "experiments/quickstart.py"], "unknown mode 'cloud'"),
+    (["tpu", "experiments/quickstart.py"], "tpu needs --name NAME and --zone ZONE"),
+    (["tpu", "--name", "t", "--zone", "z", "--create", "experiments/quickstart.py"],
+     "--create needs --accelerator-type"),
+    (["gpu", "--coordinator", "h:1", "--num-processes", "2", "--process-id", "2",
+      "experiments/quickstart.py"], "--process-id must be in"),
+    (["local", "experiments/missing.py"], "config file 'experiments/missing.py' not found"),
+    (["local", "--bogus", "experiments/quickstart.py"], "unknown option '--bogus'"),
+])
+def test_launch_bad_arguments_print_usage(stub_gcloud, args, message):
+  env, log = stub_gcloud
+  out = _launch(env, *args)
+  assert out.returncode == 2
+  assert message in out.stderr and "usage" in out.stderr.lower() or message == "usage"
+  assert _calls(log) == []
