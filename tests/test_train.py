@@ -198,3 +198,14 @@ def test_export_finished_run(tmp_path, tiny_model_dir):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   config_json = json.loads((tmp_path / "hf" / "config.json").read_text())
   assert config_json["id2label"] == {"0": "negative", "1": "positive"}
+
+
+def test_early_stopping_after_patience_evals(tmp_path, tiny_model_dir):
+  # Learning rate 0: the metric never improves after the first evaluation.
+  config = _tiny_config(tiny_model_dir, total_steps=10, eval_every_steps=1,
+                        early_stopping_patience=2)
+  config.optimizer.learning_rate = 0.0
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["final_step"] == 3 and summary["best_step"] == 1
+  with Checkpointer(str(tmp_path)) as ckpt:
+    assert ckpt.latest_step() == 3 and ckpt.best_step() == 1
