@@ -1,0 +1,940 @@
+"""Training-speed benchmark of a config, optionally beside Hugging Face PyTorch.
+
+    python -m research.bench --config experiments/quickstart.py
+    python -m research.bench --config experiments/quickstart.py --compare_torch
+    python -m research.bench --config experiments/glue_sst2.py --steps 300 \
+        --warmup 20 --peak_tflops 989 --config.model.dtype=bfloat16
+
+Runs `--steps` updates (default: the config's whole run) of the update that
+training runs (`research.train.make_train_step`), from step 0 of a freshly
+loaded checkpoint, on the config's batches (`data.Batcher` through
+`parallelism.prefetch`), then evaluates on the config's eval split, and prints
+one table (`format_table`):
+
+- rates: training examples/s, real (non-pad) tokens/s and padded tokens/s over
+  the timed steps: those from `--warmup` on that compiled nothing (the steps
+  that compiled are counted in the compile rows instead);
+- step time: median and p10/p90 of the timed steps, each measured from asking
+  for the batch to `block_until_ready` of the new state;
+- FLOPs: the analytic count per token (`flops_per_token`) with the model's own
+  kernel sizes, the compiled count (`cost_analysis()` of the step for the most
+  common batch shape), and MFU against `--peak_tflops` or the peak detected
+  from the device kind (`PEAK_TFLOPS`; CPUs have none unless given);
+- padding efficiency (real / padded tokens of the batches run), compilations
+  of the train and eval steps (in total and after the first epoch) and the
+  compile time (`jax.monitoring` compile events), peak device memory where
+  the backend reports it;
+- the host input pipeline alone (`Batcher.batch_at` + `parallelism.shard_batch`
+  with no model step): batches/s and how many times faster it is than the
+  model step consumes them.
+
+`--compare_torch` runs the same work through `transformers`'
+`AutoModelForSequenceClassification` in a subprocess (`torch_worker`): the
+same checkpoint, tokenised examples, batch size, max length, dropout, number
+of steps, AdamW (HF Trainer's default `fused=True`, decay off biases and
+LayerNorm, same lr, betas, eps, warmup and schedule, clipping), then the same
+eval metric. Batches follow Hugging Face's recipe: a random order each epoch
+and `DataCollatorWithPadding` (each batch padded to its longest example);
+`--torch_order=bucketed` instead gives PyTorch our bucketed batches (still
+padded to their longest), to separate the framework from the padding. torch
+uses as many threads as this process may use cores. `--repeats` alternates
+the two runs and reports the median of each rate and every ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from research import data, parallelism, train
+from research.configs import ConfigError, validate
+from research.evaluation import metrics as metrics_lib
+from research.models import BertConfig, create_model, hf
+from research.training import optimizers
+
+log = logging.getLogger("research.bench")
+
+# Dense bf16 peak per chip in TFLOP/s (REFERENCE_NUMBERS.md), matched as a
+# substring of the lower-cased `device_kind`; the first match wins, so the
+# more specific names come first ("TPU v5 lite" is v5e, "TPU v5" is v5p).
+PEAK_TFLOPS = (
+    ("h100", 989.0), ("h200", 989.0),
+    ("v6 lite", 918.0), ("v6e", 918.0),
+    ("v5 lite", 197.0), ("v5e", 197.0), ("v5p", 459.0), ("v5", 459.0),
+    ("v4", 275.0), ("v3", 123.0),
+)
+TORCH_ORDERS = ("random", "bucketed")
+# jax.monitoring events of one compilation (jax/_src/dispatch.py).
+_TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+_LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class BenchError(ValueError):
+  """A benchmark setting that cannot work (named flag and valid values)."""
+
+
+# --- FLOPs ---------------------------------------------------------------------
+
+
+def flops_per_token(num_layers: int, hidden: int, seq_len: int,
+                    matmul_params: int) -> float:
+  """Training FLOPs per token (forward + backward) of the encoder.
+
+      6 * matmul_params + 12 * num_layers * hidden * seq_len
+
+  A weight of a dense layer does one multiply-add (2 FLOPs) per token in the
+  forward pass and two in the backward pass (input and weight gradients):
+  6 per weight. Attention scores (QK^T) and the weighted sum (probs @ V) are
+  2 * seq_len * hidden FLOPs each per token and layer forward, so
+  4 * seq_len * hidden, times 3 with the backward pass. For BERT
+  matmul_params = 12 * num_layers * hidden^2 (Q, K, V, output: 4 hidden^2;
+  the MLP: 2 * hidden * 4 hidden), e.g. bert-base at 128: 0.524 GFLOP.
+
+  Args:
+    num_layers: transformer layers.
+    hidden: hidden size.
+    seq_len: the (padded) sequence length attention runs over.
+    matmul_params: the non-embedding matmul weights applied to every token
+      (`matmul_params`); embeddings are gathers, not matmuls.
+  """
+  return 6.0 * matmul_params + 12.0 * num_layers * hidden * seq_len
+
+
+def matmul_params(model) -> tuple[int, int]:
+  """(per-token, per-sequence) matmul weights of a model, from its kernels.
+
+  Per token: every kernel of the encoder layers. Per sequence: the kernels
+  that see only [CLS] (pooler, classifier); token-level heads' kernels count
+  per token.
+  """
+  per_token = per_sequence = 0
+  for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if path[-1] != "kernel":
+      continue
+    size = int(np.prod(value.shape))
+    if "layers" in path or (path[0] != "bert" and not _sequence_level(model)):
+      per_token += size
+    else:
+      per_sequence += size
+  return per_token, per_sequence
+
+
+def _sequence_level(model) -> bool:
+  return bool(getattr(model, "uses_pooler", False))
+
+
+def batch_model_flops(lengths, per_token_params: int, per_sequence_params: int,
+                      num_layers: int, hidden: int) -> float:
+  """Training FLOPs of sequences of these lengths, each attending to itself.
+
+  sum_i (6 * P_token + 12 * L * H * len_i) * len_i + 6 * P_sequence per row:
+  with real lengths this is the model's work (MFU's numerator); with every
+  row at the padded width it is what the compiled program computes.
+  """
+  lengths = np.asarray(lengths, np.float64)
+  per_tok = 6.0 * per_token_params + 12.0 * num_layers * hidden * lengths
+  return float((per_tok * lengths).sum() + 6.0 * per_sequence_params * len(lengths))
+
+
+def detect_peak_tflops(device_kind: str) -> float | None:
+  """Dense bf16 peak TFLOP/s of one chip from `device.device_kind`, or None."""
+  kind = device_kind.lower()
+  if "cpu" in kind:
+    return None
+  for name, peak in PEAK_TFLOPS:
+    if name in kind:
+      return peak
+  return None
+
+
+def compiled_flops(jitted, *args, compile: bool = True) -> float:  # pylint: disable=redefined-builtin
+  """FLOPs XLA counts for the program of `jitted(*args)`.
+
+  With `compile`, of the optimised executable (a cache hit, hence free, when
+  the function already ran on these shapes); without, of the lowered HLO as
+  traced (fast: no compilation).
+  """
+  lowered = jitted.lower(*args)
+  cost = (lowered.compile() if compile else lowered).cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per device program
+    cost = cost[0]
+  return float(cost["flops"])
+
+
+def abstract_step_flops(cfg: BertConfig, batch_size: int, seq_len: int,
+                        num_labels: int = 2, opt_config=None,
+                        compile: bool = True, **model_kw) -> dict:  # pylint: disable=redefined-builtin
+  """Compiled vs analytic FLOPs of one training step, with no weights.
+
+  The model is built abstractly (`nnx.eval_shape`), so bert-base needs no
+  checkpoint; the step is `train.make_train_step` on one device, lowered and
+  compiled for one [batch_size, seq_len] batch (dropout as in `cfg`).
+  `compile=False` counts the lowered HLO instead (no compilation).
+  `model_kw` goes to `create_model` (e.g. `remat=True`, `dtype="bfloat16"`).
+
+  Returns:
+    {"compiled": FLOPs from cost_analysis, "analytic": `batch_model_flops`
+    at seq_len for every row, "ratio": compiled / analytic}.
+  """
+  from research.configs import default  # pylint: disable=import-outside-toplevel
+  model = nnx.eval_shape(lambda: create_model("sequence_classification", cfg,
+                                              num_labels, **model_kw))
+  per_token, per_seq = matmul_params(model)
+  graphdef, params = nnx.split(model, nnx.Param)
+  opt_config = opt_config or default.get_config().optimizer
+  tx = optimizers.build_optimizer(opt_config, 100)
+  state = {"params": params, "opt_state": jax.eval_shape(tx.init, params)}
+  parallel = default.get_config().parallelism
+  parallel.mesh_shape = (1, 1, 1)
+  mesh = parallelism.make_mesh(parallel)
+  sharding = parallelism.state_shardings(state, mesh,
+                                         parallel.logical_axis_rules)
+  step = train.make_train_step(graphdef, tx, regression=num_labels == 1,
+                               seed=0, mesh=mesh, strategy="jit",
+                               state_sharding=sharding)
+  ints = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+  batch = {"input_ids": ints, "attention_mask": ints, "token_type_ids": ints,
+           "labels": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+           "weights": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+  compiled = compiled_flops(step, state, batch, 0, compile=compile)
+  analytic = batch_model_flops([seq_len] * batch_size, per_token, per_seq,
+                               cfg.num_hidden_layers, cfg.hidden_size)
+  return {"compiled": compiled, "analytic": analytic,
+          "ratio": compiled / analytic}
+
+
+# --- Measurement helpers ---------------------------------------------------------
+
+
+class CompileLog:
+  """Counts XLA compilations and their seconds while open (jax.monitoring).
+
+  Seconds are tracing + lowering + backend compilation.
+  """
+
+  def __init__(self):
+    self.count = 0
+    self.seconds = 0.0
+
+  def _listener(self, event, duration, **_):
+    if event == _COMPILE_EVENT:
+      self.count += 1
+    if event in (_TRACE_EVENT, _LOWER_EVENT, _COMPILE_EVENT):
+      self.seconds += duration
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self._listener)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def peak_memory_bytes(devices) -> int | None:
+  """Largest `peak_bytes_in_use` over the devices; None where not reported."""
+  peaks = []
+  for d in devices:
+    try:
+      stats = d.memory_stats()
+    except (NotImplementedError, RuntimeError):
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(int(stats["peak_bytes_in_use"]))
+  return max(peaks) if peaks else None
+
+
+def time_input_pipeline(batcher, sharding, num_batches: int,
+                        start_step: int = 0) -> dict:
+  """The host pipeline with no model step: batch_at + shard_batch, to device.
+
+  Returns:
+    {"batches_per_s", "examples_per_s", "seconds"} (global examples).
+  """
+  t0 = time.perf_counter()
+  examples = 0
+  for step in range(start_step, start_step + num_batches):
+    host = batcher.batch_at(step)
+    jax.block_until_ready(parallelism.shard_batch(host, sharding))
+    examples += int(host["weights"].sum()) * jax.process_count()
+  seconds = time.perf_counter() - t0
+  return {"batches_per_s": num_batches / seconds,
+          "examples_per_s": examples / seconds, "seconds": seconds}
+
+
+def timing_summary(step_times, examples, real_tokens, padded_tokens,
+                   timed) -> dict:
+  """Rates and step-time percentiles over the steps where `timed` is True."""
+  timed = np.asarray(timed, bool)
+  if not timed.any():
+    raise BenchError("no timed steps: raise --steps above --warmup (and the "
+                     "steps that compile)")
+  t = np.asarray(step_times)[timed]
+  seconds = float(t.sum())
+  pick = lambda x: float(np.asarray(x)[timed].sum())  # pylint: disable=unnecessary-lambda-assignment
+  return {
+      "timed_steps": int(timed.sum()),
+      "examples_per_s": pick(examples) / seconds,
+      "real_tokens_per_s": pick(real_tokens) / seconds,
+      "padded_tokens_per_s": pick(padded_tokens) / seconds,
+      "step_ms_median": 1e3 * float(np.median(t)),
+      "step_ms_p10": 1e3 * float(np.percentile(t, 10)),
+      "step_ms_p90": 1e3 * float(np.percentile(t, 90)),
+  }
+
+
+# --- The JAX run ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+  """What a benchmark run needs, built once from the config."""
+  config: object
+  model_dir: str
+  train_split: object
+  eval_splits: dict
+  batcher: data.Batcher
+  eval_batchers: dict
+  mesh: object
+  total_steps: int  # of the config's run: the learning-rate schedule's length
+
+
+def setup(config, devices=None) -> Setup:
+  """Validates the config and loads its data (as `train_and_evaluate` does)."""
+  validate(config)
+  if config.task not in train.TRAINABLE_TASKS:
+    raise ConfigError(f"config.task={config.task!r}: the benchmark runs "
+                      f"{', '.join(train.TRAINABLE_TASKS)}")
+  model_dir = str(hf.resolve(config.model.name))
+  tokenizer = data.load_tokenizer(model_dir)
+  train_split, eval_splits, _, _ = data.load_splits(
+      config, tokenizer, cache_dir=config.data.cache_dir or None)
+  if train_split is None:
+    raise ConfigError("no training split: set config.data.train_file "
+                      "(local) or config.data.train_split")
+  mesh = parallelism.make_mesh(config.parallelism, devices)
+  accum = config.optimizer.grad_accum_steps
+  parallelism.check_batch_size(config.batch_size // accum, mesh,
+                               "config.batch_size / grad_accum_steps")
+  parallelism.check_batch_size(config.eval_batch_size, mesh,
+                               "config.eval_batch_size")
+  batcher = data.Batcher(
+      train_split, config.batch_size // accum, config.data.buckets,
+      seed=config.seed, shuffle=True, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  eval_batchers = {
+      name: data.Batcher(split, config.eval_batch_size, batcher.buckets,
+                         shuffle=False, process_index=jax.process_index(),
+                         process_count=jax.process_count())
+      for name, split in eval_splits.items() if split.has_labels}
+  total = optimizers.steps_from_config(config, batcher.steps_per_epoch)
+  return Setup(config, model_dir, train_split, eval_splits, batcher,
+               eval_batchers, mesh, total)
+
+
+def _load_model(config, model_dir):
+  """The model as training loads it (dtype, attention, dropout overrides)."""
+  overrides = {}
+  if config.model.hidden_dropout >= 0:
+    overrides["hidden_dropout_prob"] = config.model.hidden_dropout
+  if config.model.attention_dropout >= 0:
+    overrides["attention_probs_dropout_prob"] = config.model.attention_dropout
+  model, _ = hf.load_pretrained(
+      model_dir, config.task, config.num_labels, dtype=config.model.dtype,
+      param_dtype=config.model.param_dtype,
+      attention_impl=config.model.attention_impl, remat=config.model.remat,
+      config_overrides=overrides, seed=config.seed)
+  return model
+
+
+def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
+            evaluate: bool = True, cost_analysis: bool = True) -> dict:
+  """Trains `steps` updates from a fresh checkpoint load and measures them.
+
+  Args:
+    s: from `setup`.
+    steps: updates to run (each `grad_accum_steps` micro-batches).
+    warmup: the first updates, left out of the rates.
+    pipeline_batches: batches for `time_input_pipeline` (0: as many as the
+      run's micro-batches, at least 20).
+    evaluate: run the eval splits after training.
+    cost_analysis: compile the most common batch shape again for its FLOPs.
+
+  Returns:
+    A dict of raw measurements (see `summarize`).
+  """
+  config = s.config
+  accum = config.optimizer.grad_accum_steps
+  model = _load_model(config, s.model_dir)
+  cfg = model.cfg
+  per_token, per_seq = matmul_params(model)
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = optimizers.build_optimizer(config.optimizer, s.total_steps)
+  state = {"params": params, "opt_state": tx.init(params)}
+  state_sharding = parallelism.state_shardings(
+      state, s.mesh, config.parallelism.logical_axis_rules,
+      config.parallelism.strategy)
+  state = jax.device_put(state, state_sharding)
+  del model, params
+  train_step = train.make_train_step(
+      graphdef, tx, regression=config.num_labels == 1, seed=config.seed,
+      mesh=s.mesh, strategy=config.parallelism.strategy,
+      state_sharding=state_sharding)
+  batch_sharding = parallelism.batch_sharding(s.mesh)
+  procs = jax.process_count()
+  steps_per_epoch = max(1, s.batcher.steps_per_epoch // accum)
+
+  rec = {k: [] for k in ("step_times", "examples", "real_tokens",
+                         "padded_tokens", "model_flops", "padded_flops",
+                         "compiled", "width")}
+  batches = parallelism.prefetch(s.batcher.iterate(0, steps * accum),
+                                 batch_sharding, config.parallelism.prefetch)
+  start = time.perf_counter()
+  with CompileLog() as compiles:
+    for step in range(steps):
+      t0 = time.perf_counter()
+      cache_before = train_step._cache_size()  # pylint: disable=protected-access
+      ex = real = padded = mflops = pflops = 0
+      for micro in range(accum):
+        host, batch = next(batches)
+        state, metrics = train_step(state, batch, step * accum + micro)
+        # Host-side counts (the numpy copy): reading device arrays would wait.
+        lens = host["attention_mask"].sum(1)[host["weights"] > 0]
+        ex += len(lens) * procs
+        real += int(lens.sum()) * procs
+        padded += host["attention_mask"].size * procs
+        width = host["attention_mask"].shape[1]
+        mflops += procs * batch_model_flops(lens, per_token, per_seq,
+                                            cfg.num_hidden_layers, cfg.hidden_size)
+        pflops += procs * batch_model_flops(
+            [width] * len(host["weights"]), per_token, per_seq,
+            cfg.num_hidden_layers, cfg.hidden_size)
+      jax.block_until_ready((state, metrics))
+      rec["step_times"].append(time.perf_counter() - t0)
+      rec["compiled"].append(train_step._cache_size() > cache_before)  # pylint: disable=protected-access
+      for key, value in (("examples", ex), ("real_tokens", real),
+                         ("padded_tokens", padded), ("model_flops", mflops),
+                         ("padded_flops", pflops), ("width", width)):
+        rec[key].append(value)
+    train_seconds = time.perf_counter() - start
+    train_compiles, compile_seconds = compiles.count, compiles.seconds
+  final_loss = float(metrics["loss"])
+
+  compiled = np.asarray(rec["compiled"])
+  timed = (np.arange(steps) >= warmup) & ~compiled
+  result = {
+      "framework": "jax",
+      "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "num_devices": jax.device_count(),
+      "steps": steps, "warmup": warmup, "steps_per_epoch": steps_per_epoch,
+      "buckets": list(s.batcher.buckets), "batch_size": config.batch_size,
+      "dtype": config.model.dtype,
+      "timed": timed.tolist(), **rec,
+      "train_seconds": train_seconds,
+      "final_loss": final_loss,
+      "train_compilations": train_step._cache_size(),  # pylint: disable=protected-access
+      "train_compilations_after_epoch_1": int(compiled[steps_per_epoch:].sum()),
+      "compile_events": train_compiles, "compile_seconds": compile_seconds,
+      "num_layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+      "matmul_params_per_token": per_token,
+      "matmul_params_per_sequence": per_seq,
+      "peak_memory_bytes": peak_memory_bytes(jax.local_devices()),
+      "device_kind": jax.devices()[0].device_kind,
+  }
+
+  # The host pipeline alone, on the same batches the run used.
+  n = pipeline_batches or max(steps * accum, 20)
+  result["pipeline"] = time_input_pipeline(s.batcher, batch_sharding, n)
+
+  if cost_analysis:
+    widths = [w for w, t in zip(rec["width"], timed) if t] or rec["width"]
+    width = max(set(widths), key=widths.count)
+    step_of_width = rec["width"].index(width)
+    host = s.batcher.batch_at(step_of_width * accum)
+    flops = compiled_flops(train_step, state,
+                           parallelism.shard_batch(host, batch_sharding), 0)
+    result["cost_analysis"] = {
+        "width": width, "rows": len(host["weights"]) * procs,
+        "compiled": flops,
+        "analytic": batch_model_flops([width] * len(host["weights"]) * procs,
+                                      per_token, per_seq,
+                                      cfg.num_hidden_layers, cfg.hidden_size)}
+
+  if evaluate and s.eval_batchers:
+    eval_step = train.make_eval_step(
+        graphdef, regression=config.num_labels == 1, mesh=s.mesh,
+        params_sharding=state_sharding["params"])
+    t0 = time.perf_counter()
+    result["eval"] = _evaluate_jax(eval_step, state["params"], s.eval_batchers,
+                                   batch_sharding, config)
+    result["eval_seconds"] = time.perf_counter() - t0
+    result["eval_compilations"] = eval_step._cache_size()  # pylint: disable=protected-access
+  return result
+
+
+def _evaluate_jax(eval_step, params, eval_batchers, sharding, config) -> dict:
+  """Metrics of each eval split, as `train_and_evaluate` computes them."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  out = {}
+  for name, batcher in eval_batchers.items():
+    preds, labels, weights = [], [], []
+    for _, batch in parallelism.prefetch(batcher.eval_batches(), sharding,
+                                         config.parallelism.prefetch):
+      _, pred = eval_step(params, batch)
+      pred, label, weight = multihost_utils.process_allgather(
+          (pred, batch["labels"], batch["weights"]), tiled=True)
+      preds.append(pred)
+      labels.append(label)
+      weights.append(weight)
+    out[name] = metrics_lib.compute(config.metrics, np.concatenate(preds),
+                                    np.concatenate(labels),
+                                    np.concatenate(weights))
+  return out
+
+
+# --- The PyTorch run -------------------------------------------------------------
+
+
+def run_torch(s: Setup, steps: int, order: str = "random",
+              threads: int | None = None, timeout: float = 3600.0) -> dict:
+  """The same work through transformers' PyTorch model, in a subprocess.
+
+  Args:
+    s: from `setup` (its tokenised splits are what PyTorch trains on).
+    steps: updates, as for `run_jax` (gradient accumulation is not mirrored).
+    order: "random" (Hugging Face's sampler: a random permutation each epoch)
+      or "bucketed" (our batches' examples).
+    threads: torch intra-op threads; default: the cores this process may use.
+    timeout: seconds before the subprocess is stopped.
+
+  Returns:
+    The worker's raw measurements (see `torch_worker`).
+  """
+  if order not in TORCH_ORDERS:
+    raise BenchError(f"--torch_order={order!r}; valid: {', '.join(TORCH_ORDERS)}")
+  config = s.config
+  if config.optimizer.name != "adamw" or config.optimizer.grad_accum_steps != 1:
+    raise BenchError(
+        "--compare_torch mirrors AdamW without accumulation: needs "
+        "config.optimizer.name='adamw' and config.optimizer.grad_accum_steps=1, "
+        f"got {config.optimizer.name!r} and {config.optimizer.grad_accum_steps}")
+  if jax.process_count() > 1:
+    raise BenchError("--compare_torch runs on one host")
+  spe = s.batcher.steps_per_epoch
+  size = config.batch_size
+  if order == "bucketed":
+    plan = np.stack([s.batcher._plan(step // spe)[0][step % spe]  # pylint: disable=protected-access
+                     for step in range(steps)])
+  else:
+    # HF's RandomSampler: a fresh permutation per epoch (drop_last, like ours,
+    # so that both runs see the same number of examples per step).
+    plan = np.concatenate([
+        np.random.default_rng([config.seed, 1, e]).permutation(
+            len(s.train_split))[:spe * size].reshape(spe, size)
+        for e in range(-(-steps // spe))])[:steps]
+  eval_name = next(iter(s.eval_batchers), None)
+  with tempfile.TemporaryDirectory() as tmp:
+    arrays = {"order": plan}
+    splits = {"train": s.train_split}
+    if eval_name is not None:
+      splits["eval"] = s.eval_splits[eval_name]
+    for key, split in splits.items():
+      arrays.update({f"{key}_input_ids": split.input_ids,
+                     f"{key}_token_type_ids": split.token_type_ids,
+                     f"{key}_offsets": split.offsets,
+                     f"{key}_labels": split.labels})
+    np.savez(os.path.join(tmp, "arrays.npz"), **arrays)
+    opt = config.optimizer
+    spec = {
+        "arrays": os.path.join(tmp, "arrays.npz"),
+        "out": os.path.join(tmp, "result.json"),
+        "model_dir": s.model_dir, "num_labels": config.num_labels,
+        "steps": steps, "eval_batch_size": config.eval_batch_size,
+        "seed": config.seed, "metrics": list(config.metrics),
+        "threads": threads or len(os.sched_getaffinity(0)),
+        "hidden_dropout": config.model.hidden_dropout,
+        "attention_dropout": config.model.attention_dropout,
+        "lr": opt.learning_rate, "b1": opt.b1, "b2": opt.b2, "eps": opt.eps,
+        "weight_decay": opt.weight_decay, "schedule": opt.schedule,
+        "warmup_steps": optimizers.warmup_steps(opt, s.total_steps),
+        "total_steps": s.total_steps, "grad_clip_norm": opt.grad_clip_norm,
+        "order": order,
+    }
+    with open(os.path.join(tmp, "spec.json"), "w") as f:
+      json.dump(spec, f)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from research import bench; "
+         "bench.torch_worker(sys.argv[1])", os.path.join(tmp, "spec.json")],
+        env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+      raise RuntimeError("the PyTorch run failed:\n" + proc.stderr[-4000:])
+    with open(spec["out"]) as f:
+      result = json.load(f)
+  if eval_name is not None:
+    result["eval"] = {eval_name: result.pop("eval")}
+  return result
+
+
+def torch_worker(spec_path: str) -> None:
+  """Runs in the subprocess of `run_torch`: HF PyTorch training and eval."""
+  # pylint: disable=import-outside-toplevel
+  import torch
+  import transformers
+  with open(spec_path) as f:
+    spec = json.load(f)
+  torch.set_num_threads(spec["threads"])
+  torch.manual_seed(spec["seed"])
+  transformers.logging.set_verbosity_error()
+  arrays = np.load(spec["arrays"])
+  tokenizer = transformers.AutoTokenizer.from_pretrained(spec["model_dir"])
+  collator = transformers.DataCollatorWithPadding(tokenizer)
+  overrides = {}
+  if spec["hidden_dropout"] >= 0:
+    overrides["hidden_dropout_prob"] = spec["hidden_dropout"]
+  if spec["attention_dropout"] >= 0:
+    overrides["attention_probs_dropout_prob"] = spec["attention_dropout"]
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(
+      spec["model_dir"], num_labels=spec["num_labels"], **overrides)
+  regression = spec["num_labels"] == 1
+
+  def feature(prefix, i):
+    lo, hi = arrays[f"{prefix}_offsets"][i:i + 2]
+    label = arrays[f"{prefix}_labels"][i]
+    return {"input_ids": arrays[f"{prefix}_input_ids"][lo:hi].tolist(),
+            "token_type_ids": arrays[f"{prefix}_token_type_ids"][lo:hi].tolist(),
+            "attention_mask": [1] * int(hi - lo),
+            "labels": float(label) if regression else max(int(label), 0)}
+
+  # As HF's Trainer: AdamW (fused, its default for torch >= 2.8), no weight
+  # decay on biases and LayerNorm weights (the 1-D parameters), clipping.
+  named = list(model.named_parameters())
+  groups = [{"params": [p for _, p in named if p.ndim >= 2],
+             "weight_decay": spec["weight_decay"]},
+            {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
+  opt = torch.optim.AdamW(groups, lr=spec["lr"], betas=(spec["b1"], spec["b2"]),
+                          eps=spec["eps"], fused=True)
+  sched = transformers.get_scheduler(
+      {"constant": "constant_with_warmup"}.get(spec["schedule"], spec["schedule"]),
+      opt, num_warmup_steps=spec["warmup_steps"],
+      num_training_steps=spec["total_steps"])
+  model.train()
+  rec = {k: [] for k in ("step_times", "examples", "real_tokens",
+                         "padded_tokens", "width")}
+  start = time.perf_counter()
+  for step in range(spec["steps"]):
+    t0 = time.perf_counter()
+    batch = collator([feature("train", int(i)) for i in arrays["order"][step]])
+    loss = model(**batch).loss
+    loss.backward()
+    if spec["grad_clip_norm"] > 0:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip_norm"])
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    rec["step_times"].append(time.perf_counter() - t0)
+    mask = batch["attention_mask"]
+    rec["examples"].append(int(mask.shape[0]))
+    rec["real_tokens"].append(int(mask.sum()))
+    rec["padded_tokens"].append(int(mask.numel()))
+    rec["width"].append(int(mask.shape[1]))
+  train_seconds = time.perf_counter() - start
+  result = {"framework": "torch", "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(),
+            "attn_implementation": model.config._attn_implementation,  # pylint: disable=protected-access
+            "order": spec["order"], **rec, "train_seconds": train_seconds,
+            "final_loss": float(loss)}
+  if "eval_offsets" in arrays:
+    model.eval()
+    n, size = len(arrays["eval_offsets"]) - 1, spec["eval_batch_size"]
+    preds, labels = [], []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+      for lo in range(0, n, size):
+        batch = collator([feature("eval", i) for i in range(lo, min(n, lo + size))])
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        preds.append(logits[:, 0].numpy() if regression
+                     else logits.argmax(-1).numpy())
+        labels.append(arrays["eval_labels"][lo:min(n, lo + size)])
+    result["eval_seconds"] = time.perf_counter() - t0
+    labels = np.concatenate(labels)
+    result["eval"] = metrics_lib.compute(
+        spec["metrics"], np.concatenate(preds), labels,
+        (labels >= 0).astype(np.float32) if not regression else None)
+  with open(spec["out"], "w") as f:
+    json.dump(result, f)
+
+
+# --- Summary and table -------------------------------------------------------------
+
+
+def summarize(raw: dict, timed=None, peak_tflops: float | None = None) -> dict:
+  """One table column from a run's raw measurements.
+
+  Args:
+    raw: from `run_jax` or `run_torch`.
+    timed: which steps count in the rates (default: the run's own `timed`;
+      the PyTorch column uses the JAX run's, so both time the same steps).
+    peak_tflops: per-chip peak for MFU; None: detected from the device kind
+      (JAX runs only), or no MFU.
+  """
+  timed = raw.get("timed") if timed is None else timed
+  timed = [True] * len(raw["step_times"]) if timed is None else timed
+  row = timing_summary(raw["step_times"], raw["examples"], raw["real_tokens"],
+                       raw["padded_tokens"], timed)
+  # Padding of the configured batching: every step run, timed or not.
+  row["padding_efficiency"] = float(np.sum(raw["real_tokens"]) /
+                                    np.sum(raw["padded_tokens"]))
+  row["framework"] = raw["framework"]
+  row["train_seconds"] = raw["train_seconds"]
+  row["final_loss"] = raw["final_loss"]
+  row["eval"] = raw.get("eval", {})
+  if raw["framework"] == "jax":
+    t = np.asarray(timed, bool)
+    seconds = float(np.asarray(raw["step_times"])[t].sum())
+    widths = np.asarray(raw["width"])[t]
+    row["mean_width"] = float(widths.mean())
+    row["flops_per_token"] = flops_per_token(
+        raw["num_layers"], raw["hidden"], row["mean_width"],
+        raw["matmul_params_per_token"])
+    row["model_tflops_per_s"] = float(np.asarray(raw["model_flops"])[t].sum()) / seconds / 1e12
+    row["padded_tflops_per_s"] = float(np.asarray(raw["padded_flops"])[t].sum()) / seconds / 1e12
+    peak = peak_tflops or detect_peak_tflops(raw["device_kind"])
+    row["peak_tflops"] = peak * raw["num_devices"] if peak else None
+    if peak:
+      row["mfu"] = row["model_tflops_per_s"] / row["peak_tflops"]
+      row["mfu_padded"] = row["padded_tflops_per_s"] / row["peak_tflops"]
+    cost = raw.get("cost_analysis")
+    if cost:
+      row["cost_analysis"] = dict(cost, ratio=cost["compiled"] / cost["analytic"])
+    for key in ("train_compilations", "train_compilations_after_epoch_1",
+                "compile_seconds", "peak_memory_bytes", "device", "buckets",
+                "eval_compilations", "steps", "dtype"):
+      row[key] = raw.get(key)
+    pipe = raw["pipeline"]
+    row["pipeline"] = dict(pipe, vs_step=pipe["batches_per_s"] * row["step_ms_median"] / 1e3)
+  else:
+    row["mean_width"] = float(np.mean(np.asarray(raw["width"])[np.asarray(timed, bool)]))
+    row["device"] = f"CPU, torch {raw['torch']}, {raw['threads']} threads, " \
+                    f"attention {raw['attn_implementation']}, {raw['order']} batches"
+  return row
+
+
+def _fmt_num(x, digits=1):
+  if x is None:
+    return "n/a"
+  if abs(x) >= 1e4:
+    return f"{x:,.0f}"
+  return f"{x:.{digits}f}"
+
+
+def format_table(columns: list[dict], ratios=None) -> str:
+  """A markdown table: one row per quantity, one column per run (+ ratio).
+
+  Args:
+    columns: `summarize` outputs: ours, then optionally PyTorch's, with a
+      speed-up column (ours faster when > 1).
+    ratios: per-repeat examples/s ratios to list under the table.
+  """
+  names = [("ours (JAX)" if c["framework"] == "jax" else "HF PyTorch")
+           for c in columns]
+  with_ratio = len(columns) == 2
+  header = ["quantity"] + names + (["speed-up"] if with_ratio else [])
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "---|" * len(header)]
+
+  def add(label, key=None, fmt=_fmt_num, value=None, ratio=None, **kw):
+    cells = []
+    vals = []
+    for c in columns:
+      v = value(c) if value else c.get(key)
+      vals.append(v)
+      cells.append(v if isinstance(v, str) else fmt(v, **kw) if v is not None
+                   else "n/a")
+    if with_ratio:
+      if ratio and all(isinstance(v, (int, float)) and v for v in vals):
+        # Ours over theirs for rates, theirs over ours for times: > 1 is faster.
+        speedup = vals[0] / vals[1] if ratio == "rate" else vals[1] / vals[0]
+        cells.append(f"{speedup:.2f}x")
+      else:
+        cells.append("")
+    lines.append("| " + " | ".join([label] + cells) + " |")
+
+  add("device", "device", fmt=str)
+  add("training examples/s", "examples_per_s", ratio="rate")
+  add("real (non-pad) tokens/s", "real_tokens_per_s", ratio="rate")
+  add("padded tokens/s", "padded_tokens_per_s", ratio="rate")
+  add("padding efficiency (real/padded)", "padding_efficiency", digits=3)
+  add("mean padded length", "mean_width")
+  add("step time median ms", "step_ms_median", ratio="time")
+  add("step time p10 / p90 ms", value=lambda c: (
+      f"{c['step_ms_p10']:.1f} / {c['step_ms_p90']:.1f}"))
+  add("timed steps (of all)", value=lambda c: f"{c['timed_steps']}")
+  add("wall time of all steps s (incl. compile)", "train_seconds", ratio="time")
+  add("model GFLOP/token (analytic, at mean length)",
+      value=lambda c: c.get("flops_per_token") and c["flops_per_token"] / 1e9,
+      digits=4)
+  add("compiled / analytic FLOPs (cost_analysis)", value=lambda c: (
+      f"{c['cost_analysis']['ratio']:.3f} at [{c['cost_analysis']['rows']}, "
+      f"{c['cost_analysis']['width']}]" if c.get("cost_analysis") else None))
+  add("model TFLOP/s (real tokens)", "model_tflops_per_s", digits=3)
+  add("peak TFLOP/s (all devices)", "peak_tflops")
+  add("MFU (real tokens) / on padded", value=lambda c: (
+      f"{100 * c['mfu']:.1f}% / {100 * c['mfu_padded']:.1f}%"
+      if c.get("mfu") is not None else None))
+  add("compilations train / eval", value=lambda c: (
+      f"{c['train_compilations']} / {c['eval_compilations']} "
+      f"(buckets {tuple(c['buckets'])})" if "train_compilations" in c else None))
+  add("compilations after epoch 1", "train_compilations_after_epoch_1", fmt=str)
+  add("compile time s", "compile_seconds")
+  add("host pipeline batches/s / examples/s", value=lambda c: (
+      f"{c['pipeline']['batches_per_s']:.0f} / "
+      f"{c['pipeline']['examples_per_s']:.0f}" if "pipeline" in c else None))
+  add("host pipeline vs model step rate", value=lambda c: (
+      f"{c['pipeline']['vs_step']:.0f}x" if "pipeline" in c else None))
+  add("peak device memory", value=lambda c: (
+      f"{c['peak_memory_bytes'] / 2**30:.2f} GiB"
+      if c.get("peak_memory_bytes") else ("n/a" if c["framework"] == "jax"
+                                          else None)))
+  add("final training loss", "final_loss", digits=4)
+  metric_names = sorted({f"{split}/{m}" for c in columns
+                         for split, ms in c["eval"].items() for m in ms})
+  for name in metric_names:
+    split, metric = name.split("/", 1)
+    add(f"dev {name}", value=lambda c, s=split, m=metric:
+        c["eval"].get(s, {}).get(m), digits=4)
+  out = "\n".join(lines)
+  if ratios:
+    out += ("\n\nexamples/s ratio per repeat: "
+            + ", ".join(f"{r:.2f}x" for r in ratios))
+  return out
+
+
+def _median_columns(columns: list[dict]) -> dict:
+  """Median of each numeric top-level field over repeats; the rest from the first."""
+  out = dict(columns[0])
+  for key, value in columns[0].items():
+    if isinstance(value, float):
+      out[key] = float(np.median([c[key] for c in columns]))
+  return out
+
+
+def benchmark(config, steps: int | None = None, warmup: int = 3,
+              peak_tflops: float | None = None, compare_torch: bool = False,
+              torch_order: str = "random", repeats: int = 1,
+              devices=None) -> dict:
+  """The whole benchmark: `repeats` x (JAX run [, PyTorch run]).
+
+  Returns:
+    {"table": markdown, "columns": [summaries], "raw": [raw runs],
+     "ratios": [examples/s ratio per repeat]}.
+  """
+  if warmup < 0:
+    raise BenchError(f"--warmup={warmup}: must be >= 0")
+  if repeats < 1:
+    raise BenchError(f"--repeats={repeats}: must be >= 1")
+  if peak_tflops is not None and peak_tflops <= 0:
+    raise BenchError(f"--peak_tflops={peak_tflops}: must be > 0 (omit it to "
+                     "detect the peak from the device kind)")
+  if torch_order not in TORCH_ORDERS:
+    raise BenchError(f"--torch_order={torch_order!r}; valid: "
+                     f"{', '.join(TORCH_ORDERS)}")
+  s = setup(config, devices)
+  steps = steps or s.total_steps
+  if steps <= warmup:
+    raise BenchError(f"--steps={steps} must exceed --warmup={warmup}")
+  if compare_torch:
+    try:
+      import torch  # pylint: disable=import-outside-toplevel,unused-import
+    except ImportError as e:
+      raise BenchError("--compare_torch needs torch: pip install torch") from e
+  raws, jax_cols, torch_cols, ratios = [], [], [], []
+  for _ in range(repeats):
+    raw = run_jax(s, steps, warmup)
+    raws.append(raw)
+    jax_cols.append(summarize(raw, peak_tflops=peak_tflops))
+    if compare_torch:
+      traw = run_torch(s, steps, torch_order)
+      raws.append(traw)
+      torch_cols.append(summarize(traw, timed=raw["timed"]))
+      ratios.append(jax_cols[-1]["examples_per_s"] / torch_cols[-1]["examples_per_s"])
+  columns = [_median_columns(jax_cols)]
+  if compare_torch:
+    columns.append(_median_columns(torch_cols))
+  return {"table": format_table(columns, ratios if repeats > 1 else None),
+          "columns": columns, "raw": raws, "ratios": ratios}
+
+
+# --- CLI -------------------------------------------------------------------------
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+  f = flags.FLAGS
+  try:
+    result = benchmark(
+        f.config, steps=f.steps or None, warmup=f.warmup,
+        peak_tflops=f.peak_tflops or None, compare_torch=f.compare_torch,
+        torch_order=f.torch_order, repeats=f.repeats)
+  except (BenchError, ConfigError, data.DataError, hf.CheckpointError,
+          parallelism.ParallelismError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  print(f"{time.strftime('%Y-%m-%d %H:%M')}, load average (1 min) {load:.2f}, "
+        f"{len(os.sched_getaffinity(0))} cores\n")
+  print(result["table"])
+  if f.json:
+    with open(f.json, "w") as out:
+      json.dump({k: v for k, v in result.items() if k != "table"}, out,
+                default=float)
+
+
+def parse_flags(argv):
+  """--config/--config.* and the benchmark flags; a bad flag is a message."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  config_flags.DEFINE_config_file(
+      "config", None, "Experiment config: experiments/<name>.py[:arg]",
+      lock_config=True)
+  flags.DEFINE_integer("steps", 0, "Updates to run (0: the config's whole run).")
+  flags.DEFINE_integer("warmup", 3, "First updates left out of the rates.")
+  flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak TFLOP/s for MFU "
+                     "(0: detect from the device kind; CPUs: none).")
+  flags.DEFINE_boolean("compare_torch", False, "Also run Hugging Face PyTorch.")
+  flags.DEFINE_enum("torch_order", "random", TORCH_ORDERS,
+                    "PyTorch batches: HF's random order, or ours (bucketed).")
+  flags.DEFINE_integer("repeats", 1, "Alternate the runs this many times.")
+  flags.DEFINE_string("json", "", "Also write every measurement here.")
+  flags.mark_flags_as_required(["config"])
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    text = str(e).replace("\\n", "\n").replace("\\'", "'")
+    lines = [l.strip(" '\"") for l in text.splitlines() if l.strip(" '\"")]
+    message = lines[-1] if "Traceback" in text else " ".join(lines)
+    if isinstance(e, AttributeError):
+      message = f"unknown config field {message}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,178 @@
+"""research.bench: the table, the FLOP counts, compile counts, the torch run.
+
+No assertion here is on a timing: only that rates exist and are consistent.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import quickstart
+from research import bench
+from research.models import BertConfig, create_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, intermediate_size=1024,
+                   max_position_embeddings=128)
+
+
+def _config(model_dir, **overrides):
+  config = quickstart.get_config()
+  config.model.name = str(model_dir)
+  config.wandb.mode = "disabled"
+  config.batch_size = 32  # 10 steps per epoch on the 320 quickstart examples
+  config.data.buckets = (24, 64)  # two shapes: fewer compilations to wait for
+  config.optimizer.learning_rate = 1e-3
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def result(tiny_model_dir):
+  """2.5 epochs on the 8 simulated devices (the default mesh takes them all)."""
+  return bench.benchmark(_config(tiny_model_dir), steps=25, warmup=2)
+
+
+def test_table_has_sane_values(result):
+  col, raw = result["columns"][0], result["raw"][0]
+  assert col["device"].startswith("8 x cpu")
+  assert col["examples_per_s"] > 0 and col["padded_tokens_per_s"] > 0
+  assert col["real_tokens_per_s"] <= col["padded_tokens_per_s"]
+  assert col["padding_efficiency"] == pytest.approx(
+      sum(raw["real_tokens"]) / sum(raw["padded_tokens"]))
+  assert 0.5 < col["padding_efficiency"] <= 1.0
+  assert col["step_ms_p10"] <= col["step_ms_median"] <= col["step_ms_p90"]
+  # Every example of a training batch is real: 32 per step.
+  assert raw["examples"] == [32] * 25
+  # The tiny model: 2 layers of 4 * 32^2 + 2 * 32 * 64 kernel weights.
+  assert raw["matmul_params_per_token"] == 2 * (4 * 32 * 32 + 2 * 32 * 64)
+  assert col["flops_per_token"] == pytest.approx(
+      6 * 16384 + 12 * 2 * 32 * col["mean_width"])
+  assert col["cost_analysis"]["compiled"] > 0
+  assert col["peak_memory_bytes"] is None  # CPU reports none
+  assert col["peak_tflops"] is None and "mfu" not in col
+  assert col["pipeline"]["batches_per_s"] > 0
+  assert 0.0 <= col["eval"]["validation"]["accuracy"] <= 1.0
+  table = result["table"]
+  for label in ("training examples/s", "padding efficiency", "MFU",
+                "compilations train / eval", "host pipeline", "compile time s",
+                "dev validation/accuracy"):
+    assert label in table
+  assert "| peak device memory | n/a |" in table
+
+
+def test_no_recompilation_across_epochs(result):
+  col, raw = result["columns"][0], result["raw"][0]
+  assert raw["steps_per_epoch"] == 10
+  assert col["train_compilations_after_epoch_1"] == 0
+  assert not any(raw["compiled"][10:])
+  # At most one compilation per bucket, each on the first batch of its shape.
+  assert 1 <= col["train_compilations"] <= len(col["buckets"])
+  assert sum(raw["compiled"]) == col["train_compilations"]
+  first = {w: raw["width"].index(w) for w in set(raw["width"])}
+  assert sorted(np.flatnonzero(raw["compiled"])) == sorted(first.values())
+  assert col["eval_compilations"] <= len(col["buckets"])
+  # Compiling steps and warm-up steps are not timed.
+  timed = np.asarray(raw["timed"])
+  assert not timed[np.asarray(raw["compiled"])].any() and not timed[:2].any()
+  assert col["timed_steps"] == timed.sum()
+
+
+def test_flops_formula_against_a_hand_count():
+  """bert-base at 128 tokens: 6 x 12 layers x 12 x 768^2 + 12 x 12 x 768 x 128."""
+  model = nnx.eval_shape(lambda: create_model("sequence_classification",
+                                              BertConfig(), 2))
+  per_token, per_sequence = bench.matmul_params(model)
+  assert per_token == 12 * (4 * 768 * 768 + 2 * 768 * 3072) == 84_934_656
+  assert per_sequence == 768 * 768 + 768 * 2  # pooler, classifier
+  flops = bench.flops_per_token(12, 768, 128, per_token)
+  assert flops == 509_607_936 + 14_155_776 == 523_763_712  # ~0.524 GFLOP
+  # Real lengths count each sequence's own attention span.
+  assert bench.batch_model_flops([128, 64], per_token, 0, 12, 768) == (
+      128 * flops + 64 * bench.flops_per_token(12, 768, 64, per_token))
+
+
+def test_compiled_flops_match_the_analytic_count():
+  counted = bench.abstract_step_flops(SMALL, batch_size=4, seq_len=128)
+  assert counted["ratio"] == pytest.approx(1.0, abs=0.1), counted
+  # The check catches recomputation: remat runs each layer's forward twice
+  # (counted on the lowered program: no second compilation).
+  remat = bench.abstract_step_flops(SMALL, batch_size=4, seq_len=128,
+                                    remat=True, compile=False)
+  assert remat["ratio"] > 1.2, remat
+
+
+@pytest.mark.parametrize("kind,peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0),
+    ("TPU v3", 123.0), ("TPU v4", 275.0), ("TPU v5 lite", 197.0),
+    ("TPU v5e", 197.0), ("TPU v5p", 459.0), ("TPU v6 lite", 918.0),
+    ("cpu", None), ("Tesla T4", None)])
+def test_peak_detected_from_device_kind(kind, peak):
+  assert bench.detect_peak_tflops(kind) == peak
+
+
+def test_mfu_uses_the_given_peak(result):
+  col = bench.summarize(result["raw"][0], peak_tflops=2.0)
+  assert col["peak_tflops"] == 2.0 * 8
+  assert col["mfu"] == pytest.approx(col["model_tflops_per_s"] / 16.0)
+  assert col["mfu_padded"] >= col["mfu"]
+
+
+def test_torch_runs_the_same_work_side_by_side(tiny_model_dir, result):
+  pytest.importorskip("torch")
+  s = bench.setup(_config(tiny_model_dir, **{"parallelism.mesh_shape": (1, 1, 1)}))
+  raw = bench.run_torch(s, steps=3, order="bucketed")
+  assert raw["examples"] == [32] * 3
+  # Dynamic padding: each batch is as wide as its longest example, which
+  # is never wider than our bucket for the same examples.
+  ours = [s.batcher.batch_at(i)["attention_mask"].shape[1] for i in range(3)]
+  assert all(t <= o for t, o in zip(raw["width"], ours))
+  assert raw["real_tokens"] == [int(s.batcher.batch_at(i)["attention_mask"].sum())
+                                for i in range(3)]
+  assert 0.0 <= raw["eval"]["validation"]["accuracy"] <= 1.0
+  col = bench.summarize(raw, timed=[False, True, True])
+  assert col["timed_steps"] == 2
+  table = bench.format_table([result["columns"][0], col])
+  assert "HF PyTorch" in table and "speed-up" in table
+
+
+def test_bad_settings_are_named(tiny_model_dir):
+  config = _config(tiny_model_dir)
+  with pytest.raises(bench.BenchError, match="--warmup=-1"):
+    bench.benchmark(config, warmup=-1)
+  with pytest.raises(bench.BenchError, match="--torch_order='sorted'.*random"):
+    bench.benchmark(config, torch_order="sorted")
+  with pytest.raises(bench.BenchError, match="--peak_tflops"):
+    bench.benchmark(config, peak_tflops=-5.0)
+  with pytest.raises(bench.BenchError, match="--steps=3 must exceed --warmup=3"):
+    bench.benchmark(config, steps=3, warmup=3)
+
+
+def test_cli_prints_the_table(tiny_model_dir):
+  env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as on a laptop
+  out = subprocess.run(
+      [sys.executable, "-m", "research.bench", "--config",
+       "experiments/quickstart.py", f"--config.model.name={tiny_model_dir}",
+       "--config.batch_size=32", "--config.data.buckets=(64,)", "--steps=3",
+       "--warmup=1"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "| training examples/s |" in out.stdout
+  assert "| device | 1 x cpu |" in out.stdout
+  bad = subprocess.run(
+      [sys.executable, "-m", "research.bench", "--config",
+       "experiments/quickstart.py", "--warmup=-2"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert bad.returncode == 2 and "error: --warmup=-2" in bad.stderr
