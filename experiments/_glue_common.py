@@ -1,0 +1,137 @@
+"""What the nine experiments/glue_*.py configs share: the BERT paper's recipe.
+
+Not an experiment (no get_config). Each glue_<task>.py sets its own data
+columns, labels and metrics and takes the rest from here:
+
+- the fine-tuning recipe of Devlin et al. (2018), section 4.1 and appendix
+  A.3: batch 32, 3 epochs, AdamW (weight decay 0.01), linear warmup over the
+  first 10% of steps then linear decay, dropout 0.1, max length 128, gradient
+  norm clipped at 1.0 (as the released BERT code), learning rate chosen on dev
+  from {5e-5, 4e-5, 3e-5, 2e-5} (`get_sweep`);
+- `arg` parsing, big_vision style: "key=value,key=value" after the colon,
+  e.g. `experiments/glue_sst2.py:model=bert-large-cased,source=hf`.
+"""
+
+from research.configs import default
+
+# `model=` -> what config.model.name gets: hub ids (downloaded on first use)
+# and the packaged offline checkpoint (for a quick check without internet).
+MODELS = {
+    "bert-base-uncased": "google-bert/bert-base-uncased",
+    "bert-base-cased": "google-bert/bert-base-cased",
+    "bert-large-uncased": "google-bert/bert-large-uncased",
+    "bert-large-cased": "google-bert/bert-large-cased",
+    "all-minilm-l6-v2": "all-minilm-l6-v2",
+}
+SOURCES = ("tfds", "hf")  # tfds glue/<task> | Hugging Face nyu-mll/glue
+# lr: the paper's learning-rate grid x seeds. full: also its batch sizes
+# {16, 32} and epochs {2, 3, 4} (24 points per seed).
+GRIDS = ("lr", "full")
+LEARNING_RATES = (5e-5, 4e-5, 3e-5, 2e-5)
+
+# Every `arg` key and its default; the type of the default is the value type.
+ARG_DEFAULTS = {
+    "model": "bert-base-uncased",
+    "source": "tfds",
+    "seeds": 5,       # seeds per grid point (get_sweep)
+    "grid": "lr",     # get_sweep's grid: lr | full
+}
+
+
+def parse_arg(arg, experiment):
+  """Parses `arg` ("key=value,...") over ARG_DEFAULTS.
+
+  Args:
+    arg: the text after the colon in `--config experiments/x.py:arg`, or
+      None.
+    experiment: the config file, named in error messages.
+
+  Returns:
+    {key: value} for every key of ARG_DEFAULTS.
+
+  Raises:
+    ValueError: an unknown key, a malformed item or an invalid value, naming
+      the valid ones.
+  """
+  values = dict(ARG_DEFAULTS)
+  valid_keys = ", ".join(f"{k}=" for k in ARG_DEFAULTS)
+  for item in (s.strip() for s in (arg or "").split(",")):
+    if not item:
+      continue
+    key, sep, value = (p.strip() for p in item.partition("="))
+    if not sep or key not in ARG_DEFAULTS:
+      raise ValueError(
+          f"{experiment}:{arg}: {item!r} is not a known key=value; valid "
+          f"keys: {valid_keys} (e.g. {experiment}:model=bert-large-cased)")
+    try:
+      values[key] = type(ARG_DEFAULTS[key])(value)
+    except ValueError:
+      raise ValueError(f"{experiment}:{arg}: {key}={value!r} is not an "
+                       "integer") from None  # the only non-str keys
+  for key, valid in (("model", MODELS), ("source", SOURCES), ("grid", GRIDS)):
+    if values[key] not in valid:
+      raise ValueError(f"{experiment}:{arg}: {key}={values[key]!r}; valid: "
+                       f"{', '.join(valid)}")
+  if values["seeds"] < 1:
+    raise ValueError(f"{experiment}:{arg}: seeds={values['seeds']} must be "
+                     ">= 1")
+  return values
+
+
+def get_config(task, arg, experiment):
+  """The paper's recipe for GLUE `task`; model and data source from `arg`.
+
+  Args:
+    task: the GLUE task as TFDS and nyu-mll/glue name it ("sst2", "mnli").
+    arg: see `parse_arg`.
+    experiment: the config file, for messages.
+
+  Returns:
+    A config whose task-specific fields (text_fields, label_names,
+    num_labels, metrics, eval_metric, eval_splits) the caller sets.
+  """
+  args = parse_arg(arg, experiment)
+  config = default.get_config()
+  config.model.name = MODELS[args["model"]]
+  config.model.hidden_dropout = 0.1
+  config.model.attention_dropout = 0.1
+  if args["source"] == "tfds":
+    config.data.source = "tfds"
+    config.data.name = f"glue/{task}"
+  else:
+    config.data.source = "hf"
+    config.data.name = "nyu-mll/glue"
+    config.data.hf_config = task
+  config.data.train_split = "train"
+  config.data.max_length = 128
+  config.batch_size = 32
+  config.eval_batch_size = 128
+  config.num_epochs = 3.0
+  config.optimizer.name = "adamw"
+  config.optimizer.learning_rate = 2e-5  # one of the grid; sweeps set it
+  config.optimizer.weight_decay = 0.01
+  config.optimizer.schedule = "linear"
+  config.optimizer.warmup_proportion = 0.1
+  config.optimizer.grad_clip_norm = 1.0
+  config.log_every_steps = 50
+  # Resuming needs the latest checkpoint, research.predict the best one; more
+  # would cost 3x the model size each (parameters + Adam moments) per run.
+  config.keep_checkpoints = 1
+  config.wandb.project = "research-bert-glue"
+  config.wandb.tags = ("glue", task, args["model"])
+  return config
+
+
+def get_sweep(arg, experiment):
+  """The paper's grid: learning rates (and batch sizes, epochs) x seeds.
+
+  Returns:
+    {config field: values}, for research.sweep (the Cartesian product).
+  """
+  args = parse_arg(arg, experiment)
+  grid = {"optimizer.learning_rate": list(LEARNING_RATES)}
+  if args["grid"] == "full":
+    grid["batch_size"] = [16, 32]
+    grid["num_epochs"] = [2.0, 3.0, 4.0]
+  grid["seed"] = list(range(args["seeds"]))
+  return grid

@@ -1,0 +1,263 @@
+"""Writes a GLUE run's test-set predictions as the GLUE server wants them.
+
+    python -m research.predict --workdir /tmp/glue/rte/lr=3e-05,seed=2 \
+        --out /tmp/glue_test
+    python -m research.predict --workdir RUN --out DIR --which=latest
+
+Restores the run's best checkpoint (by its eval_metric; `--which=latest`: the
+last one), predicts its task's test split(s) from the source it trained on
+(TFDS glue/<task> or Hugging Face nyu-mll/glue) and writes, under --out, the
+task's files among CoLA.tsv, SST-2.tsv, MRPC.tsv, STS-B.tsv, QQP.tsv,
+MNLI-m.tsv, MNLI-mm.tsv, QNLI.tsv, RTE.tsv, WNLI.tsv, plus AX.tsv (the
+diagnostic set) from an MNLI run. Run it once per task into one directory and
+zip that directory to submit.
+
+Each file is `index<TAB>prediction`: label names for MNLI, AX, QNLI and RTE;
+ids for CoLA, SST-2, MRPC, QQP and WNLI; scores clipped to [0, 5] for STS-B;
+rows sorted by index. The index is GLUE's, the `idx` feature of both
+sources, read beside the texts: TFDS stores GLUE shuffled by example key, so
+the read order is not the index order.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import sys
+
+import ml_collections
+import numpy as np
+
+from research import data
+from research.evaluation import glue
+from research.models import hf
+
+log = logging.getLogger("research.predict")
+
+
+def read_config(workdir):
+  """The run's config.json as a ConfigDict."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: not found; is {workdir} a "
+                            "research.train workdir?")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def best_metric_key(config):
+  """The metric the trainer ranked checkpoints by ("eval/[split/]metric")."""
+  splits = list(config.data.eval_splits)
+  if len(splits) == 1:
+    return f"eval/{config.eval_metric}"
+  return f"eval/{splits[0]}/{config.eval_metric}"
+
+
+def restore_model(workdir, config, which="best"):
+  """The run's model with its best (or latest) parameters.
+
+  Returns:
+    (graphdef, params, step, "best" | "latest").
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from research.training.checkpointing import Checkpointer, abstract_like  # pylint: disable=import-outside-toplevel
+  if which not in ("best", "latest"):
+    raise ValueError(f"--which={which!r}; valid: best, latest")
+  model, _ = hf.load_pretrained(
+      str(hf.resolve(config.model.name)), config.task, config.num_labels,
+      dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+      attention_impl=config.model.attention_impl)
+  graphdef, params = nnx.split(model, nnx.Param)
+  with Checkpointer(workdir, best_metric=best_metric_key(config),
+                    best_mode=config.eval_metric_mode) as checkpointer:
+    if checkpointer.latest_step() is None:
+      raise FileNotFoundError(f"{workdir}: no checkpoint to predict with")
+    best = which == "best" and checkpointer.best_step() is not None
+    # Parameters only: the optimiser state is not needed.
+    step, state, _ = checkpointer.restore(
+        {"params": abstract_like(params)}, best=best, partial=True)
+  return graphdef, state["params"], step, "best" if best else "latest"
+
+
+def make_predict_fn(graphdef, regression):
+  """A jitted `(params, batch) -> predictions [B]` (ids or scores)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  @jax.jit
+  def predict(params, batch):
+    logits = nnx.merge(graphdef, params)(
+        batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    return logits[:, 0] if regression else jnp.argmax(logits, axis=-1)
+
+  return predict
+
+
+def predict_split(predict_fn, params, split, batch_size, buckets=()):
+  """Predictions for every example of `split`, in its order (`split.rows`)."""
+  batcher = data.Batcher(split, batch_size, buckets, shuffle=False)
+  out = []
+  for batch in batcher.eval_batches():
+    pred = np.asarray(predict_fn(params, batch))
+    out.append(pred[batch["weights"] > 0])  # Drop the padding rows.
+  return np.concatenate(out)
+
+
+def example_ids(config, dataset, split):
+  """GLUE's index of each example, in the order the data pipeline reads them.
+
+  Args:
+    config: the test-split config (data.source, data.name, data.data_dir).
+    dataset: the GLUE config ("mnli", "ax").
+    split: the split name.
+
+  Returns:
+    int64 [rows in the source]: entry r - 1 is the index of row r.
+  """
+  if config.data.source == "tfds":
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    # tfds.load reads files in order (shuffle_files=False), as
+    # research.data.sources.TfdsSplit does.
+    ds = tfds.load(f"glue/{dataset}", split=split,
+                   data_dir=config.data.data_dir or None)
+    return np.concatenate([b for b in tfds.as_numpy(
+        ds.map(lambda ex: ex["idx"]).batch(4096))] or [np.zeros(0, np.int64)]
+                          ).astype(np.int64)
+  import datasets  # pylint: disable=import-outside-toplevel
+  ds = datasets.load_dataset(config.data.name, dataset, split=split,
+                             cache_dir=config.data.data_dir or None)
+  return np.asarray(ds["idx"], np.int64)
+
+
+def test_config(config, test_file):
+  """The run's data config pointed at one test split, no training split."""
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.data.train_split = ""
+  cfg.data.eval_splits = (test_file.split,)
+  if cfg.data.source == "tfds":
+    cfg.data.name = f"glue/{test_file.dataset}"
+  else:
+    cfg.data.hf_config = test_file.dataset
+  # Every index needs a prediction: unreadable rows (e.g. an empty text) are
+  # dropped here and filled in `write_predictions`, with a warning.
+  cfg.data.bad_rows = "skip"
+  return cfg
+
+
+def write_predictions(path, ids, rows, predictions, formatter):
+  """Writes `index<TAB>prediction`, one line per index, sorted by index.
+
+  Args:
+    path: the .tsv file.
+    ids: GLUE index of every source row (see `example_ids`).
+    rows: 1-based source row of each prediction (`split.rows`).
+    predictions: ids or scores, aligned with `rows`.
+    formatter: prediction -> cell text.
+
+  Returns:
+    The number of rows filled in because the pipeline skipped them.
+  """
+  value = {int(ids[r - 1]): p for r, p in zip(rows, predictions)}
+  missing = [int(i) for i in ids if int(i) not in value]
+  if missing:
+    # The most frequent prediction (mean score for STS-B) stands in.
+    fill = (float(np.mean(predictions)) if predictions.dtype.kind == "f" else
+            collections.Counter(predictions.tolist()).most_common(1)[0][0])
+    log.warning("%s: %d rows could not be read (indices %s%s); wrote %r for "
+                "them", path, len(missing), missing[:10],
+                " ..." if len(missing) > 10 else "", formatter(fill))
+    value.update({i: fill for i in missing})
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("index\tprediction\n")
+    for index in sorted(value):
+      f.write(f"{index}\t{formatter(value[index])}\n")
+  return len(missing)
+
+
+def predict_run(workdir, out_dir, which="best", batch_size=0):
+  """Writes the GLUE test files of one run.
+
+  Args:
+    workdir: a research.train workdir of a GLUE task (TFDS or HF source).
+    out_dir: where the .tsv files go (created).
+    which: "best" or "latest" checkpoint.
+    batch_size: examples per forward pass; 0: the run's eval_batch_size.
+
+  Returns:
+    {file name: number of rows written}.
+
+  Raises:
+    ValueError: the run is not a GLUE run (local data has no test split
+      here), or its labels are not GLUE's.
+    FileNotFoundError: no config or checkpoint in `workdir`.
+  """
+  config = read_config(workdir)
+  task = glue.task_of(config)
+  if task is None:
+    raise ValueError(
+        f"{workdir}: not a GLUE run (data.source={config.data.source!r}, "
+        f"data.name={config.data.name!r}); research.predict needs TFDS "
+        "glue/<task> or Hugging Face nyu-mll/glue data, whose test splits "
+        f"it predicts; GLUE tasks: {', '.join(glue.TASKS)}")
+  spec = glue.TASKS[task]
+  regression = config.num_labels == 1
+  label_names = data.load_label_names(os.path.join(workdir, "labels.json"))
+  if regression:
+    formatter = glue.format_score
+  else:
+    cells = glue.submission_labels(task, label_names)
+    formatter = lambda i: cells[int(i)]  # pylint: disable=unnecessary-lambda-assignment
+  graphdef, params, step, restored = restore_model(workdir, config, which)
+  log.info("%s: %s checkpoint, step %d", workdir, restored, step)
+  predict_fn = make_predict_fn(graphdef, regression)
+  tokenizer = data.load_tokenizer(str(hf.resolve(config.model.name)))
+  os.makedirs(out_dir, exist_ok=True)
+  written = {}
+  for test_file in spec.test_files:
+    cfg = test_config(config, test_file)
+    _, splits, _, _ = data.load_splits(
+        cfg, tokenizer, cache_dir=os.path.join(workdir, "cache"),
+        label_names=label_names)
+    split = splits[test_file.split]
+    predictions = predict_split(predict_fn, params, split,
+                                batch_size or config.eval_batch_size,
+                                tuple(config.data.buckets))
+    ids = example_ids(cfg, test_file.dataset, test_file.split)
+    path = os.path.join(out_dir, test_file.filename)
+    write_predictions(path, ids, split.rows, predictions, formatter)
+    written[test_file.filename] = len(ids)
+    print(f"{path}: {len(ids)} predictions ({task}, {restored} checkpoint, "
+          f"step {step})")
+  return written
+
+
+def main():
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from research.training.checkpointing import CheckpointError  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string("workdir", None, "The run's workdir.")
+  flags.DEFINE_string("out", None, "Directory for the GLUE .tsv files.")
+  flags.DEFINE_enum("which", "best", ["best", "latest"], "Which checkpoint.")
+  flags.DEFINE_integer("batch_size", 0, "Examples per forward pass (0: the "
+                       "run's eval_batch_size).")
+  flags.mark_flags_as_required(["workdir", "out"])
+
+  def run(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("absl", "orbax", "jax._src"):
+      logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+      predict_run(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.which,
+                  flags.FLAGS.batch_size)
+    except (FileNotFoundError, ValueError, hf.CheckpointError,
+            CheckpointError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+  app.run(run)
+
+
+if __name__ == "__main__":
+  main()
