@@ -7,7 +7,9 @@
 A `--workdir` that holds checkpoints of an earlier run resumes it exactly
 (parameters, optimiser state, step, data position; dropout keys are a function
 of the seed and the step). `train_and_evaluate(config, workdir)` is the whole
-run and what tests call.
+run and what tests call; `run(config, workdir)` adds the command line's exit
+statuses (0, 2 with a one-line message, 143 when preempted). README's
+"Failure behaviour" lists what stops a run, what is skipped and how to resume.
 
 The file reads top to bottom as the run does: config and workdir, data, model
 and optimiser, the update and eval steps, checkpoint restore, the loop.
@@ -15,7 +17,7 @@ and optimiser, the update and eval steps, checkpoint restore, the loop.
 
 from __future__ import annotations
 
-import functools
+import errno
 import json
 import logging
 import os
@@ -99,6 +101,11 @@ def make_train_step(graphdef, tx, *, regression, seed, mesh, strategy,
     return (loss * batch["weights"]).sum() / total_weight
 
   def apply(state, loss, grads):
+    # apply_if_finite checks the gradients only; a loss that overflows while
+    # its gradients stay finite (a squared error of a huge label) must be
+    # skipped and counted too, so it poisons them.
+    grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan),
+                         grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     return {"params": params, "opt_state": opt_state}, {
@@ -148,13 +155,41 @@ def make_eval_step(graphdef, *, regression, mesh, params_sharding):
                  out_shardings=parallelism.replicated(mesh))
 
 
+def _check_data_files(config) -> None:
+  """Fails now, naming the field, if a configured data file does not exist.
+
+  The data pipeline would say so too, but only after the tokenizer loaded;
+  this way a typo in a path costs no time.
+  """
+  if config.data.source not in ("local", "hf"):
+    return
+  files = [("train_file", config.data.train_file)] if config.data.train_file else []
+  files += [("eval_file", path)
+            for path in data.parse_eval_files(config.data.eval_file).values()]
+  for field, path in files:
+    if not os.path.isfile(path):
+      value = config.data[field]
+      raise ConfigError(f"config.data.{field}={value!r}: no such file" +
+                        (f" {path!r}" if path != value else ""))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) training with periodic evaluation; returns the summary."""
+  """Runs (or resumes) training with periodic evaluation; returns the summary.
+
+  Raises:
+    ConfigError, data.DataError, parallelism.ParallelismError: a config or
+      data mistake, before anything is compiled.
+    CheckpointError: a checkpoint could not be saved (e.g. a full disk) or
+      restored; earlier checkpoints are intact.
+    TrainingError: `config.max_bad_steps` non-finite losses in a row.
+    Preempted: SIGTERM arrived; the current step was saved.
+  """
   # --- Config and workdir -------------------------------------------------------
   validate(config)
   if config.task not in TRAINABLE_TASKS:
     raise ConfigError(f"config.task={config.task!r}: training data for this "
                       f"head is not built yet; trainable: {', '.join(TRAINABLE_TASKS)}")
+  _check_data_files(config)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if is_main:
@@ -180,6 +215,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"{len(label_names)} labels: {', '.join(map(str, label_names))}")
   if is_main:
     data.save_label_names(labels_path, label_names)
+  # Rows dropped under data.bad_rows="skip", for the summary: nothing is
+  # dropped silently.
+  skipped_counts = {
+      f"data/skipped/{split}/{reason.replace(' ', '_')}": count
+      for split, counts in skipped.items() for reason, count in counts.items()}
   for split, counts in skipped.items():
     log.warning("skipped rows in %s (data.bad_rows='skip'): %s", split, counts)
 
@@ -200,8 +240,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          shuffle=False, process_index=jax.process_index(),
                          process_count=jax.process_count())
       for name, split in eval_splits.items()}
-  total_steps = optimizers.steps_from_config(config, train_batches.steps_per_epoch)
-  steps_per_epoch = max(1, train_batches.steps_per_epoch // accum)
+  micro_steps_per_epoch = train_batches.steps_per_epoch  # DataError if < 1
+  try:
+    total_steps = optimizers.steps_from_config(config, micro_steps_per_epoch)
+    # Built before the model loads: a warmup longer than the run fails fast.
+    tx = optimizers.build_optimizer(config.optimizer, total_steps)
+    schedule = optimizers.learning_rate_schedule(config.optimizer, total_steps)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  steps_per_epoch = max(1, micro_steps_per_epoch // accum)
   eval_every = (config.eval_every_steps if config.eval_every_steps > 0
                 else steps_per_epoch)
   checkpoint_every = (config.checkpoint_every_steps
@@ -226,8 +273,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"config.data.max_length={config.data.max_length} exceeds the "
         f"model's {model.cfg.max_position_embeddings} positions")
   graphdef, params = nnx.split(model, nnx.Param)
-  tx = optimizers.build_optimizer(config.optimizer, total_steps)
-  schedule = optimizers.learning_rate_schedule(config.optimizer, total_steps)
   state = {"params": params, "opt_state": tx.init(params)}
   # Place every leaf by its logical axis names (replicated for pmap).
   state_sharding = parallelism.state_shardings(
@@ -261,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         weights.append(weight)
       preds, labels, weights = map(np.concatenate, (preds, labels, weights))
       prefix = "eval/" if len(eval_batches) == 1 else f"eval/{name}/"
-      results[prefix + "loss"] = loss_sum / weights.sum()
+      results[prefix + "loss"] = float(loss_sum / weights.sum())
       for metric, value in metrics_lib.compute(config.metrics, preds, labels,
                                                weights).items():
         results[prefix + metric] = value
@@ -279,26 +324,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               best_mode=config.eval_metric_mode)
   checkpointer.install_sigterm_handler()
   progress = {"best": None, "evals_without_improvement": 0}
+  # Training losses since the last log line (their mean is logged).
+  window = {"loss": [], "examples": 0, "tokens": 0, "start": time.perf_counter()}
   start_step = 0
   if checkpointer.latest_step() is not None:
     start_step, state, extras = checkpointer.restore(abstract_like(state))
     progress = extras["progress"]
+    # A checkpoint between two log lines (preemption) carries the losses of
+    # the open window, so the resumed run logs the same mean.
+    window["loss"] = [np.float32(x) for x in extras.get("loss_window", [])]
     log.info("resumed from step %d in %s", start_step, workdir)
+  # Always from the restored step (0 without a checkpoint): records that a
+  # killed attempt logged after it are dropped, not duplicated.
   tracker = create_tracker(config, workdir, jax.process_index(),
-                           resume_step=start_step if start_step else None)
+                           resume_step=start_step)
   tracker.log_config(config.to_dict())
+  if skipped_counts:
+    tracker.summary(skipped_counts)
 
   def save(step, eval_results=None, force=False):
     extras = {"progress": progress, "step": step,
-              "epoch": step // steps_per_epoch, "label_names": list(label_names)}
+              "epoch": step // steps_per_epoch, "label_names": list(label_names),
+              "loss_window": [float(x) for x in jax.device_get(window["loss"])]}
     checkpointer.save(step, state, extras, metrics=eval_results, force=force)
+
+  def check_bad_steps(step, step_metrics):
+    """Stops the run after config.max_bad_steps non-finite losses in a row."""
+    bad = int(step_metrics["bad_steps"])
+    if bad < config.max_bad_steps:
+      return
+    # The count is per micro-batch, so with accumulation it spans fewer steps.
+    since = f"steps {step - bad + 1}-{step}" if accum == 1 else \
+        f"the last {bad} micro-batches up to step {step}"
+    raise TrainingError(
+        f"step {step}: {bad} consecutive non-finite losses ({since}; "
+        f"config.max_bad_steps={config.max_bad_steps}). They were skipped, so "
+        f"the parameters are from before them; the last checkpoint is step "
+        f"{checkpointer.latest_step()}. Check the data of these steps, lower "
+        f"config.optimizer.learning_rate or raise config.max_bad_steps.")
 
   # --- Training loop ------------------------------------------------------------
   summary = {}
   if start_step >= total_steps:
     log.info("run already finished at step %d", start_step)
-  window = {"loss": [], "examples": 0, "tokens": 0, "start": time.perf_counter()}
-  previous = None  # the last step's metrics, read one step late (no stall)
+  previous = None  # (step, metrics) of the last step, read one step late (no stall)
   eval_results = None
   bar = _progress_bar(total_steps, start_step, is_main)
   # Micro-batches from the resume point on; the data position is the step.
@@ -306,6 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       train_batches.iterate(start_step * accum, (total_steps - start_step) * accum),
       batch_sharding, config.parallelism.prefetch)
   step = start_step
+  failed = True
   try:
     for step in range(start_step + 1, total_steps + 1):
       eval_results = None
@@ -316,13 +386,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         window["examples"] += int(host_batch["weights"].sum()) * jax.process_count()
         window["tokens"] += int(host_batch["attention_mask"].sum()) * jax.process_count()
       window["loss"].append(step_metrics["loss"])
-      if previous is not None and int(previous["bad_steps"]) >= config.max_bad_steps:
-        raise TrainingError(
-            f"step {step - 1}: {int(previous['bad_steps'])} consecutive "
-            f"non-finite losses (config.max_bad_steps={config.max_bad_steps}); "
-            f"parameters are from before them; the last checkpoint is step "
-            f"{checkpointer.latest_step()}")
-      previous = step_metrics
+      if previous is not None:
+        check_bad_steps(*previous)
+      previous = (step, step_metrics)
 
       if step % config.log_every_steps == 0 or step == total_steps:
         elapsed = time.perf_counter() - window["start"]
@@ -367,24 +433,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  step, best_key, config.early_stopping_patience)
         save(step, eval_results)
         break
+    if previous is not None:
+      check_bad_steps(*previous)  # the last step is not followed by another
     summary = {"final_step": step, "best_step": progress.get("best_step"),
                f"best/{best_key}": progress["best"],
                "train_step_compilations": train_step._cache_size(),  # pylint: disable=protected-access
-               "eval_step_compilations": eval_step._cache_size()}  # pylint: disable=protected-access
+               "eval_step_compilations": eval_step._cache_size(),  # pylint: disable=protected-access
+               **skipped_counts}
     if eval_results is None and eval_batches:
       eval_results = evaluate(state["params"])
     summary.update(eval_results or {})
     tracker.summary(summary)
+    failed = False
   finally:
-    bar.close()
-    checkpointer.wait_until_finished()
-    checkpointer.restore_sigterm_handler()
-    checkpointer.close()
-    tracker.finish()
+    # A failed final save surfaces here; after another error it is only
+    # logged, so that the first cause is what the user sees.
+    _close_all((bar.close, checkpointer.close, tracker.finish),
+               raise_errors=not failed)
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump({k: v for k, v in summary.items()}, f, indent=2, default=float)
   return summary
+
+
+def _close_all(closers, raise_errors):
+  """Calls every closer even if some fail; then raises the first failure."""
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      if not raise_errors:
+        log.error("while stopping after an error: %s: %s", type(e).__name__, e)
+      first = first or e
+  if raise_errors and first is not None:
+    raise first
 
 
 def _fmt(results):
@@ -398,26 +481,53 @@ def _progress_bar(total, initial, enabled):
                    file=sys.stderr)
 
 
+# Errors that end a run with a message and exit status 2, no traceback: user
+# mistakes (config, data, model name), a full or read-only disk, and stops
+# with a reason. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, data.DataError, hf.CheckpointError, CheckpointError,
+               parallelism.ParallelismError, TrainingError)
+# OSErrors that say the disk, not the code, is at fault.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+               errno.EPERM, errno.EFBIG)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> int:
+  """Trains as the command line does; returns the process exit status.
+
+  Returns:
+    0 when the run finished (the eval metrics are printed);
+    PREEMPTED_EXIT_CODE (143) after SIGTERM: the current step is saved and
+    rerunning the same command resumes from it;
+    2 for a config or data mistake, a checkpoint that cannot be written or
+    read (full or read-only disk), or too many non-finite losses in a row:
+    one line "error: ..." on stderr, no traceback.
+  """
+  try:
+    parallelism.initialize_distributed(config.parallelism.distributed)
+    summary = train_and_evaluate(config, workdir)
+  except Preempted as e:
+    print(e, file=sys.stderr)
+    return PREEMPTED_EXIT_CODE
+  except USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    if e.errno not in DISK_ERRNOS:
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(_fmt({k: v for k, v in summary.items()
+              if k.startswith("eval") and isinstance(v, float)}))
+  return 0
+
+
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   for noisy in ("absl", "orbax", "jax._src", "wandb"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  try:
-    parallelism.initialize_distributed(config.parallelism.distributed)
-    summary = train_and_evaluate(config, workdir)
-  except Preempted as e:
-    print(e, file=sys.stderr)
-    sys.exit(PREEMPTED_EXIT_CODE)
-  except (ConfigError, data.DataError, hf.CheckpointError, CheckpointError,
-          parallelism.ParallelismError, TrainingError) as e:
-    # A user mistake or a stop with a reason: the message, not a traceback.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(_fmt({k: v for k, v in summary.items()
-              if k.startswith("eval") and isinstance(v, float)}))
+  sys.exit(run(flags.FLAGS.config, flags.FLAGS.workdir))
 
 
 def parse_flags(argv):

@@ -7,6 +7,7 @@ BAD_ROW_POLICIES = ("error", "skip")
 
 # Reasons a row can be dropped for; the keys of the skipped counts.
 INVALID_UTF8 = "invalid UTF-8"
+NUL_BYTE = "NUL byte"
 EMPTY_TEXT = "empty text"
 RAGGED_ROW = "ragged row"
 MISSING_LABEL = "missing label"

@@ -23,6 +23,9 @@ from research.data.errors import DataError
 from research.data.sources import UNLABELED
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _is_int(s):
   try:
     int(s)
@@ -117,6 +120,8 @@ def map_labels(raw, names, regression, policy, rows, training):
         mapped, problem = None, f"label {value!r} is not a number"
       if mapped is not None and not math.isfinite(mapped):
         problem = f"label {value!r} is not finite"
+      elif mapped is not None and abs(mapped) > _FLOAT32_MAX:
+        problem = f"label {value!r} overflows float32"  # It would become inf.
     elif value in index:
       mapped = index[value]
     elif value == UNLABELED:

@@ -9,6 +9,7 @@ label set is known, so that the cache does not depend on it.
 
 import csv
 import dataclasses
+import difflib
 import hashlib
 import io
 import json
@@ -112,6 +113,11 @@ class _Collector:
       if not _valid_utf8(text):
         return self.policy.bad(row, errors.INVALID_UTF8,
                                f"column {field!r} is not valid UTF-8")
+      if "\0" in text:
+        # The tokenizer would silently drop it; in a text file it means binary
+        # or UTF-16 data, not a sentence.
+        return self.policy.bad(row, errors.NUL_BYTE,
+                               f"column {field!r} contains a NUL byte")
       if not text.strip():
         return self.policy.bad(row, errors.EMPTY_TEXT,
                                f"column {field!r} is empty or whitespace-only")
@@ -255,6 +261,9 @@ class LocalFile:
     return columns, records()
 
   def _csv_rows(self, text):
+    # The csv module refuses fields over 128 KiB by default; a long document
+    # is data (truncated to max_length later), not a malformed file.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     reader = csv.reader(io.StringIO(text, newline=""))
     first_line = 1
     try:
@@ -308,7 +317,14 @@ class TfdsSplit:
     try:
       version = str(tfds.builder(self.name, data_dir=self.data_dir).version)
     except Exception as e:  # Unknown name, bad config: say which dataset.
-      raise DataError(f"{self.where}: cannot open the dataset ({e})") from e
+      # TFDS lists every dataset it knows (thousands of lines): keep the
+      # first line and offer the close names instead.
+      near = difflib.get_close_matches(self.name.split("/")[0],
+                                       _tfds_names(tfds), n=3)
+      hint = f"; close names: {', '.join(near)}" if near else ""
+      raise DataError(f"{self.where}: cannot open the dataset "
+                      f"(config.data.name={self.name!r}: "
+                      f"{str(e).splitlines()[0]}){hint}") from e
     return {"source": "tfds", "name": self.name, "version": version,
             "split": self.split, "data_dir": self.data_dir}
 
@@ -340,6 +356,13 @@ class TfdsSplit:
           label = _class_name(batch[label_field][i].item(), names)
         out.add(row, texts, label)
     return out.result(self.where, "row", names)
+
+
+def _tfds_names(tfds):
+  try:
+    return tfds.list_builders(with_community_datasets=False)  # no network
+  except Exception:  # pylint: disable=broad-except
+    return []  # Only for a hint in an error message.
 
 
 def _class_name(value, names):
@@ -382,7 +405,8 @@ class HfSplit:
             self.name, self.config, split=self.split,
             data_files=self.data_files, cache_dir=self.cache_dir)
       except Exception as e:
-        raise DataError(f"{self.where}: cannot load ({e})") from e
+        raise DataError(f"{self.where}: cannot load (config.data.name="
+                        f"{self.name!r}: {e})") from e
     return self._dataset
 
   def identity(self):
