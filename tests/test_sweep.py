@@ -53,28 +53,6 @@ RUNS = ["lr=0.003,seed=0", "lr=0.003,seed=1", "lr=0.0001,seed=0",
         "lr=0.0001,seed=1"]
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-  """Quick compiles: a persistent XLA cache (runs with the same shapes and
-  constants compile once) and no XLA optimisation passes (tiny steps)."""
-  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  settings = {
-      "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
-      "jax_persistent_cache_min_compile_time_secs": 0,
-      "jax_persistent_cache_min_entry_size_bytes": -1,
-      "jax_disable_most_optimizations": True,
-  }
-  before = {name: jax.config.values[name] for name in settings}
-  for name, value in settings.items():
-    jax.config.update(name, value)
-  cc.reset_cache()  # The cache directory is read once; read it again.
-  yield
-  for name, value in before.items():
-    jax.config.update(name, value)
-  cc.reset_cache()
-
-
 @pytest.fixture
 def experiment(tmp_path, tiny_model_dir):
   """Writes the test experiment and its data; returns the module's path."""
