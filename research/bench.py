@@ -4,6 +4,7 @@
     python -m research.bench --config experiments/quickstart.py --compare_torch
     python -m research.bench --config experiments/glue_sst2.py --steps 300 \
         --warmup 20 --peak_tflops 989 --config.model.dtype=bfloat16
+    python -m research.bench --abstract_flops 128   # bert-base FLOP check
 
 Runs `--steps` updates (default: the config's whole run) of the update that
 training runs (`research.train.make_train_step`), from step 0 of a freshly
@@ -435,8 +436,8 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
   timed = (np.arange(steps) >= warmup) & ~compiled
   result = {
       "framework": "jax",
-      "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-      "num_devices": jax.device_count(),
+      "device": f"{s.mesh.devices.size} x {s.mesh.devices.flat[0].device_kind}",
+      "num_devices": int(s.mesh.devices.size),
       "steps": steps, "warmup": warmup, "steps_per_epoch": steps_per_epoch,
       "buckets": list(s.batcher.buckets), "batch_size": config.batch_size,
       "dtype": config.model.dtype,
@@ -449,8 +450,9 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
       "num_layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
       "matmul_params_per_token": per_token,
       "matmul_params_per_sequence": per_seq,
-      "peak_memory_bytes": peak_memory_bytes(jax.local_devices()),
-      "device_kind": jax.devices()[0].device_kind,
+      "peak_memory_bytes": peak_memory_bytes(
+          [d for d in s.mesh.devices.flat if d.process_index == jax.process_index()]),
+      "device_kind": s.mesh.devices.flat[0].device_kind,
   }
 
   # The host pipeline alone, on the same batches the run used.
@@ -800,7 +802,7 @@ def format_table(columns: list[dict], ratios=None) -> str:
       f"{c['train_compilations']} / {c['eval_compilations']} "
       f"(buckets {tuple(c['buckets'])})" if "train_compilations" in c else None))
   add("compilations after epoch 1", "train_compilations_after_epoch_1", fmt=str)
-  add("compile time s", "compile_seconds")
+  add("compile time s (trace + lower + XLA)", "compile_seconds")
   add("host pipeline batches/s / examples/s", value=lambda c: (
       f"{c['pipeline']['batches_per_s']:.0f} / "
       f"{c['pipeline']['examples_per_s']:.0f}" if "pipeline" in c else None))
@@ -887,6 +889,27 @@ def main(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
   f = flags.FLAGS
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  header = (f"{time.strftime('%Y-%m-%d %H:%M')}, load average (1 min) "
+            f"{load:.2f}, {len(os.sched_getaffinity(0))} cores\n")
+  if f.abstract_flops:
+    # bert-base (BertConfig() defaults), no checkpoint: is the compiled step
+    # doing the model's work and no more (no recomputation)?
+    if f.abstract_flops < 0 or f.abstract_batch <= 0:
+      print(f"error: --abstract_flops={f.abstract_flops} and --abstract_batch="
+            f"{f.abstract_batch} must be positive", file=sys.stderr)
+      sys.exit(2)
+    counted = abstract_step_flops(BertConfig(), f.abstract_batch, f.abstract_flops)
+    print(header)
+    print(f"bert-base train step [{f.abstract_batch}, {f.abstract_flops}]: "
+          f"compiled {counted['compiled'] / 1e9:.1f} GFLOP, analytic "
+          f"{counted['analytic'] / 1e9:.1f} GFLOP, ratio {counted['ratio']:.3f}; "
+          f"analytic per token {counted['analytic'] / f.abstract_batch / f.abstract_flops / 1e9:.4f} GFLOP")
+    return
+  if f.config is None:
+    print("error: --config is required (experiments/<name>.py[:arg]), or "
+          "--abstract_flops=SEQ_LEN for the bert-base FLOP check", file=sys.stderr)
+    sys.exit(2)
   try:
     result = benchmark(
         f.config, steps=f.steps or None, warmup=f.warmup,
@@ -896,9 +919,7 @@ def main(argv):
           parallelism.ParallelismError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-  print(f"{time.strftime('%Y-%m-%d %H:%M')}, load average (1 min) {load:.2f}, "
-        f"{len(os.sched_getaffinity(0))} cores\n")
+  print(header)
   print(result["table"])
   if f.json:
     with open(f.json, "w") as out:
@@ -922,7 +943,10 @@ def parse_flags(argv):
                     "PyTorch batches: HF's random order, or ours (bucketed).")
   flags.DEFINE_integer("repeats", 1, "Alternate the runs this many times.")
   flags.DEFINE_string("json", "", "Also write every measurement here.")
-  flags.mark_flags_as_required(["config"])
+  flags.DEFINE_integer("abstract_flops", 0, "Instead of a run: compiled vs "
+                       "analytic FLOPs of an abstract bert-base train step "
+                       "at this sequence length (no checkpoint, no config).")
+  flags.DEFINE_integer("abstract_batch", 8, "Batch size of --abstract_flops.")
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
