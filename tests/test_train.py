@@ -98,7 +98,7 @@ def test_no_recompilation_after_first_epoch(tmp_path, tiny_model_dir):
   after_epoch_1 = next(r for r in rows if r["step"] == steps_per_epoch)
   assert rows[-1]["step"] == 3 * steps_per_epoch
   assert rows[-1]["train/compilations"] == after_epoch_1["train/compilations"]
-  assert 1 <= after_epoch_1["train/compilations"] <= len(config.data.buckets)
+  assert 0 < after_epoch_1["train/compilations"] <= len(config.data.buckets)
   assert summary["eval_step_compilations"] <= len(config.data.buckets)
 
 
