@@ -890,8 +890,9 @@ def main(argv):
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
   f = flags.FLAGS
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-  header = (f"{time.strftime('%Y-%m-%d %H:%M')}, load average (1 min) "
-            f"{load:.2f}, {len(os.sched_getaffinity(0))} cores\n")
+  # Taken before the run: once it starts, the run is the load.
+  header = (f"{time.strftime('%Y-%m-%d %H:%M')}, load average (1 min) at "
+            f"start {load:.2f}, {len(os.sched_getaffinity(0))} cores\n")
   if f.abstract_flops:
     # bert-base (BertConfig() defaults), no checkpoint: is the compiled step
     # doing the model's work and no more (no recomputation)?
