@@ -370,7 +370,8 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
     pipeline_batches: batches for `time_input_pipeline` (0: as many as the
       run's micro-batches, at least 20).
     evaluate: run the eval splits after training.
-    cost_analysis: compile the most common batch shape again for its FLOPs.
+    cost_analysis: count the FLOPs of the step for the most common batch
+      shape (`compiled_flops`: a cache hit, the run compiled it).
 
   Returns:
     A dict of raw measurements (see `summarize`).
