@@ -94,7 +94,7 @@ def test_no_recompilation_across_epochs(result):
   assert col["train_compilations_after_epoch_1"] == 0
   assert not any(raw["compiled"][10:])
   # At most one compilation per bucket, each on the first batch of its shape.
-  assert 1 <= col["train_compilations"] <= len(col["buckets"])
+  assert 0 < col["train_compilations"] <= len(col["buckets"])
   assert sum(raw["compiled"]) == col["train_compilations"]
   first = {w: raw["width"].index(w) for w in set(raw["width"])}
   assert sorted(np.flatnonzero(raw["compiled"])) == sorted(first.values())
