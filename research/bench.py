@@ -949,16 +949,7 @@ def parse_flags(argv):
                        "analytic FLOPs of an abstract bert-base train step "
                        "at this sequence length (no checkpoint, no config).")
   flags.DEFINE_integer("abstract_batch", 8, "Batch size of --abstract_flops.")
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    text = str(e).replace("\\n", "\n").replace("\\'", "'")
-    lines = [l.strip(" '\"") for l in text.splitlines() if l.strip(" '\"")]
-    message = lines[-1] if "Traceback" in text else " ".join(lines)
-    if isinstance(e, AttributeError):
-      message = f"unknown config field {message}"
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+  return train.parse_or_exit(argv)
 
 
 if __name__ == "__main__":

@@ -539,12 +539,21 @@ def parse_flags(argv):
       lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (resumed if it exists).")
   flags.mark_flags_as_required(["config", "workdir"])
+  return parse_or_exit(argv)
+
+
+def parse_or_exit(argv):
+  """Parses the defined flags; a bad flag or config override is a message.
+
+  ml_collections raises AttributeError/KeyError/TypeError/ValueError for
+  unknown or mistyped fields, with the nearest valid name ("Did you mean
+  ..."); a get_config error arrives as a formatted traceback, whose last line
+  is the message. Shared by every CLI that takes --config.
+  """
+  from absl import flags  # pylint: disable=import-outside-toplevel
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    # ml_collections raises these for unknown or mistyped fields, with the
-    # nearest valid name ("Did you mean ..."); a get_config error arrives as
-    # a formatted traceback, whose last line is the message.
     text = str(e).replace("\\n", "\n").replace("\\'", "'")
     lines = [l.strip(" '\"") for l in text.splitlines() if l.strip(" '\"")]
     message = lines[-1] if "Traceback" in text else " ".join(lines)
