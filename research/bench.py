@@ -62,7 +62,7 @@ from research import data, parallelism, train
 from research.configs import ConfigError, validate
 from research.evaluation import metrics as metrics_lib
 from research.models import BertConfig, create_model, hf
-from research.training import optimizers
+from research.training import host_memory, optimizers
 
 log = logging.getLogger("research.bench")
 
@@ -437,7 +437,8 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
   timed = (np.arange(steps) >= warmup) & ~compiled
   result = {
       "framework": "jax",
-      "device": f"{s.mesh.devices.size} x {s.mesh.devices.flat[0].device_kind}",
+      "device": f"{s.mesh.devices.size} x {s.mesh.devices.flat[0].device_kind}"
+                + (", malloc retain" if host_memory.in_effect() else ""),
       "num_devices": int(s.mesh.devices.size),
       "steps": steps, "warmup": warmup, "steps_per_epoch": steps_per_epoch,
       "buckets": list(s.batcher.buckets), "batch_size": config.batch_size,
@@ -510,7 +511,8 @@ def _evaluate_jax(eval_step, params, eval_batchers, sharding, config) -> dict:
 
 
 def run_torch(s: Setup, steps: int, order: str = "random",
-              threads: int | None = None, timeout: float = 3600.0) -> dict:
+              threads: int | None = None, timeout: float = 3600.0,
+              cpu_malloc: str = "default") -> dict:
   """The same work through transformers' PyTorch model, in a subprocess.
 
   Args:
@@ -520,6 +522,8 @@ def run_torch(s: Setup, steps: int, order: str = "random",
       or "bucketed" (our batches' examples).
     threads: torch intra-op threads; default: the cores this process may use.
     timeout: seconds before the subprocess is stopped.
+    cpu_malloc: "default" (glibc as PyTorch users run it) or "retain" (the
+      `host_memory` settings our CPU runs use, applied before torch loads).
 
   Returns:
     The worker's raw measurements (see `torch_worker`).
@@ -572,7 +576,7 @@ def run_torch(s: Setup, steps: int, order: str = "random",
         "weight_decay": opt.weight_decay, "schedule": opt.schedule,
         "warmup_steps": optimizers.warmup_steps(opt, s.total_steps),
         "total_steps": s.total_steps, "grad_clip_norm": opt.grad_clip_norm,
-        "order": order,
+        "order": order, "cpu_malloc": cpu_malloc,
     }
     with open(os.path.join(tmp, "spec.json"), "w") as f:
       json.dump(spec, f)
@@ -595,10 +599,11 @@ def run_torch(s: Setup, steps: int, order: str = "random",
 def torch_worker(spec_path: str) -> None:
   """Runs in the subprocess of `run_torch`: HF PyTorch training and eval."""
   # pylint: disable=import-outside-toplevel
-  import torch
-  import transformers
   with open(spec_path) as f:
     spec = json.load(f)
+  malloc_retain = host_memory.configure(spec["cpu_malloc"])
+  import torch
+  import transformers
   torch.set_num_threads(spec["threads"])
   torch.manual_seed(spec["seed"])
   transformers.logging.set_verbosity_error()
@@ -656,6 +661,7 @@ def torch_worker(spec_path: str) -> None:
     rec["width"].append(int(mask.shape[1]))
   train_seconds = time.perf_counter() - start
   result = {"framework": "torch", "torch": torch.__version__,
+            "malloc_retain": malloc_retain,
             "transformers": transformers.__version__,
             "threads": torch.get_num_threads(),
             "attn_implementation": model.config._attn_implementation,  # pylint: disable=protected-access
@@ -733,7 +739,8 @@ def summarize(raw: dict, timed=None, peak_tflops: float | None = None) -> dict:
   else:
     row["mean_width"] = float(np.mean(np.asarray(raw["width"])[np.asarray(timed, bool)]))
     row["device"] = f"CPU, torch {raw['torch']}, {raw['threads']} threads, " \
-                    f"attention {raw['attn_implementation']}, {raw['order']} batches"
+                    f"attention {raw['attn_implementation']}, {raw['order']} batches" \
+                    + (", malloc retain" if raw.get("malloc_retain") else "")
   return row
 
 
@@ -839,7 +846,7 @@ def _median_columns(columns: list[dict]) -> dict:
 def benchmark(config, steps: int | None = None, warmup: int = 3,
               peak_tflops: float | None = None, compare_torch: bool = False,
               torch_order: str = "random", repeats: int = 1,
-              devices=None) -> dict:
+              devices=None, torch_cpu_malloc: str = "default") -> dict:
   """The whole benchmark: `repeats` x (JAX run [, PyTorch run]).
 
   Returns:
@@ -871,7 +878,7 @@ def benchmark(config, steps: int | None = None, warmup: int = 3,
     raws.append(raw)
     jax_cols.append(summarize(raw, peak_tflops=peak_tflops))
     if compare_torch:
-      traw = run_torch(s, steps, torch_order)
+      traw = run_torch(s, steps, torch_order, cpu_malloc=torch_cpu_malloc)
       raws.append(traw)
       torch_cols.append(summarize(traw, timed=raw["timed"]))
       ratios.append(jax_cols[-1]["examples_per_s"] / torch_cols[-1]["examples_per_s"])
@@ -913,10 +920,13 @@ def main(argv):
           "--abstract_flops=SEQ_LEN for the bert-base FLOP check", file=sys.stderr)
     sys.exit(2)
   try:
+    validate(f.config)
+    host_memory.configure(f.config.cpu_malloc)  # before JAX starts a backend
     result = benchmark(
         f.config, steps=f.steps or None, warmup=f.warmup,
         peak_tflops=f.peak_tflops or None, compare_torch=f.compare_torch,
-        torch_order=f.torch_order, repeats=f.repeats)
+        torch_order=f.torch_order, repeats=f.repeats,
+        torch_cpu_malloc=f.torch_cpu_malloc)
   except (BenchError, ConfigError, data.DataError, hf.CheckpointError,
           parallelism.ParallelismError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -943,6 +953,9 @@ def parse_flags(argv):
   flags.DEFINE_boolean("compare_torch", False, "Also run Hugging Face PyTorch.")
   flags.DEFINE_enum("torch_order", "random", TORCH_ORDERS,
                     "PyTorch batches: HF's random order, or ours (bucketed).")
+  flags.DEFINE_enum("torch_cpu_malloc", "default", ("default", "retain"),
+                    "glibc settings of the PyTorch run: as its users run it, "
+                    "or the ones our CPU runs use (config.cpu_malloc).")
   flags.DEFINE_integer("repeats", 1, "Alternate the runs this many times.")
   flags.DEFINE_string("json", "", "Also write every measurement here.")
   flags.DEFINE_integer("abstract_flops", 0, "Instead of a run: compiled vs "

@@ -36,6 +36,7 @@ from research import data, parallelism
 from research.configs import ConfigError, validate
 from research.evaluation import metrics as metrics_lib
 from research.models import hf
+from research.training import host_memory
 from research.training import optimizers
 from research.training.checkpointing import Checkpointer, CheckpointError, abstract_like
 from research.training.tracker import create_tracker
@@ -503,6 +504,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     one line "error: ..." on stderr, no traceback.
   """
   try:
+    validate(config)
+    # Both before JAX starts its backend (see host_memory).
+    host_memory.configure(config.cpu_malloc)
     parallelism.initialize_distributed(config.parallelism.distributed)
     summary = train_and_evaluate(config, workdir)
   except Preempted as e:

@@ -168,7 +168,8 @@ def test_multisteps_equals_one_step_on_mean_gradient():
   k = 3
   accumulated = optimizers.build_optimizer(
       _opt_config(grad_accum_steps=k, **common), 10)
-  single = optimizers.build_optimizer(_opt_config(**common), 10)
+  # optax's chain, so that the states have the same structure.
+  single = optimizers.build_optimizer(_opt_config(fused=False, **common), 10)
   params = _params()
   micro = [_grads(seed, scale=2.0) for seed in range(2 * k)]
 
@@ -215,7 +216,10 @@ def test_nan_gradient_is_skipped_and_counted(accum):
     new_params, new_state = _step(tx, params, state, g)
     _assert_trees_equal(new_params, params)
     _assert_trees_equal(_moments(new_state), _moments(state))
-    _assert_trees_equal(new_state.inner_state, state.inner_state)
+    if accum > 1:  # the MultiSteps accumulator and counters too
+      _assert_trees_equal(new_state.inner_state, state.inner_state)
+    else:  # fused_adamw: Adam's step count
+      assert int(new_state.count) == int(state.count) == 1
     assert int(optimizers.bad_step_count(new_state)) == expected
     assert int(optimizers.total_bad_steps(new_state)) == expected
     params, state = new_params, new_state
@@ -240,6 +244,74 @@ def test_nan_micro_batch_does_not_poison_accumulation():
   for g in [_grads(1), nan, _grads(2), _grads(4), nan, _grads(5)]:
     dirty_p, dirty_s = _step(tx, dirty_p, dirty_s, g)
   _assert_trees_close(dirty_p, clean_p)
+
+
+# --- Fused AdamW ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clip,wd,warmup", [(1.0, 0.01, 2), (0.0, 0.0, 0),
+                                            (0.5, 0.1, 0)])
+def test_fused_adamw_equals_optax_chain(clip, wd, warmup):
+  """Same parameters and moments as apply_if_finite(chain(clip, adamw)) over
+  steps that clip, do not clip, and are skipped (NaN, then Inf)."""
+  common = dict(learning_rate=0.05, weight_decay=wd, warmup_steps=warmup,
+                grad_clip_norm=clip)
+  fused = optimizers.build_optimizer(_opt_config(fused=True, **common), 10)
+  chain = optimizers.build_optimizer(_opt_config(fused=False, **common), 10)
+  assert isinstance(fused.init(_params()), optimizers.FusedAdamWState)
+  assert not isinstance(chain.init(_params()), optimizers.FusedAdamWState)
+
+  grads = []
+  for i, scale in enumerate([0.01, 10.0, 0.3, 1.0, 2.0, 0.05, 5.0]):
+    g = _grads(30 + i, scale)
+    if i == 3:
+      g["dense"]["bias"] = g["dense"]["bias"].at[0].set(jnp.nan)
+    if i == 4:
+      g["embeddings"] = g["embeddings"].at[2, 1].set(-jnp.inf)
+    grads.append(g)
+  results = []
+  for tx in (fused, chain):
+    params, state = _params(), tx.init(_params())
+    step = jax.jit(lambda p, s, g, tx=tx: _step(tx, p, s, g))
+    for g in grads:
+      params, state = step(params, state, g)
+    results.append((params, _moments(state), optimizers.bad_step_count(state),
+                    optimizers.total_bad_steps(state)))
+  (p_f, m_f, bad_f, total_f), (p_c, m_c, bad_c, total_c) = results
+  _assert_trees_close(p_f, p_c, rtol=1e-6, atol=1e-7)
+  _assert_trees_close(m_f, m_c, rtol=1e-6, atol=1e-9)
+  assert (int(bad_f), int(total_f)) == (int(bad_c), int(total_c)) == (0, 2)
+  assert not np.allclose(p_f["embeddings"], _params()["embeddings"])
+
+
+def test_fused_adamw_only_without_accumulation():
+  """Accumulation, other optimisers and fused=False use optax's chain."""
+  for overrides in (dict(grad_accum_steps=2), dict(name="lamb"),
+                    dict(fused=False)):
+    tx = optimizers.build_optimizer(_opt_config(**overrides), 10)
+    assert not isinstance(tx.init(_params()), optimizers.FusedAdamWState)
+
+
+def test_fused_adamw_update_has_no_model_sized_temporaries():
+  """The point of fusing: the compiled update works in place. optax's chain
+  keeps the clipped gradients and the cond's outputs in extra buffers."""
+  params = {"embeddings": jnp.ones((2048, 256)), "kernel": jnp.ones((256, 256)),
+            "bias": jnp.ones((256,))}
+  grads = jax.tree.map(lambda p: 1e-3 * p, params)
+  param_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
+  temps = {}
+  for fused in (True, False):
+    tx = optimizers.build_optimizer(_opt_config(fused=fused), 10)
+
+    def update(state, params, grads, tx=tx):
+      updates, state = tx.update(grads, state, params)
+      return state, optax.apply_updates(params, updates)
+
+    compiled = jax.jit(update, donate_argnums=(0, 1)).lower(
+        tx.init(params), params, grads).compile()
+    temps[fused] = compiled.memory_analysis().temp_size_in_bytes
+  assert temps[True] < 0.05 * param_bytes, temps
+  assert temps[False] > 0.5 * param_bytes, temps
 
 
 def test_bad_step_count_with_nnx_optimizer():

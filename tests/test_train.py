@@ -152,6 +152,8 @@ def test_cli_trains_any_tsv_by_overrides(tmp_path, tiny_model_dir):
       f"--workdir={tmp_path / 'run'}")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "eval/accuracy=" in out.stdout
+  # config.cpu_malloc=auto on a machine without TPU/GPU runtimes (host_memory).
+  assert "glibc keeps freed memory for reuse" in out.stderr
   assert json.loads((tmp_path / "run" / "labels.json").read_text()) in (
       ["five", "one", "three"], {"labels": ["five", "one", "three"]})
   rows = tracker.read_jsonl(tmp_path / "run" / "metrics.jsonl")

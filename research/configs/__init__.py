@@ -24,6 +24,7 @@ CHOICES = {
     "wandb.mode": ("auto", "online", "offline", "disabled"),
     "parallelism.strategy": ("jit", "pmap"),
     "parallelism.distributed": ("auto", "on", "off"),
+    "cpu_malloc": ("auto", "retain", "default"),
 }
 
 POSITIVE = ("batch_size", "eval_batch_size", "data.max_length",

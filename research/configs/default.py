@@ -75,6 +75,9 @@ def get_config():
   c.optimizer.warmup_steps = -1      # >= 0 overrides warmup_proportion
   c.optimizer.grad_clip_norm = 1.0   # <= 0: no clipping
   c.optimizer.grad_accum_steps = 1   # micro-batches per update
+  # AdamW without accumulation as one fused pass (same maths, ~2x faster
+  # update; optimizers.fused_adamw). False: optax's chain.
+  c.optimizer.fused = True
 
   # --- Loop, evaluation, checkpoints -------------------------------------------
   c.log_every_steps = 10
@@ -103,6 +106,11 @@ def get_config():
       ("kv", None), ("mlp", "tensor"))
   c.parallelism.prefetch = 2          # batches put on device ahead of the step
   c.parallelism.distributed = "auto"  # jax.distributed.initialize(): auto | on | off
+  # CPU runs: glibc keeps freed memory for reuse, +15-20% examples/s on the
+  # quickstart (research/training/host_memory.py). auto: when no TPU/GPU
+  # runtime is installed | retain | default. Set by the command line, before
+  # JAX starts; a notebook calling train_and_evaluate keeps its allocator.
+  c.cpu_malloc = "auto"
 
   # --- Tracking ----------------------------------------------------------------
   c.wandb = ml_collections.ConfigDict()
