@@ -507,6 +507,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     validate(config)
     # Both before JAX starts its backend (see host_memory).
     host_memory.configure(config.cpu_malloc)
+    if config.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
+      jax.config.update("jax_compilation_cache_dir",
+                        os.path.expanduser(config.compilation_cache_dir))
     parallelism.initialize_distributed(config.parallelism.distributed)
     summary = train_and_evaluate(config, workdir)
   except Preempted as e:

@@ -111,6 +111,9 @@ def get_config():
   # runtime is installed | retain | default. Set by the command line, before
   # JAX starts; a notebook calling train_and_evaluate keeps its allocator.
   c.cpu_malloc = "auto"
+  # Persistent XLA compilation cache: reruns and resumed (preempted) runs
+  # skip compiling. "" = off; JAX_COMPILATION_CACHE_DIR, when set, wins.
+  c.compilation_cache_dir = "~/.cache/research_bert/xla"
 
   # --- Tracking ----------------------------------------------------------------
   c.wandb = ml_collections.ConfigDict()
