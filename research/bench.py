@@ -325,20 +325,10 @@ def setup(config, devices=None) -> Setup:
     raise ConfigError("no training split: set config.data.train_file "
                       "(local) or config.data.train_split")
   mesh = parallelism.make_mesh(config.parallelism, devices)
-  accum = config.optimizer.grad_accum_steps
-  parallelism.check_batch_size(config.batch_size // accum, mesh,
-                               "config.batch_size / grad_accum_steps")
-  parallelism.check_batch_size(config.eval_batch_size, mesh,
-                               "config.eval_batch_size")
-  batcher = data.Batcher(
-      train_split, config.batch_size // accum, config.data.buckets,
-      seed=config.seed, shuffle=True, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  eval_batchers = {
-      name: data.Batcher(split, config.eval_batch_size, batcher.buckets,
-                         shuffle=False, process_index=jax.process_index(),
-                         process_count=jax.process_count())
-      for name, split in eval_splits.items() if split.has_labels}
+  batcher, eval_batchers = train.make_batchers(config, train_split,
+                                               eval_splits, mesh)
+  eval_batchers = {name: b for name, b in eval_batchers.items()
+                   if eval_splits[name].has_labels}
   total = optimizers.steps_from_config(config, batcher.steps_per_epoch)
   return Setup(config, model_dir, train_split, eval_splits, batcher,
                eval_batchers, mesh, total)

@@ -174,6 +174,36 @@ def _check_data_files(config) -> None:
                         (f" {path!r}" if path != value else ""))
 
 
+def make_batchers(config, train_split, eval_splits, mesh):
+  """The training loader and one eval loader per split, checked against the mesh.
+
+  The training loader yields micro-batches (`batch_size / grad_accum_steps`
+  rows); eval loaders reuse its buckets, so evaluation adds no shapes.
+
+  Returns:
+    (train Batcher, {split name: eval Batcher}).
+
+  Raises:
+    parallelism.ParallelismError: a batch size the data axes do not divide.
+  """
+  accum = config.optimizer.grad_accum_steps
+  parallelism.check_batch_size(config.batch_size // accum, mesh,
+                               "config.batch_size / grad_accum_steps"
+                               if accum > 1 else "config.batch_size")
+  parallelism.check_batch_size(config.eval_batch_size, mesh,
+                               "config.eval_batch_size")
+  hosts = dict(process_index=jax.process_index(),
+               process_count=jax.process_count())
+  train_batches = data.Batcher(
+      train_split, config.batch_size // accum, config.data.buckets,
+      seed=config.seed, shuffle=True, **hosts)
+  eval_batches = {
+      name: data.Batcher(split, config.eval_batch_size, train_batches.buckets,
+                         shuffle=False, **hosts)
+      for name, split in eval_splits.items()}
+  return train_batches, eval_batches
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training with periodic evaluation; returns the summary.
 
@@ -226,21 +256,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   mesh = parallelism.make_mesh(config.parallelism)
   accum = config.optimizer.grad_accum_steps
-  parallelism.check_batch_size(config.batch_size // accum, mesh,
-                               "config.batch_size / grad_accum_steps"
-                               if accum > 1 else "config.batch_size")
-  parallelism.check_batch_size(config.eval_batch_size, mesh,
-                               "config.eval_batch_size")
-  # The loader yields micro-batches; `accum` of them make one update.
-  train_batches = data.Batcher(
-      train_split, config.batch_size // accum, config.data.buckets,
-      seed=config.seed, shuffle=True, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  eval_batches = {
-      name: data.Batcher(split, config.eval_batch_size, train_batches.buckets,
-                         shuffle=False, process_index=jax.process_index(),
-                         process_count=jax.process_count())
-      for name, split in eval_splits.items()}
+  train_batches, eval_batches = make_batchers(config, train_split, eval_splits,
+                                              mesh)
   micro_steps_per_epoch = train_batches.steps_per_epoch  # DataError if < 1
   try:
     total_steps = optimizers.steps_from_config(config, micro_steps_per_epoch)

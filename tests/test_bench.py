@@ -30,12 +30,7 @@ def _config(model_dir, **overrides):
   config.data.buckets = (24, 64)  # two shapes: fewer compilations to wait for
   config.parallelism.mesh_shape = (1, 1, 1)  # test_parallel.py covers meshes
   config.optimizer.learning_rate = 1e-3
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -413,12 +413,7 @@ def test_bad_config_fails_before_compiling_naming_the_field(
     pytest.importorskip("tensorflow_datasets")
   config = _config(tiny_model_dir)
   if isinstance(change, dict):
-    for key, value in change.items():
-      *parents, leaf = key.split(".")
-      target = config
-      for p in parents:
-        target = target[p]
-      target[leaf] = value
+    config.update_from_flattened_dict(change)
   elif change is _hf_offline:
     pytest.importorskip("datasets")
     change(config, monkeypatch)

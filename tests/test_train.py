@@ -24,12 +24,7 @@ def _tiny_config(model_dir, **overrides):
   config.wandb.mode = "disabled"
   config.parallelism.mesh_shape = (1, 1, 1)  # test_parallel.py covers meshes
   config.optimizer.learning_rate = 1e-3
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
