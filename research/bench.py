@@ -149,6 +149,19 @@ def batch_model_flops(lengths, per_token_params: int, per_sequence_params: int,
   return float((per_tok * lengths).sum() + 6.0 * per_sequence_params * len(lengths))
 
 
+def padded_batch_flops(batch, per_token_params: int, per_sequence_params: int,
+                       num_layers: int, hidden: int) -> float:
+  """Training FLOPs the compiled step does for a (host) batch, padding included.
+
+  Every row at the padded width (a packed row's tokens attend over all of
+  it), the sentence head once per example slot.
+  """
+  rows, width = batch["attention_mask"].shape
+  return (batch_model_flops([width] * rows, per_token_params, 0, num_layers,
+                            hidden)
+          + 6.0 * per_sequence_params * len(batch["weights"]))
+
+
 def detect_peak_tflops(device_kind: str) -> float | None:
   """Dense bf16 peak TFLOP/s of one chip from `device.device_kind`, or None."""
   kind = device_kind.lower()
@@ -402,16 +415,16 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
         host, batch = next(batches)
         state, metrics = train_step(state, batch, step * accum + micro)
         # Host-side counts (the numpy copy): reading device arrays would wait.
-        lens = host["attention_mask"].sum(1)[host["weights"] > 0]
+        lens = data.example_lengths(host)  # packed rows: per example
         ex += len(lens) * procs
         real += int(lens.sum()) * procs
         padded += host["attention_mask"].size * procs
-        width = host["attention_mask"].shape[1]
+        rows, width = host["attention_mask"].shape
         mflops += procs * batch_model_flops(lens, per_token, per_seq,
                                             cfg.num_hidden_layers, cfg.hidden_size)
-        pflops += procs * batch_model_flops(
-            [width] * len(host["weights"]), per_token, per_seq,
-            cfg.num_hidden_layers, cfg.hidden_size)
+        pflops += procs * padded_batch_flops(host, per_token, per_seq,
+                                             cfg.num_hidden_layers,
+                                             cfg.hidden_size)
       jax.block_until_ready((state, metrics))
       rec["step_times"].append(time.perf_counter() - t0)
       rec["compiled"].append(train_step._cache_size() > cache_before)  # pylint: disable=protected-access
@@ -459,11 +472,11 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
     flops = compiled_flops(train_step, state,
                            parallelism.shard_batch(host, batch_sharding), 0)
     result["cost_analysis"] = {
-        "width": width, "rows": len(host["weights"]) * procs,
+        "width": width, "rows": host["attention_mask"].shape[0] * procs,
         "compiled": flops,
-        "analytic": batch_model_flops([width] * len(host["weights"]) * procs,
-                                      per_token, per_seq,
-                                      cfg.num_hidden_layers, cfg.hidden_size)}
+        "analytic": procs * padded_batch_flops(host, per_token, per_seq,
+                                               cfg.num_hidden_layers,
+                                               cfg.hidden_size)}
 
   if evaluate and s.eval_batchers:
     eval_step = train.make_eval_step(

@@ -222,9 +222,11 @@ def predict_run(workdir, out_dir, which="best", batch_size=0):
         cfg, tokenizer, cache_dir=os.path.join(workdir, "cache"),
         label_names=label_names)
     split = splits[test_file.split]
+    # A packed run's buckets are row lengths: let prediction choose its own.
+    buckets = (tuple(config.data.buckets)
+               if config.data.examples_per_row == 1 else ())
     predictions = predict_split(predict_fn, params, split,
-                                batch_size or config.eval_batch_size,
-                                tuple(config.data.buckets))
+                                batch_size or config.eval_batch_size, buckets)
     ids = example_ids(cfg, test_file.dataset, test_file.split)
     path = os.path.join(out_dir, test_file.filename)
     write_predictions(path, ids, split.rows, predictions, formatter)

@@ -71,6 +71,11 @@ def per_example_loss(logits, batch, regression):
           jnp.argmax(logits, axis=-1))
 
 
+def packing_inputs(batch):
+  """The packed-row inputs of a batch (`research.data.batching`), if any."""
+  return {k: batch[k] for k in ("segment_ids", "example_starts") if k in batch}
+
+
 def make_train_step(graphdef, tx, *, regression, seed, mesh, strategy,
                     state_sharding):
   """The jitted update: `(state, batch, micro_step) -> (state, metrics)`.
@@ -97,7 +102,8 @@ def make_train_step(graphdef, tx, *, regression, seed, mesh, strategy,
   def loss_fn(params, batch, dropout_key, total_weight):
     model = nnx.merge(graphdef, params)
     logits = model(batch["input_ids"], batch["attention_mask"],
-                   batch["token_type_ids"], rngs=nnx.Rngs(dropout=dropout_key))
+                   batch["token_type_ids"], **packing_inputs(batch),
+                   rngs=nnx.Rngs(dropout=dropout_key))
     loss, _ = per_example_loss(logits, batch, regression)
     return (loss * batch["weights"]).sum() / total_weight
 
@@ -178,7 +184,9 @@ def make_batchers(config, train_split, eval_splits, mesh):
   """The training loader and one eval loader per split, checked against the mesh.
 
   The training loader yields micro-batches (`batch_size / grad_accum_steps`
-  rows); eval loaders reuse its buckets, so evaluation adds no shapes.
+  examples); eval loaders reuse its buckets, so evaluation adds no shapes.
+  With packing (`data.examples_per_row` > 1) the training buckets are row
+  lengths, and evaluation (never packed) chooses its own from its lengths.
 
   Returns:
     (train Batcher, {split name: eval Batcher}).
@@ -187,18 +195,23 @@ def make_batchers(config, train_split, eval_splits, mesh):
     parallelism.ParallelismError: a batch size the data axes do not divide.
   """
   accum = config.optimizer.grad_accum_steps
-  parallelism.check_batch_size(config.batch_size // accum, mesh,
-                               "config.batch_size / grad_accum_steps"
-                               if accum > 1 else "config.batch_size")
+  per_row = config.data.examples_per_row
+  what = ("config.batch_size / grad_accum_steps" if accum > 1
+          else "config.batch_size")
+  if per_row > 1:
+    what = f"({what}) / config.data.examples_per_row (packed rows)"
+  parallelism.check_batch_size(config.batch_size // accum // per_row, mesh,
+                               what)
   parallelism.check_batch_size(config.eval_batch_size, mesh,
                                "config.eval_batch_size")
   hosts = dict(process_index=jax.process_index(),
                process_count=jax.process_count())
   train_batches = data.Batcher(
       train_split, config.batch_size // accum, config.data.buckets,
-      seed=config.seed, shuffle=True, **hosts)
+      seed=config.seed, shuffle=True, examples_per_row=per_row, **hosts)
+  eval_buckets = () if per_row > 1 else train_batches.buckets
   eval_batches = {
-      name: data.Batcher(split, config.eval_batch_size, train_batches.buckets,
+      name: data.Batcher(split, config.eval_batch_size, eval_buckets,
                          shuffle=False, **hosts)
       for name, split in eval_splits.items()}
   return train_batches, eval_batches

@@ -45,13 +45,25 @@ def _metrics(workdir):
           for row in tracker.read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
 
 
-def test_quickstart_beats_majority_class(tmp_path):
-  """The embedded MiniLM, 1 epoch (20 steps): dev majority class is 0.50."""
+@pytest.mark.parametrize("examples_per_row", [1, 4])
+def test_quickstart_beats_majority_class(tmp_path, examples_per_row):
+  """The embedded MiniLM, 1 epoch (20 steps): dev majority class is 0.50.
+
+  With 4 examples per row the run trains on packed rows (4 rows of about 64
+  tokens instead of 16 of about 17) for the quickstart's 3 epochs: packed
+  batches are random, not grouped by length, and after 20 steps of a
+  20-step schedule their dev accuracy was 0.69 (step 20 of 60: 0.82).
+  """
   config = quickstart.get_config()
   config.total_steps = 20
   config.parallelism.mesh_shape = (1, 1, 1)
+  if examples_per_row > 1:
+    config.total_steps = 60
+    config.data.examples_per_row = examples_per_row
+    config.data.buckets = (64, 72, 80, 256)
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary["eval/accuracy"] >= 0.75, summary
+  assert summary["train_step_compilations"] <= len(config.data.buckets)
   rows = tracker.read_jsonl(tmp_path / "metrics.jsonl")
   assert any("eval/accuracy" in r for r in rows)
   assert json.loads((tmp_path / "labels.json").read_text()) in (
@@ -115,6 +127,15 @@ def test_validate_names_fields_and_choices():
   config = quickstart.get_config()
   config.eval_metric = "matthews_corrcoef"
   with pytest.raises(ConfigError, match="not computed; valid: accuracy, f1, loss"):
+    validate(config)
+  config = quickstart.get_config()
+  config.data.examples_per_row = 3
+  with pytest.raises(ConfigError, match="examples_per_row=3 does not divide "
+                     "the batch of 16 examples"):
+    validate(config)
+  config.task, config.data.examples_per_row = "token_classification", 2
+  with pytest.raises(ConfigError, match="packing is for task "
+                     "sequence_classification"):
     validate(config)
 
 

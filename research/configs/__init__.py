@@ -28,7 +28,8 @@ CHOICES = {
 }
 
 POSITIVE = ("batch_size", "eval_batch_size", "data.max_length",
-            "optimizer.grad_accum_steps", "log_every_steps")
+            "data.examples_per_row", "optimizer.grad_accum_steps",
+            "log_every_steps")
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f"config.batch_size={config.batch_size} is not divisible by "
         f"config.optimizer.grad_accum_steps={accum}")
+  per_row = config.data.examples_per_row
+  if per_row > 1 and config.task != "sequence_classification":
+    raise ConfigError(f"config.data.examples_per_row={per_row}: packing is "
+                      "for task sequence_classification; set it to 1")
+  if (config.batch_size // accum) % per_row:
+    raise ConfigError(
+        f"config.data.examples_per_row={per_row} does not divide the "
+        f"{'micro-' if accum > 1 else ''}batch of "
+        f"{config.batch_size // accum} examples (config.batch_size"
+        f"{' / optimizer.grad_accum_steps' if accum > 1 else ''})")
   if config.total_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError("set config.total_steps > 0 or config.num_epochs > 0")
   if not 1 <= len(config.data.text_fields) <= 2:

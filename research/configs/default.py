@@ -55,6 +55,13 @@ def get_config():
   # Padded lengths (max_length is always one): one compilation each. Empty:
   # chosen from the training lengths (research.data.auto_buckets, 8 buckets).
   c.data.buckets = ()
+  # Sequence packing for training: K > 1 puts K examples back to back in each
+  # row (block-diagonal attention, positions restart per example; batch_size
+  # stays the number of examples), and data.buckets are then row lengths.
+  # Pays where padding dominates and attention is cheap (accelerators, short
+  # texts); on a 2-core CPU it does not (BENCHMARKS.md). Evaluation is not
+  # packed. Sequence classification only.
+  c.data.examples_per_row = 1
   c.data.bad_rows = "error"          # error | skip (skipped rows are counted)
   c.data.cache_dir = ""              # tokenisation cache ("" = <workdir>/cache)
 

@@ -16,11 +16,14 @@ Typical use by the trainer:
     ...
 
 `data.buckets` empty means `auto_buckets` of the training lengths.
+`data.examples_per_row` > 1 packs training batches (`Batcher`, `pack_rows`).
 """
 
 from research.data.batching import Batcher
 from research.data.batching import auto_buckets
+from research.data.batching import example_lengths
 from research.data.batching import make_buckets
+from research.data.batching import pack_rows
 from research.data.batching import padding_efficiency
 from research.data.errors import DataError
 from research.data.labels import load_label_names
@@ -32,7 +35,8 @@ from research.data.tokenize import load_tokenizer
 from research.data.tokenize import tokenizer_fingerprint
 
 __all__ = [
-    "Batcher", "DataError", "TokenizedSplit", "auto_buckets", "load_label_names",
-    "load_splits", "load_tokenizer", "make_buckets", "padding_efficiency",
+    "Batcher", "DataError", "TokenizedSplit", "auto_buckets", "example_lengths",
+    "load_label_names", "load_splits", "load_tokenizer", "make_buckets",
+    "pack_rows", "padding_efficiency",
     "parse_eval_files", "save_label_names", "tokenizer_fingerprint",
 ]

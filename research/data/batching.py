@@ -9,6 +9,14 @@ its contiguous slice of the global batch.
 Batch format (numpy): input_ids, attention_mask, token_type_ids int32 [B, L];
 labels int32 [B] (float32 for regression); weights float32 [B] (0 = padding
 row, only in evaluation batches).
+
+Packed training batches (`examples_per_row = K > 1`) put K examples back to
+back in each of R = B / K rows: input_ids, attention_mask, token_type_ids and
+segment_ids int32 [R, L] (segment k = 1..K is the row's k-th example, 0 is
+padding); example_starts int32 [R, K], where each example's [CLS] is; labels
+and weights [B] in row-major order (row r holds examples r*K .. r*K + K - 1),
+so a data-sharded batch keeps every example with its row. The model turns
+segment_ids into a block-diagonal attention mask and per-example positions.
 """
 
 import numpy as np
@@ -74,6 +82,17 @@ def auto_buckets(lengths, max_length, num_buckets=8, multiple=4):
   return make_buckets(out, max_length)
 
 
+def example_lengths(batch):
+  """Tokens of each real example (weight > 0) of a batch, packed or not."""
+  if "segment_ids" in batch:
+    k = batch["example_starts"].shape[1]
+    seg = batch["segment_ids"]
+    counts = (seg[:, :, None] == np.arange(1, k + 1)).sum(1).reshape(-1)
+  else:
+    counts = batch["attention_mask"].sum(1)
+  return counts[batch["weights"] > 0]
+
+
 def padding_efficiency(batches):
   """Returns real tokens / padded tokens over batches (in batch format).
 
@@ -81,9 +100,44 @@ def padding_efficiency(batches):
   """
   real = padded = 0
   for b in batches:
-    real += int((b["attention_mask"] * (b["weights"][:, None] > 0)).sum())
+    real += int(example_lengths(b).sum())
     padded += b["attention_mask"].size
   return real / padded if padded else 0.0
+
+
+def pack_rows(lengths, rows):
+  """Splits each batch's examples into `rows` rows of equal count, balanced.
+
+  Greedy longest-first (LPT): each example, longest first, goes to the row
+  with the fewest tokens among those not yet full. Every row gets exactly
+  B / rows examples, so a packed batch has a fixed [rows, B / rows] example
+  layout; the longest row, which sets the padded width, ends close to the
+  mean (within one example's length).
+
+  Args:
+    lengths: int [S, B], the example lengths of S batches.
+    rows: rows per batch; must divide B.
+
+  Returns:
+    (order [S, B]: positions into each batch, row-major (row r is
+    order[:, r*K:(r+1)*K], longest first); row_lengths [S, rows]).
+  """
+  lengths = np.asarray(lengths, np.int64)
+  steps, size = lengths.shape
+  per_row = size // rows
+  by_length = np.argsort(-lengths, axis=1, kind="stable")
+  load = np.zeros((steps, rows), np.int64)
+  count = np.zeros((steps, rows), np.int64)
+  slot = np.zeros((steps, size), np.int64)
+  batch = np.arange(steps)
+  # One pass per rank, vectorised over batches.
+  for rank in range(size):
+    pos = by_length[:, rank]
+    row = np.where(count < per_row, load, np.iinfo(np.int64).max).argmin(1)
+    slot[batch, row * per_row + count[batch, row]] = pos
+    load[batch, row] += lengths[batch, pos]
+    count[batch, row] += 1
+  return slot, load
 
 
 class Batcher:
@@ -101,6 +155,11 @@ class Batcher:
   buckets and to each chunk's longest examples. With shuffle=False the
   batches follow the split's order.
 
+  Packed training (`examples_per_row` > 1): each epoch's batches are random
+  (no length grouping: packing absorbs the length spread), each batch's
+  examples are split into rows of equal count by `pack_rows`, and the batch
+  is padded to the smallest bucket that fits its longest row.
+
   Evaluation (`eval_batches`): every example exactly once, in order; the last
   batch is filled with padding rows (weights 0).
 
@@ -113,15 +172,26 @@ class Batcher:
     seed: the data-order seed.
     shuffle: shuffle and group by length (training); False keeps the order.
     process_index: this host's index.
-    process_count: the number of hosts; must divide batch_size.
+    process_count: the number of hosts; must divide batch_size (with
+      packing: the rows).
     pad_id: the token id of padding (BERT: 0).
+    examples_per_row: K > 1 packs training batches (see the module
+      docstring): batches are random (no length grouping) and `buckets` are
+      row lengths, at most K * max_length. Evaluation batches are never
+      packed.
   """
 
   def __init__(self, split, batch_size, buckets, seed=0, shuffle=True,
-               process_index=0, process_count=1, pad_id=0):
-    if batch_size <= 0 or batch_size % process_count:
-      raise DataError(f"batch size {batch_size} must be positive and "
-                      f"divisible by the number of hosts ({process_count})")
+               process_index=0, process_count=1, pad_id=0, examples_per_row=1):
+    per_row = int(examples_per_row)
+    if per_row < 1 or batch_size % per_row:
+      raise DataError(f"data.examples_per_row={examples_per_row} must be "
+                      f">= 1 and divide the batch size {batch_size}")
+    units = batch_size // per_row  # rows of a batch; hosts split them
+    if batch_size <= 0 or units % process_count:
+      raise DataError(f"batch size {batch_size} must be positive and its "
+                      + ("rows" if per_row > 1 else "examples") +
+                      f" divisible by the number of hosts ({process_count})")
     if not 0 <= process_index < process_count:
       raise DataError(f"process_index {process_index} is not in "
                       f"[0, {process_count})")
@@ -132,15 +202,31 @@ class Batcher:
     self.process_index = process_index
     self.process_count = process_count
     self.pad_id = pad_id
+    self.examples_per_row = per_row
     self.lengths = np.diff(split.offsets)
+    self._plan_cache = None
+    longest = split.max_length * per_row
     if len(buckets):
-      self.buckets = make_buckets(buckets, split.max_length)
+      self.buckets = make_buckets(buckets, longest)
+    elif self.packed:
+      # What is padded is each batch's longest row. Sample enough epochs'
+      # batches that the rare long ones are seen (a small set's epoch 0
+      # alone missed rows that later epochs padded to K * max_length).
+      epochs = min(20, -(-2000 // self.steps_per_epoch))
+      widest = np.concatenate([self._pack(e)[1].max(axis=1)
+                               for e in range(epochs)])
+      self.buckets = auto_buckets(widest, longest)
     else:
       self.buckets = auto_buckets(self.lengths, split.max_length)
-    if len(self.lengths) and self.lengths.max() > self.buckets[-1]:
+    if not self.packed and len(self.lengths) and \
+        self.lengths.max() > self.buckets[-1]:
       raise DataError(f"an example of {self.lengths.max()} tokens is longer "
                       f"than the largest bucket {self.buckets[-1]}")
-    self._plan_cache = None
+
+  @property
+  def packed(self):
+    """Whether training batches pack several examples per row."""
+    return self.examples_per_row > 1
 
   @property
   def local_batch_size(self):
@@ -166,11 +252,28 @@ class Batcher:
     return np.asarray(self.buckets)[
         np.searchsorted(self.buckets, longest, side="left")]
 
+  def _pack(self, epoch):
+    """Random batches packed into rows: (order [steps, B], row lengths)."""
+    steps, size = self.steps_per_epoch, self.batch_size
+    if self.shuffle:
+      order = np.random.default_rng([self.seed, epoch]).permutation(
+          len(self.lengths))[:steps * size].reshape(steps, size)
+    else:
+      order = np.arange(steps * size).reshape(steps, size)
+    slot, row_lengths = pack_rows(self.lengths[order],
+                                  size // self.examples_per_row)
+    return np.take_along_axis(order, slot, axis=1), row_lengths
+
   def _plan(self, epoch):
     """Returns (example indices [steps, B], padded lengths [steps])."""
     if self._plan_cache is not None and self._plan_cache[0] == epoch:
       return self._plan_cache[1]
     steps, size = self.steps_per_epoch, self.batch_size
+    if self.packed:
+      order, row_lengths = self._pack(epoch)
+      widths = self._bucket(row_lengths.max(axis=1))
+      self._plan_cache = (epoch, (order, widths))
+      return order, widths
     if not self.shuffle:
       order = np.arange(steps * size).reshape(steps, size)
     else:
@@ -199,7 +302,10 @@ class Batcher:
     epoch, i = divmod(int(step), self.steps_per_epoch)
     order, widths = self._plan(epoch)
     lo = self.process_index * self.local_batch_size
-    return self._assemble(order[i, lo:lo + self.local_batch_size], widths[i])
+    idx = order[i, lo:lo + self.local_batch_size]
+    if self.packed:
+      return self._assemble_packed(idx, widths[i])
+    return self._assemble(idx, widths[i])
 
   def iterate(self, start_step=0, num_steps=None):
     """Yields training batches from `start_step` on (forever by default).
@@ -219,7 +325,8 @@ class Batcher:
   def padding_efficiency(self, epoch=0):
     """Real tokens / padded tokens of one training epoch's batches."""
     order, widths = self._plan(epoch)
-    return float(self.lengths[order].sum() / (widths.sum() * self.batch_size))
+    rows = self.batch_size // self.examples_per_row
+    return float(self.lengths[order].sum() / (widths.sum() * rows))
 
   def eval_batches(self):
     """Yields this host's part of each evaluation batch.
@@ -258,4 +365,33 @@ class Batcher:
         "token_type_ids": token_type_ids.astype(np.int32),
         "labels": labels,
         "weights": real.astype(np.float32),
+    }
+
+  def _assemble_packed(self, idx, width):
+    """Packs examples `idx` (row-major, K per row) into [len(idx) / K, width]."""
+    per_row = self.examples_per_row
+    rows = len(idx) // per_row
+    lens = self.lengths[idx].reshape(rows, per_row)
+    starts = np.cumsum(lens, axis=1) - lens  # each example's offset in its row
+    used = lens.sum(axis=1)  # <= width: K * max_length is always a bucket
+    # Every token of the row: which example (segment) and which of its tokens.
+    pos = np.arange(width)
+    segment = (pos[None, :, None] >= starts[:, None, :]).sum(axis=2)  # 1..K
+    segment = np.where(pos[None, :] < used[:, None], segment, 0)
+    k = np.maximum(segment - 1, 0)
+    example = np.take_along_axis(idx.reshape(rows, per_row), k, axis=1)
+    within = pos[None, :] - np.take_along_axis(starts, k, axis=1)
+    real = segment > 0
+    gather = np.where(real, self.split.offsets[example] + within, 0)
+    labels = self.split.labels[idx]
+    return {
+        "input_ids": np.where(real, self.split.input_ids[gather],
+                              self.pad_id).astype(np.int32),
+        "attention_mask": real.astype(np.int32),
+        "token_type_ids": np.where(real, self.split.token_type_ids[gather],
+                                   0).astype(np.int32),
+        "segment_ids": segment.astype(np.int32),
+        "example_starts": starts.astype(np.int32),
+        "labels": labels.astype(self.split.labels.dtype),
+        "weights": np.ones(len(idx), np.float32),
     }

@@ -223,6 +223,13 @@ class BertModel(nnx.Module):
   `(sequence_output [batch, length, hidden], pooled_output [batch, hidden])`;
   `pooled_output` is None without a pooler (token-level heads, as in
   Hugging Face, have none).
+
+  Packed rows (several examples back to back, `research.data.batching`):
+  `segment_ids` [batch, length] (k = 1, 2, ... the row's k-th example, 0 =
+  padding) makes attention block-diagonal (a token sees only its own
+  example) and restarts the positions at each example; `example_starts`
+  [batch, K] (each example's [CLS]) makes `pooled_output` [batch * K, hidden],
+  row-major. An example gets the same outputs packed as alone.
   """
 
   def __init__(self, cfg: BertConfig, *, dtype=jnp.float32,
@@ -237,23 +244,42 @@ class BertModel(nnx.Module):
     self.pooler = (_dense(cfg, cfg.hidden_size, cfg.hidden_size,
                           ("embed", None), **kw) if add_pooler else None)
 
-  def position_ids(self, attention_mask):
-    """Absolute positions; RoBERTa counts only real tokens, from pad_id + 1."""
+  def position_ids(self, attention_mask, segment_ids=None):
+    """Absolute positions; RoBERTa counts only real tokens, from pad_id + 1.
+
+    With `segment_ids` the count restarts at each example of a packed row.
+    """
     length = attention_mask.shape[-1]
+    if segment_ids is None:
+      if self.cfg.model_type == "roberta":
+        return (jnp.cumsum(attention_mask, axis=-1) * attention_mask
+                + self.cfg.pad_token_id)
+      return jnp.broadcast_to(jnp.arange(length), attention_mask.shape)
+    # An example starts where the segment id changes; a token's position is
+    # its distance to the latest start.
+    index = jnp.broadcast_to(jnp.arange(length), segment_ids.shape)
+    change = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    within = index - jax.lax.cummax(jnp.where(change, index, 0), axis=1)
     if self.cfg.model_type == "roberta":
-      return (jnp.cumsum(attention_mask, axis=-1) * attention_mask
-              + self.cfg.pad_token_id)
-    return jnp.broadcast_to(jnp.arange(length), attention_mask.shape)
+      return (within + 1) * attention_mask + self.cfg.pad_token_id
+    return within
 
   def __call__(self, input_ids, attention_mask, token_type_ids=None,
-               position_ids=None, *, rngs=None):
+               position_ids=None, *, segment_ids=None, example_starts=None,
+               rngs=None):
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     if position_ids is None:
-      position_ids = self.position_ids(attention_mask)
+      position_ids = self.position_ids(attention_mask, segment_ids)
     x = self.embeddings(input_ids, token_type_ids, position_ids, rngs=rngs)
-    # [batch, 1, 1, kv_length]: every query may attend to every real key.
-    mask = attention_mask.astype(bool)[:, None, None, :]
+    if segment_ids is None:
+      # [batch, 1, 1, kv_length]: every query may attend to every real key.
+      mask = attention_mask.astype(bool)[:, None, None, :]
+    else:
+      # [batch, 1, q, kv]: block-diagonal; padding (segment 0) sees padding,
+      # so that no row of the softmax is empty.
+      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
     for layer in self.layers:
       if self.remat:
         x = nnx.remat(lambda lyr, h, m, r: lyr(h, m, rngs=r))(layer, x, mask, rngs)
@@ -261,4 +287,9 @@ class BertModel(nnx.Module):
         x = layer(x, mask, rngs=rngs)
     if self.pooler is None:
       return x, None
-    return x, jnp.tanh(self.pooler(x[:, 0]))
+    if example_starts is None:
+      first = x[:, 0]
+    else:
+      first = jnp.take_along_axis(x, example_starts[:, :, None], axis=1)
+      first = first.reshape(-1, x.shape[-1])
+    return x, jnp.tanh(self.pooler(first))

@@ -6,8 +6,11 @@ The class for a task is found by naming convention: task
 the task in CamelCase, and its Hugging Face weight names in
 `research.models.hf.head_key_map`.
 
-Every head takes `(input_ids, attention_mask, token_type_ids=None, *, rngs=None)`
-and returns float32 logits; `rngs=None` means evaluation (no dropout).
+Every head takes `(input_ids, attention_mask, token_type_ids=None, *,
+segment_ids=None, rngs=None)` and returns float32 logits; `rngs=None` means
+evaluation (no dropout); `segment_ids` marks packed rows (`BertModel`).
+`SequenceClassification` also takes `example_starts` for packed rows and then
+returns one row of logits per example.
 """
 
 from __future__ import annotations
@@ -56,8 +59,10 @@ class SequenceClassification(_Head):
                              ("embed", None), **self._layer_kw(kw["rngs"]))
 
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
-               rngs=None):
-    _, pooled = self.bert(input_ids, attention_mask, token_type_ids, rngs=rngs)
+               segment_ids=None, example_starts=None, rngs=None):
+    _, pooled = self.bert(input_ids, attention_mask, token_type_ids,
+                          segment_ids=segment_ids,
+                          example_starts=example_starts, rngs=rngs)
     return self.classifier(self._drop(pooled, rngs)).astype(jnp.float32)
 
 
@@ -70,8 +75,9 @@ class TokenClassification(_Head):
                              ("embed", None), **self._layer_kw(kw["rngs"]))
 
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
-               rngs=None):
-    x, _ = self.bert(input_ids, attention_mask, token_type_ids, rngs=rngs)
+               segment_ids=None, rngs=None):
+    x, _ = self.bert(input_ids, attention_mask, token_type_ids,
+                     segment_ids=segment_ids, rngs=rngs)
     return self.classifier(self._drop(x, rngs)).astype(jnp.float32)
 
 
@@ -84,8 +90,9 @@ class QuestionAnswering(_Head):
                              **self._layer_kw(kw["rngs"]))
 
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
-               rngs=None):
-    x, _ = self.bert(input_ids, attention_mask, token_type_ids, rngs=rngs)
+               segment_ids=None, rngs=None):
+    x, _ = self.bert(input_ids, attention_mask, token_type_ids,
+                     segment_ids=segment_ids, rngs=rngs)
     logits = self.qa_outputs(x).astype(jnp.float32)
     return logits[..., 0], logits[..., 1]
 
@@ -104,8 +111,9 @@ class MaskedLM(_Head):
     self.activation = ACTIVATIONS[cfg.hidden_act]
 
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
-               rngs=None):
-    x, _ = self.bert(input_ids, attention_mask, token_type_ids, rngs=rngs)
+               segment_ids=None, rngs=None):
+    x, _ = self.bert(input_ids, attention_mask, token_type_ids,
+                     segment_ids=segment_ids, rngs=rngs)
     x = self.transform_layer_norm(self.activation(self.transform(x)))
     logits = self.bert.embeddings.word_embeddings.attend(x)  # tied decoder
     return (logits + self.decoder_bias[...]).astype(jnp.float32)
