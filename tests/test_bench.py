@@ -83,6 +83,30 @@ def test_table_has_sane_values(result):
   assert "| peak device memory | n/a |" in table
 
 
+def test_packed_rows_count_examples_and_padded_flops(tiny_model_dir,
+                                                    compilation_cache):
+  """With packing: examples per step unchanged, padded FLOPs at row width."""
+  del compilation_cache
+  out = bench.benchmark(_config(tiny_model_dir, **{
+      "data.examples_per_row": 4, "data.buckets": (96, 128, 256)}),
+                        steps=6, warmup=1)
+  col, raw = out["columns"][0], out["raw"][0]
+  assert raw["examples"] == [32] * 6
+  assert set(raw["width"]) <= {96, 128, 256}
+  assert raw["padded_tokens"] == [8 * w for w in raw["width"]]  # 8 rows
+  # Real tokens are the examples' (mean 15.7 over the quickstart set), not
+  # the rows' padded widths.
+  assert 12 < np.sum(raw["real_tokens"]) / np.sum(raw["examples"]) < 20
+  assert col["padding_efficiency"] == pytest.approx(
+      sum(raw["real_tokens"]) / sum(raw["padded_tokens"]))
+  # 8 rows of w tokens each attend over all w; the head runs per example.
+  per_token = raw["matmul_params_per_token"]
+  per_seq = raw["matmul_params_per_sequence"]
+  for w, flops in zip(raw["width"], raw["padded_flops"]):
+    assert flops == pytest.approx(8 * w * (6 * per_token + 12 * 2 * 32 * w)
+                                  + 6 * per_seq * 32)
+
+
 def test_no_recompilation_across_epochs(result):
   col, raw = result["columns"][0], result["raw"][0]
   assert raw["steps_per_epoch"] == 10
