@@ -505,8 +505,8 @@ def test_pack_rows_balances_rows_of_equal_count():
     assert sorted(slot[b]) == list(range(32))  # a permutation of the batch
     rows = lengths[b][slot[b]].reshape(4, 8)
     np.testing.assert_array_equal(rows.sum(1), load[b])
-    # Longest-first greedy: the longest row is within one example of the
-    # mean (and so never above the best split by more than that).
+    # On these batches the longest row stays within one example of the mean
+    # (so within that of the best split).
     assert load[b].max() <= lengths[b].sum() / 4 + lengths[b].max()
   # On average much closer: about 2% above the mean here.
   assert (load.max(1) / load.mean(1)).mean() < 1.05

@@ -111,8 +111,9 @@ def pack_rows(lengths, rows):
   Greedy longest-first (LPT): each example, longest first, goes to the row
   with the fewest tokens among those not yet full. Every row gets exactly
   B / rows examples, so a packed batch has a fixed [rows, B / rows] example
-  layout; the longest row, which sets the padded width, ends close to the
-  mean (within one example's length).
+  layout. The longest row sets the padded width; on random batches of
+  sentences it ends a few percent above the mean row (the equal-count rule
+  can force more when a few examples are very long).
 
   Args:
     lengths: int [S, B], the example lengths of S batches.
