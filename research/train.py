@@ -284,9 +284,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 else steps_per_epoch)
   checkpoint_every = (config.checkpoint_every_steps
                       if config.checkpoint_every_steps > 0 else eval_every)
-  log.info("%d training examples, %d steps/epoch, %d steps, buckets %s",
-           len(train_split), steps_per_epoch, total_steps,
-           list(train_batches.buckets))
+  log.info("%d training examples, %d steps/epoch, %d steps, %s %s, padding "
+           "efficiency %.3f", len(train_split), steps_per_epoch, total_steps,
+           (f"packed {train_batches.examples_per_row} per row, row buckets"
+            if train_batches.packed else "buckets"),
+           list(train_batches.buckets), train_batches.padding_efficiency(0))
 
   # --- Model and optimiser ------------------------------------------------------
   overrides = {}
