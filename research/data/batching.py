@@ -231,7 +231,7 @@ class Batcher:
 
   @property
   def local_batch_size(self):
-    """Rows of each batch on this host."""
+    """Examples of each batch on this host (packed: its rows x K)."""
     return self.batch_size // self.process_count
 
   @property
