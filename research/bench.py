@@ -347,21 +347,6 @@ def setup(config, devices=None) -> Setup:
                eval_batchers, mesh, total)
 
 
-def _load_model(config, model_dir):
-  """The model as training loads it (dtype, attention, dropout overrides)."""
-  overrides = {}
-  if config.model.hidden_dropout >= 0:
-    overrides["hidden_dropout_prob"] = config.model.hidden_dropout
-  if config.model.attention_dropout >= 0:
-    overrides["attention_probs_dropout_prob"] = config.model.attention_dropout
-  model, _ = hf.load_pretrained(
-      model_dir, config.task, config.num_labels, dtype=config.model.dtype,
-      param_dtype=config.model.param_dtype,
-      attention_impl=config.model.attention_impl, remat=config.model.remat,
-      config_overrides=overrides, seed=config.seed)
-  return model
-
-
 def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
             evaluate: bool = True, cost_analysis: bool = True) -> dict:
   """Trains `steps` updates from a fresh checkpoint load and measures them.
@@ -381,7 +366,7 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
   """
   config = s.config
   accum = config.optimizer.grad_accum_steps
-  model = _load_model(config, s.model_dir)
+  model = train.load_model(config, s.model_dir)
   cfg = model.cfg
   per_token, per_seq = matmul_params(model)
   graphdef, params = nnx.split(model, nnx.Param)

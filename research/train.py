@@ -180,6 +180,25 @@ def _check_data_files(config) -> None:
                         (f" {path!r}" if path != value else ""))
 
 
+def load_model(config, model_dir):
+  """The Hugging Face checkpoint as `config.model` asks for it.
+
+  The task's head, dtypes, attention implementation, remat, and dropout
+  rates where `config.model.*_dropout` >= 0 (else the checkpoint's).
+  """
+  overrides = {}
+  if config.model.hidden_dropout >= 0:
+    overrides["hidden_dropout_prob"] = config.model.hidden_dropout
+  if config.model.attention_dropout >= 0:
+    overrides["attention_probs_dropout_prob"] = config.model.attention_dropout
+  model, _ = hf.load_pretrained(
+      str(model_dir), config.task, config.num_labels, dtype=config.model.dtype,
+      param_dtype=config.model.param_dtype,
+      attention_impl=config.model.attention_impl, remat=config.model.remat,
+      config_overrides=overrides, seed=config.seed)
+  return model
+
+
 def make_batchers(config, train_split, eval_splits, mesh):
   """The training loader and one eval loader per split, checked against the mesh.
 
@@ -291,16 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
            list(train_batches.buckets), train_batches.padding_efficiency(0))
 
   # --- Model and optimiser ------------------------------------------------------
-  overrides = {}
-  if config.model.hidden_dropout >= 0:
-    overrides["hidden_dropout_prob"] = config.model.hidden_dropout
-  if config.model.attention_dropout >= 0:
-    overrides["attention_probs_dropout_prob"] = config.model.attention_dropout
-  model, _ = hf.load_pretrained(
-      str(model_dir), config.task, config.num_labels, dtype=config.model.dtype,
-      param_dtype=config.model.param_dtype,
-      attention_impl=config.model.attention_impl, remat=config.model.remat,
-      config_overrides=overrides, seed=config.seed)
+  model = load_model(config, model_dir)
   if config.data.max_length > model.cfg.max_position_embeddings - model.cfg.position_offset:
     raise ConfigError(
         f"config.data.max_length={config.data.max_length} exceeds the "
