@@ -404,7 +404,7 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
         ex += len(lens) * procs
         real += int(lens.sum()) * procs
         padded += host["attention_mask"].size * procs
-        rows, width = host["attention_mask"].shape
+        width = host["attention_mask"].shape[1]
         mflops += procs * batch_model_flops(lens, per_token, per_seq,
                                             cfg.num_hidden_layers, cfg.hidden_size)
         pflops += procs * padded_batch_flops(host, per_token, per_seq,
