@@ -500,8 +500,15 @@ def _evaluate_jax(eval_step, params, eval_batchers, sharding, config) -> dict:
 
 def run_torch(s: Setup, steps: int, order: str = "random",
               threads: int | None = None, timeout: float = 3600.0,
-              cpu_malloc: str = "default") -> dict:
+              cpu_malloc: str = "default", trainer: bool = False) -> dict:
   """The same work through transformers' PyTorch model, in a subprocess.
+
+  PyTorch runs where JAX does: on the CPU, or on the first GPU when JAX's
+  backend is a GPU (one device: the JAX run must be one too). With
+  `config.model.dtype=bfloat16` it computes under `torch.autocast` bf16
+  (fp32 weights, as our bf16 compute; the Trainer's `bf16=True`). On a GPU
+  JAX keeps its preallocated share of memory (75% by default); the PyTorch
+  run gets the rest.
 
   Args:
     s: from `setup` (its tokenised splits are what PyTorch trains on).
@@ -512,6 +519,9 @@ def run_torch(s: Setup, steps: int, order: str = "random",
     timeout: seconds before the subprocess is stopped.
     cpu_malloc: "default" (glibc as PyTorch users run it) or "retain" (the
       `host_memory` settings our CPU runs use, applied before torch loads).
+    trainer: run `transformers.Trainer` (needs `accelerate`) instead of the
+      lean loop: what most Hugging Face users run, with its per-step
+      bookkeeping (the loss's NaN check, FLOP counting, callbacks).
 
   Returns:
     The worker's raw measurements (see `torch_worker`).
@@ -526,6 +536,15 @@ def run_torch(s: Setup, steps: int, order: str = "random",
         f"got {config.optimizer.name!r} and {config.optimizer.grad_accum_steps}")
   if jax.process_count() > 1:
     raise BenchError("--compare_torch runs on one host")
+  backend = s.mesh.devices.flat[0].platform
+  if backend not in ("cpu", "gpu", "cuda"):
+    raise BenchError(f"--compare_torch runs PyTorch on the CPU or an NVIDIA "
+                     f"GPU; this run's devices are {backend!r}")
+  if backend != "cpu" and s.mesh.devices.size > 1:
+    raise BenchError(
+        f"--compare_torch on GPU compares one device with one device: this "
+        f"mesh has {s.mesh.devices.size}; set "
+        "--config.parallelism.mesh_shape='(1, 1, 1)'")
   spe = s.batcher.steps_per_epoch
   size = config.batch_size
   if order == "bucketed":
@@ -553,24 +572,31 @@ def run_torch(s: Setup, steps: int, order: str = "random",
     opt = config.optimizer
     spec = {
         "arrays": os.path.join(tmp, "arrays.npz"),
-        "out": os.path.join(tmp, "result.json"),
+        "out": os.path.join(tmp, "result.json"), "workdir": tmp,
         "model_dir": s.model_dir, "num_labels": config.num_labels,
-        "steps": steps, "eval_batch_size": config.eval_batch_size,
+        "steps": steps, "batch_size": size,
+        "eval_batch_size": config.eval_batch_size,
         "seed": config.seed, "metrics": list(config.metrics),
         "threads": threads or len(os.sched_getaffinity(0)),
+        "device": "cpu" if backend == "cpu" else "cuda",
+        "bf16": config.model.dtype == "bfloat16",
         "hidden_dropout": config.model.hidden_dropout,
         "attention_dropout": config.model.attention_dropout,
         "lr": opt.learning_rate, "b1": opt.b1, "b2": opt.b2, "eps": opt.eps,
         "weight_decay": opt.weight_decay, "schedule": opt.schedule,
         "warmup_steps": optimizers.warmup_steps(opt, s.total_steps),
         "total_steps": s.total_steps, "grad_clip_norm": opt.grad_clip_norm,
-        "order": order, "cpu_malloc": cpu_malloc,
+        "order": order, "cpu_malloc": cpu_malloc, "trainer": trainer,
     }
     with open(os.path.join(tmp, "spec.json"), "w") as f:
       json.dump(spec, f)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    if backend != "cpu":
+      # The GPU JAX runs on (a Trainer seeing several would wrap the model
+      # in DataParallel).
+      env["CUDA_VISIBLE_DEVICES"] = str(s.mesh.devices.flat[0].local_hardware_id)
     proc = subprocess.run(
         [sys.executable, "-c", "import sys; from research import bench; "
          "bench.torch_worker(sys.argv[1])", os.path.join(tmp, "spec.json")],
@@ -595,6 +621,12 @@ def torch_worker(spec_path: str) -> None:
   torch.set_num_threads(spec["threads"])
   torch.manual_seed(spec["seed"])
   transformers.logging.set_verbosity_error()
+  device = torch.device(spec["device"])
+
+  def sync():
+    if device.type == "cuda":
+      torch.cuda.synchronize()
+
   arrays = np.load(spec["arrays"])
   tokenizer = transformers.AutoTokenizer.from_pretrained(spec["model_dir"])
   collator = transformers.DataCollatorWithPadding(tokenizer)
@@ -604,8 +636,10 @@ def torch_worker(spec_path: str) -> None:
   if spec["attention_dropout"] >= 0:
     overrides["attention_probs_dropout_prob"] = spec["attention_dropout"]
   model = transformers.AutoModelForSequenceClassification.from_pretrained(
-      spec["model_dir"], num_labels=spec["num_labels"], **overrides)
+      spec["model_dir"], num_labels=spec["num_labels"], **overrides).to(device)
   regression = spec["num_labels"] == 1
+  autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16,  # pylint: disable=unnecessary-lambda-assignment
+                                    enabled=spec["bf16"])
 
   def feature(prefix, i):
     lo, hi = arrays[f"{prefix}_offsets"][i:i + 2]
@@ -627,43 +661,59 @@ def torch_worker(spec_path: str) -> None:
       {"constant": "constant_with_warmup"}.get(spec["schedule"], spec["schedule"]),
       opt, num_warmup_steps=spec["warmup_steps"],
       num_training_steps=spec["total_steps"])
+  # What each step's batch holds, from the plan: DataCollatorWithPadding pads
+  # a batch to its longest example.
+  lengths = np.diff(arrays["train_offsets"])[arrays["order"]]
+  rec = {"examples": [int(n) for n in np.full(len(lengths), lengths.shape[1])],
+         "real_tokens": [int(n) for n in lengths.sum(axis=1)],
+         "width": [int(n) for n in lengths.max(axis=1)]}
+  rec["padded_tokens"] = [e * w for e, w in zip(rec["examples"], rec["width"])]
   model.train()
-  rec = {k: [] for k in ("step_times", "examples", "real_tokens",
-                         "padded_tokens", "width")}
   start = time.perf_counter()
-  for step in range(spec["steps"]):
-    t0 = time.perf_counter()
-    batch = collator([feature("train", int(i)) for i in arrays["order"][step]])
-    loss = model(**batch).loss
-    loss.backward()
-    if spec["grad_clip_norm"] > 0:
-      torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip_norm"])
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    rec["step_times"].append(time.perf_counter() - t0)
-    mask = batch["attention_mask"]
-    rec["examples"].append(int(mask.shape[0]))
-    rec["real_tokens"].append(int(mask.sum()))
-    rec["padded_tokens"].append(int(mask.numel()))
-    rec["width"].append(int(mask.shape[1]))
+  if spec["trainer"]:
+    step_times, final_loss = _torch_trainer_run(
+        spec, model, opt, sched, collator,
+        [feature("train", int(i)) for i in arrays["order"].ravel()], sync)
+  else:
+    step_times = []
+    for step in range(spec["steps"]):
+      t0 = time.perf_counter()
+      batch = collator([feature("train", int(i)) for i in arrays["order"][step]])
+      batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+      with autocast():
+        loss = model(**batch).loss
+      loss.backward()
+      if spec["grad_clip_norm"] > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip_norm"])
+      opt.step()
+      sched.step()
+      opt.zero_grad(set_to_none=True)
+      sync()
+      step_times.append(time.perf_counter() - t0)
+    final_loss = float(loss)
   train_seconds = time.perf_counter() - start
   result = {"framework": "torch", "torch": torch.__version__,
-            "malloc_retain": malloc_retain,
+            "runner": "trainer" if spec["trainer"] else "loop",
+            "device_name": (torch.cuda.get_device_name(device)
+                            if device.type == "cuda" else "CPU"),
+            "bf16": spec["bf16"], "malloc_retain": malloc_retain,
             "transformers": transformers.__version__,
             "threads": torch.get_num_threads(),
             "attn_implementation": model.config._attn_implementation,  # pylint: disable=protected-access
-            "order": spec["order"], **rec, "train_seconds": train_seconds,
-            "final_loss": float(loss)}
+            "order": spec["order"], "step_times": step_times, **rec,
+            "train_seconds": train_seconds, "final_loss": final_loss,
+            "peak_memory_bytes": (torch.cuda.max_memory_allocated(device)
+                                  if device.type == "cuda" else None)}
   if "eval_offsets" in arrays:
     model.eval()
     n, size = len(arrays["eval_offsets"]) - 1, spec["eval_batch_size"]
     preds, labels = [], []
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast():
       for lo in range(0, n, size):
         batch = collator([feature("eval", i) for i in range(lo, min(n, lo + size))])
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        logits = model(**{k: v.to(device) for k, v in batch.items()
+                          if k != "labels"}).logits.float().cpu()
         preds.append(logits[:, 0].numpy() if regression
                      else logits.argmax(-1).numpy())
         labels.append(arrays["eval_labels"][lo:min(n, lo + size)])
@@ -674,6 +724,60 @@ def torch_worker(spec_path: str) -> None:
         (labels >= 0).astype(np.float32) if not regression else None)
   with open(spec["out"], "w") as f:
     json.dump(result, f)
+
+
+def _torch_trainer_run(spec, model, opt, sched, collator, features, sync):
+  """`transformers.Trainer` on the plan's batches: (step times, last loss).
+
+  The optimiser and schedule are the lean loop's (what the Trainer would
+  build, but over the config's whole schedule when --steps is shorter); a
+  sequential sampler over the plan's flattened examples makes batch i the
+  plan's row i. A step is timed from the end of the previous one, so it
+  holds the Trainer's data loading and bookkeeping, as its users get it.
+  """
+  # pylint: disable=import-outside-toplevel
+  import torch
+  import transformers
+
+  class StepTimer(transformers.TrainerCallback):
+
+    def __init__(self):
+      self.times, self.last = [], None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+      sync()
+      self.last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+      sync()
+      now = time.perf_counter()
+      self.times.append(now - self.last)
+      self.last = now
+
+  class PlanTrainer(transformers.Trainer):
+
+    last_loss = None
+
+    def _get_train_sampler(self, train_dataset=None):
+      return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+
+    def training_step(self, *args, **kwargs):
+      self.last_loss = super().training_step(*args, **kwargs)
+      return self.last_loss
+
+  args = transformers.TrainingArguments(
+      output_dir=os.path.join(spec["workdir"], "trainer"),
+      per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
+      max_grad_norm=spec["grad_clip_norm"] if spec["grad_clip_norm"] > 0 else 0.0,
+      bf16=spec["bf16"], use_cpu=spec["device"] == "cpu", seed=spec["seed"],
+      dataloader_drop_last=True, report_to="none", logging_strategy="no",
+      save_strategy="no", eval_strategy="no", disable_tqdm=True)
+  timer = StepTimer()
+  trainer = PlanTrainer(model=model, args=args, train_dataset=features,
+                        data_collator=collator, optimizers=(opt, sched),
+                        callbacks=[timer])
+  trainer.train()
+  return timer.times, float(trainer.last_loss)
 
 
 # --- Summary and table -------------------------------------------------------------
@@ -726,9 +830,15 @@ def summarize(raw: dict, timed=None, peak_tflops: float | None = None) -> dict:
     row["pipeline"] = dict(pipe, vs_step=pipe["batches_per_s"] * row["step_ms_median"] / 1e3)
   else:
     row["mean_width"] = float(np.mean(np.asarray(raw["width"])[np.asarray(timed, bool)]))
-    row["device"] = f"CPU, torch {raw['torch']}, {raw['threads']} threads, " \
-                    f"attention {raw['attn_implementation']}, {raw['order']} batches" \
-                    + (", malloc retain" if raw.get("malloc_retain") else "")
+    name = raw.get("device_name", "CPU")
+    row["device"] = (f"{name}, torch {raw['torch']}"
+                     + (f", {raw['threads']} threads" if name == "CPU" else "")
+                     + (", bf16 autocast" if raw.get("bf16") else "")
+                     + f", attention {raw['attn_implementation']}, "
+                     f"{raw['order']} batches"
+                     + (", malloc retain" if raw.get("malloc_retain") else ""))
+    row["runner"] = raw.get("runner", "loop")
+    row["peak_memory_bytes"] = raw.get("peak_memory_bytes")
   return row
 
 
@@ -748,7 +858,8 @@ def format_table(columns: list[dict], ratios=None) -> str:
       speed-up column (ours faster when > 1).
     ratios: per-repeat examples/s ratios to list under the table.
   """
-  names = [("ours (JAX)" if c["framework"] == "jax" else "HF PyTorch")
+  names = [("ours (JAX)" if c["framework"] == "jax" else
+            "HF Trainer" if c.get("runner") == "trainer" else "HF PyTorch")
            for c in columns]
   with_ratio = len(columns) == 2
   header = ["quantity"] + names + (["speed-up"] if with_ratio else [])
@@ -806,8 +917,7 @@ def format_table(columns: list[dict], ratios=None) -> str:
       f"{c['pipeline']['vs_step']:.0f}x" if "pipeline" in c else None))
   add("peak device memory", value=lambda c: (
       f"{c['peak_memory_bytes'] / 2**30:.2f} GiB"
-      if c.get("peak_memory_bytes") else ("n/a" if c["framework"] == "jax"
-                                          else None)))
+      if c.get("peak_memory_bytes") else "n/a"))
   add("final training loss", "final_loss", digits=4)
   metric_names = sorted({f"{split}/{m}" for c in columns
                          for split, ms in c["eval"].items() for m in ms})
@@ -834,7 +944,8 @@ def _median_columns(columns: list[dict]) -> dict:
 def benchmark(config, steps: int | None = None, warmup: int = 3,
               peak_tflops: float | None = None, compare_torch: bool = False,
               torch_order: str = "random", repeats: int = 1,
-              devices=None, torch_cpu_malloc: str = "default") -> dict:
+              devices=None, torch_cpu_malloc: str = "default",
+              torch_trainer: bool = False) -> dict:
   """The whole benchmark: `repeats` x (JAX run [, PyTorch run]).
 
   Returns:
@@ -860,13 +971,20 @@ def benchmark(config, steps: int | None = None, warmup: int = 3,
       import torch  # pylint: disable=import-outside-toplevel,unused-import
     except ImportError as e:
       raise BenchError("--compare_torch needs torch: pip install torch") from e
+    if torch_trainer:
+      try:
+        import accelerate  # pylint: disable=import-outside-toplevel,unused-import
+      except ImportError as e:
+        raise BenchError("--torch_trainer needs accelerate (transformers.Trainer"
+                         " does): pip install accelerate") from e
   raws, jax_cols, torch_cols, ratios = [], [], [], []
   for _ in range(repeats):
     raw = run_jax(s, steps, warmup)
     raws.append(raw)
     jax_cols.append(summarize(raw, peak_tflops=peak_tflops))
     if compare_torch:
-      traw = run_torch(s, steps, torch_order, cpu_malloc=torch_cpu_malloc)
+      traw = run_torch(s, steps, torch_order, cpu_malloc=torch_cpu_malloc,
+                       trainer=torch_trainer)
       raws.append(traw)
       torch_cols.append(summarize(traw, timed=raw["timed"]))
       ratios.append(jax_cols[-1]["examples_per_s"] / torch_cols[-1]["examples_per_s"])
@@ -914,7 +1032,7 @@ def main(argv):
         f.config, steps=f.steps or None, warmup=f.warmup,
         peak_tflops=f.peak_tflops or None, compare_torch=f.compare_torch,
         torch_order=f.torch_order, repeats=f.repeats,
-        torch_cpu_malloc=f.torch_cpu_malloc)
+        torch_cpu_malloc=f.torch_cpu_malloc, torch_trainer=f.torch_trainer)
   except (BenchError, ConfigError, data.DataError, hf.CheckpointError,
           parallelism.ParallelismError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -944,6 +1062,9 @@ def parse_flags(argv):
   flags.DEFINE_enum("torch_cpu_malloc", "default", ("default", "retain"),
                     "glibc settings of the PyTorch run: as its users run it, "
                     "or the ones our CPU runs use (config.cpu_malloc).")
+  flags.DEFINE_boolean("torch_trainer", False, "Run PyTorch through "
+                       "transformers.Trainer (needs accelerate) instead of "
+                       "the lean loop.")
   flags.DEFINE_integer("repeats", 1, "Alternate the runs this many times.")
   flags.DEFINE_string("json", "", "Also write every measurement here.")
   flags.DEFINE_integer("abstract_flops", 0, "Instead of a run: compiled vs "

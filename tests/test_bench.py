@@ -183,6 +183,28 @@ def test_torch_runs_the_same_work_side_by_side(tiny_model_dir, result):
   assert "HF PyTorch" in table and "speed-up" in table
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_trainer_does_the_lean_loops_work(tiny_model_dir, dtype):
+  """transformers.Trainer on the plan: the same batches and, with dropout
+  off, the same losses and predictions as the lean loop (bf16: both under
+  autocast, which changes the loss)."""
+  pytest.importorskip("torch")
+  config = _config(tiny_model_dir, **{"model.dtype": dtype,
+                                      "model.hidden_dropout": 0.0,
+                                      "model.attention_dropout": 0.0})
+  s = bench.setup(config)
+  loop = bench.run_torch(s, steps=3, order="bucketed")
+  trainer = bench.run_torch(s, steps=3, order="bucketed", trainer=True)
+  assert trainer["runner"] == "trainer" and len(trainer["step_times"]) == 3
+  for key in ("examples", "real_tokens", "padded_tokens", "width"):
+    assert trainer[key] == loop[key]
+  assert trainer["final_loss"] == pytest.approx(loop["final_loss"], abs=1e-5)
+  assert trainer["eval"] == loop["eval"]
+  col = bench.summarize(trainer, timed=[False, True, True])
+  assert ("bf16 autocast" in col["device"]) == (dtype == "bfloat16")
+  assert "| HF Trainer |" in bench.format_table([col])
+
+
 def test_bad_settings_are_named(tiny_model_dir):
   config = _config(tiny_model_dir)
   with pytest.raises(bench.BenchError, match="--warmup=-1"):
