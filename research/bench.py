@@ -38,8 +38,11 @@ eval metric. Batches follow Hugging Face's recipe: a random order each epoch
 and `DataCollatorWithPadding` (each batch padded to its longest example);
 `--torch_order=bucketed` instead gives PyTorch our bucketed batches (still
 padded to their longest), to separate the framework from the padding. torch
-uses as many threads as this process may use cores. `--repeats` alternates
-the two runs and reports the median of each rate and every ratio.
+uses as many threads as this process may use cores, the GPU JAX runs on when
+that is a GPU, and bf16 autocast when the config computes in bf16. The
+training loop is a lean one; `--torch_trainer` runs `transformers.Trainer`
+on the same batches instead. `--repeats` alternates the two runs and
+reports the median of each rate and every ratio.
 """
 
 from __future__ import annotations
