@@ -284,6 +284,25 @@ def test_fused_adamw_equals_optax_chain(clip, wd, warmup):
   assert not np.allclose(p_f["embeddings"], _params()["embeddings"])
 
 
+def test_fused_adamw_skips_a_gradient_whose_norm_overflows():
+  """Finite elements, but |g|^2 is Inf in float32: skipped like a NaN
+  (optax's chain would clip it to a zero gradient and step)."""
+  tx = optimizers.build_optimizer(_opt_config(fused=True, learning_rate=0.1,
+                                              warmup_steps=0), 10)
+  params = _params()
+  params, state = _step(tx, params, tx.init(params), _grads(0))
+  huge = _grads(1)
+  huge["dense"]["bias"] = huge["dense"]["bias"].at[0].set(1e20)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(huge))
+  new_params, new_state = _step(tx, params, state, huge)
+  _assert_trees_equal(new_params, params)
+  _assert_trees_equal(_moments(new_state), _moments(state))
+  assert int(optimizers.bad_step_count(new_state)) == 1
+  new_params, new_state = _step(tx, new_params, new_state, _grads(2))
+  assert int(optimizers.bad_step_count(new_state)) == 0
+  assert not np.allclose(new_params["embeddings"], params["embeddings"])
+
+
 def test_fused_adamw_only_without_accumulation():
   """Accumulation, other optimisers and fused=False use optax's chain."""
   for overrides in (dict(grad_accum_steps=2), dict(name="lamb"),
