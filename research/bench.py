@@ -771,7 +771,7 @@ def _torch_trainer_run(spec, model, opt, sched, collator, features, sync):
   args = transformers.TrainingArguments(
       output_dir=os.path.join(spec["workdir"], "trainer"),
       per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
-      max_grad_norm=spec["grad_clip_norm"] if spec["grad_clip_norm"] > 0 else 0.0,
+      max_grad_norm=max(spec["grad_clip_norm"], 0.0),  # 0: no clipping
       bf16=spec["bf16"], use_cpu=spec["device"] == "cpu", seed=spec["seed"],
       dataloader_drop_last=True, report_to="none", logging_strategy="no",
       save_strategy="no", eval_strategy="no", disable_tqdm=True)
@@ -965,6 +965,9 @@ def benchmark(config, steps: int | None = None, warmup: int = 3,
   if torch_order not in TORCH_ORDERS:
     raise BenchError(f"--torch_order={torch_order!r}; valid: "
                      f"{', '.join(TORCH_ORDERS)}")
+  if torch_trainer and not compare_torch:
+    raise BenchError("--torch_trainer chooses how --compare_torch runs "
+                     "PyTorch: add --compare_torch")
   s = setup(config, devices)
   steps = steps or s.total_steps
   if steps <= warmup:

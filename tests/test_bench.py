@@ -211,6 +211,8 @@ def test_bad_settings_are_named(tiny_model_dir):
     bench.benchmark(config, warmup=-1)
   with pytest.raises(bench.BenchError, match="--torch_order='sorted'.*random"):
     bench.benchmark(config, torch_order="sorted")
+  with pytest.raises(bench.BenchError, match="add --compare_torch"):
+    bench.benchmark(config, torch_trainer=True)
   with pytest.raises(bench.BenchError, match="--peak_tflops"):
     bench.benchmark(config, peak_tflops=-5.0)
   with pytest.raises(bench.BenchError, match="--steps=3 must exceed --warmup=3"):
