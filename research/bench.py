@@ -583,8 +583,7 @@ def run_torch(s: Setup, steps: int, order: str = "random",
         "threads": threads or len(os.sched_getaffinity(0)),
         "device": "cpu" if backend == "cpu" else "cuda",
         "bf16": config.model.dtype == "bfloat16",
-        "hidden_dropout": config.model.hidden_dropout,
-        "attention_dropout": config.model.attention_dropout,
+        "config_overrides": train.dropout_overrides(config.model),
         "lr": opt.learning_rate, "b1": opt.b1, "b2": opt.b2, "eps": opt.eps,
         "weight_decay": opt.weight_decay, "schedule": opt.schedule,
         "warmup_steps": optimizers.warmup_steps(opt, s.total_steps),
@@ -633,13 +632,9 @@ def torch_worker(spec_path: str) -> None:
   arrays = np.load(spec["arrays"])
   tokenizer = transformers.AutoTokenizer.from_pretrained(spec["model_dir"])
   collator = transformers.DataCollatorWithPadding(tokenizer)
-  overrides = {}
-  if spec["hidden_dropout"] >= 0:
-    overrides["hidden_dropout_prob"] = spec["hidden_dropout"]
-  if spec["attention_dropout"] >= 0:
-    overrides["attention_probs_dropout_prob"] = spec["attention_dropout"]
   model = transformers.AutoModelForSequenceClassification.from_pretrained(
-      spec["model_dir"], num_labels=spec["num_labels"], **overrides).to(device)
+      spec["model_dir"], num_labels=spec["num_labels"],
+      **spec["config_overrides"]).to(device)
   regression = spec["num_labels"] == 1
   autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16,  # pylint: disable=unnecessary-lambda-assignment
                                     enabled=spec["bf16"])

@@ -180,22 +180,30 @@ def _check_data_files(config) -> None:
                         (f" {path!r}" if path != value else ""))
 
 
+def dropout_overrides(model_config) -> dict:
+  """Hugging Face config keys for the dropout rates `config.model` sets.
+
+  A rate < 0 keeps the checkpoint's.
+  """
+  overrides = {}
+  if model_config.hidden_dropout >= 0:
+    overrides["hidden_dropout_prob"] = model_config.hidden_dropout
+  if model_config.attention_dropout >= 0:
+    overrides["attention_probs_dropout_prob"] = model_config.attention_dropout
+  return overrides
+
+
 def load_model(config, model_dir):
   """The Hugging Face checkpoint as `config.model` asks for it.
 
   The task's head, dtypes, attention implementation, remat, and dropout
-  rates where `config.model.*_dropout` >= 0 (else the checkpoint's).
+  rates (`dropout_overrides`).
   """
-  overrides = {}
-  if config.model.hidden_dropout >= 0:
-    overrides["hidden_dropout_prob"] = config.model.hidden_dropout
-  if config.model.attention_dropout >= 0:
-    overrides["attention_probs_dropout_prob"] = config.model.attention_dropout
   model, _ = hf.load_pretrained(
       str(model_dir), config.task, config.num_labels, dtype=config.model.dtype,
       param_dtype=config.model.param_dtype,
       attention_impl=config.model.attention_impl, remat=config.model.remat,
-      config_overrides=overrides, seed=config.seed)
+      config_overrides=dropout_overrides(config.model), seed=config.seed)
   return model
 
 
