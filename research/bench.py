@@ -390,7 +390,13 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
 
   rec = {k: [] for k in ("step_times", "examples", "real_tokens",
                          "padded_tokens", "model_flops", "padded_flops",
-                         "compiled", "width")}
+                         "compiled", "new_shape", "width")}
+  with CompileLog() as compiles:
+    # As `research.train` does: every width of the run compiled up front.
+    precompiled = (train.precompile(train_step, state, s.batcher,
+                                    batch_sharding, 0, steps * accum)
+                   if config.precompile else 0)
+    precompile_events, precompile_seconds = compiles.count, compiles.seconds
   batches = parallelism.prefetch(s.batcher.iterate(0, steps * accum),
                                  batch_sharding, config.parallelism.prefetch)
   start = time.perf_counter()
@@ -398,6 +404,7 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
     for step in range(steps):
       t0 = time.perf_counter()
       cache_before = train_step._cache_size()  # pylint: disable=protected-access
+      compiles_before = compiles.count
       ex = real = padded = mflops = pflops = 0
       for micro in range(accum):
         host, batch = next(batches)
@@ -415,7 +422,10 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
                                              cfg.hidden_size)
       jax.block_until_ready((state, metrics))
       rec["step_times"].append(time.perf_counter() - t0)
-      rec["compiled"].append(train_step._cache_size() > cache_before)  # pylint: disable=protected-access
+      # A width's first step traces it (and compiles it unless precompiled):
+      # untimed either way.
+      rec["new_shape"].append(train_step._cache_size() > cache_before)  # pylint: disable=protected-access
+      rec["compiled"].append(compiles.count > compiles_before)
       for key, value in (("examples", ex), ("real_tokens", real),
                          ("padded_tokens", padded), ("model_flops", mflops),
                          ("padded_flops", pflops), ("width", width)):
@@ -425,7 +435,8 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
   final_loss = float(metrics["loss"])
 
   compiled = np.asarray(rec["compiled"])
-  timed = (np.arange(steps) >= warmup) & ~compiled
+  timed = ((np.arange(steps) >= warmup) & ~np.asarray(rec["new_shape"])
+           & ~compiled)
   result = {
       "framework": "jax",
       "device": f"{s.mesh.devices.size} x {s.mesh.devices.flat[0].device_kind}"
@@ -439,7 +450,9 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
       "final_loss": final_loss,
       "train_compilations": train_step._cache_size(),  # pylint: disable=protected-access
       "train_compilations_after_epoch_1": int(compiled[steps_per_epoch:].sum()),
-      "compile_events": train_compiles, "compile_seconds": compile_seconds,
+      "precompiled": precompiled,
+      "compile_events": precompile_events + train_compiles,
+      "compile_seconds": precompile_seconds + compile_seconds,
       "num_layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
       "matmul_params_per_token": per_token,
       "matmul_params_per_sequence": per_seq,

@@ -107,21 +107,60 @@ def test_packed_rows_count_examples_and_padded_flops(tiny_model_dir,
                                   + 6 * per_seq * 32)
 
 
-def test_no_recompilation_across_epochs(result):
+def test_no_compilation_in_the_steps(result):
   col, raw = result["columns"][0], result["raw"][0]
   assert raw["steps_per_epoch"] == 10
+  # config.precompile (on by default, as in research.train): every width of
+  # the run is compiled before step 1; the steps compile nothing.
+  widths = set(raw["width"])
+  assert raw["precompiled"] == len(widths) >= 1
   assert col["train_compilations_after_epoch_1"] == 0
-  assert not any(raw["compiled"][10:])
-  # At most one compilation per bucket, each on the first batch of its shape.
-  assert 0 < col["train_compilations"] <= len(col["buckets"])
-  assert sum(raw["compiled"]) == col["train_compilations"]
-  first = {w: raw["width"].index(w) for w in set(raw["width"])}
-  assert sorted(np.flatnonzero(raw["compiled"])) == sorted(first.values())
+  assert not any(raw["compiled"])
+  # Each width's first step re-traces (jit's dispatch cache) and is untimed.
+  assert sum(raw["new_shape"]) == col["train_compilations"] == len(widths)
+  first = {w: raw["width"].index(w) for w in widths}
+  assert sorted(np.flatnonzero(raw["new_shape"])) == sorted(first.values())
+  assert col["train_compilations"] <= len(col["buckets"])
   assert col["eval_compilations"] <= len(col["buckets"])
-  # Compiling steps and warm-up steps are not timed.
   timed = np.asarray(raw["timed"])
-  assert not timed[np.asarray(raw["compiled"])].any() and not timed[:2].any()
+  assert not timed[np.asarray(raw["new_shape"])].any() and not timed[:2].any()
   assert col["timed_steps"] == timed.sum()
+
+
+@pytest.mark.parametrize("precompile", [True, False])
+def test_precompile_moves_every_compilation_before_step_1(
+    tiny_model_dir, compilation_cache, precompile):
+  """Widths met late compile up front: packed rows of 4, automatic buckets.
+
+  The persistent cache is off and the buckets are this test's own, so every
+  program really compiles (in-process caches would hide it).
+  """
+  del compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    # Seeds differ per case: each meets its widths for the first time.
+    config = _config(tiny_model_dir, **{
+        "data.examples_per_row": 4, "data.buckets": (), "precompile": precompile,
+        "seed": 11 if precompile else 13, "data.max_length": 40 if precompile else 44})
+    raw = bench.run_jax(bench.setup(config), steps=30, warmup=2,
+                        evaluate=False, cost_analysis=False)
+  finally:
+    jax.config.update("jax_enable_compilation_cache", True)
+  widths = set(raw["width"])
+  assert len(widths) > 1
+  assert raw["new_shape"] == [raw["width"].index(w) == i
+                              for i, w in enumerate(raw["width"])]
+  if precompile:
+    assert raw["precompiled"] == len(widths)
+    assert raw["compile_events"] >= len(widths)
+    assert not any(raw["compiled"])
+  else:
+    assert raw["precompiled"] == 0
+    assert raw["compiled"] == raw["new_shape"]
+  # Both plans meet some width only after epoch 1 (10 steps).
+  late = [w for w in widths if raw["width"].index(w) >= raw["steps_per_epoch"]]
+  assert late
+  assert raw["train_compilations_after_epoch_1"] == (0 if precompile else len(late))
 
 
 def test_flops_formula_against_a_hand_count():

@@ -431,6 +431,20 @@ def test_resume_reproduces_batches():
     assert_batches_equal(x, y)
 
 
+@pytest.mark.parametrize("per_row", [1, 4])
+def test_planned_widths_are_the_widths_iterating_meets(per_row):
+  split = synthetic_split(sentence_lengths(300, seed=3))
+  batcher = data.Batcher(split, 24, (), seed=4, examples_per_row=per_row)
+  # From a resume point inside epoch 1 to inside epoch 5 (12 steps each).
+  widths = [b["input_ids"].shape[1] for b in batcher.iterate(17, 40)]
+  first = {}
+  for step, width in enumerate(widths, start=17):
+    first.setdefault(width, step)
+  assert batcher.planned_widths(17, 40) == first
+  assert len(first) > 1
+  assert batcher.planned_widths(17, 0) == {}
+
+
 def test_host_slices_concatenate_to_global_batch():
   split = synthetic_split(sentence_lengths(300))
   whole = data.Batcher(split, 12, (16, 32, 128), seed=2)

@@ -121,6 +121,10 @@ def get_config():
   # Persistent XLA compilation cache: reruns and resumed (preempted) runs
   # skip compiling. "" = off; JAX_COMPILATION_CACHE_DIR, when set, wins.
   c.compilation_cache_dir = "~/.cache/research_bert/xla"
+  # Compile every batch shape the run will train on before step 1 (the data
+  # plan knows them), so no bucket first met in a later epoch (packed rows,
+  # rare long batches) stalls every host mid-run. False: compile on first use.
+  c.precompile = True
 
   # --- Tracking ----------------------------------------------------------------
   c.wandb = ml_collections.ConfigDict()

@@ -323,6 +323,26 @@ class Batcher:
   def __iter__(self):
     return self.iterate(0)
 
+  def planned_widths(self, start_step, num_steps):
+    """The padded width of each training batch in [start_step, +num_steps).
+
+    Known in advance because the plan is a function of (seed, epoch): the
+    trainer compiles every width before the first step, so that no bucket
+    first met in a later epoch stalls the run with a compile.
+
+    Returns:
+      {width: the first step in the range with a batch of that width}.
+    """
+    first = {}
+    step, end = int(start_step), int(start_step) + int(num_steps)
+    while step < end:
+      epoch, i = divmod(step, self.steps_per_epoch)
+      widths = self._plan(epoch)[1][i:i + end - step]
+      for offset, width in enumerate(widths.tolist()):
+        first.setdefault(width, step + offset)
+      step += len(widths)
+    return first
+
   def padding_efficiency(self, epoch=0):
     """Real tokens / padded tokens of one training epoch's batches."""
     order, widths = self._plan(epoch)
