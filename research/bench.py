@@ -391,6 +391,7 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
   rec = {k: [] for k in ("step_times", "examples", "real_tokens",
                          "padded_tokens", "model_flops", "padded_flops",
                          "compiled", "new_shape", "width")}
+  start = time.perf_counter()
   with CompileLog() as compiles:
     # As `research.train` does: every width of the run compiled up front.
     precompiled = (train.precompile(train_step, state, s.batcher,
@@ -399,7 +400,6 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
     precompile_events, precompile_seconds = compiles.count, compiles.seconds
   batches = parallelism.prefetch(s.batcher.iterate(0, steps * accum),
                                  batch_sharding, config.parallelism.prefetch)
-  start = time.perf_counter()
   with CompileLog() as compiles:
     for step in range(steps):
       t0 = time.perf_counter()
