@@ -443,6 +443,12 @@ def test_planned_widths_are_the_widths_iterating_meets(per_row):
   assert batcher.planned_widths(17, 40) == first
   assert len(first) > 1
   assert batcher.planned_widths(17, 0) == {}
+  # Once every bucket has turned up, no further epoch is planned.
+  one = data.Batcher(split, 24, (128 * per_row,), seed=4, examples_per_row=per_row)
+  planned, plan = [], one._plan  # pylint: disable=protected-access
+  one._plan = lambda epoch: planned.append(epoch) or plan(epoch)  # pylint: disable=protected-access
+  assert one.planned_widths(0, 10_000) == {one.buckets[0]: 0}
+  assert planned == [0]
 
 
 def test_host_slices_concatenate_to_global_batch():

@@ -335,7 +335,9 @@ class Batcher:
     """
     first = {}
     step, end = int(start_step), int(start_step) + int(num_steps)
-    while step < end:
+    # Planning an epoch of a large set takes a while: stop once every bucket
+    # has turned up.
+    while step < end and len(first) < len(self.buckets):
       epoch, i = divmod(step, self.steps_per_epoch)
       widths = self._plan(epoch)[1][i:i + end - step]
       for offset, width in enumerate(widths.tolist()):
