@@ -180,7 +180,7 @@ def precompile(train_step, state, batcher, batch_sharding, start, count):
     The number of widths compiled.
   """
   widths = batcher.planned_widths(start, count)
-  for width, micro_step in sorted(widths.items()):
+  for micro_step in widths.values():
     batch = parallelism.shard_batch(batcher.batch_at(micro_step), batch_sharding)
     train_step.lower(state, batch, micro_step).compile()
   return len(widths)
@@ -481,7 +481,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "train/examples_per_second": window["examples"] / elapsed,
             "train/tokens_per_second": window["tokens"] / elapsed,
             "train/epoch": step / steps_per_epoch,
-            # One per bucket shape; growing after epoch 1 means a recompile.
+            # Batch shapes met so far (each traced once; with
+            # config.precompile all were compiled before step 1).
             "train/compilations": train_step._cache_size(),  # pylint: disable=protected-access
         }
         tracker.log(step, train_metrics)
