@@ -156,6 +156,37 @@ def launch_cost(n: int = 2000) -> dict:
           "graph_us_per_kernel": replay / n * 1e6}
 
 
+def matmul_ceiling(n: int = 8192, reps: int = 10) -> dict:
+  """bf16 TFLOP/s of one large matrix product, PyTorch and XLA, random data."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  out = {"n": n}
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+  mm = jax.jit(jnp.matmul)
+  mm(a, b).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(reps):
+    c = mm(a, b)
+  c.block_until_ready()
+  out["jax_tflops"] = 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    if torch.cuda.is_available():
+      x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+      y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+      x @ y
+      torch.cuda.synchronize()
+      t0 = time.perf_counter()
+      for _ in range(reps):
+        x @ y
+      torch.cuda.synchronize()
+      out["torch_tflops"] = 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+  except ImportError:
+    pass
+  return out
+
+
 # --- 2./5. The benchmark beside the Trainer, and a trace ----------------------
 
 
@@ -283,7 +314,8 @@ def flat_adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0,
   return optax.GradientTransformation(init, update)
 
 
-def time_step(config, tx_name: str = "config", steps: int = 20) -> dict:
+def time_step(config, tx_name: str = "config", steps: int = 20,
+              trace_dir: str | None = None) -> dict:
   """The jitted update alone on one batch shape: compile, block, dispatch."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -335,7 +367,14 @@ def time_step(config, tx_name: str = "config", steps: int = 20) -> dict:
   jax.block_until_ready((state, m))
   ahead = (time.perf_counter() - t) / steps
   text = compiled.as_text() or ""
-  return {"compile_s": compile_s,
+  traced = {}
+  if trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for i in range(5):
+        state, m = step(state, batch, 2 * steps + i + 1)
+        jax.block_until_ready((state, m))
+    traced = {"trace": trace_summary(trace_dir, 5)}
+  return {**traced, "compile_s": compile_s,
           "blocked_ms": statistics.median(blocked) * 1e3,
           "ahead_ms": ahead * 1e3,
           "host_ms_per_call": statistics.median(host) * 1e3,
@@ -351,6 +390,7 @@ VARIANTS = {
     "flat_adamw": ("flat", {}),
     "no_dropout": ("config", {"model.hidden_dropout": 0.0,
                               "model.attention_dropout": 0.0}),
+    "triton_gemm_off": ("config", {}),  # run under FLAGS only
     "no_dropout_cudnn": ("config", {"model.hidden_dropout": 0.0,
                                     "model.attention_dropout": 0.0,
                                     "model.attention_impl": "cudnn"}),
@@ -361,17 +401,20 @@ _ALL_GRAPHS = ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,"
                "--xla_gpu_graph_min_graph_size=1")
 FLAGS = {
     # name: (variant of VARIANTS, XLA_FLAGS)
+    "command_buffer_off": ("ours", "--xla_gpu_enable_command_buffer="),
     "command_buffer_all": ("ours", _ALL_GRAPHS),
     "flat_adamw+command_buffer_all": ("flat_adamw", _ALL_GRAPHS),
     "autotune_0": ("ours", "--xla_gpu_autotune_level=0"),
+    "triton_gemm_off": ("ours", "--xla_gpu_enable_triton_gemm=false"),
 }
 
 
-def variant_in_subprocess(args, variant, flags, timeout) -> dict:
+def variant_in_subprocess(args, variant, flags, timeout, trace_name="") -> dict:
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
   cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out,
-         "--work", args.work, "--only_variant", variant] + (["--tiny"] if args.tiny else [])
+         "--work", args.work, "--only_variant", variant,
+         "--trace_name", trace_name] + (["--tiny"] if args.tiny else [])
   t0 = time.perf_counter()
   try:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
@@ -396,7 +439,10 @@ def main():
   parser.add_argument("--budget_s", type=float, default=420.0,
                       help="skip parts that would start after this many seconds")
   parser.add_argument("--only_variant", default="", help=argparse.SUPPRESS)
-  parser.add_argument("--parts", default="launch,bench_b32,flags,bench_b256,variants")
+  parser.add_argument("--trace_name", default="", help=argparse.SUPPRESS)
+  parser.add_argument("--parts", default="launch,ceiling,bench_b32,flags,bench_b256,variants")
+  parser.add_argument("--flags", default=",".join(FLAGS), help="FLAGS entries to run")
+  parser.add_argument("--variants", default=",".join(VARIANTS), help="VARIANTS entries to run")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   os.makedirs(args.work, exist_ok=True)
@@ -414,7 +460,9 @@ def main():
 
   if args.only_variant:  # a child process of `flags`
     tx, over = VARIANTS[args.only_variant]
-    print(json.dumps(time_step(cfg(small, **over), tx, steps=5 if tiny else 20)))
+    trace = os.path.join(args.out, args.trace_name) if args.trace_name else None
+    print(json.dumps(time_step(cfg(small, **over), tx, steps=5 if tiny else 20,
+                               trace_dir=trace)))
     return
 
   results = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -488,14 +536,21 @@ def main():
   def flagged(name, flags):
     if not (on_gpu or tiny):
       return {"skipped": "GPU only"}
-    return variant_in_subprocess(args, name, flags, 60 if tiny else 150)
+    # The step traced with command buffers off: kernels replayed from a CUDA
+    # graph are not reported one by one by the profiler (the first GPU run
+    # saw only the model load's kernels, none of the steps').
+    trace = "trace_step" if "enable_command_buffer=" in flags and name.endswith("off") else ""
+    return variant_in_subprocess(args, name, flags, 60 if tiny else 150, trace)
 
   part("launch", launch_cost)
-  part("bench_b32", lambda: run_bench(cfg(small), *steps, compare,
-                                      trace_dir=os.path.join(args.out, "trace")))
-  part("flags", each(dict(FLAGS, _name="flags"), flagged))
+  part("ceiling", (lambda: matmul_ceiling(512 if tiny else 8192)))
+  part("bench_b32", lambda: run_bench(cfg(small), *steps, compare))
+  part("flags", each(dict({k: FLAGS[k] for k in args.flags.split(",") if k},
+                           _name="flags"), flagged))
   part("bench_b256", lambda: run_bench(cfg(large), *((4, 1) if tiny else (30, 5)), compare))
-  part("variants", each(dict(VARIANTS, _name="variants"), variant))
+  part("variants", each(dict({k: VARIANTS[k] for k in args.variants.split(",")
+                              if k and k != "triton_gemm_off"},
+                             _name="variants"), variant))
   results["total_seconds"] = time.perf_counter() - start
   save()
   print(summary_table(results))
@@ -532,6 +587,12 @@ def summary_table(results: dict) -> str:
       rows.append(f"  trace: {str(t)[:300]}")
   for group in ("variants", "flags"):
     for name, v in (results.get(group) or {}).items():
+      t = v.get("trace", {}) if isinstance(v, dict) else {}
+      if "kernels_per_step" in t:
+        rows.append(f"  {name} trace: {t['kernels_per_step']:.0f} kernels/step, GPU busy "
+                    f"{t['gpu_busy_ms_per_step']:.1f} ms/step; top: "
+                    + ", ".join(f"{k['name'][:40]} {k['ms_per_step']:.2f}"
+                                for k in t["top_kernels"][:5]))
       if isinstance(v, dict) and "blocked_ms" in v:
         rows.append(f"{group}/{name}: blocked {v['blocked_ms']:.1f} ms, ahead "
                     f"{v['ahead_ms']:.1f} ms, host {v['host_ms_per_call']:.1f} ms/call, "
