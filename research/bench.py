@@ -65,7 +65,7 @@ from research import data, parallelism, train
 from research.configs import ConfigError, validate
 from research.evaluation import metrics as metrics_lib
 from research.models import BertConfig, create_model, hf
-from research.training import host_memory, optimizers
+from research.training import host_memory, optimizers, xla_flags
 
 log = logging.getLogger("research.bench")
 
@@ -1042,6 +1042,7 @@ def main(argv):
   try:
     validate(f.config)
     host_memory.configure(f.config.cpu_malloc)  # before JAX starts a backend
+    xla_flags.configure(f.config.xla_flags)
     result = benchmark(
         f.config, steps=f.steps or None, warmup=f.warmup,
         peak_tflops=f.peak_tflops or None, compare_torch=f.compare_torch,

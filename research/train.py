@@ -37,6 +37,7 @@ from research.configs import ConfigError, validate
 from research.evaluation import metrics as metrics_lib
 from research.models import hf
 from research.training import host_memory
+from research.training import xla_flags
 from research.training import optimizers
 from research.training.checkpointing import Checkpointer, CheckpointError, abstract_like
 from research.training.tracker import create_tracker
@@ -588,6 +589,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     validate(config)
     # Both before JAX starts its backend (see host_memory).
     host_memory.configure(config.cpu_malloc)
+    xla_flags.configure(config.xla_flags)
     if config.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
       jax.config.update("jax_compilation_cache_dir",
                         os.path.expanduser(config.compilation_cache_dir))
