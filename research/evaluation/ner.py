@@ -20,6 +20,25 @@ from __future__ import annotations
 MODES = ("conlleval", "strict")
 
 
+def _seqeval():
+  """seqeval's modules, or an error saying how to install it."""
+  try:
+    from seqeval import metrics, scheme  # pylint: disable=import-outside-toplevel
+    from seqeval.metrics import sequence_labeling  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(
+        "NER scores need seqeval: PIP_CONSTRAINT=$PWD/constraints.txt "
+        'python3 -m pip install -e ".[ner]" (see setup.py)') from e
+  return metrics, scheme, sequence_labeling
+
+
+def _mode_kwargs(mode, scheme):
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  return ({"mode": None} if mode == "conlleval" else
+          {"mode": "strict", "scheme": scheme.IOB2})
+
+
 def _check(gold, predicted):
   if len(gold) != len(predicted):
     raise ValueError(f"{len(gold)} gold sentences but {len(predicted)} "
@@ -44,15 +63,11 @@ def entity_scores(gold, predicted, *, mode: str = "conlleval") -> dict:
      "per_type": {type: {"precision", "recall", "f1", "support"}},
      "num_gold", "num_predicted": entity counts}.
   """
-  from seqeval import metrics  # pylint: disable=import-outside-toplevel
-  from seqeval import scheme  # pylint: disable=import-outside-toplevel
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  metrics, scheme, _ = _seqeval()
+  kw = _mode_kwargs(mode, scheme)
   _check(gold, predicted)
   gold = [list(s) for s in gold]
   predicted = [list(s) for s in predicted]
-  kw = ({"mode": None} if mode == "conlleval" else
-        {"mode": "strict", "scheme": scheme.IOB2})
   # zero_division=0: a type never predicted scores 0 without a warning.
   report = metrics.classification_report(gold, predicted, output_dict=True,
                                          zero_division=0, **kw)
@@ -78,8 +93,7 @@ def entity_scores(gold, predicted, *, mode: str = "conlleval") -> dict:
 
 def _entity_sets(sentences, kw):
   """{type: set of (sentence, first, last)} as seqeval reads them."""
-  from seqeval import scheme  # pylint: disable=import-outside-toplevel
-  from seqeval.metrics import sequence_labeling  # pylint: disable=import-outside-toplevel
+  _, scheme, sequence_labeling = _seqeval()
   out = {}
   for i, tags in enumerate(sentences):
     if kw["mode"] is None:
@@ -94,11 +108,7 @@ def _entity_sets(sentences, kw):
 
 def entities(tags, *, mode: str = "conlleval") -> list:
   """The entities of one tag sequence as (type, first, last) token indices."""
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-  from seqeval import scheme  # pylint: disable=import-outside-toplevel
-  kw = ({"mode": None} if mode == "conlleval" else
-        {"mode": "strict", "scheme": scheme.IOB2})
+  kw = _mode_kwargs(mode, _seqeval()[1])
   found = _entity_sets([list(tags)], kw)
   return sorted(((kind, start, end) for kind, spans in found.items()
                  for _, start, end in spans), key=lambda e: (e[1], e[2]))
