@@ -77,7 +77,10 @@ def _window_candidates(start, end, context, n_best, max_answer_length):
   ok = (e >= s) & (e - s + 1 <= max_answer_length)
   s, e = s[ok], e[ok]
   scores = start[s] + end[e]
-  return list(zip(scores.tolist(), s.tolist(), e.tolist()))
+  # Only a window's n_best best spans can reach the example's n-best list
+  # (spans are unique within a window); fewer tuples, the same answers.
+  keep = np.argsort(-scores, kind="stable")[:n_best]
+  return list(zip(scores[keep].tolist(), s[keep].tolist(), e[keep].tolist()))
 
 
 def decode(start_logits, end_logits, char_spans, context_mask,
