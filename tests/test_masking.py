@@ -91,19 +91,18 @@ def test_whole_words_together(tokenizer, batch):
                           batch)
   ids = batch["input_ids"]
   special = np.isin(ids, tokenizer.all_special_ids)
-  starts = table[ids] | special
-  word = np.cumsum(starts, axis=1)  # word number within each row
+  after_special = np.concatenate([special[:, :1] | True, special[:, :-1]], 1)
+  starts = table[ids] | special | after_special
+  first = np.maximum.accumulate(
+      np.where(starts, np.arange(ids.shape[1]), 0), axis=1)  # word start
   chosen = labels != -100
-  words = continued = 0
-  for d in range(DRAWS):
-    for r in range(ids.shape[0]):
-      real = ~special[r]
-      for w in np.unique(word[r][real]):
-        members = chosen[d, r][real & (word[r] == w)]
-        assert members.all() or not members.any(), "a word split"
-        words += 1
-        continued += int(members.any())
-  assert _within(continued / words, 0.15, words)
+  real = np.broadcast_to(~special, chosen.shape)
+  at_start = np.take_along_axis(chosen, np.broadcast_to(first, chosen.shape),
+                                axis=2)
+  np.testing.assert_array_equal(chosen[real], at_start[real])  # no split word
+  word_starts = real & np.broadcast_to(starts, chosen.shape)
+  words = int(word_starts.sum())
+  assert _within(chosen[word_starts].mean(), 0.15, words)
   # Some masked words really have several sub-tokens.
   multi = [(d, r) for d in range(DRAWS) for r in range(ids.shape[0])
            if (chosen[d, r] & ~table[ids[r]]).any()]
@@ -151,6 +150,26 @@ def test_mask_tokens_direct(tokenizer):
   np.testing.assert_array_equal(masked, [[101, 103, 103, 102, 0, 0]])
   np.testing.assert_array_equal(labels, [[-100, 7592, 2088, -100, -100,
                                           -100]])
+
+
+def test_a_fragment_after_cls_is_a_word(tokenizer):
+  una, ffa, ble, world = tokenizer.convert_tokens_to_ids(
+      ["una", "##ffa", "##ble", "world"])
+  ids = jnp.array([[101, ffa, ble, world, una, ffa, 102]] * 400, jnp.int32)
+  special = ids == 101
+  special = special | (ids == 102)
+  starts = jnp.asarray(masking.word_start_table(tokenizer))[ids]
+  _, labels = masking.mask_tokens(ids, special, jax.random.key(1),
+                                  mask_token_id=103, vocab_size=30522,
+                                  word_starts=starts, mask_rate=0.5)
+  chosen = np.asarray(labels) != -100
+  # Words: [##ffa ##ble] (a fragment after [CLS]), [world], [una ##ffa].
+  np.testing.assert_array_equal(chosen[:, 1], chosen[:, 2])
+  np.testing.assert_array_equal(chosen[:, 4], chosen[:, 5])
+  assert not chosen[:, [0, 6]].any()
+  for a, b in ((1, 3), (3, 4), (1, 4)):  # independent words
+    assert (chosen[:, a] != chosen[:, b]).any()
+  assert _within(chosen[:, 1].mean(), 0.5, 400)
 
 
 @pytest.mark.parametrize("rate", [0, 1, 1.5, -0.1, "0.15"])

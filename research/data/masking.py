@@ -84,9 +84,13 @@ def mask_tokens(input_ids, special_mask, key, *, mask_token_id, vocab_size,
   k_choose, k_kind, k_random = jax.random.split(key, 3)
   draw = jax.random.uniform(k_choose, input_ids.shape)
   if word_starts is not None:
-    # Index of each token's word start; a special token starts a word, so a
-    # word never reaches across [SEP] or padding into the next document.
-    starts = jnp.asarray(word_starts, bool) | special_mask
+    # Index of each token's word start. Special tokens and the token after
+    # one start words: a word never reaches across [SEP] into the next
+    # document, and a fragment ("##ing") that a row cut left after [CLS] is
+    # a word of its own.
+    after_special = jnp.concatenate(
+        [jnp.ones_like(special_mask[..., :1]), special_mask[..., :-1]], -1)
+    starts = jnp.asarray(word_starts, bool) | special_mask | after_special
     position = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]),
                                 input_ids.shape)
     first = jax.lax.cummax(jnp.where(starts, position, 0),
