@@ -416,6 +416,10 @@ def build_corpus(sources, tokenizer, directory, *, seq_len=128,
   written to a temporary sibling and renamed, so a killed build leaves no
   half corpus behind.
 
+  Several JAX processes: build on each host's local disk (the result is the
+  same everywhere) or on process 0 into shared storage before the others open
+  it; two builders must not share a directory.
+
   Args:
     sources: a source or a list of them (`TextFiles`, `JsonLines`,
       `TfdsCorpus`, `HfCorpus`), read in order.

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-IGNORE = -100
+from research.data.masking import IGNORE
 
 
 def sums(logits, labels):
