@@ -7,7 +7,7 @@ jax/jaxlib 0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8,
 ml-collections 1.1.0, transformers 5.23.0, tokenizers 0.23.3,
 safetensors 0.8.0, huggingface-hub 2.4.0, wandb 0.31.0, numpy 2.4.6,
 tensorflow-datasets 4.9.10, tensorflow-cpu 2.21.0, datasets 5.2.0, torch 2.13.0,
-accelerate 1.15.0, seqeval 1.2.2.
+accelerate 1.15.0, seqeval 1.2.2, grain 0.2.18, array-record 0.8.6.
 """
 
 import setuptools
@@ -27,6 +27,11 @@ INSTALL_REQUIRES = [
     "absl-py>=2.0,<3",
     "tqdm>=4.60,<5",
     "scipy>=1.11,<2",
+    # Pre-training corpora (research/data/corpus.py): rows in ArrayRecord
+    # shards, read through grain (shuffle, process sharding, checkpointable
+    # position).
+    "grain>=0.2.18,<0.3",
+    "array-record>=0.8,<0.9",
 ]
 
 EXTRAS = {

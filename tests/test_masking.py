@@ -1,0 +1,207 @@
+"""BERT masking: rates, 80/10/10, specials, whole words, keys, sharding."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research import data
+from research.data import masking
+
+WIKI_VALID = (pathlib.Path(__file__).parent.parent.parent / "shared" / "data" /
+              "wikitext" / "wiki.valid.tokens")
+DRAWS = 40
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_dir):
+  return data.load_tokenizer(str(minilm_dir))
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+  """64 padded WikiText-2 rows of 128 tokens (real sub-word structure)."""
+  lines = [l for l in WIKI_VALID.read_text(encoding="utf-8").splitlines()
+           if len(l.split()) > 8][:64]
+  enc = tokenizer(lines, padding="max_length", truncation=True,
+                  max_length=128, return_tensors="np")
+  assert (enc["attention_mask"] == 0).any()  # Some padding to avoid.
+  return {"input_ids": enc["input_ids"].astype(np.int32),
+          "attention_mask": enc["attention_mask"].astype(np.int32)}
+
+
+def _draws(transform, batch, seed=0):
+  """DRAWS maskings of the batch, keys fold_in(seed, step)."""
+  key = jax.random.key(seed)
+  run = jax.jit(jax.vmap(lambda step: transform(batch, jax.random.fold_in(
+      key, step))))
+  out = run(jnp.arange(DRAWS))
+  return np.asarray(out["input_ids"]), np.asarray(out["labels"])
+
+
+def _within(observed, p, n, sigmas=5):
+  return abs(observed - p) < sigmas * np.sqrt(p * (1 - p) / n)
+
+
+def test_rates_and_80_10_10(tokenizer, batch):
+  transform = masking.make_transform(tokenizer)
+  masked, labels = _draws(transform, batch)
+  ids = np.broadcast_to(batch["input_ids"], masked.shape)
+  special = np.isin(ids, tokenizer.all_special_ids) | np.broadcast_to(
+      batch["attention_mask"] == 0, ids.shape)
+  chosen = labels != -100
+  candidates = int((~special).sum())
+  assert candidates > 100_000
+  assert _within(chosen.sum() / candidates, 0.15, candidates)
+  # Never a special token or padding; labels are the original ids.
+  assert not chosen[special].any()
+  np.testing.assert_array_equal(masked[special], ids[special])
+  np.testing.assert_array_equal(labels[chosen], ids[chosen])
+  np.testing.assert_array_equal(masked[~chosen], ids[~chosen])
+  n = int(chosen.sum())
+  v = len(tokenizer)
+  to_mask = masked[chosen] == tokenizer.mask_token_id
+  kept = masked[chosen] == ids[chosen]
+  # A random draw can hit [MASK] or the original id (1 in V each).
+  assert _within(to_mask.mean(), 0.8 + 0.1 / v, n)
+  assert _within(kept.mean(), 0.1 + 0.1 / v, n)
+  assert _within((~to_mask & ~kept).mean(), 0.1 * (1 - 2 / v), n)
+  # The random 10% are spread over the vocabulary, not a few ids.
+  assert len(np.unique(masked[chosen][~to_mask & ~kept])) > 0.9 * (
+      ~to_mask & ~kept).sum()
+
+
+def test_other_mask_rate(tokenizer, batch):
+  masked, labels = _draws(masking.make_transform(tokenizer, mask_rate=0.4),
+                          batch)
+  ids = np.broadcast_to(batch["input_ids"], masked.shape)
+  ok = ~np.isin(ids, tokenizer.all_special_ids) & np.broadcast_to(
+      batch["attention_mask"] == 1, ids.shape)
+  assert _within((labels != -100)[ok].mean(), 0.4, int(ok.sum()))
+
+
+def test_whole_words_together(tokenizer, batch):
+  table = masking.word_start_table(tokenizer)
+  assert table[tokenizer.convert_tokens_to_ids("una")]
+  assert not table[tokenizer.convert_tokens_to_ids("##ffa")]
+  assert table[tokenizer.cls_token_id] and table[tokenizer.pad_token_id]
+  masked, labels = _draws(masking.make_transform(tokenizer, whole_word=True),
+                          batch)
+  ids = batch["input_ids"]
+  special = np.isin(ids, tokenizer.all_special_ids)
+  after_special = np.concatenate([special[:, :1] | True, special[:, :-1]], 1)
+  starts = table[ids] | special | after_special
+  first = np.maximum.accumulate(
+      np.where(starts, np.arange(ids.shape[1]), 0), axis=1)  # word start
+  chosen = labels != -100
+  real = np.broadcast_to(~special, chosen.shape)
+  at_start = np.take_along_axis(chosen, np.broadcast_to(first, chosen.shape),
+                                axis=2)
+  np.testing.assert_array_equal(chosen[real], at_start[real])  # no split word
+  word_starts = real & np.broadcast_to(starts, chosen.shape)
+  words = int(word_starts.sum())
+  assert _within(chosen[word_starts].mean(), 0.15, words)
+  # Some masked words really have several sub-tokens.
+  multi = [(d, r) for d in range(DRAWS) for r in range(ids.shape[0])
+           if (chosen[d, r] & ~table[ids[r]]).any()]
+  assert len(multi) > 10
+  assert not chosen[:, special].any()
+
+
+def test_deterministic_per_key_different_per_step(tokenizer, batch):
+  transform = masking.make_transform(tokenizer, whole_word=True)
+  key = jax.random.key(7)
+  a = transform(batch, jax.random.fold_in(key, 3))
+  b = jax.jit(transform)(batch, jax.random.fold_in(key, 3))
+  c = transform(batch, jax.random.fold_in(key, 4))
+  np.testing.assert_array_equal(a["labels"], b["labels"])
+  np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+  assert not np.array_equal(a["labels"], c["labels"])
+  np.testing.assert_array_equal(a["attention_mask"], batch["attention_mask"])
+
+
+def test_same_masks_on_a_sharded_batch(tokenizer, batch):
+  devices = jax.devices()
+  if len(devices) < 8:
+    pytest.skip("needs 8 (simulated) devices: see conftest.py")
+  mesh = jax.sharding.Mesh(np.array(devices[:8]).reshape(2, 4),
+                           ("data", "fsdp"))
+  spec = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  transform = jax.jit(masking.make_transform(tokenizer))
+  key = jax.random.fold_in(jax.random.key(0), 11)
+  one = transform(batch, key)
+  sharded = transform(jax.device_put(batch, spec), key)
+  assert len(sharded["labels"].sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(sharded["labels"]),
+                                np.asarray(one["labels"]))
+  np.testing.assert_array_equal(np.asarray(sharded["input_ids"]),
+                                np.asarray(one["input_ids"]))
+
+
+def test_mask_tokens_direct(tokenizer):
+  ids = jnp.array([[101, 7592, 2088, 102, 0, 0]], jnp.int32)
+  special = jnp.array([[1, 0, 0, 1, 1, 1]], bool)
+  masked, labels = masking.mask_tokens(
+      ids, special, jax.random.key(0), mask_token_id=103, vocab_size=30522,
+      mask_rate=0.999, mask_frac=1.0, random_frac=0.0)
+  np.testing.assert_array_equal(masked, [[101, 103, 103, 102, 0, 0]])
+  np.testing.assert_array_equal(labels, [[-100, 7592, 2088, -100, -100,
+                                          -100]])
+
+
+def test_a_fragment_after_cls_is_a_word(tokenizer):
+  una, ffa, ble, world = tokenizer.convert_tokens_to_ids(
+      ["una", "##ffa", "##ble", "world"])
+  ids = jnp.array([[101, ffa, ble, world, una, ffa, 102]] * 400, jnp.int32)
+  special = ids == 101
+  special = special | (ids == 102)
+  starts = jnp.asarray(masking.word_start_table(tokenizer))[ids]
+  _, labels = masking.mask_tokens(ids, special, jax.random.key(1),
+                                  mask_token_id=103, vocab_size=30522,
+                                  word_starts=starts, mask_rate=0.5)
+  chosen = np.asarray(labels) != -100
+  # Words: [##ffa ##ble] (a fragment after [CLS]), [world], [una ##ffa].
+  np.testing.assert_array_equal(chosen[:, 1], chosen[:, 2])
+  np.testing.assert_array_equal(chosen[:, 4], chosen[:, 5])
+  assert not chosen[:, [0, 6]].any()
+  for a, b in ((1, 3), (3, 4), (1, 4)):  # independent words
+    assert (chosen[:, a] != chosen[:, b]).any()
+  assert _within(chosen[:, 1].mean(), 0.5, 400)
+
+
+@pytest.mark.parametrize("rate", [0, 1, 1.5, -0.1, "0.15"])
+def test_mask_rate_outside_0_1_is_an_error(tokenizer, rate):
+  with pytest.raises(ValueError, match=r"mask_rate must be a number in "
+                     r"\(0, 1\) \(BERT: 0.15\), got"):
+    masking.make_transform(tokenizer, mask_rate=rate)
+
+
+def test_split_fractions_checked(tokenizer):
+  with pytest.raises(ValueError, match=r"mask_frac \+ random_frac must be "
+                     "<= 1"):
+    masking.make_transform(tokenizer, mask_frac=0.9, random_frac=0.2)
+  with pytest.raises(ValueError, match=r"random_frac must be a number in "
+                     r"\[0, 1\]"):
+    masking.make_transform(tokenizer, random_frac=-0.1)
+
+
+def test_word_starts_of_a_byte_level_bpe(tmp_path):
+  tokenizers = pytest.importorskip("tokenizers")
+  transformers = pytest.importorskip("transformers")
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  bpe.train_from_iterator(
+      ["the unbelievable tokenisation of unbelievably long words"] * 20,
+      vocab_size=300, special_tokens=["<s>", "</s>", "<pad>", "<mask>"])
+  tok = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+      sep_token="</s>", cls_token="<s>", pad_token="<pad>",
+      mask_token="<mask>")
+  table = masking.word_start_table(tok)
+  ids = tok(" the unbelievable words", add_special_tokens=False)["input_ids"]
+  tokens = tok.convert_ids_to_tokens(ids)
+  assert [table[i] for i in ids] == [t.startswith("\u0120") for t in tokens]
+  assert sum(table[i] for i in ids) == 3 and len(ids) > 3
+  assert table[tok.mask_token_id]
