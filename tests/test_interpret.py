@@ -275,3 +275,27 @@ def golden_values(models) -> dict[str, np.ndarray]:
       out[key + "gxi_outputs"] = np.array([attr.output, attr.baseline_output],
                                           np.float32)
   return out
+
+
+def test_same_values_as_the_instrumented_forward_golden():
+  """Attention maps, attributions and logits as the pre-hook implementation
+  gave them (golden_interpret.npz), now from the model's own hooks."""
+  g = np.load(TESTDATA / "golden_interpret.npz")
+  models = golden_models({"kernel": g["minilm/head/kernel"],
+                          "bias": g["minilm/head/bias"]})
+  for name, (model, _) in models.items():
+    np.testing.assert_allclose(
+        fingerprint(model), g[f"{name}/fingerprint"], rtol=1e-9,
+        err_msg=f"{name}: not the golden's weights (initialisation changed?)")
+  values = golden_values(models)
+  assert values.keys() == {k for k in g if "/head/" not in k
+                           and not k.endswith("fingerprint")}
+  for key, value in values.items():
+    # 1e-5 of each array's largest entry (bitwise equal on CPU when written).
+    np.testing.assert_allclose(value, g[key], rtol=0,
+                               atol=1e-5 * float(np.abs(g[key]).max()),
+                               err_msg=key)
+  # The goldens are not trivial: real attributions, several heads.
+  assert np.abs(g["minilm/0/ig_pad"]).max() > 5e-3  # a random 0.02 head
+  assert np.abs(g["minilm/1/attention_maps"][5, 0]
+                - g["minilm/1/attention_maps"][5, 1]).max() > 0.1
