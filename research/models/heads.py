@@ -29,8 +29,12 @@ TASKS = ("sequence_classification", "token_classification",
          "question_answering", "masked_lm")
 
 
-class _Head(nnx.Module):
-  """Shared constructor: the encoder, the dtype settings, the dense factory.
+class Head(nnx.Module):
+  """The base of every head: the encoder, the dtype settings, `_dense`.
+
+  A head defined elsewhere (a test, a project) subclasses it, builds its
+  layers with `self._dense(dense_factory, rngs)` and names its weights for
+  Hugging Face below; every function that takes a task name takes the class.
 
   Hugging Face names, read by `research.models.hf` (as `BertFor*` /
   `RobertaFor*` classes carry theirs):
@@ -81,7 +85,7 @@ class _Head(nnx.Module):
     raise NotImplementedError(f"{cls.__name__} has no Hugging Face names")
 
 
-class SequenceClassification(_Head):
+class SequenceClassification(Head):
   """Logits [batch, num_labels] from the pooled [CLS] output, as BERT does.
 
   `num_labels == 1` is regression (STS-B): the single logit is the prediction.
@@ -111,7 +115,7 @@ class SequenceClassification(_Head):
     return self.classifier(self._drop(pooled, rngs)).astype(jnp.float32)
 
 
-class TokenClassification(_Head):
+class TokenClassification(Head):
   """Logits [batch, length, num_labels] per token (NER, POS tagging)."""
   hf_architecture = "ForTokenClassification"
   hf_labels = True
@@ -133,7 +137,7 @@ class TokenClassification(_Head):
     return self.classifier(self._drop(x, rngs)).astype(jnp.float32)
 
 
-class QuestionAnswering(_Head):
+class QuestionAnswering(Head):
   """Extractive QA: span (start_logits, end_logits), each [batch, length]."""
   hf_architecture = "ForQuestionAnswering"
 
@@ -154,7 +158,7 @@ class QuestionAnswering(_Head):
     return logits[..., 0], logits[..., 1]
 
 
-class MaskedLM(_Head):
+class MaskedLM(Head):
   """Logits [batch, length, vocab]; the decoder is tied to the word embeddings."""
   hf_architecture = "ForMaskedLM"
 
