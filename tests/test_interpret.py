@@ -1,4 +1,4 @@
-"""research.interpret: instrumented forward, attention maps, attributions."""
+"""research.interpret: forward with sown attention, attention maps, attributions."""
 
 import jax
 import jax.numpy as jnp

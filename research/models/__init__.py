@@ -32,7 +32,7 @@ def head_class(task) -> type[nnx.Module]:
 
 def create_model(task, cfg: BertConfig, num_labels: int = 2, *,
                  dtype="float32", param_dtype="float32", attention_impl=None,
-                 remat=False, dense_factory: DenseFactory = make_dense,
+                 remat=False, dense_factory: DenseFactory | None = make_dense,
                  seed: int = 0) -> nnx.Module:
   """Builds a randomly initialised model with the head for `task`.
 
@@ -44,8 +44,9 @@ def create_model(task, cfg: BertConfig, num_labels: int = 2, *,
     param_dtype: parameter dtype name (keep "float32" for master weights).
     attention_impl: `jax.nn.dot_product_attention` implementation.
     remat: rematerialise each layer in the backward pass.
-    dense_factory: builds every dense layer (`research.models.bert.make_dense`
-      is the default; LoRA or quantised layers pass their own).
+    dense_factory: builds every dense layer (None or
+      `research.models.bert.make_dense`: the default; LoRA or quantised
+      layers pass their own).
     seed: initialisation seed.
   """
   for field, value in (("dtype", dtype), ("param_dtype", param_dtype)):
@@ -54,5 +55,5 @@ def create_model(task, cfg: BertConfig, num_labels: int = 2, *,
   return head_class(task)(cfg, num_labels, dtype=DTYPES[dtype],
                           param_dtype=DTYPES[param_dtype],
                           attention_impl=attention_impl, remat=remat,
-                          dense_factory=dense_factory,
+                          dense_factory=dense_factory or make_dense,
                           rngs=nnx.Rngs(params=seed))

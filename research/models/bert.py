@@ -117,7 +117,9 @@ def make_dense(in_features, out_features, *, kernel_axes, name: str,
   wraps this one and may choose by `name`. To keep Hugging Face import and
   export working, the layer keeps its weights at `kernel` and `bias` with the
   shapes below; added variables are reported as newly initialised on load
-  when they are `nnx.Param`s, and ignored when they are another type.
+  when they are `nnx.Param`s, and ignored when they are another type. Export
+  writes `kernel` and `bias` only (merge a low-rank update into the kernel
+  first).
 
   Args:
     in_features: input size, or a tuple of sizes with `axis` (e.g. the
@@ -310,7 +312,10 @@ def stack_attention(intermediates: nnx.State) -> jax.Array:
   Args:
     intermediates: the `nnx.Intermediate` state captured from a call with
       `sow_attention=True`, e.g.
-      `_, sown = nnx.capture(model, nnx.Intermediate)(..., sow_attention=True)`.
+      `_, sown = nnx.capture(model, nnx.Intermediate)(..., sow_attention=True)`
+      (works under `nnx.jit` and `nnx.remat`). Outside `nnx.capture`, flax
+      0.12 stores the values on the model with a DeprecationWarning;
+      `nnx.pop(model, nnx.Intermediate)` then returns them.
 
   Returns:
     float32 [layers, batch, heads, q_length, kv_length].

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from research.models import create_model, head_class
-from research.models.bert import SUPPORTED_MODEL_TYPES, BertConfig, BertModel, make_dense
+from research.models.bert import SUPPORTED_MODEL_TYPES, BertConfig, BertModel
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class LoadReport:
 def load_pretrained(name: str, task="sequence_classification",
                     num_labels: int = 2, *, dtype="float32",
                     param_dtype="float32", attention_impl=None, remat=False,
-                    dense_factory=make_dense,
+                    dense_factory=None,
                     config_overrides: dict | None = None, seed: int = 0,
                     strict: bool = False):
   """Builds the model for `task` and loads a Hugging Face checkpoint into it.
