@@ -10,7 +10,8 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
-from research.models import BertConfig, create_model, hf
+from research.models import BertConfig, create_model, heads, hf
+from research.models.bert import hf_linear_keys, make_dense
 from tests.test_models import TINY, _padded_batch
 
 
@@ -203,3 +204,52 @@ def test_head_of_another_shape_is_reinitialised_and_reported(tmp_path, tiny_bert
   assert report.missing == ["classifier.bias", "classifier.kernel"]
   assert report.unexpected == [] and "another shape" in str(report)
   assert again.classifier.kernel.shape == (32, 2)
+
+
+class TokenScore(heads.Head):
+  """A head defined outside research/: one score per token, stored in
+  Hugging Face files as a 1-label BertForTokenClassification."""
+  hf_architecture = "ForTokenClassification"
+  hf_labels = True
+  # No pooler here: a checkpoint's pooler is expected, not "unused" (as
+  # Hugging Face's token heads ignore it).
+  hf_ignored = heads.Head.hf_ignored + ("pooler.dense.weight", "pooler.dense.bias")
+
+  def __init__(self, cfg, num_labels=1, *, dense_factory=make_dense, **kw):
+    super().__init__(cfg, 1, dense_factory=dense_factory, **kw)
+    self.score = self._dense(dense_factory, kw["rngs"])(
+        cfg.hidden_size, 1, kernel_axes=("embed", None), name="score")
+
+  @classmethod
+  def hf_key_map(cls, cfg):
+    return hf_linear_keys("classifier", ("score",))
+
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
+               rngs=None, **encoder_kw):
+    x, _ = self.bert(input_ids, attention_mask, token_type_ids, rngs=rngs,
+                     **encoder_kw)
+    return self.score(x)[..., 0]
+
+
+def test_a_head_class_carries_its_hugging_face_names(tiny_bert_dir, tmp_path):
+  assert hf.head_key_map("question_answering", TINY) == \
+      heads.QuestionAnswering.hf_key_map(TINY)
+  model, report = hf.load_pretrained(str(tiny_bert_dir), TokenScore)
+  assert report.missing == ["score.bias", "score.kernel"]
+  assert report.unexpected == []  # the class's hf_ignored
+  _, report = hf.load_pretrained(str(tiny_bert_dir), "token_classification")
+  assert report.unexpected == ["pooler.dense.bias", "pooler.dense.weight"]
+  model.score.kernel[...] = jax.random.normal(jax.random.key(0), (32, 1))
+  out = hf.export(model, tmp_path)  # the names come from the model's class
+  config = json.loads((out / "config.json").read_text())
+  assert config["architectures"] == ["BertForTokenClassification"]
+  assert config["id2label"] == {"0": "LABEL_0"}
+  tensors, _ = hf.read_weights(out)
+  assert tensors["classifier.weight"].shape == (1, 32)
+  again, report = hf.load_pretrained(str(out), TokenScore, seed=3)
+  assert report.missing == [] and report.unexpected == []
+  _assert_same_params(model, again)
+  # A class works wherever a task name does.
+  assert create_model(heads.MaskedLM, TINY).__class__ is heads.MaskedLM
+  with pytest.raises(TypeError, match="must be an nnx.Module; got int"):
+    create_model(int, TINY)

@@ -1,4 +1,4 @@
-"""research.interpret: instrumented forward, attention maps, attributions."""
+"""research.interpret: forward with sown attention, attention maps, attributions."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ from flax import nnx
 
 from research import interpret
 from research.models import BertConfig, create_model
+from tests.conftest import TESTDATA
 
 # Large initial weights (0.2, not BERT's 0.02) make the tiny model clearly
 # non-linear, so integrated gradients and gradient x input differ.
@@ -208,3 +209,93 @@ def test_attribution_html_colours_each_real_token():
   assert "rgba(40,90,220,0.500)" in page          # "<b>": half blue
   assert "&lt;b&gt;" in page and 'title="+2.0000"' in page
   assert "[PAD]" in interpret.attribution_html(attr, skip_padding=False)
+
+
+# --- Goldens recorded with the pre-hook implementation --------------------------
+# tests/testdata/golden_interpret.npz holds attention maps and attributions
+# computed by the instrumented forward copy (interpret/forward.py before it was
+# rebuilt on the model's hooks); tests/testdata/make_interpret_golden.py wrote
+# it with `golden_values` below. The model's own path must give the same.
+
+GOLDEN_SENTENCES = ("a warm, funny and friendly film",
+                    "the plot drags but the cast is great")
+
+
+def golden_models(minilm_head=None):
+  """name -> (model, list of Inputs) for the golden: tiny BERT and RoBERTa
+  with seeded weights, and the real MiniLM with a seeded 2-class head
+  (`minilm_head`: {"kernel", "bias"} arrays to set, from the golden)."""
+  from research import data  # pylint: disable=import-outside-toplevel
+  from research.models import hf  # pylint: disable=import-outside-toplevel
+  models = {}
+  for kind in ("bert", "roberta"):
+    pad = CONFIGS[kind].pad_token_id
+    plain = interpret.Inputs.from_ids(IDS, mask_token_id=7)
+    pair = interpret.Inputs.from_ids(
+        np.concatenate([IDS, [44, 45, pad, pad]]),
+        np.array([1] * 10 + [0, 0]), np.array([0] * 8 + [1, 1, 0, 0]),
+        mask_token_id=7)
+    models[f"tiny_{kind}"] = (_model(kind), [plain, pair])
+  model, _ = hf.load_pretrained("all-minilm-l6-v2", "sequence_classification",
+                                2, seed=0)
+  if minilm_head is not None:
+    model.classifier.kernel[...] = jnp.asarray(minilm_head["kernel"])
+    model.classifier.bias[...] = jnp.asarray(minilm_head["bias"])
+  tokenizer = data.load_tokenizer(str(hf.resolve("all-minilm-l6-v2")))
+  models["minilm"] = (model, [
+      interpret.encode(tokenizer, GOLDEN_SENTENCES[0]),
+      interpret.encode(tokenizer, GOLDEN_SENTENCES[1], pad_to=14)])
+  return models
+
+
+def fingerprint(model) -> np.ndarray:
+  """sum |w| over every weight (float64): says the golden's weights are these."""
+  return np.array(sum(np.abs(np.asarray(v[...], np.float64)).sum() for _, v in
+                      nnx.to_flat_state(nnx.state(model, nnx.Param))))
+
+
+def golden_values(models) -> dict[str, np.ndarray]:
+  """Attention maps, attributions and outputs, flat `name/i/what` keys."""
+  out = {}
+  for name, (model, examples) in models.items():
+    for i, inputs in enumerate(examples):
+      key = f"{name}/{i}/"
+      out[key + "input_ids"] = inputs.input_ids
+      out[key + "attention_maps"] = interpret.attention_maps(model, inputs)
+      out[key + "logits"] = np.asarray(
+          interpret.forward(model, *inputs.batch).logits)
+      for baseline in ("pad", "zero", "mask"):
+        attr = interpret.integrated_gradients(model, inputs, target=1,
+                                              baseline=baseline, steps=8)
+        out[key + f"ig_{baseline}"] = attr.scores
+        out[key + f"ig_{baseline}_outputs"] = np.array(
+            [attr.output, attr.baseline_output], np.float32)
+      attr = interpret.gradient_x_input(model, inputs, target=0)
+      out[key + "gxi"] = attr.scores
+      out[key + "gxi_outputs"] = np.array([attr.output, attr.baseline_output],
+                                          np.float32)
+  return out
+
+
+def test_same_values_as_the_instrumented_forward_golden():
+  """Attention maps, attributions and logits as the pre-hook implementation
+  gave them (golden_interpret.npz), now from the model's own hooks."""
+  g = np.load(TESTDATA / "golden_interpret.npz")
+  models = golden_models({"kernel": g["minilm/head/kernel"],
+                          "bias": g["minilm/head/bias"]})
+  for name, (model, _) in models.items():
+    np.testing.assert_allclose(
+        fingerprint(model), g[f"{name}/fingerprint"], rtol=1e-9,
+        err_msg=f"{name}: not the golden's weights (initialisation changed?)")
+  values = golden_values(models)
+  assert values.keys() == {k for k in g if "/head/" not in k
+                           and not k.endswith("fingerprint")}
+  for key, value in values.items():
+    # 1e-5 of each array's largest entry (bitwise equal on CPU when written).
+    np.testing.assert_allclose(value, g[key], rtol=0,
+                               atol=1e-5 * float(np.abs(g[key]).max()),
+                               err_msg=key)
+  # The goldens are not trivial: real attributions, several heads.
+  assert np.abs(g["minilm/0/ig_pad"]).max() > 5e-3  # a random 0.02 head
+  assert np.abs(g["minilm/1/attention_maps"][5, 0]
+                - g["minilm/1/attention_maps"][5, 1]).max() > 0.1

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from research.models import BertConfig, create_model, hf, head_class
-from research.models.bert import attention
+from research.models.bert import attention, make_dense, stack_attention
 from tests.conftest import TESTDATA
 
 TINY = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
@@ -242,3 +242,194 @@ def test_unknown_task_and_dtype_are_named():
     head_class("ner")
   with pytest.raises(ValueError, match="config.model.dtype='fp8'.*bfloat16"):
     create_model("sequence_classification", TINY, dtype="fp8")
+
+
+# --- Hooks: inputs_embeds, prefix_kv, sow_attention, dense_factory ------------
+
+
+def _jnp_batch(seed=0):
+  return {k: jnp.asarray(v) for k, v in
+          _padded_batch(99, np.random.default_rng(seed)).items()}
+
+
+@pytest.mark.parametrize("task", ["sequence_classification",
+                                  "token_classification", "masked_lm"])
+def test_inputs_embeds_equal_the_lookup(task):
+  model = create_model(task, TINY, 3)
+  batch = _jnp_batch()
+  ids = batch.pop("input_ids")
+  embeds = model.bert.embeddings.word_embeddings(ids)
+  for rngs in (None, 7):  # evaluation, and training with the same dropout key
+    kw = {} if rngs is None else {"rngs": nnx.Rngs(dropout=rngs)}
+    a = model(ids, **batch, **kw)
+    kw = {} if rngs is None else {"rngs": nnx.Rngs(dropout=rngs)}
+    b = model(None, **batch, inputs_embeds=embeds, **kw)
+    np.testing.assert_array_equal(a, b)
+  # The embeddings are really used: another vector for token 0 moves logits.
+  moved = model(None, **batch, inputs_embeds=embeds.at[:, 0].add(1.0))
+  assert np.abs(np.asarray(moved) - np.asarray(a)).max() > 1e-3
+  with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+    model(ids, **batch, inputs_embeds=embeds)
+  with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+    model(None, **batch)
+
+
+def _prefix(cfg, batch_size, length, seed=0):
+  """Random per-layer (key, value), each [batch, length, heads, head_dim]."""
+  keys = jax.random.split(jax.random.key(seed), 2 * cfg.num_hidden_layers)
+  shape = (batch_size, length, cfg.num_attention_heads, cfg.head_dim)
+  return [(jax.random.normal(keys[2 * i], shape),
+           jax.random.normal(keys[2 * i + 1], shape))
+          for i in range(cfg.num_hidden_layers)]
+
+
+def _reference_with_prefix(bert, batch, prefix):
+  """The encoder with prefix attention written out here (float64 softmax),
+  reusing the model's own embeddings, projections, MLP and norms."""
+  mask = batch["attention_mask"]
+  x = bert.embeddings(batch["input_ids"], batch["token_type_ids"],
+                      bert.position_ids(mask))
+  real = np.concatenate([np.ones((mask.shape[0], prefix[0][0].shape[1])),
+                         np.asarray(mask)], axis=1).astype(bool)
+  for layer, (pk, pv) in zip(bert.layers, prefix):
+    att = layer.attention
+    q = np.asarray(att.query(x), np.float64)
+    k = np.concatenate([pk, att.key(x)], axis=1).astype(np.float64)
+    v = np.concatenate([pv, att.value(x)], axis=1).astype(np.float64)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    logits = np.where(real[:, None, None, :], logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    y = jnp.asarray(np.einsum("bhqk,bkhd->bqhd", probs, v), jnp.float32)
+    x = layer.attention_layer_norm(x + att.output(y))
+    x = layer.output_layer_norm(
+        x + layer.output(layer.activation(layer.intermediate(x))))
+  return np.asarray(x)
+
+
+def test_prefix_kv_enters_only_through_attention():
+  model = create_model("token_classification", TINY, 3)
+  batch = _jnp_batch()
+  plain, _ = model.bert(**batch)
+  # No prefix and an empty prefix: the same function, bit for bit.
+  empty, _ = model.bert(**batch, prefix_kv=_prefix(TINY, 4, 0))
+  np.testing.assert_array_equal(empty, plain)
+  prefix = _prefix(TINY, 4, 3)
+  ours, _ = model.bert(**batch, prefix_kv=prefix)
+  real = np.asarray(batch["attention_mask"]).astype(bool)
+  expected = _reference_with_prefix(model.bert, batch, prefix)
+  np.testing.assert_allclose(np.asarray(ours)[real], expected[real], atol=1e-5)
+  # Every real token's output moves.
+  assert np.abs(np.asarray(ours) - np.asarray(plain)).max(-1)[real].min() > 1e-2
+  # A stacked array [layers, 2, batch, p, heads, head_dim] and a prefix
+  # shared by the batch ([1, p, heads, head_dim]) work too.
+  stacked = jnp.stack([jnp.stack(kv) for kv in prefix])
+  np.testing.assert_array_equal(model.bert(**batch, prefix_kv=stacked)[0], ours)
+  shared = [(k[:1], v[:1]) for k, v in prefix]
+  np.testing.assert_array_equal(
+      model.bert(**batch, prefix_kv=shared)[0],
+      model.bert(**batch, prefix_kv=[(jnp.repeat(k, 4, 0), jnp.repeat(v, 4, 0))
+                                     for k, v in shared])[0])
+  # The heads pass it through; gradients reach the prefix.
+  grad = jax.grad(lambda p: model(**batch, prefix_kv=p).sum())(prefix)
+  assert all(float(jnp.abs(g).max()) > 0 for kv in grad for g in kv)
+  with pytest.raises(ValueError, match="prefix_kv has 1 layers; the model has 2"):
+    model.bert(**batch, prefix_kv=prefix[:1])
+
+
+def _sown_attention(model, batch, **kw):
+  logits, sown = nnx.capture(
+      lambda m: m(**batch, sow_attention=True, **kw), nnx.Intermediate)(model)
+  return logits, stack_attention(sown)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_sown_attention_probabilities(remat):
+  model = create_model("sequence_classification", TINY, 3, remat=remat)
+  batch = _jnp_batch()
+  logits, probs = _sown_attention(model, batch)
+  t = batch["input_ids"].shape[1]
+  assert probs.shape == (2, 4, TINY.num_attention_heads, t, t)
+  assert probs.dtype == jnp.float32
+  real = np.asarray(batch["attention_mask"]).astype(bool)  # [b, t]
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+  padding_keys = ~real[None, :, None, None, :]  # [1, b, 1, 1, t]
+  assert np.all(np.where(padding_keys, np.asarray(probs), 0.0) == 0.0)
+  assert np.where(padding_keys, 1.0, np.asarray(probs)).min() > 0.0
+  # The explicit path computes what the fused default computes.
+  np.testing.assert_allclose(logits, model(**batch), atol=1e-5)
+  # Without sow_attention nothing is recorded (the default fused path).
+  _, sown = nnx.capture(lambda m: m(**batch), nnx.Intermediate)(model)
+  assert not jax.tree.leaves(sown)
+  # Under jit, and with a prefix (prefix keys come first).
+  prefix = _prefix(TINY, 4, 2)
+  _, jitted = nnx.jit(lambda m: _sown_attention(m, batch, prefix_kv=prefix))(model)
+  assert jitted.shape == (2, 4, TINY.num_attention_heads, t, t + 2)
+  assert float(jitted[..., :2].min()) > 0.0
+  np.testing.assert_allclose(jitted.sum(-1), 1.0, atol=1e-5)
+
+
+def test_sown_attention_in_training_is_before_dropout():
+  model = create_model("sequence_classification", TINY, 3)
+  batch = _jnp_batch()
+  logits, probs = _sown_attention(model, batch, rngs=nnx.Rngs(dropout=3))
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+  # Dropout is the same as without recording (same key, same draws).
+  np.testing.assert_allclose(logits, model(**batch, rngs=nnx.Rngs(dropout=3)),
+                             atol=1e-6)
+
+
+class Gate(nnx.Param):
+  """A trainable per-output scale: the kind of variable a method adds."""
+
+
+class GatedDense(nnx.LinearGeneral):
+  """A dense layer with a gate (ones: numerically the plain layer)."""
+
+  def __init__(self, *args, kernel_axes, **kw):
+    super().__init__(*args, **kw)
+    self.gate = Gate(jnp.ones(self.bias.shape), out_sharding=kernel_axes[
+        -self.bias[...].ndim:], eager_sharding=False)
+
+  def __call__(self, x):
+    return super().__call__(x) * self.gate[...]
+
+
+def test_dense_factory_replaces_every_linear(tiny_bert_dir):
+  names = []
+
+  def gated(in_f, out_f, *, kernel_axes, name, axis=-1, stddev, dtype,
+            param_dtype, rngs):
+    names.append(name)
+    default = make_dense(in_f, out_f, kernel_axes=kernel_axes, name=name,
+                         axis=axis, stddev=stddev, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+    layer = GatedDense(in_f, out_f, axis=axis, dtype=dtype,
+                       param_dtype=param_dtype, kernel_axes=kernel_axes,
+                       rngs=nnx.Rngs(0))
+    layer.kernel, layer.bias = default.kernel, default.bias  # same init
+    return layer
+
+  plain, _ = hf.load_pretrained(str(tiny_bert_dir), "sequence_classification", 3)
+  model, report = hf.load_pretrained(str(tiny_bert_dir),
+                                     "sequence_classification", 3,
+                                     dense_factory=gated)
+  per_layer = ["attention.query", "attention.key", "attention.value",
+               "attention.output", "intermediate", "output"]
+  assert names == per_layer * 2 + ["pooler", "classifier"]
+  assert isinstance(model.bert.layers[1].attention.value, GatedDense)
+  # The HF weights load into the custom layers; only the new ones are new.
+  assert report.unexpected == []
+  assert sorted(report.missing) == sorted(
+      ["classifier.bias", "classifier.kernel", "classifier.gate",
+       "bert.pooler.gate"] + [f"bert.layers.{i}.{n}.gate" for i in range(2)
+                              for n in per_layer])
+  batch = _jnp_batch()
+  np.testing.assert_array_equal(model(**batch), plain(**batch))
+  # The gates train like any weight and carry logical axis names.
+  gates = nnx.state(model, Gate)
+  for path, var in nnx.to_flat_state(gates):
+    assert len(var.get_metadata()["out_sharding"]) == var[...].ndim, path
+  graphdef, params = nnx.split(model, nnx.Param)
+  grads = jax.grad(lambda p: nnx.merge(graphdef, p)(**batch).sum())(params)
+  assert float(jnp.abs(grads["bert"]["layers"][0]["intermediate"]["gate"][...]).max()) > 0

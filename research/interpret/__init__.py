@@ -12,9 +12,10 @@
     attr.tokens, attr.scores                        # one score per token
     interpret.completeness(attr).ok                 # sum == f(x) - f(baseline)
 
-Everything runs through `forward`, an instrumented copy of the model's
-evaluation forward pass built from the model's own submodules (the model's
-fused attention kernel never materialises probabilities).
+Everything runs through the model itself: attributions differentiate its
+output with respect to `inputs_embeds`; attention maps are the probabilities
+its `SelfAttention` layers sow when called with `sow_attention=True` (the
+default fused kernel never materialises them).
 """
 
 from research.interpret.attribution import Attribution

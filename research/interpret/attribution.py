@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from research.interpret.forward import Inputs, encoder_of, forward, word_embeddings
+from research.interpret.forward import Inputs, encoder_of, word_embeddings
 from research.models.heads import SequenceClassification
 
 BASELINES = ("pad", "zero", "mask")
@@ -144,14 +144,14 @@ def baseline_embeddings(model: nnx.Module, inputs: Inputs,
 
 def _output(model, embeds, attention_mask, token_type_ids, target):
   """f: word embeddings [t, hidden] of one example -> the target output []."""
-  logits = forward(model, None, attention_mask[None], token_type_ids[None],
-                   inputs_embeds=embeds[None]).logits  # [1, num_labels]
+  logits = model(None, attention_mask[None], token_type_ids[None],
+                 inputs_embeds=embeds[None])  # [1, num_labels]
   return logits[0, target]
 
 
 @nnx.jit
 def _logits(model, input_ids, attention_mask, token_type_ids):
-  return forward(model, input_ids, attention_mask, token_type_ids).logits
+  return model(input_ids, attention_mask, token_type_ids)
 
 
 @nnx.jit

@@ -1,16 +1,10 @@
-"""An instrumented forward pass: the model's own weights, attention exposed.
+"""Inputs for interpretation, and the model's forward pass with attention.
 
-The model computes attention with a fused kernel that never materialises the
-probabilities. `forward` here walks the model's own submodules in the same
-order (embeddings, then per layer query/key/value, softmax, output projection,
-add & norm, MLP, add & norm, then pooler and classifier) and returns the
-attention probabilities of every layer and head. It also accepts the word
-embeddings directly (`inputs_embeds`), which is what gradient attributions
-differentiate with respect to.
-
-It is the evaluation-mode forward (no dropout). `tests/test_interpret.py`
-checks that its logits equal the model's own to 1e-5, so a change to
-`research/models` that this file does not follow fails there.
+Everything runs through the model itself: `forward` and `attention_maps`
+call the encoder with `sow_attention=True` (each `SelfAttention` sows its
+probabilities, collected with `nnx.capture`), and attributions call the model
+with `inputs_embeds` (research/interpret/attribution.py). There is no second
+implementation of the forward pass to keep in step with `research/models`.
 """
 
 from __future__ import annotations
@@ -22,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from research.models.bert import BertModel
+from research.models.bert import BertModel, stack_attention
 from research.models.heads import SequenceClassification
 
 
@@ -127,30 +121,6 @@ def word_embeddings(model: nnx.Module, input_ids) -> jax.Array:
   return encoder_of(model).embeddings.word_embeddings(jnp.asarray(input_ids))
 
 
-def _self_attention(attn, x, mask):
-  """The model's `SelfAttention` with its probabilities kept.
-
-  Mirrors `jax.nn.dot_product_attention`'s reference path: float32 logits
-  and softmax, masked keys get exactly zero probability.
-
-  Args:
-    attn: a `research.models.bert.SelfAttention`.
-    x: [b, t, hidden].
-    mask: bool [b, 1, 1, t], True on real keys.
-
-  Returns:
-    (output [b, t, hidden], probabilities float32 [b, heads, t, t]).
-  """
-  q, k, v = attn.query(x), attn.key(x), attn.value(x)  # [b, t, heads, head_dim]
-  scale = jnp.float32(1.0 / np.sqrt(q.shape[-1]))
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                      preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)  # [b, heads, q, k]
-  y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
-  return attn.output(y), probs
-
-
 def forward(model: nnx.Module, input_ids, attention_mask, token_type_ids=None,
             position_ids=None, *, inputs_embeds=None) -> Trace:
   """The model's evaluation forward pass, with attention probabilities.
@@ -170,35 +140,19 @@ def forward(model: nnx.Module, input_ids, attention_mask, token_type_ids=None,
   Returns:
     A `Trace`.
   """
-  bert = encoder_of(model)
-  attention_mask = jnp.asarray(attention_mask)
-  if inputs_embeds is None:
-    inputs_embeds = word_embeddings(model, input_ids)
-  if token_type_ids is None:
-    token_type_ids = jnp.zeros(attention_mask.shape, jnp.int32)
-  if position_ids is None:
-    position_ids = bert.position_ids(attention_mask)
+  def run(bert):
+    return bert(None if input_ids is None else jnp.asarray(input_ids),
+                jnp.asarray(attention_mask), token_type_ids, position_ids,
+                inputs_embeds=inputs_embeds, sow_attention=True)
 
-  emb = bert.embeddings
-  x = (inputs_embeds + emb.position_embeddings(position_ids)
-       + emb.token_type_embeddings(token_type_ids))
-  x = emb.layer_norm(x)  # [b, t, hidden]
-  mask = attention_mask.astype(bool)[:, None, None, :]  # [b, 1, 1, t]
-
-  attentions = []
-  for layer in bert.layers:
-    h, probs = _self_attention(layer.attention, x, mask)
-    x = layer.attention_layer_norm(x + h)
-    h = layer.output(layer.activation(layer.intermediate(x)))
-    x = layer.output_layer_norm(x + h)
-    attentions.append(probs)
-
-  pooled = None if bert.pooler is None else jnp.tanh(bert.pooler(x[:, 0]))
+  (hidden, pooled), sown = nnx.capture(run, nnx.Intermediate)(encoder_of(model))
   logits = None
   if isinstance(model, SequenceClassification):
+    # The head's own layer on the pooled output (its dropout is off here).
     logits = model.classifier(pooled).astype(jnp.float32)
-  return Trace(hidden=x, attentions=jnp.stack(attentions, axis=1),
-               pooled=pooled, logits=logits)
+  attentions = jnp.moveaxis(stack_attention(sown), 0, 1)  # [b, layers, ...]
+  return Trace(hidden=hidden, attentions=attentions, pooled=pooled,
+               logits=logits)
 
 
 @nnx.jit

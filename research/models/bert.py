@@ -11,13 +11,27 @@ so the same model code runs on one device or a pod slice.
 Dropout randomness is passed in per call (`rngs=nnx.Rngs(dropout=key)`); the
 model holds no RNG state, so a training step is a pure function of
 (params, batch, key) and resuming is exact.
+
+Hooks for methods that change the network without forking it:
+- `dense_factory`: every Linear of the encoder and the heads is built by one
+  function (default `make_dense`); LoRA, quantised or pruned layers replace it.
+- `inputs_embeds`: word embeddings in place of token ids (attributions,
+  adversarial training, prompt tuning).
+- `prefix_kv`: per-layer keys and values prepended in attention (prefix
+  tuning).
+- `sow_attention=True`: each `SelfAttention` sows its probabilities as
+  `nnx.Intermediate` `attention_probs`; read them with `nnx.capture` and
+  `stack_attention` (the fused kernel, the default, has no probabilities).
+
+Each class also carries its Hugging Face weight names (`hf_key_map`), which
+`research.models.hf` reads to import and export checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -91,14 +105,56 @@ def _param(init, axes):
   return nnx.with_partitioning(init, axes, eager_sharding=False)
 
 
-def _dense(cfg, in_f, out_f, kernel_axes, *, dtype, param_dtype, rngs, axis=-1):
-  """A Linear/LinearGeneral with BERT's N(0, 0.02) init and logical names."""
-  init = nnx.initializers.normal(cfg.initializer_range)
-  out_axes = kernel_axes[-1:] if isinstance(out_f, int) else kernel_axes[-len(out_f):]
+def make_dense(in_features, out_features, *, kernel_axes, name: str,
+               axis=-1, stddev: float = 0.02, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
+  """The default dense layer: an `nnx.LinearGeneral` with logical axis names.
+
+  Every Linear of the encoder and the heads is built through a function with
+  this signature (the `dense_factory` argument of `BertModel` and the heads),
+  so a method that changes dense layers (LoRA, quantisation, pruning masks)
+  passes its own factory instead of forking the model. A factory usually
+  wraps this one and may choose by `name`. To keep Hugging Face import and
+  export working, the layer keeps its weights at `kernel` and `bias` with the
+  shapes below; added variables are reported as newly initialised on load
+  when they are `nnx.Param`s, and ignored when they are another type. Export
+  writes `kernel` and `bias` only (merge a low-rank update into the kernel
+  first).
+
+  Args:
+    in_features: input size, or a tuple of sizes with `axis` (e.g. the
+      attention output's (heads, head_dim)).
+    out_features: output size, or a tuple (e.g. (heads, head_dim)).
+    kernel_axes: logical axis names of the kernel, inputs then outputs; the
+      bias takes the output names.
+    name: the layer's place in its block, e.g. "attention.query",
+      "attention.output", "intermediate", "output", "pooler", "classifier".
+    axis: the input axes contracted.
+    stddev: the kernel's normal initialiser scale (`initializer_range`).
+    dtype, param_dtype: compute and parameter dtypes.
+    rngs: initialisation randomness.
+
+  Returns:
+    A module called as `layer(x)`.
+  """
+  del name  # the default layer is the same everywhere
+  init = nnx.initializers.normal(stddev)
+  out_axes = (kernel_axes[-1:] if isinstance(out_features, int)
+              else kernel_axes[-len(out_features):])
   return nnx.LinearGeneral(
-      in_f, out_f, axis=axis, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=_param(init, kernel_axes),
+      in_features, out_features, axis=axis, dtype=dtype,
+      param_dtype=param_dtype, kernel_init=_param(init, kernel_axes),
       bias_init=_param(nnx.initializers.zeros, out_axes), rngs=rngs)
+
+
+DenseFactory = Callable[..., nnx.Module]  # make_dense's signature
+
+
+def dense_builder(cfg: BertConfig, dense_factory: DenseFactory, *, dtype,
+                  param_dtype, rngs) -> Callable[..., nnx.Module]:
+  """`dense_factory` with the settings every layer of a model shares bound."""
+  return functools.partial(dense_factory, stddev=cfg.initializer_range,
+                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def _layer_norm(cfg, *, dtype, param_dtype, rngs):
@@ -108,6 +164,25 @@ def _layer_norm(cfg, *, dtype, param_dtype, rngs):
       param_dtype=param_dtype, use_fast_variance=False,
       scale_init=_param(nnx.initializers.ones, ("embed",)),
       bias_init=_param(nnx.initializers.zeros, ("embed",)), rngs=rngs)
+
+
+# Hugging Face names: hf_key -> (path in nnx.state(model, nnx.Param), kind).
+# `kind` says how a PyTorch tensor becomes ours (research.models.hf converts):
+# "copy"; "linear" ([out, in] there, [in, out] here); "qkv_kernel",
+# "qkv_bias", "out_kernel" (attention weights split into (heads, head_dim)).
+HfKeyMap = dict[str, tuple[tuple, str]]
+
+
+def hf_linear_keys(hf: str, ours: tuple) -> HfKeyMap:
+  """A PyTorch `nn.Linear` named `hf` onto our dense layer at `ours`."""
+  return {f"{hf}.weight": (ours + ("kernel",), "linear"),
+          f"{hf}.bias": (ours + ("bias",), "copy")}
+
+
+def hf_layer_norm_keys(hf: str, ours: tuple) -> HfKeyMap:
+  """A PyTorch `nn.LayerNorm` named `hf` onto our LayerNorm at `ours`."""
+  return {f"{hf}.weight": (ours + ("scale",), "copy"),
+          f"{hf}.bias": (ours + ("bias",), "copy")}
 
 
 class Embeddings(nnx.Module):
@@ -130,87 +205,156 @@ class Embeddings(nnx.Module):
                                   rngs=rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
 
-  def __call__(self, input_ids, token_type_ids, position_ids, *, rngs=None):
-    x = (self.word_embeddings(input_ids)
+  def __call__(self, input_ids, token_type_ids, position_ids, *,
+               inputs_embeds=None, rngs=None):
+    """`inputs_embeds` [batch, length, hidden], when given, replaces the
+    word-embedding lookup of `input_ids` (which may then be None)."""
+    if inputs_embeds is None:
+      inputs_embeds = self.word_embeddings(input_ids)
+    x = (inputs_embeds
          + self.position_embeddings(position_ids)
          + self.token_type_embeddings(token_type_ids))
     x = self.layer_norm(x)
     return self.dropout(x, deterministic=rngs is None, rngs=rngs)
 
 
-def attention(q, k, v, mask, *, dropout_rate=0.0, rngs=None, implementation=None):
+def attention(q, k, v, mask, *, dropout_rate=0.0, rngs=None, implementation=None,
+              return_probs=False):
   """Scaled dot-product attention with an exact boolean mask.
 
   Args:
-    q, k, v: [batch, length, heads, head_dim].
+    q: [batch, q_length, heads, head_dim].
+    k, v: [batch, kv_length, heads, head_dim].
     mask: bool, broadcastable to [batch, heads, q_length, kv_length]; False
       entries get exactly zero probability.
     dropout_rate: dropout on the attention probabilities (BERT uses 0.1).
     rngs: an `nnx.Rngs` with a `dropout` stream; None means deterministic.
     implementation: passed to `jax.nn.dot_product_attention` ("xla", "cudnn"
       or None to let JAX choose).
+    return_probs: also return the probabilities (before dropout); takes the
+      explicit softmax path.
 
   Returns:
-    [batch, length, heads, head_dim].
+    [batch, q_length, heads, head_dim]; with `return_probs`, also the float32
+    probabilities [batch, heads, q_length, kv_length].
   """
-  if rngs is None or dropout_rate == 0.0:
+  dropout = rngs is not None and dropout_rate != 0.0
+  if not (dropout or return_probs):
     # The fused path (cuDNN flash attention on NVIDIA GPUs).
     return jax.nn.dot_product_attention(q, k, v, mask=mask,
                                         implementation=implementation)
-  # jax.nn.dot_product_attention has no dropout on the probabilities, so
-  # training with attention dropout computes them explicitly. Set
+  # jax.nn.dot_product_attention has no dropout on the probabilities and does
+  # not return them, so training with attention dropout (and recording the
+  # probabilities) computes them explicitly. Set
   # config.model.attention_dropout=0 to train on the fused kernel.
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
-  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - dropout_rate, probs.shape)
-  probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  weights = probs
+  if dropout:
+    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - dropout_rate, probs.shape)
+    weights = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+  return (y, probs) if return_probs else y
 
 
 class SelfAttention(nnx.Module):
   """Multi-head self-attention with the output projection."""
 
   def __init__(self, cfg: BertConfig, *, dtype, param_dtype, rngs,
-               attention_impl=None):
+               attention_impl=None, dense_factory: DenseFactory = make_dense):
     self.cfg = cfg
     self.attention_impl = attention_impl
     heads = (cfg.num_attention_heads, cfg.head_dim)
-    dense = functools.partial(_dense, cfg, dtype=dtype, param_dtype=param_dtype,
-                              rngs=rngs)
-    self.query = dense(cfg.hidden_size, heads, ("embed", "heads", "kv"))
-    self.key = dense(cfg.hidden_size, heads, ("embed", "heads", "kv"))
-    self.value = dense(cfg.hidden_size, heads, ("embed", "heads", "kv"))
-    self.output = dense(heads, cfg.hidden_size, ("heads", "kv", "embed"),
-                        axis=(-2, -1))
+    dense = dense_builder(cfg, dense_factory, dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs)
+    qkv_axes = ("embed", "heads", "kv")
+    self.query = dense(cfg.hidden_size, heads, kernel_axes=qkv_axes,
+                       name="attention.query")
+    self.key = dense(cfg.hidden_size, heads, kernel_axes=qkv_axes,
+                     name="attention.key")
+    self.value = dense(cfg.hidden_size, heads, kernel_axes=qkv_axes,
+                       name="attention.value")
+    self.output = dense(heads, cfg.hidden_size, axis=(-2, -1),
+                        kernel_axes=("heads", "kv", "embed"),
+                        name="attention.output")
 
-  def __call__(self, x, mask, *, rngs=None):
+  def __call__(self, x, mask, *, prefix=None, sow_attention=False, rngs=None):
+    """Attends over `prefix` keys/values (when given) and the tokens.
+
+    Args:
+      x: [batch, length, hidden].
+      mask: bool, broadcastable to [batch, 1, length, prefix_len + length].
+      prefix: None or (key, value), each [batch (or 1), prefix_len, heads,
+        head_dim], placed before the tokens' own keys and values.
+      sow_attention: sow the probabilities [batch, heads, length,
+        prefix_len + length] as `nnx.Intermediate` "attention_probs".
+      rngs: dropout randomness; None = evaluation.
+    """
     q, k, v = self.query(x), self.key(x), self.value(x)  # [b, t, heads, kv]
+    if prefix is not None:
+      k, v = (jnp.concatenate([jnp.broadcast_to(
+          p, (a.shape[0],) + p.shape[-3:]).astype(a.dtype), a], axis=1)
+              for p, a in zip(prefix, (k, v)))
     y = attention(q, k, v, mask, dropout_rate=self.cfg.attention_probs_dropout_prob,
-                  rngs=rngs, implementation=self.attention_impl)
+                  rngs=rngs, implementation=self.attention_impl,
+                  return_probs=sow_attention)
+    if sow_attention:
+      y, probs = y
+      self.sow(nnx.Intermediate, "attention_probs", probs)
     return self.output(y)
+
+
+def stack_attention(intermediates: nnx.State) -> jax.Array:
+  """Sown attention probabilities, stacked in layer order.
+
+  Args:
+    intermediates: the `nnx.Intermediate` state captured from a call with
+      `sow_attention=True`, e.g.
+      `_, sown = nnx.capture(model, nnx.Intermediate)(..., sow_attention=True)`
+      (works under `nnx.jit` and `nnx.remat`). Outside `nnx.capture`, flax
+      0.12 stores the values on the model with a DeprecationWarning;
+      `nnx.pop(model, nnx.Intermediate)` then returns them.
+
+  Returns:
+    float32 [layers, batch, heads, q_length, kv_length].
+  """
+  found = []
+  for path, value in nnx.to_flat_state(intermediates):
+    if path[-1] == "attention_probs":
+      layer = path[path.index("layers") + 1]
+      found.extend((layer, p) for p in value.get_value())
+  if not found:
+    raise ValueError("no attention probabilities were sown: call the model "
+                     "with sow_attention=True inside nnx.capture(..., "
+                     "nnx.Intermediate)")
+  return jnp.stack([p for _, p in sorted(found, key=lambda lp: lp[0])])
 
 
 class Layer(nnx.Module):
   """One post-LN transformer layer: attention, add & norm, MLP, add & norm."""
 
   def __init__(self, cfg: BertConfig, *, dtype, param_dtype, rngs,
-               attention_impl=None):
+               attention_impl=None, dense_factory: DenseFactory = make_dense):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.attention = SelfAttention(cfg, attention_impl=attention_impl, **kw)
+    dense = dense_builder(cfg, dense_factory, **kw)
+    self.attention = SelfAttention(cfg, attention_impl=attention_impl,
+                                   dense_factory=dense_factory, **kw)
     self.attention_layer_norm = _layer_norm(cfg, **kw)
-    self.intermediate = _dense(cfg, cfg.hidden_size, cfg.intermediate_size,
-                               ("embed", "mlp"), **kw)
-    self.output = _dense(cfg, cfg.intermediate_size, cfg.hidden_size,
-                         ("mlp", "embed"), **kw)
+    self.intermediate = dense(cfg.hidden_size, cfg.intermediate_size,
+                              kernel_axes=("embed", "mlp"), name="intermediate")
+    self.output = dense(cfg.intermediate_size, cfg.hidden_size,
+                        kernel_axes=("mlp", "embed"), name="output")
     self.output_layer_norm = _layer_norm(cfg, **kw)
     self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
     self.activation = ACTIVATIONS[cfg.hidden_act]
 
-  def __call__(self, x, mask, *, rngs=None):
+  def __call__(self, x, mask, *, prefix=None, sow_attention=False, rngs=None):
     drop = functools.partial(self.dropout, deterministic=rngs is None, rngs=rngs)
-    x = self.attention_layer_norm(x + drop(self.attention(x, mask, rngs=rngs)))
+    h = self.attention(x, mask, prefix=prefix, sow_attention=sow_attention,
+                       rngs=rngs)
+    x = self.attention_layer_norm(x + drop(h))
     h = self.output(self.activation(self.intermediate(x)))
     return self.output_layer_norm(x + drop(h))
 
@@ -230,19 +374,50 @@ class BertModel(nnx.Module):
   example) and restarts the positions at each example; `example_starts`
   [batch, K] (each example's [CLS]) makes `pooled_output` [batch * K, hidden],
   row-major. An example gets the same outputs packed as alone.
+
+  Hooks (see the module docstring): `inputs_embeds`, `prefix_kv`,
+  `sow_attention` in the call, `dense_factory` in the constructor.
   """
+  # Keys in Hugging Face files that are buffers, not weights.
+  hf_ignored = ("embeddings.position_ids",)
 
   def __init__(self, cfg: BertConfig, *, dtype=jnp.float32,
                param_dtype=jnp.float32, attention_impl=None, remat=False,
-               add_pooler=True, rngs: nnx.Rngs):
+               add_pooler=True, dense_factory: DenseFactory = make_dense,
+               rngs: nnx.Rngs):
     self.cfg = cfg
     self.remat = remat
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embeddings = Embeddings(cfg, **kw)
-    self.layers = nnx.List([Layer(cfg, attention_impl=attention_impl, **kw)
-                            for _ in range(cfg.num_hidden_layers)])
-    self.pooler = (_dense(cfg, cfg.hidden_size, cfg.hidden_size,
-                          ("embed", None), **kw) if add_pooler else None)
+    self.layers = nnx.List([
+        Layer(cfg, attention_impl=attention_impl, dense_factory=dense_factory,
+              **kw) for _ in range(cfg.num_hidden_layers)])
+    self.pooler = (dense_builder(cfg, dense_factory, **kw)(
+        cfg.hidden_size, cfg.hidden_size, kernel_axes=("embed", None),
+        name="pooler") if add_pooler else None)
+
+  @classmethod
+  def hf_key_map(cls, cfg: BertConfig) -> HfKeyMap:
+    """Hugging Face names (without the 'bert.'/'roberta.' prefix) -> ours."""
+    m = {
+        "embeddings.word_embeddings.weight": (("embeddings", "word_embeddings", "embedding"), "copy"),
+        "embeddings.position_embeddings.weight": (("embeddings", "position_embeddings", "embedding"), "copy"),
+        "embeddings.token_type_embeddings.weight": (("embeddings", "token_type_embeddings", "embedding"), "copy"),
+        **hf_linear_keys("pooler.dense", ("pooler",)),
+        **hf_layer_norm_keys("embeddings.LayerNorm", ("embeddings", "layer_norm")),
+    }
+    for i in range(cfg.num_hidden_layers):
+      hf, ours = f"encoder.layer.{i}.", ("layers", i)
+      for name in ("query", "key", "value"):
+        m[f"{hf}attention.self.{name}.weight"] = (ours + ("attention", name, "kernel"), "qkv_kernel")
+        m[f"{hf}attention.self.{name}.bias"] = (ours + ("attention", name, "bias"), "qkv_bias")
+      m[f"{hf}attention.output.dense.weight"] = (ours + ("attention", "output", "kernel"), "out_kernel")
+      m[f"{hf}attention.output.dense.bias"] = (ours + ("attention", "output", "bias"), "copy")
+      m.update(hf_layer_norm_keys(f"{hf}attention.output.LayerNorm", ours + ("attention_layer_norm",)))
+      m.update(hf_linear_keys(f"{hf}intermediate.dense", ours + ("intermediate",)))
+      m.update(hf_linear_keys(f"{hf}output.dense", ours + ("output",)))
+      m.update(hf_layer_norm_keys(f"{hf}output.LayerNorm", ours + ("output_layer_norm",)))
+    return m
 
   def position_ids(self, attention_mask, segment_ids=None):
     """Absolute positions; RoBERTa counts only real tokens, from pad_id + 1.
@@ -267,12 +442,41 @@ class BertModel(nnx.Module):
 
   def __call__(self, input_ids, attention_mask, token_type_ids=None,
                position_ids=None, *, segment_ids=None, example_starts=None,
-               rngs=None):
+               inputs_embeds=None, prefix_kv: Sequence | None = None,
+               sow_attention=False, rngs=None):
+    """The encoder's forward pass.
+
+    Args:
+      input_ids: int [batch, length], or None with `inputs_embeds`.
+      attention_mask: int [batch, length], 1 = real token.
+      token_type_ids: int [batch, length] (default zeros).
+      position_ids: int [batch, length] (default `self.position_ids`).
+      segment_ids, example_starts: packed rows (see the class docstring).
+      inputs_embeds: [batch, length, hidden] word embeddings used instead of
+        looking up `input_ids`; position and token-type embeddings,
+        LayerNorm and dropout still apply.
+      prefix_kv: per layer, (key, value) each [batch (or 1), prefix_len,
+        heads, head_dim] prepended to that layer's keys and values; every
+        token attends to the whole prefix. Indexable by layer: a list of
+        pairs or an array [layers, 2, batch, prefix_len, heads, head_dim].
+        Positions are not shifted (Hugging Face's `past_key_values` shift
+        them by prefix_len; pass `position_ids` to do the same).
+      sow_attention: sow each layer's attention probabilities (see
+        `stack_attention`); computes them explicitly instead of the fused
+        kernel.
+      rngs: an `nnx.Rngs` with a `dropout` stream; None = evaluation.
+
+    Returns:
+      (sequence_output [batch, length, hidden], pooled_output or None).
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("pass exactly one of input_ids and inputs_embeds")
     if token_type_ids is None:
-      token_type_ids = jnp.zeros_like(input_ids)
+      token_type_ids = jnp.zeros(attention_mask.shape, jnp.int32)
     if position_ids is None:
       position_ids = self.position_ids(attention_mask, segment_ids)
-    x = self.embeddings(input_ids, token_type_ids, position_ids, rngs=rngs)
+    x = self.embeddings(input_ids, token_type_ids, position_ids,
+                        inputs_embeds=inputs_embeds, rngs=rngs)
     if segment_ids is None:
       # [batch, 1, 1, kv_length]: every query may attend to every real key.
       mask = attention_mask.astype(bool)[:, None, None, :]
@@ -280,11 +484,24 @@ class BertModel(nnx.Module):
       # [batch, 1, q, kv]: block-diagonal; padding (segment 0) sees padding,
       # so that no row of the softmax is empty.
       mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-    for layer in self.layers:
+    prefixes = [None] * len(self.layers)
+    if prefix_kv is not None:
+      if len(prefix_kv) != len(self.layers):
+        raise ValueError(f"prefix_kv has {len(prefix_kv)} layers; the model "
+                         f"has {len(self.layers)}")
+      prefixes = [tuple(prefix_kv[i]) for i in range(len(self.layers))]
+      prefix_len = prefixes[0][0].shape[-3]
+      # Every query sees the prefix: [batch, 1, 1 | q, prefix_len + kv].
+      mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (prefix_len,), bool),
+                              mask], axis=-1)
+    for layer, prefix in zip(self.layers, prefixes):
       if self.remat:
-        x = nnx.remat(lambda lyr, h, m, r: lyr(h, m, rngs=r))(layer, x, mask, rngs)
+        x = nnx.remat(lambda lyr, h, m, p, r: lyr(
+            h, m, prefix=p, sow_attention=sow_attention, rngs=r))(
+                layer, x, mask, prefix, rngs)
       else:
-        x = layer(x, mask, rngs=rngs)
+        x = layer(x, mask, prefix=prefix, sow_attention=sow_attention,
+                  rngs=rngs)
     if self.pooler is None:
       return x, None
     if example_starts is None:

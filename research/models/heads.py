@@ -1,16 +1,19 @@
-"""Task heads on the BERT encoder, one class per task.
+"""Task heads on the BERT encoder, one class per head.
 
-The class for a task is found by naming convention: task
+The class for a task name is found by naming convention: task
 `"sequence_classification"` -> class `SequenceClassification` (see
-`research.models.create_model`). To add a task, add a class here whose name is
-the task in CamelCase, and its Hugging Face weight names in
-`research.models.hf.head_key_map`.
+`research.models.head_class`); every function that takes a task name also
+takes a head class. To add a head, add a class here (or anywhere: pass the
+class) with its Hugging Face names: `hf_architecture` and `hf_key_map`.
 
 Every head takes `(input_ids, attention_mask, token_type_ids=None, *,
-segment_ids=None, rngs=None)` and returns float32 logits; `rngs=None` means
-evaluation (no dropout); `segment_ids` marks packed rows (`BertModel`).
-`SequenceClassification` also takes `example_starts` for packed rows and then
-returns one row of logits per example.
+rngs=None, **encoder_kw)` and returns float32 logits; `rngs=None` means
+evaluation (no dropout). `encoder_kw` go to `BertModel.__call__`:
+`segment_ids` and `example_starts` (packed rows; `SequenceClassification`
+then returns one row of logits per example), `position_ids`,
+`inputs_embeds` (then `input_ids` may be None), `prefix_kv`,
+`sow_attention`. Every constructor takes `dense_factory` (see
+`research.models.bert.make_dense`), used for the head's dense layers too.
 """
 
 from __future__ import annotations
@@ -18,102 +21,174 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from research.models.bert import ACTIVATIONS, BertConfig, BertModel, _dense, _layer_norm
+from research.models.bert import (ACTIVATIONS, BertConfig, BertModel, DenseFactory,
+                                  HfKeyMap, _layer_norm, dense_builder,
+                                  hf_layer_norm_keys, hf_linear_keys, make_dense)
 
 TASKS = ("sequence_classification", "token_classification",
          "question_answering", "masked_lm")
 
 
-class _Head(nnx.Module):
-  """Shared constructor: the encoder and the dtype settings."""
+class Head(nnx.Module):
+  """The base of every head: the encoder, the dtype settings, `_dense`.
+
+  A head defined elsewhere (a test, a project) subclasses it, builds its
+  layers with `self._dense(dense_factory, rngs)` and names its weights for
+  Hugging Face below; every function that takes a task name takes the class.
+
+  Hugging Face names, read by `research.models.hf` (as `BertFor*` /
+  `RobertaFor*` classes carry theirs):
+    hf_architecture: the class name after "Bert" / "Roberta" in config.json.
+    hf_labels: config.json carries id2label / label2id (classification).
+    hf_ignored: key suffixes in a checkpoint that hold no weights of their
+      own, never reported as unused.
+    hf_base_prefix(cfg): the encoder's prefix in the file ("bert.").
+    hf_key_map(cfg): the head's own weights (may override encoder names).
+  """
   uses_pooler = False  # only sentence-level heads read the pooled [CLS]
+  hf_architecture = ""
+  hf_labels = False
+  # Buffers, and the copies of tied weights that checkpoints with an MLM head
+  # carry (decoder = word embeddings, decoder bias = the MLM bias).
+  hf_ignored = BertModel.hf_ignored + (
+      "predictions.decoder.weight", "predictions.decoder.bias",
+      "lm_head.decoder.weight", "lm_head.decoder.bias")
 
   def __init__(self, cfg: BertConfig, num_labels: int, *, dtype=jnp.float32,
                param_dtype=jnp.float32, attention_impl=None, remat=False,
-               rngs: nnx.Rngs):
+               dense_factory: DenseFactory = make_dense, rngs: nnx.Rngs):
     self.cfg = cfg
     self.num_labels = num_labels
     self.bert = BertModel(cfg, dtype=dtype, param_dtype=param_dtype,
                           attention_impl=attention_impl, remat=remat,
-                          add_pooler=self.uses_pooler, rngs=rngs)
+                          add_pooler=self.uses_pooler,
+                          dense_factory=dense_factory, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
     self.dtype, self.param_dtype = dtype, param_dtype
 
-  def _layer_kw(self, rngs):
-    return dict(dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+  def _dense(self, dense_factory, rngs):
+    """`dense_factory` with this model's dtypes bound (as the encoder's)."""
+    return dense_builder(self.cfg, dense_factory, dtype=self.dtype,
+                         param_dtype=self.param_dtype, rngs=rngs)
 
   def _drop(self, x, rngs):
     return self.dropout(x, deterministic=rngs is None, rngs=rngs)
 
+  @classmethod
+  def hf_base_prefix(cls, cfg: BertConfig) -> str:
+    """The encoder's name in `<Model>For*` files: "bert" or "roberta"."""
+    return cfg.model_type
 
-class SequenceClassification(_Head):
+  @classmethod
+  def hf_key_map(cls, cfg: BertConfig) -> HfKeyMap:
+    """The head's Hugging Face names -> (path in this model, kind)."""
+    raise NotImplementedError(f"{cls.__name__} has no Hugging Face names")
+
+
+class SequenceClassification(Head):
   """Logits [batch, num_labels] from the pooled [CLS] output, as BERT does.
 
   `num_labels == 1` is regression (STS-B): the single logit is the prediction.
   """
   uses_pooler = True
+  hf_architecture = "ForSequenceClassification"
+  hf_labels = True
 
-  def __init__(self, cfg, num_labels, **kw):
-    super().__init__(cfg, num_labels, **kw)
-    self.classifier = _dense(cfg, cfg.hidden_size, num_labels,
-                             ("embed", None), **self._layer_kw(kw["rngs"]))
+  def __init__(self, cfg, num_labels, *, dense_factory=make_dense, **kw):
+    super().__init__(cfg, num_labels, dense_factory=dense_factory, **kw)
+    self.classifier = self._dense(dense_factory, kw["rngs"])(
+        cfg.hidden_size, num_labels, kernel_axes=("embed", None),
+        name="classifier")
+
+  @classmethod
+  def hf_key_map(cls, cfg):
+    if cfg.model_type == "roberta":
+      # RoBERTa's head is dense+tanh then out_proj: our pooler and classifier.
+      return {**hf_linear_keys("classifier.dense", ("bert", "pooler")),
+              **hf_linear_keys("classifier.out_proj", ("classifier",))}
+    return hf_linear_keys("classifier", ("classifier",))
 
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
-               segment_ids=None, example_starts=None, rngs=None):
+               rngs=None, **encoder_kw):
     _, pooled = self.bert(input_ids, attention_mask, token_type_ids,
-                          segment_ids=segment_ids,
-                          example_starts=example_starts, rngs=rngs)
+                          rngs=rngs, **encoder_kw)
     return self.classifier(self._drop(pooled, rngs)).astype(jnp.float32)
 
 
-class TokenClassification(_Head):
+class TokenClassification(Head):
   """Logits [batch, length, num_labels] per token (NER, POS tagging)."""
+  hf_architecture = "ForTokenClassification"
+  hf_labels = True
 
-  def __init__(self, cfg, num_labels, **kw):
-    super().__init__(cfg, num_labels, **kw)
-    self.classifier = _dense(cfg, cfg.hidden_size, num_labels,
-                             ("embed", None), **self._layer_kw(kw["rngs"]))
+  def __init__(self, cfg, num_labels, *, dense_factory=make_dense, **kw):
+    super().__init__(cfg, num_labels, dense_factory=dense_factory, **kw)
+    self.classifier = self._dense(dense_factory, kw["rngs"])(
+        cfg.hidden_size, num_labels, kernel_axes=("embed", None),
+        name="classifier")
+
+  @classmethod
+  def hf_key_map(cls, cfg):
+    return hf_linear_keys("classifier", ("classifier",))
 
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
-               segment_ids=None, rngs=None):
-    x, _ = self.bert(input_ids, attention_mask, token_type_ids,
-                     segment_ids=segment_ids, rngs=rngs)
+               rngs=None, **encoder_kw):
+    x, _ = self.bert(input_ids, attention_mask, token_type_ids, rngs=rngs,
+                     **encoder_kw)
     return self.classifier(self._drop(x, rngs)).astype(jnp.float32)
 
 
-class QuestionAnswering(_Head):
+class QuestionAnswering(Head):
   """Extractive QA: span (start_logits, end_logits), each [batch, length]."""
+  hf_architecture = "ForQuestionAnswering"
 
-  def __init__(self, cfg, num_labels=2, **kw):
-    super().__init__(cfg, 2, **kw)
-    self.qa_outputs = _dense(cfg, cfg.hidden_size, 2, ("embed", None),
-                             **self._layer_kw(kw["rngs"]))
+  def __init__(self, cfg, num_labels=2, *, dense_factory=make_dense, **kw):
+    super().__init__(cfg, 2, dense_factory=dense_factory, **kw)
+    self.qa_outputs = self._dense(dense_factory, kw["rngs"])(
+        cfg.hidden_size, 2, kernel_axes=("embed", None), name="qa_outputs")
+
+  @classmethod
+  def hf_key_map(cls, cfg):
+    return hf_linear_keys("qa_outputs", ("qa_outputs",))
 
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
-               segment_ids=None, rngs=None):
-    x, _ = self.bert(input_ids, attention_mask, token_type_ids,
-                     segment_ids=segment_ids, rngs=rngs)
+               rngs=None, **encoder_kw):
+    x, _ = self.bert(input_ids, attention_mask, token_type_ids, rngs=rngs,
+                     **encoder_kw)
     logits = self.qa_outputs(x).astype(jnp.float32)
     return logits[..., 0], logits[..., 1]
 
 
-class MaskedLM(_Head):
+class MaskedLM(Head):
   """Logits [batch, length, vocab]; the decoder is tied to the word embeddings."""
+  hf_architecture = "ForMaskedLM"
 
-  def __init__(self, cfg, num_labels=0, **kw):
-    super().__init__(cfg, cfg.vocab_size, **kw)
-    self.transform = _dense(cfg, cfg.hidden_size, cfg.hidden_size,
-                            ("embed", None), **self._layer_kw(kw["rngs"]))
-    self.transform_layer_norm = _layer_norm(cfg, **self._layer_kw(kw["rngs"]))
+  def __init__(self, cfg, num_labels=0, *, dense_factory=make_dense, **kw):
+    super().__init__(cfg, cfg.vocab_size, dense_factory=dense_factory, **kw)
+    self.transform = self._dense(dense_factory, kw["rngs"])(
+        cfg.hidden_size, cfg.hidden_size, kernel_axes=("embed", None),
+        name="transform")
+    self.transform_layer_norm = _layer_norm(
+        cfg, dtype=self.dtype, param_dtype=self.param_dtype, rngs=kw["rngs"])
     self.decoder_bias = nnx.Param(
         jnp.zeros((cfg.vocab_size,), self.param_dtype),
         out_sharding=("vocab",), eager_sharding=False)
     self.activation = ACTIVATIONS[cfg.hidden_act]
 
+  @classmethod
+  def hf_key_map(cls, cfg):
+    if cfg.model_type == "roberta":
+      hf, dense, norm = "lm_head", "lm_head.dense", "lm_head.layer_norm"
+    else:
+      hf, dense = "cls.predictions", "cls.predictions.transform.dense"
+      norm = "cls.predictions.transform.LayerNorm"
+    return {**hf_linear_keys(dense, ("transform",)),
+            **hf_layer_norm_keys(norm, ("transform_layer_norm",)),
+            f"{hf}.bias": (("decoder_bias",), "copy")}
+
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
-               segment_ids=None, rngs=None):
-    x, _ = self.bert(input_ids, attention_mask, token_type_ids,
-                     segment_ids=segment_ids, rngs=rngs)
+               rngs=None, **encoder_kw):
+    x, _ = self.bert(input_ids, attention_mask, token_type_ids, rngs=rngs,
+                     **encoder_kw)
     x = self.transform_layer_norm(self.activation(self.transform(x)))
     logits = self.bert.embeddings.word_embeddings.attend(x)  # tied decoder
     return (logits + self.decoder_bias[...]).astype(jnp.float32)

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from research.models import create_model
-from research.models.bert import SUPPORTED_MODEL_TYPES, BertConfig
+from research.models import create_model, head_class
+from research.models.bert import SUPPORTED_MODEL_TYPES, BertConfig, BertModel
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
                    "special_tokens_map.json", "merges.txt", "vocab.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin")
-
-# Keys in Hugging Face files that carry no weights of their own: buffers, and
-# decoders tied to the word embeddings (and their bias to the head bias).
-_IGNORED_SUFFIXES = ("embeddings.position_ids", "predictions.decoder.weight",
-                     "predictions.decoder.bias", "lm_head.decoder.weight",
-                     "lm_head.decoder.bias")
 
 
 class CheckpointError(ValueError):
@@ -172,73 +166,38 @@ def _read_torch(path) -> dict[str, np.ndarray]:
 # --- The name map ---------------------------------------------------------------
 # Each entry: hf_key -> (path in nnx.state(model, nnx.Param), kind). `kind`
 # says how a PyTorch tensor becomes ours: Linear weights are [out, in] there and
-# [in, out] here; attention weights are split into (heads, head_dim).
+# [in, out] here; attention weights are split into (heads, head_dim). The
+# names live with the classes that own the weights: `BertModel.hf_key_map`
+# (the encoder) and each head's `hf_key_map` (research/models/heads.py).
 
 
 def encoder_key_map(cfg: BertConfig) -> dict[str, tuple[tuple, str]]:
   """Hugging Face names (without the 'bert.'/'roberta.' prefix) of the encoder."""
-  m = {
-      "embeddings.word_embeddings.weight": (("embeddings", "word_embeddings", "embedding"), "copy"),
-      "embeddings.position_embeddings.weight": (("embeddings", "position_embeddings", "embedding"), "copy"),
-      "embeddings.token_type_embeddings.weight": (("embeddings", "token_type_embeddings", "embedding"), "copy"),
-      "pooler.dense.weight": (("pooler", "kernel"), "linear"),
-      "pooler.dense.bias": (("pooler", "bias"), "copy"),
-  }
-  m.update(_layer_norm_keys("embeddings.LayerNorm", ("embeddings", "layer_norm")))
-  for i in range(cfg.num_hidden_layers):
-    hf, ours = f"encoder.layer.{i}.", ("layers", i)
-    for name in ("query", "key", "value"):
-      m[f"{hf}attention.self.{name}.weight"] = (ours + ("attention", name, "kernel"), "qkv_kernel")
-      m[f"{hf}attention.self.{name}.bias"] = (ours + ("attention", name, "bias"), "qkv_bias")
-    m[f"{hf}attention.output.dense.weight"] = (ours + ("attention", "output", "kernel"), "out_kernel")
-    m[f"{hf}attention.output.dense.bias"] = (ours + ("attention", "output", "bias"), "copy")
-    m.update(_layer_norm_keys(f"{hf}attention.output.LayerNorm", ours + ("attention_layer_norm",)))
-    m[f"{hf}intermediate.dense.weight"] = (ours + ("intermediate", "kernel"), "linear")
-    m[f"{hf}intermediate.dense.bias"] = (ours + ("intermediate", "bias"), "copy")
-    m[f"{hf}output.dense.weight"] = (ours + ("output", "kernel"), "linear")
-    m[f"{hf}output.dense.bias"] = (ours + ("output", "bias"), "copy")
-    m.update(_layer_norm_keys(f"{hf}output.LayerNorm", ours + ("output_layer_norm",)))
-  return m
+  return BertModel.hf_key_map(cfg)
 
 
-def _layer_norm_keys(hf, ours):
-  return {f"{hf}.weight": (ours + ("scale",), "copy"),
-          f"{hf}.bias": (ours + ("bias",), "copy")}
+def head_key_map(task, cfg: BertConfig) -> dict[str, tuple[tuple, str]]:
+  """Hugging Face names of the task head (`BertFor<Task>` / `RobertaFor<Task>`).
+
+  Args:
+    task: a task name or a head class; the names are the class's
+      `hf_key_map`.
+  """
+  head = head_class(task)
+  if not hasattr(head, "hf_key_map"):
+    raise CheckpointError(f"no Hugging Face names for {head.__name__}: give "
+                          "the class an hf_key_map(cfg) classmethod")
+  return head.hf_key_map(cfg)
 
 
-def _linear_keys(hf, ours):
-  return {f"{hf}.weight": (ours + ("kernel",), "linear"),
-          f"{hf}.bias": (ours + ("bias",), "copy")}
-
-
-def head_key_map(task: str, cfg: BertConfig) -> dict[str, tuple[tuple, str]]:
-  """Hugging Face names of the task head (`BertFor<Task>` / `RobertaFor<Task>`)."""
-  roberta = cfg.model_type == "roberta"
-  if task == "sequence_classification" and roberta:
-    # RoBERTa's head is dense+tanh then out_proj: our pooler and classifier.
-    return {**_linear_keys("classifier.dense", ("bert", "pooler")),
-            **_linear_keys("classifier.out_proj", ("classifier",))}
-  if task in ("sequence_classification", "token_classification"):
-    return _linear_keys("classifier", ("classifier",))
-  if task == "question_answering":
-    return _linear_keys("qa_outputs", ("qa_outputs",))
-  if task == "masked_lm":
-    hf = "lm_head" if roberta else "cls.predictions"
-    norm = "lm_head.layer_norm" if roberta else "cls.predictions.transform.LayerNorm"
-    dense = "lm_head.dense" if roberta else "cls.predictions.transform.dense"
-    return {**_linear_keys(dense, ("transform",)),
-            **_layer_norm_keys(norm, ("transform_layer_norm",)),
-            f"{hf}.bias": (("decoder_bias",), "copy")}
-  raise CheckpointError(f"no Hugging Face names for task {task!r}")
-
-
-def key_map(task: str, cfg: BertConfig, prefix: str | None = None):
+def key_map(task, cfg: BertConfig, prefix: str | None = None):
   """The full hf_key -> (our path, kind) map for a model with a task head."""
-  prefix = cfg.model_type if prefix is None else prefix
+  head = head_class(task)
+  prefix = head.hf_base_prefix(cfg) if prefix is None else prefix
   p = f"{prefix}." if prefix else ""
   m = {p + k: (("bert",) + path, kind)
        for k, (path, kind) in encoder_key_map(cfg).items()}
-  m.update(head_key_map(task, cfg))  # a head's own names override (RoBERTa)
+  m.update(head_key_map(head, cfg))  # a head's own names override (RoBERTa)
   return m
 
 
@@ -314,18 +273,20 @@ class LoadReport:
     return "\n".join(lines)
 
 
-def load_pretrained(name: str, task: str = "sequence_classification",
+def load_pretrained(name: str, task="sequence_classification",
                     num_labels: int = 2, *, dtype="float32",
                     param_dtype="float32", attention_impl=None, remat=False,
+                    dense_factory=None,
                     config_overrides: dict | None = None, seed: int = 0,
                     strict: bool = False):
   """Builds the model for `task` and loads a Hugging Face checkpoint into it.
 
   Args:
     name: alias, local directory or hub name (see `resolve`).
-    task: a head from `research.models.heads.TASKS`.
+    task: a task from `research.models.heads.TASKS`, or a head class.
     num_labels: classes (1 = regression) for classification heads.
-    dtype, param_dtype, attention_impl, remat: see `create_model`.
+    dtype, param_dtype, attention_impl, remat, dense_factory: see
+      `create_model`.
     config_overrides: `BertConfig` fields to change (e.g. dropout rates).
     seed: initialisation seed for weights the checkpoint lacks (the head).
     strict: raise if any encoder weight is missing from the checkpoint.
@@ -339,9 +300,9 @@ def load_pretrained(name: str, task: str = "sequence_classification",
   tensors = _normalise_names(tensors)
   model = create_model(task, cfg, num_labels, dtype=dtype,
                        param_dtype=param_dtype, attention_impl=attention_impl,
-                       remat=remat, seed=seed)
+                       remat=remat, dense_factory=dense_factory, seed=seed)
   report = assign(model, tensors, key_map(task, cfg, _detect_prefix(tensors, cfg)),
-                  cfg, source)
+                  cfg, source, ignored=getattr(type(model), "hf_ignored", ()))
   encoder_missing = [k for k in report.missing if k.startswith("bert.")
                      and not k.startswith("bert.pooler")]
   if strict and encoder_missing:
@@ -352,8 +313,11 @@ def load_pretrained(name: str, task: str = "sequence_classification",
 
 
 def assign(model: nnx.Module, tensors: dict[str, np.ndarray], names: dict,
-           cfg: BertConfig, source) -> LoadReport:
-  """Copies `tensors` into `model` by the name map; checks every shape."""
+           cfg: BertConfig, source, ignored=BertModel.hf_ignored) -> LoadReport:
+  """Copies `tensors` into `model` by the name map; checks every shape.
+
+  `ignored`: key suffixes never reported as unused (the head's `hf_ignored`).
+  """
   state = nnx.state(model, nnx.Param)
   flat = dict(nnx.to_flat_state(state))
   loaded, used, mismatched = [], set(), []
@@ -376,29 +340,22 @@ def assign(model: nnx.Module, tensors: dict[str, np.ndarray], names: dict,
   nnx.update(model, state)
   missing = [".".join(map(str, p)) for p in flat if p not in used]
   unexpected = sorted(k for k in tensors if k not in set(loaded)
-                      and not k.endswith(_IGNORED_SUFFIXES)
+                      and not k.endswith(tuple(ignored))
                       and not any(m.startswith(k + " ") for m in mismatched))
   return LoadReport(str(source), loaded, missing, unexpected, mismatched)
 
 
 # --- Export -------------------------------------------------------------------
 
-_ARCHITECTURES = {
-    "sequence_classification": "ForSequenceClassification",
-    "token_classification": "ForTokenClassification",
-    "question_answering": "ForQuestionAnswering",
-    "masked_lm": "ForMaskedLM",
-}
-
-
-def export(model: nnx.Module, out_dir, task: str, *,
+def export(model: nnx.Module, out_dir, task=None, *,
            tokenizer_dir=None, label_names=None) -> pathlib.Path:
   """Writes `config.json`, `model.safetensors` and tokenizer files.
 
   Args:
     model: a head module from `create_model` / `load_pretrained`.
     out_dir: directory to write (created).
-    task: the model's task.
+    task: the model's task name or head class (default: the model's class,
+      whose `hf_architecture` and `hf_key_map` name the weights).
     tokenizer_dir: a directory whose tokenizer files are copied alongside.
     label_names: class names in id order, written as id2label / label2id.
 
@@ -407,11 +364,12 @@ def export(model: nnx.Module, out_dir, task: str, *,
   """
   import safetensors.numpy  # pylint: disable=import-outside-toplevel
   cfg: BertConfig = model.cfg
+  head = type(model) if task is None else head_class(task)
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   flat = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   tensors = {}
-  for hf_key, (path, kind) in key_map(task, cfg).items():
+  for hf_key, (path, kind) in key_map(head, cfg).items():
     if path in flat:
       tensors[hf_key] = np.ascontiguousarray(
           _to_hf(kind, np.asarray(flat[path][...], np.float32)))
@@ -419,8 +377,8 @@ def export(model: nnx.Module, out_dir, task: str, *,
                               metadata={"format": "pt"})
   hf_config = {k: v for k, v in dataclasses.asdict(cfg).items()}
   prefix = "Roberta" if cfg.model_type == "roberta" else "Bert"
-  hf_config["architectures"] = [prefix + _ARCHITECTURES[task]]
-  if task in ("sequence_classification", "token_classification"):
+  hf_config["architectures"] = [prefix + head.hf_architecture]
+  if head.hf_labels:
     labels = list(label_names or [f"LABEL_{i}" for i in range(model.num_labels)])
     hf_config["id2label"] = {str(i): str(n) for i, n in enumerate(labels)}
     hf_config["label2id"] = {str(n): i for i, n in enumerate(labels)}
