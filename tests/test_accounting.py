@@ -56,7 +56,7 @@ def test_full_batch_matches_analytic_gaussian():
                                steps=steps, delta=delta, accountant="pld")
   eps_rdp = accounting.epsilon(sampling_rate=1.0, noise_multiplier=sigma,
                                steps=steps, delta=delta, accountant="rdp")
-  assert exact - 1e-6 <= eps_pld <= exact + 0.01
+  assert exact - 1e-6 <= eps_pld <= exact + 1e-3
   assert eps_rdp > exact + 0.05  # RDP's conversion loses a little
 
 
