@@ -180,17 +180,40 @@ def test_refuses_what_breaks_the_guarantee(problem):
                              expected_batch_size=0)
 
 
-def _sharded(fn, mesh):
+def test_gradient_accumulation_adds_noise_once(problem):
+  # Two micro-batches: clipped sums added, then one noise draw, equal the
+  # logical batch of both in one call.
+  params, batch = problem
+  kw = dict(clip_norm=0.4, noise_multiplier=0.9, expected_batch_size=12.0)
+  key = jax.random.key(9)
+  _, whole, _ = jax.jit(dp_sgd.dp_value_and_grad(_loss, **kw))(params, batch,
+                                                               key)
+  clip = dp_sgd.clip_and_sum(_loss, clip_norm=kw["clip_norm"])
+  halves = [clip(params, {k: v[s] for k, v in batch.items()}, key)[0]
+            for s in (slice(0, 8), slice(8, BATCH))]
+  noise_key, _ = jax.random.split(key)  # dp_value_and_grad's noise key
+  accumulated = dp_sgd.add_noise(jax.tree.map(jnp.add, *halves), noise_key,
+                                 **kw)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6),
+               whole, accumulated)
+
+
+def _sharded(fn, mesh, check_vma):
   """`fn` under shard_map over the data axis, as the pmap strategy runs it."""
   p = jax.P
   return jax.jit(jax.shard_map(
       fn, mesh=mesh, in_specs=(p(), p("data"), p()),
       out_specs=(p(), p(), {"grad_norms": p("data"), "clip_fraction": p(),
                             "num_examples": p()}),
-      check_vma=False))
+      check_vma=check_vma))
 
 
-def test_data_parallel_adds_noise_once():
+# check_vma=True: JAX's transpose would psum a replicated input's gradient
+# inside the per-example vmap (clipping sums of 8 examples); dp_value_and_grad
+# must prevent that.
+@pytest.mark.parametrize("check_vma", [False, True])
+def test_data_parallel_adds_noise_once(check_vma):
   devices = jax.devices()
   assert len(devices) == 8, "conftest.py sets 8 simulated CPU devices"
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
@@ -206,9 +229,9 @@ def test_data_parallel_adds_noise_once():
   single = jax.jit(dp_sgd.dp_value_and_grad(_loss, noise_multiplier=sigma,
                                             **kw))
   multi = _sharded(dp_sgd.dp_value_and_grad(
-      _loss, noise_multiplier=sigma, axis_name="data", **kw), mesh)
+      _loss, noise_multiplier=sigma, axis_name="data", **kw), mesh, check_vma)
   clean = _sharded(dp_sgd.dp_value_and_grad(
-      _loss, noise_multiplier=0.0, axis_name="data", **kw), mesh)
+      _loss, noise_multiplier=0.0, axis_name="data", **kw), mesh, check_vma)
   key = jax.random.key(11)
   one, eight = single(params, batch, key), multi(params, batch, key)
   jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5,

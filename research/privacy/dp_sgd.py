@@ -152,6 +152,20 @@ def add_noise(clipped_sum: Any, key: jax.Array, *, clip_norm: float,
       clipped_sum, noise)
 
 
+def _device_varying(tree, axis_name):
+  """`tree` cast to vary over `axis_name` (no-op where it already does)."""
+  axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+  def varying(x):  # jax >= 0.9 keeps the set in `.mat`, before in `.vma`
+    aval = jax.typeof(x)
+    return aval.mat.varying if hasattr(aval, "mat") else aval.vma
+
+  def cast(x):
+    missing = tuple(a for a in axes if a not in varying(x))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+  return jax.tree.map(cast, tree)
+
+
 def dp_value_and_grad(per_example_loss_fn: Callable[..., jax.Array], *,
                       clip_norm: float, noise_multiplier: float,
                       expected_batch_size: float, chunk_size: int | None = None,
@@ -190,6 +204,12 @@ def dp_value_and_grad(per_example_loss_fn: Callable[..., jax.Array], *,
     if axis_name is not None:
       dropout_key = jax.random.fold_in(dropout_key,
                                        jax.lax.axis_index(axis_name))
+      # Under shard_map(check_vma=True) the gradient of a replicated input
+      # is psum-ed by its transpose, inside the per-example vmap: each
+      # "per-example" gradient would be a sum over devices, clipped as one.
+      # Marked device-varying, params get per-device gradients in either
+      # check_vma mode, and the psum below is the only reduction.
+      params = _device_varying(params, axis_name)
     grad_sum, stats = clipped(params, batch, dropout_key)
     norms = stats.pop("grad_norms")
     if axis_name is not None:
