@@ -156,7 +156,7 @@ def _device_varying(tree, axis_name):
   """`tree` cast to vary over `axis_name` (no-op where it already does)."""
   axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
-  def varying(x):  # jax >= 0.9 keeps the set in `.mat`, before in `.vma`
+  def varying(x):  # jax 0.10 keeps the set in `.mat`; older releases `.vma`
     aval = jax.typeof(x)
     return aval.mat.varying if hasattr(aval, "mat") else aval.vma
 
