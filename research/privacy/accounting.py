@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 
 import dp_accounting
 from dp_accounting import pld
