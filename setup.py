@@ -7,7 +7,8 @@ jax/jaxlib 0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8,
 ml-collections 1.1.0, transformers 5.23.0, tokenizers 0.23.3,
 safetensors 0.8.0, huggingface-hub 2.4.0, wandb 0.31.0, numpy 2.4.6,
 tensorflow-datasets 4.9.10, tensorflow-cpu 2.21.0, datasets 5.2.0, torch 2.13.0,
-accelerate 1.15.0, seqeval 1.2.2, grain 0.2.18, array-record 0.8.6.
+accelerate 1.15.0, seqeval 1.2.2, grain 0.2.18, array-record 0.8.6,
+dp-accounting 0.6.0, jax-privacy 2.0.0.
 """
 
 import setuptools
@@ -47,6 +48,10 @@ EXTRAS = {
     # pytorch_model.bin files (weights_only=True); accelerate for
     # `research.bench --compare_torch --torch_trainer` (transformers.Trainer).
     "torch": ["torch>=2.2,<3", "accelerate>=1.1,<2"],
+    # Differential privacy (research/privacy): accountants and per-example
+    # clipping. An extra because dp-accounting pins attrs<24 and jax-privacy
+    # needs Python >= 3.11.
+    "privacy": ["dp-accounting>=0.6,<0.7", "jax-privacy>=2.0,<3"],
     "notebooks": ["matplotlib>=3.8,<4", "nbclient>=0.10,<1", "nbformat>=5.9,<6",
                   "ipykernel>=6.29,<8"],
     # Entity-level NER scores (research/evaluation/ner.py). seqeval ships an
@@ -60,6 +65,7 @@ EXTRAS = {
 }
 EXTRAS["test"] = sorted(set(
     EXTRAS["tfds"] + EXTRAS["hf"] + EXTRAS["notebooks"] + EXTRAS["ner"]
+    + EXTRAS["privacy"]
     + ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scikit-learn>=1.4,<2",
        "accelerate>=1.1,<2"]))
 # The offline default checkpoint is not listed: install it with
