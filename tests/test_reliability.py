@@ -124,13 +124,8 @@ def _steps_on_disk(workdir):
 
 def _restore(workdir, step=None):
   """(step, state, extras) of a checkpoint, restored without a target."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   with Checkpointer(workdir) as ckpt:
-    step = ckpt.latest_step() if step is None else step
-    restored = ckpt._latest.restore(  # pylint: disable=protected-access
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                      extras=ocp.args.JsonRestore()))
-  return step, restored.state, restored.extras
+    return ckpt.restore(None, step=step)
 
 
 def _leaves(tree):
