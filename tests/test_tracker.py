@@ -165,12 +165,12 @@ def test_resume_continues_wandb_run(tmp_path, monkeypatch):
   resumed = tracker.create_tracker(config, str(tmp_path), 0, resume_step=5)
   assert calls[0]["id"] is None and calls[0]["resume"] is None
   assert calls[0]["resume_from"] is None
-  # W&B drops what came after the checkpoint (step 5). The last row before
-  # it (step 4) may never have left a killed process, so the run is rewound
-  # to the row before (2) and step 4 is logged again from metrics.jsonl.
-  assert calls[1]["resume_from"] == "first?_step=2"
+  # Rewound to step 0 and rebuilt from metrics.jsonl up to the checkpoint
+  # (step 5): a killed process may not have sent all it logged.
+  assert calls[1]["resume_from"] == "first?_step=0"
   assert calls[1]["id"] is None and calls[1]["resume"] is None
-  assert resumed.trackers[1].run.logged == [(4, {"train/loss": 0.25})]
+  assert resumed.trackers[1].run.logged == [(2, {"train/loss": 0.5}),
+                                            (4, {"train/loss": 0.25})]
   resumed.finish()
   assert [r["step"] for r in tracker.read_jsonl(tmp_path / "metrics.jsonl")] \
       == [2, 4]

@@ -277,12 +277,12 @@ class WandbTracker(Tracker):
       config: the run config (a nested dict).
       mode: auto | online | offline | disabled (see `resolve_wandb_mode`).
       run_id: continue this W&B run instead of starting a new one.
-      resume_step: with `run_id`, the step the trainer resumes from: W&B
-        rewinds the run to it (`resume_from="<run_id>?_step=<step>"`: history
-        after it is dropped, the original kept as an archived run), so the
-        steps logged again land in the history. Should W&B refuse the rewind
-        (it is a preview feature), the run is continued with resume="allow",
-        which keeps only steps after the last one W&B holds.
+      resume_step: with `run_id`, rewind the run to this step
+        (`resume_from="<run_id>?_step=<step>"`: W&B drops the history after
+        it and keeps the original as an archived run), so steps logged again
+        land in the history. Should W&B refuse the rewind (a preview
+        feature), the run is continued with resume="allow", which keeps only
+        the steps after the last one W&B holds.
 
     Raises:
       ValueError: for an unknown mode. W&B's own errors never propagate.
@@ -447,26 +447,6 @@ def _config_dict(config):
   return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
-def _last_row(path):
-  """Where to rewind W&B to on resume, and the records to log again there.
-
-  W&B's client holds a step's row until a later step is logged, so a killed
-  run may never have written its last row: the one at the checkpoint step, or
-  the last one before it. The run is rewound to the row before that one and
-  the last row is logged again from metrics.jsonl (already truncated to the
-  checkpoint step).
-
-  Returns:
-    (step to rewind to, records of the last logged step).
-  """
-  records = read_jsonl(path) if os.path.exists(path) else []
-  steps = sorted({r["step"] for r in records})
-  if not steps:
-    return 0, []
-  before = steps[-2] if len(steps) > 1 else 0
-  return before, [r for r in records if r["step"] == steps[-1]]
-
-
 def create_tracker(config, workdir, process_index, *, resume_step=None):
   """The tracker for one process of a run.
 
@@ -476,11 +456,11 @@ def create_tracker(config, workdir, process_index, *, resume_step=None):
       run id (for resuming) go there.
     process_index: `jax.process_index()`; only process 0 records anything.
     resume_step: when resuming from a checkpoint, its step: metrics.jsonl
-      records after it are dropped (see `truncate_after`) and the W&B run
-      recorded in the workdir is rewound to it (see `WandbTracker`; its last
-      row is logged again from metrics.jsonl, see `_last_row`), so both end
-      up as for a run that never stopped. None for a new run: the files are
-      appended to as they are.
+      records after it are dropped (see `truncate_after`); the W&B run
+      recorded in the workdir is rewound to step 0 (see `WandbTracker`) and
+      the kept records are logged to it again, so both end up as for a run
+      that never stopped. None for a new run: the files are appended to as
+      they are.
 
   Returns:
     On process 0, a `MultiTracker` of `JsonlTracker(<workdir>/metrics.jsonl)`
@@ -505,16 +485,19 @@ def create_tracker(config, workdir, process_index, *, resume_step=None):
     if resume_step is not None and os.path.exists(id_path):
       with open(id_path, encoding="utf-8") as f:
         run_id = f.read().strip() or None
-    rewind_to, replay = resume_step, []
-    if run_id is not None and resume_step is not None:
-      rewind_to, replay = _last_row(metrics_path)
     wandb_tracker = WandbTracker(
         project=config.wandb.project, entity=config.wandb.entity,
         group=config.wandb.group, name=config.wandb.name,
         tags=tuple(config.wandb.tags), config=_config_dict(config),
-        dir=workdir, mode=mode, run_id=run_id, resume_step=rewind_to)
-    for record in replay:
-      wandb_tracker.log(record.pop("step"), record)
+        dir=workdir, mode=mode, run_id=run_id,
+        resume_step=None if resume_step is None else 0)
+    # The W&B history is rebuilt from metrics.jsonl (up to the checkpoint):
+    # a killed attempt may have sent only part of what it logged (online,
+    # its last row is held back until a later step comes; offline, the run
+    # file keeps nothing after its last buffered write).
+    if resume_step is not None and os.path.exists(metrics_path):
+      for record in read_jsonl(metrics_path):
+        wandb_tracker.log(record.pop("step"), record)
     if wandb_tracker.run_id:
       with open(id_path, "w", encoding="utf-8") as f:
         f.write(wandb_tracker.run_id + "\n")
