@@ -13,16 +13,18 @@ version tested. `.ci/check_resolution.sh` shows what pip resolves for Python
   accelerate 1.15.0, scipy 1.17.1, uv 0.13.9 (SkyPilot 0.14.1 in its
   own environment).
 - GPU (NVIDIA H200, Python 3.12): jax/jaxlib 0.11.2 (CUDA 13 plugin),
-  flax 0.12.10, optax 0.2.8, orbax-checkpoint 0.12.4, transformers 5.17.0
-  (the benchmark; the checkpoint and tracker tests).
-- Lower bounds (CPU, Python 3.11, tests/test_checkpointing.py): jax/jaxlib
-  0.7.1 (what flax 0.12.0 requires), flax 0.12.0, optax 0.2.4,
-  orbax-checkpoint 0.11.30 (older releases fail on typed PRNG keys;
+  flax 0.12.10, optax 0.2.8, orbax-checkpoint 0.12.4, transformers 5.17.0:
+  the benchmark (research.bench), not the test suite.
+- tests/test_checkpointing.py (CPU, Python 3.11) also passed with the lower
+  bounds, jax/jaxlib 0.7.1 (what flax 0.12.0 requires), flax 0.12.0, optax
+  0.2.4, orbax-checkpoint 0.11.30 (older releases fail on typed PRNG keys;
   `preservation_policy` came in 0.11.14, BestN's
-  `keep_checkpoints_without_metrics` in 0.11.15).
+  `keep_checkpoints_without_metrics` in 0.11.15), and with jax 0.10.2,
+  flax 0.12.8, orbax-checkpoint 0.12.4.
 
-jax < 0.12: 0.12 is untested (it needs Python >= 3.12, as 0.11 does; a
-Python 3.12 environment gets jax 0.11.x, flax 0.12.x, and keeps them).
+jax < 0.12 (0.12 is untested): jax >= 0.11 and flax >= 0.12.9 need Python
+>= 3.12, where pip picks jax 0.11.2 and flax 0.12.12 today; on Python 3.11
+it picks jax 0.10.2 and flax 0.12.8.
 """
 
 import setuptools
