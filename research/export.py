@@ -18,6 +18,7 @@ from flax import nnx
 
 from research import data
 from research.models import hf
+from research.predict import best_metric_key
 from research.training.checkpointing import Checkpointer, abstract_like
 
 
@@ -43,7 +44,8 @@ def export_run(workdir: str, out_dir: str, which: str = "best") -> str:
   model_dir = hf.resolve(config.model.name)
   model, _ = hf.load_pretrained(str(model_dir), config.task, config.num_labels)
   graphdef, params = nnx.split(model, nnx.Param)
-  with Checkpointer(workdir) as checkpointer:
+  with Checkpointer(workdir, best_metric=best_metric_key(config),
+                    best_mode=config.eval_metric_mode) as checkpointer:
     best = which == "best" and checkpointer.best_step() is not None
     if checkpointer.latest_step() is None:
       raise FileNotFoundError(f"{workdir}: no checkpoint to export")

@@ -1,5 +1,6 @@
 """Tests for research.training.checkpointing (orbax glue)."""
 
+import collections
 import os
 import pathlib
 import signal
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 # The rename that makes a step final; patched to simulate a failing disk.
 from orbax.checkpoint._src.path import atomicity
 import pytest
@@ -87,31 +89,75 @@ def test_keeps_last_n_and_the_best_even_when_old(tmp_path):
     for step, acc in accuracies.items():
       ckpt.save(step, state, {"step": step}, metrics={"accuracy": acc})
     ckpt.wait_until_finished()
-    assert ckpt.all_steps() == [4, 5]
-    assert ckpt.all_steps(best=True) == [1]
-    assert ckpt.best_step() == 1
+    assert ckpt.all_steps() == [1, 4, 5]
+    assert ckpt.best_step() == 1 and ckpt.latest_step() == 5
+    assert ckpt.metrics(1) == {"accuracy": 0.9, "step": 1}
     step, _, extras = ckpt.restore(abstract_like(state), best=True)
   assert (step, extras) == (1, {"step": 1})
+  # One directory: the best is not kept a second time anywhere.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
   on_disk = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-  assert on_disk == ["4", "5"]
-  assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["1"]
+  assert on_disk == ["1", "4", "5"]
+  # A reader must rank by the run's metric; another one would tie everywhere.
+  with Checkpointer(tmp_path, best_metric="f1") as ckpt:
+    with pytest.raises(CheckpointError, match=r"'f1'.*\['accuracy'\]"):
+      ckpt.best_step()
 
 
-def test_best_min_mode_replaces_only_on_improvement(tmp_path):
+@pytest.fixture
+def state_writes(monkeypatch):
+  """Counts the state trees written, per step directory."""
+  writes = collections.Counter()
+  real = ocp.StandardCheckpointHandler.async_save
+
+  async def counting(self, directory, *args, **kwargs):
+    writes[pathlib.Path(str(directory)).parent.name.split(".")[0]] += 1
+    return await real(self, directory, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", counting)
+  return writes
+
+
+def test_each_step_is_written_once_best_included(tmp_path, state_writes):
+  # Every evaluation improves, so every save is both the latest and the best
+  # (the two-manager layout wrote each of them twice: 10 writes for 5).
   state = make_state()
-  with Checkpointer(tmp_path, best_metric="loss", best_mode="min") as ckpt:
-    assert ckpt.save_best(1, state, {}, {"loss": 0.8})
-    assert ckpt.save_best(2, state, {}, {"loss": 0.3})
-    assert not ckpt.save_best(3, state, {}, {"loss": 0.5})
-    assert not ckpt.save_best(4, state, {}, {"loss": float("nan")})
+  with Checkpointer(tmp_path, keep=2) as ckpt:
+    for step, acc in enumerate([0.5, 0.6, 0.7, 0.8, 0.9], start=1):
+      assert ckpt.save(step, state, {}, metrics={"accuracy": acc})
+    assert ckpt.save(6, state, {})  # a periodic save without evaluation
+    assert not ckpt.save(6, state, {}, force=True)  # preemption, same step
     ckpt.wait_until_finished()
-    assert ckpt.all_steps(best=True) == [2]
-  # The ranking survives a restart: orbax stored the metrics with the step.
-  with Checkpointer(tmp_path, best_metric="loss", best_mode="min") as ckpt:
-    assert not ckpt.save_best(5, state, {}, {"loss": 0.4})
-    assert ckpt.save_best(6, state, {}, {"loss": 0.1})
+    assert ckpt.best_step() == 5 and ckpt.all_steps() == [5, 6]
+  assert state_writes == {str(s): 1 for s in range(1, 7)}
+
+
+def test_ties_keep_the_older_best(tmp_path):
+  state = make_state()
+  with Checkpointer(tmp_path, keep=1) as ckpt:
+    for step, acc in [(1, 0.5), (2, 0.75), (3, 0.75), (4, 0.25)]:
+      ckpt.save(step, state, {}, metrics={"accuracy": acc})
     ckpt.wait_until_finished()
-    assert ckpt.all_steps(best=True) == [6]
+    assert ckpt.best_step() == 2 and ckpt.all_steps() == [2, 4]
+
+
+def test_best_min_mode_and_the_ranking_survives_a_restart(tmp_path):
+  state = make_state()
+  opts = dict(keep=1, best_metric="loss", best_mode="min")
+  with Checkpointer(tmp_path, **opts) as ckpt:
+    for step, loss in [(1, 0.8), (2, 0.3), (3, 0.3), (4, float("nan"))]:
+      ckpt.save(step, state, {}, metrics={"loss": loss})
+    ckpt.wait_until_finished()
+    assert ckpt.best_step() == 2 and ckpt.all_steps() == [2, 4]
+  # Orbax stored the metrics with each step.
+  with Checkpointer(tmp_path, **opts) as ckpt:
+    assert ckpt.best_step() == 2
+    ckpt.save(5, state, {}, metrics={"loss": 0.4})
+    ckpt.wait_until_finished()
+    assert ckpt.best_step() == 2 and ckpt.all_steps() == [2, 5]
+    ckpt.save(6, state, {}, metrics={"loss": 0.1})
+    ckpt.wait_until_finished()
+    assert ckpt.best_step() == 6 and ckpt.all_steps() == [6]
 
 
 def test_latest_step_after_several_saves_and_reopen(tmp_path):
@@ -220,10 +266,79 @@ def test_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(empty / "checkpoints")):
       ckpt.restore(abstract_like(make_state()))
     with pytest.raises(KeyError, match="accuracy"):
-      ckpt.save_best(1, make_state(), {}, {"f1": 0.5})
+      ckpt.save(1, make_state(), {}, metrics={"f1": 0.5})
     with pytest.raises(TypeError, match="plain JSON"):
       ckpt.save(1, make_state(), {"epoch": np.int64(1)})
     assert ckpt.latest_step() is None
+
+
+def _write_two_manager_layout(workdir, accuracies, keep=2):
+  """A workdir as the two-manager Checkpointer wrote it (before one manager).
+
+  `checkpoints/` kept the last `keep` steps without metrics; `best/` the best
+  step again, with its metrics. The options are those of that version.
+  """
+  common = dict(enable_async_checkpointing=False, create=True)
+  latest = ocp.CheckpointManager(
+      workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+          preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+          **common))
+  score = lambda m: m["accuracy"]
+  best = ocp.CheckpointManager(
+      workdir / "best", options=ocp.CheckpointManagerOptions(
+          best_fn=score, best_mode="max",
+          preservation_policy=ocp.checkpoint_managers.BestN(
+              get_metric_fn=score, n=1,
+              keep_checkpoints_without_metrics=False), **common))
+  best_value = None
+  for step, acc in accuracies.items():
+    args = ocp.args.Composite(state=ocp.args.StandardSave(make_state(step)),
+                              extras=ocp.args.JsonSave({"at": step}))
+    latest.save(step, args=args)
+    if best_value is None or acc > best_value:
+      best.save(step, args=args, metrics={"accuracy": acc}, force=True)
+      best_value = acc
+  latest.close()
+  best.close()
+
+
+@pytest.mark.parametrize("accuracies, steps, best", [
+    ({1: 0.9, 2: 0.5, 3: 0.6}, [1, 2, 3], 1),   # best older than the latest
+    ({1: 0.5, 2: 0.6, 3: 0.9}, [2, 3], 3),      # best is the latest
+])
+def test_two_manager_layout_is_moved_and_restores(tmp_path, accuracies, steps,
+                                                   best):
+  _write_two_manager_layout(tmp_path, accuracies)
+  assert (tmp_path / "best" / str(best)).is_dir()
+  (tmp_path / "best" / "4.orbax-checkpoint-tmp").mkdir()  # a crash mid-save
+  with Checkpointer(tmp_path, keep=2) as ckpt:
+    assert not (tmp_path / "best").exists()
+    assert ckpt.all_steps() == steps
+    assert ckpt.best_step() == best and ckpt.latest_step() == 3
+    assert ckpt.metrics(best) == {"accuracy": accuracies[best], "step": best}
+    step, restored, extras = ckpt.restore(abstract_like(make_state()),
+                                          best=True)
+    assert (step, extras) == (best, {"at": best})
+    assert_trees_equal(restored, make_state(best))
+    step, restored, _ = ckpt.restore(abstract_like(make_state()))
+    assert step == 3
+    assert_trees_equal(restored, make_state(3))
+    # Training continues in the one directory and the moved best competes.
+    ckpt.save(4, make_state(4), {"at": 4}, metrics={"accuracy": 0.7})
+    ckpt.wait_until_finished()
+    assert ckpt.best_step() == best and ckpt.all_steps() == sorted({best, 3, 4})
+    ckpt.save(5, make_state(5), {"at": 5}, metrics={"accuracy": 0.95})
+    ckpt.wait_until_finished()
+    assert ckpt.best_step() == 5 and ckpt.all_steps() == [4, 5]
+
+
+def test_two_manager_layout_that_cannot_be_moved_says_how(tmp_path):
+  _write_two_manager_layout(tmp_path, {1: 0.9, 2: 0.5, 3: 0.6})
+  (tmp_path / "best" / "1" / "metrics" / "metrics").unlink()
+  with pytest.raises(CheckpointError, match="Move it by hand") as err:
+    Checkpointer(tmp_path)
+  assert f"move {tmp_path / 'best'}/<step> to" in str(err.value)
+  assert (tmp_path / "best" / "1" / "state").is_dir()  # nothing was lost
 
 
 def test_sigterm_sets_preemption_flag(tmp_path):

@@ -244,31 +244,78 @@ def test_launch_tpu_issues_create_scp_and_ssh_on_all_workers(stub_gcloud):
   assert all("--worker=all" in c for c in calls[1:])
   ssh = calls[-1]
   command = ssh[ssh.index("--command") + 1]
-  assert "pip install -q -e '.[tpu,tfds,hf]'" in command
+  # A Python 3.12 venv by uv, not the image's Python (3.10 on this image).
+  assert "uv venv -q --python 3.12 $venv" in command
+  assert "uv pip install -q --python $venv/bin/python -e '.[tpu,tfds,hf]'" \
+      in command
   # The remote shell must see the arguments exactly: run the tail through bash.
   tail = command.split("; . ~/.research-env; ")[1]
   argv = subprocess.run(["bash", "-c", f"printf '%s\\n' {tail}"],
-                        capture_output=True, text=True, check=True).stdout
+                        capture_output=True, text=True, check=True,
+                        env=dict(os.environ, HOME="/home/w")).stdout
   assert argv.splitlines() == [
-      "python3", "-m", "research.train", "--config", "experiments/quickstart.py",
+      "/home/w/.venvs/research-bert/bin/python", "-m", "research.train",
+      "--config", "experiments/quickstart.py",
       "--workdir", "gs://bucket/run 1", "--config.data.text_fields=('a b',)"]
   # The W&B key travels in a file, never in arguments or output.
   assert "secret-key-123" not in log.read_text() + out.stdout + out.stderr
 
 
-def test_launch_dry_run_runs_nothing(stub_gcloud):
+def test_launch_dry_run_runs_nothing(stub_gcloud, tmp_path):
   env, log = stub_gcloud
+  env["HOME"] = str(tmp_path / "home")
   out = _launch(env, "tpu", "--name", "t", "--zone", "z", "--dry-run",
                 "experiments/quickstart.py")
   assert out.returncode == 0, out.stderr
   assert _calls(log) == []
   assert "+ gcloud compute tpus tpu-vm ssh t --zone z --worker=all" in out.stdout
+  # The workers' environment, readable: Python >= 3.11 from uv, in a venv
+  # kept between launches (rebuilt when setup.py or the choices change).
+  worker = next(line for line in out.stdout.splitlines()
+                if line.startswith("# on every worker: "))
+  assert "python3 -m pip install -q --user uv" in worker
+  assert "uv venv -q --python 3.12 $venv" in worker
+  assert "$HOME/.venvs/research-bert/bin/python -m research.train" in worker
+  assert 'want="$(sha256sum setup.py | cut -c1-16) python3.12 [tpu,tfds,hf]"' \
+      in worker
   assert "secret-key-123" not in out.stdout
   out = _launch(env, "gpu", "--coordinator", "10.0.0.2:1234", "--num-processes",
-                "2", "--process-id", "1", "--dry-run", "experiments/quickstart.py")
+                "2", "--process-id", "1", "--python", "3.11", "--extras",
+                "cuda13,hf", "--dry-run", "experiments/quickstart.py")
   assert out.returncode == 0, out.stderr
-  assert ("+ env JAX_COORDINATOR_ADDRESS=10.0.0.2:1234 JAX_NUM_PROCESSES=2 "
-          "JAX_PROCESS_ID=1 python3 -m research.train") in out.stdout
+  lines = out.stdout.splitlines()
+  assert "uv venv -q --python 3.11 $venv" in lines[0]
+  assert "-e '.[cuda13,hf]'" in lines[0]
+  assert lines[1] == (
+      "+ env JAX_COORDINATOR_ADDRESS=10.0.0.2:1234 JAX_NUM_PROCESSES=2 "
+      f"JAX_PROCESS_ID=1 {env['HOME']}/.venvs/research-bert/bin/python -m "
+      "research.train --config experiments/quickstart.py --workdir "
+      "workdirs/quickstart")
+  assert not (tmp_path / "home").exists()  # nothing ran
+
+
+def test_launch_setup_builds_the_venv_once(tmp_path):
+  """`launch.sh setup` for real, with stand-ins for uv and pip's install."""
+  home, bin_dir, calls = tmp_path / "home", tmp_path / "bin", tmp_path / "calls"
+  bin_dir.mkdir()
+  # uv: records its arguments; `uv venv` makes the venv directory.
+  (bin_dir / "uv").write_text(
+      f'#!/usr/bin/env bash\necho "uv $*" >> {calls}\n'
+      'if [ "$1" = venv ]; then mkdir -p "${@: -1}/bin"; fi\n')
+  (bin_dir / "uv").chmod(0o755)
+  env = dict(os.environ, HOME=str(home), PATH=f"{bin_dir}:{os.environ['PATH']}")
+  for _ in range(2):
+    out = _launch(env, "setup", "--python", "3.13")
+    assert out.returncode == 0, out.stderr
+  venv = home / ".venvs" / "research-bert"
+  assert calls.read_text().splitlines() == [
+      f"uv venv -q --python 3.13 {venv}",
+      f"uv pip install -q --python {venv}/bin/python -e .[tpu,tfds,hf]"]
+  assert (venv / ".stamp").read_text().endswith(" python3.13 [tpu,tfds,hf]\n")
+  # Another choice rebuilds it.
+  assert _launch(env, "setup", "--python", "3.12").returncode == 0
+  assert calls.read_text().splitlines()[2] == (
+      f"uv venv -q --python 3.12 {venv}")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -281,6 +328,9 @@ def test_launch_dry_run_runs_nothing(stub_gcloud):
       "experiments/quickstart.py"], "--process-id must be in"),
     (["local", "experiments/missing.py"], "config file 'experiments/missing.py' not found"),
     (["local", "--bogus", "experiments/quickstart.py"], "unknown option '--bogus'"),
+    (["tpu", "--name", "t", "--zone", "z", "--python", "3.10",
+      "experiments/quickstart.py"], "--python must be 3.11 or newer"),
+    (["setup", "experiments/quickstart.py"], "setup takes no CONFIG"),
 ])
 def test_launch_bad_arguments_print_usage(stub_gcloud, args, message):
   env, log = stub_gcloud

@@ -158,13 +158,73 @@ def test_resume_continues_wandb_run(tmp_path, monkeypatch):
   config = _config("offline")
   config.wandb.tags = ("glue", "sst2")
   config.wandb.group = "g"
-  tracker.create_tracker(config, str(tmp_path), 0).finish()
-  tracker.create_tracker(config, str(tmp_path), 0, resume_step=4).finish()
+  first = tracker.create_tracker(config, str(tmp_path), 0)
+  for step in (2, 4, 6):
+    first.log(step, {"train/loss": 1.0 / step})
+  first.finish()
+  resumed = tracker.create_tracker(config, str(tmp_path), 0, resume_step=5)
   assert calls[0]["id"] is None and calls[0]["resume"] is None
-  assert calls[1]["id"] == "first" and calls[1]["resume"] == "allow"
+  assert calls[0]["resume_from"] is None
+  # Rewound to step 0 and rebuilt from metrics.jsonl up to the checkpoint
+  # (step 5): a killed process may not have sent all it logged.
+  assert calls[1]["resume_from"] == "first?_step=0"
+  assert calls[1]["id"] is None and calls[1]["resume"] is None
+  assert resumed.trackers[1].run.logged == [(2, {"train/loss": 0.5}),
+                                            (4, {"train/loss": 0.25})]
+  resumed.finish()
+  assert [r["step"] for r in tracker.read_jsonl(tmp_path / "metrics.jsonl")] \
+      == [2, 4]
   assert calls[0]["tags"] == ["glue", "sst2"] and calls[0]["group"] == "g"
   assert calls[0]["entity"] is None and calls[0]["dir"] == str(tmp_path)
   assert calls[0]["config"]["optimizer"]["name"] == "adamw"
+
+
+def test_refused_rewind_continues_the_run_then_falls_back(tmp_path,
+                                                          monkeypatch):
+  calls = []
+
+  def init_without_rewind(**kwargs):
+    calls.append(kwargs)
+    if kwargs["resume_from"] or kwargs["mode"] == "online":
+      raise wandb.errors.CommError("rewind is not enabled for this entity")
+    return _FakeRun(kwargs["id"])
+
+  monkeypatch.setattr(wandb, "init", init_without_rewind)
+  with pytest.warns(RuntimeWarning) as record:
+    t = tracker.WandbTracker(project="p", dir=str(tmp_path), mode="online",
+                             run_id="abc", resume_step=40)
+  assert [(c["mode"], c["resume_from"], c["id"], c["resume"]) for c in calls] \
+      == [("online", "abc?_step=40", None, None), ("online", None, "abc", "allow"),
+          ("offline", "abc?_step=40", None, None),
+          ("offline", None, "abc", "allow")]
+  assert [str(w.message).split(" (")[0] for w in record] == [
+      "W&B could not rewind run abc?_step=40 in online mode",
+      "W&B could not start in online mode",
+      "W&B could not rewind run abc?_step=40 in offline mode"]
+  assert t.mode == "offline" and t.run_id == "abc"
+  t.finish()
+
+
+def test_log_failure_reinit_continues_the_same_run(tmp_path, monkeypatch):
+  runs, calls = [], []
+
+  def fake_init(**kwargs):
+    calls.append(kwargs)
+    runs.append(_FakeRun("r1"))
+    return runs[-1]
+
+  monkeypatch.setattr(wandb, "init", fake_init)
+  t = tracker.WandbTracker(project="p", dir=str(tmp_path), mode="online")
+  t.log(1, {"train/loss": 1.0})
+  runs[0].fail_log = True
+  with pytest.warns(RuntimeWarning, match="log failed in online mode"):
+    t.log(2, {"train/loss": 0.5})
+  # Offline, the same run from the last step W&B accepted: nothing dropped.
+  assert calls[1]["mode"] == "offline"
+  assert calls[1]["resume_from"] == "r1?_step=1"
+  assert runs[0].logged == [(1, {"train/loss": 1.0})]
+  assert runs[1].logged == [(2, {"train/loss": 0.5})]
+  t.finish()
 
 
 def test_other_processes_log_nothing(tmp_path, monkeypatch):

@@ -30,12 +30,7 @@ def _tiny_config(model_dir, **overrides):
 
 def _restore_latest(workdir):
   with Checkpointer(workdir) as ckpt:
-    step = ckpt.latest_step()
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-    restored = ckpt._latest.restore(  # pylint: disable=protected-access
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                      extras=ocp.args.JsonRestore()))
-  return step, restored.state, restored.extras
+    return ckpt.restore(None)  # as saved: no target needed
 
 
 def _metrics(workdir):
@@ -225,5 +220,5 @@ def test_early_stopping_after_patience_evals(tmp_path, tiny_model_dir):
   config.optimizer.learning_rate = 0.0
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary["final_step"] == 3 and summary["best_step"] == 1
-  with Checkpointer(str(tmp_path)) as ckpt:
+  with Checkpointer(str(tmp_path), best_metric="eval/accuracy") as ckpt:
     assert ckpt.latest_step() == 3 and ckpt.best_step() == 1

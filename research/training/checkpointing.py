@@ -1,13 +1,21 @@
 """Checkpoints: the last few for resuming, plus the best one by an eval metric.
 
-A thin layer over orbax `CheckpointManager`. On disk, under the workdir:
+A thin layer over one orbax `CheckpointManager`. On disk, under the workdir:
 
-  checkpoints/<step>/state/    the last `keep` saves (resume from here)
-  checkpoints/<step>/extras/   small JSON: data position, epoch, label names...
-  best/<step>/{state,extras,metrics}/   the single best save by the metric
+  checkpoints/<step>/state/     the arrays: parameters, optimiser state, keys
+  checkpoints/<step>/extras/    small JSON: data position, epoch, label names...
+  checkpoints/<step>/metrics/   the eval metrics of an evaluation step
 
-Each step is written to `<step>.orbax-checkpoint-tmp` and renamed when
-complete, so a crash mid-save leaves the previous step as the latest one.
+Orbax's preservation policy keeps a step if either the last `keep` saves or
+the best one by the metric (`LatestN` or `BestN`) want it, so a best
+checkpoint that is also one of the latest is written once, and an old best
+one stays when newer saves are pruned. Each step is written to
+`<step>.orbax-checkpoint-tmp` and renamed when complete, so a crash mid-save
+leaves the previous step as the latest one.
+
+Runs written before this layout kept the best checkpoint in a second
+directory, `best/<step>/`; opening such a workdir moves it into
+`checkpoints/` once (see `Checkpointer._adopt_legacy_best`).
 
 Typical use in a trainer:
 
@@ -17,7 +25,7 @@ Typical use in a trainer:
   if ckpt.latest_step() is not None:
     step, state, extras = ckpt.restore(abstract_like(state))
   ...
-  ckpt.save(step, state, extras, metrics=eval_metrics)  # also offers to best
+  ckpt.save(step, state, extras, metrics=eval_metrics)  # ranked for the best
   if ckpt.reached_preemption(step):
     ckpt.save(step, state, extras)
     ckpt.close()
@@ -25,6 +33,7 @@ Typical use in a trainer:
 """
 
 import json
+import logging
 import math
 import os
 import signal
@@ -33,10 +42,18 @@ from typing import Any, Mapping
 
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 PyTree = Any
+
+CHECKPOINT_DIR = "checkpoints"
+# The second directory of the two-manager layout (before one manager with a
+# preservation policy); only read, to move its checkpoint into CHECKPOINT_DIR.
+LEGACY_BEST_DIR = "best"
+# Orbax writes a step's metrics to `<step>/metrics/metrics`.
+_METRICS_ITEM = "metrics"
 
 
 class CheckpointError(RuntimeError):
@@ -98,14 +115,29 @@ def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
-class Checkpointer:
-  """Saves and restores training state with orbax.
+class _NoMetricsWarningFilter(logging.Filter):
+  """Drops orbax's warning for a save without metrics.
 
-  Keeps the last `keep` checkpoints under `<workdir>/checkpoints` and the best
-  one by `best_metric` under `<workdir>/best`. Orbax applies one preservation
-  policy per manager (latest-N or best-N, ranked over all its steps), so
-  "the last N plus the best, however old" takes two managers in two
-  directories; the best one is rewritten only when the metric improves.
+  With a metric-ranked policy orbax warns on every save that has none, but
+  periodic and preemption saves between evaluations are meant to have none
+  (the policy keeps them as latest, never as best).
+  """
+
+  def filter(self, record):
+    return "did not provide metrics" not in record.getMessage()
+
+
+_no_metrics_filter = _NoMetricsWarningFilter()
+
+
+class Checkpointer:
+  """Saves and restores training state with one orbax CheckpointManager.
+
+  Keeps the last `keep` checkpoints plus the best one by `best_metric` under
+  `<workdir>/checkpoints` (orbax `AnyPreservationPolicy` of `LatestN` and
+  `BestN`). Each step is written once, whether it is one of the latest, the
+  best or both. Ties of the metric keep the older step, as the trainer's
+  best-step bookkeeping does.
 
   Not thread-safe; call it from the training loop's thread. With several
   processes, every process must make the same calls (orbax synchronises
@@ -120,79 +152,78 @@ class Checkpointer:
       best_mode: str = "max",
       async_save: bool = True,
   ):
-    """Opens (or creates) the checkpoint directories under `workdir`.
+    """Opens (or creates) `<workdir>/checkpoints`.
 
-    Unfinished temporary step directories left by a crash are removed.
+    Unfinished temporary step directories left by a crash are removed, and a
+    best checkpoint of the old two-directory layout (`<workdir>/best`) is
+    moved into `checkpoints/`.
 
     Args:
       workdir: the run directory (a local path, or any path orbax's `epath`
         understands, such as gs://).
       keep: how many of the most recent checkpoints to keep (>= 1).
-      best_metric: the metric that ranks checkpoints for `save_best`.
+      best_metric: the metric that ranks the checkpoints saved with metrics.
       best_mode: "max" if larger `best_metric` is better, "min" if smaller.
       async_save: write in a background thread; `save` returns once the
         arrays are copied off the accelerator.
 
     Raises:
       ValueError: `keep` < 1 or an unknown `best_mode`.
-      CheckpointError: a checkpoint directory cannot be created or read.
+      CheckpointError: the checkpoint directory cannot be created or read, or
+        a legacy `best/` directory cannot be moved (the message says how to
+        move it by hand).
     """
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}.")
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}.")
     self.workdir = epath.Path(workdir)  # like orbax: local or gs://
+    self.directory = self.workdir / CHECKPOINT_DIR
     self.keep = keep
     self.best_metric = best_metric
     self.best_mode = best_mode
     self._sigterm = threading.Event()
     self._previous_sigterm_handler = None
     self._sigterm_installed = False
-    self._pending_step = {}  # manager directory -> step of its last save
+    self._pending_step = None  # step of the last save, for error messages
+    logging.getLogger("absl").addFilter(_no_metrics_filter)
 
-    common = dict(
+    # Checked before orbax opens it: orbax would accept a file here and fail
+    # later in a background thread.
+    if self.directory.exists() and not self.directory.is_dir():
+      raise CheckpointError(
+          f"Checkpoint directory {self.directory} exists and is not a "
+          f"directory.")
+    self._adopt_legacy_best()
+    options = ocp.CheckpointManagerOptions(
+        # best_fn makes orbax store each step's metrics (so the ranking
+        # survives a restart) and gives `best_step`; BestN ranks with it too.
+        best_fn=self._rank,
+        best_mode=best_mode,
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy([
+            checkpoint_managers.LatestN(n=keep),
+            checkpoint_managers.BestN(
+                get_metric_fn=self._rank,
+                reverse=(best_mode == "min"),
+                n=1,
+                # Saves without metrics are the LatestN policy's business.
+                keep_checkpoints_without_metrics=False,
+            ),
+        ]),
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,  # leftovers of a crash mid-save
         create=True,
     )
-    latest_options = ocp.CheckpointManagerOptions(
-        preservation_policy=checkpoint_managers.LatestN(n=keep), **common
-    )
-    best_options = ocp.CheckpointManagerOptions(
-        # best_fn also makes orbax store each step's metrics, so the ranking
-        # survives a restart.
-        best_fn=self._score,
-        best_mode=best_mode,
-        preservation_policy=checkpoint_managers.BestN(
-            get_metric_fn=self._score,
-            reverse=(best_mode == "min"),
-            n=1,
-            keep_checkpoints_without_metrics=False,
-        ),
-        **common,
-    )
-    self._latest = self._open(self.workdir / "checkpoints", latest_options)
-    self._best = self._open(self.workdir / "best", best_options)
-    self._best_value = self._stored_best_value()
-
-  @staticmethod
-  def _open(directory, options):
-    # Orbax would accept a file here and fail later in a background thread.
-    if directory.exists() and not directory.is_dir():
-      raise CheckpointError(
-          f"Checkpoint directory {directory} exists and is not a directory."
-      )
     try:
-      return ocp.CheckpointManager(directory, options=options)
+      self._manager = ocp.CheckpointManager(self.directory, options=options)
     except Exception as e:
       raise CheckpointError(
-          f"Cannot open checkpoint directory {directory}: {e}"
-      ) from e
+          f"Cannot open checkpoint directory {self.directory}: {e}") from e
 
   # --- Metric ranking ----------------------------------------------------------
 
   def _score(self, metrics: Mapping[str, Any] | None) -> float:
-    """The ranking value of `metrics`; missing or NaN ranks worst."""
+    """The value of `best_metric` in `metrics`; missing or NaN ranks worst."""
     worst = -math.inf if self.best_mode == "max" else math.inf
     # A missing metric happens when a run resumes with another eval_metric:
     # the old best then loses to the first new save.
@@ -201,55 +232,86 @@ class Checkpointer:
     value = float(metrics[self.best_metric])
     return worst if math.isnan(value) else value
 
-  def _better(self, value: float, than: float | None) -> bool:
-    if than is None:
-      return True
-    return value > than if self.best_mode == "max" else value < than
+  def _rank(self, metrics: Mapping[str, Any] | None) -> tuple[float, int]:
+    """Orbax's sort key: the score, then the older step on a tie.
 
-  def _stored_best_value(self) -> float | None:
-    step = self._best.best_step()
-    if step is None:
-      return None
-    return self._score(self._best.metrics(step))
+    Orbax sorts ascending (descending for "min") and keeps the last, and its
+    sort is stable, so a plain score would keep the newest of equal ones.
+    """
+    step = int((metrics or {}).get("step", 0))
+    value = self._score(metrics)
+    return (value, -step) if self.best_mode == "max" else (value, step)
+
+  # --- The two-directory layout of earlier versions ----------------------------
+
+  def _adopt_legacy_best(self) -> None:
+    """Moves `<workdir>/best/<step>` into `checkpoints/`, once.
+
+    Earlier versions wrote the best checkpoint a second time into `best/`
+    (without metrics in `checkpoints/`). Its step directory is renamed into
+    `checkpoints/`, or, when `checkpoints/` has that step too (same state),
+    only its metrics are copied there; then `best/` is removed. Each part is
+    safe to repeat, so a crash during the move is finished by the next open.
+    Process 0 moves; the others wait for it.
+
+    Raises:
+      CheckpointError: the move failed; the message says how to do it by hand.
+    """
+    legacy = self.workdir / LEGACY_BEST_DIR
+    if jax.process_index() == 0 and legacy.is_dir():
+      try:
+        # Complete steps only (orbax's own reading of a step directory);
+        # unfinished ones are dropped with the directory.
+        steps = ocp.path.step.standard_name_format().find_all(legacy)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for metadata in steps:
+          self._adopt_legacy_step(legacy / str(metadata.step), metadata.step)
+        legacy.rmtree()
+      except Exception as e:
+        raise CheckpointError(
+            f"{legacy} holds the best checkpoint in the layout of earlier "
+            f"versions and could not be moved into {self.directory} "
+            f"({type(e).__name__}: {e}). Move it by hand: for each step "
+            f"directory {legacy}/<step>, if {self.directory}/<step> exists "
+            f"copy {legacy}/<step>/metrics/metrics to "
+            f"{self.directory}/<step>/metrics/metrics, otherwise move "
+            f"{legacy}/<step> to {self.directory}/<step>; then delete "
+            f"{legacy}.") from e
+      logging.getLogger(__name__).info(
+          "moved the best checkpoint(s) %s from %s into %s",
+          [m.step for m in steps], legacy, self.directory)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("research_checkpointer_legacy_best")
+
+  def _adopt_legacy_step(self, source: epath.Path, step: int) -> None:
+    target = self.directory / str(step)
+    metrics = json.loads(
+        (source / _METRICS_ITEM / _METRICS_ITEM).read_text())
+    metrics["step"] = step  # the tie-break key of `_rank`
+    if not target.exists():
+      (source / _METRICS_ITEM / _METRICS_ITEM).write_text(json.dumps(metrics))
+      source.rename(target)
+      return
+    (target / _METRICS_ITEM).mkdir(exist_ok=True)
+    tmp = target / _METRICS_ITEM / f"{_METRICS_ITEM}.tmp"
+    tmp.write_text(json.dumps(metrics))
+    tmp.replace(target / _METRICS_ITEM / _METRICS_ITEM)
 
   # --- Saving ------------------------------------------------------------------
 
-  def _finish(self, manager) -> None:
-    """Waits for `manager`'s async save; raises its error naming the path."""
+  def _finish(self) -> None:
+    """Waits for the async save; raises its error naming the step directory."""
     try:
-      manager.wait_until_finished()
+      self._manager.wait_until_finished()
     except Exception as e:
       # Orbax already dropped the old steps it meant to delete from its step
       # list, but the failed save stopped before deleting them: re-read disk.
-      manager.reload()
-      step = self._pending_step.get(str(manager.directory), "?")
+      self._manager.reload()
+      step = "?" if self._pending_step is None else self._pending_step
       raise CheckpointError(
-          f"Saving checkpoint step {step} to {manager.directory / str(step)} "
+          f"Saving checkpoint step {step} to {self.directory / str(step)} "
           f"failed: {type(e).__name__}: {e}. Earlier checkpoints in "
-          f"{manager.directory} are unaffected."
-      ) from e
-
-  def _save(self, manager, step, state, extras, metrics, force) -> bool:
-    extras = _json_copy(dict(extras), "extras")
-    # Surface a failed earlier async save first, with its own step and path
-    # (orbax waits for it inside `save` anyway).
-    self._finish(manager)
-    # Saving a step twice is routine (an eval-time save, then a preemption
-    # save at the same step), and orbax would raise for it under `force`.
-    if step in manager.all_steps():
-      return False
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(extras)
-    )
-    target = manager.directory / str(step)
-    self._pending_step[str(manager.directory)] = step
-    try:
-      return manager.save(step, args=args, metrics=metrics, force=force)
-    except Exception as e:
-      raise CheckpointError(
-          f"Saving checkpoint step {step} to {target} failed: "
-          f"{type(e).__name__}: {e}. Earlier checkpoints in "
-          f"{manager.directory} are unaffected."
+          f"{self.directory} are unaffected."
       ) from e
 
   def save(
@@ -260,7 +322,7 @@ class Checkpointer:
       metrics: Mapping[str, Any] | None = None,
       force: bool = False,
   ) -> bool:
-    """Saves a resumable checkpoint at `step`, keeping the last `keep`.
+    """Saves a checkpoint at `step`; keeps the last `keep` and the best.
 
     With `async_save`, this returns once the arrays are copied to host memory;
     the write continues in the background. A failure of that write is raised
@@ -271,73 +333,46 @@ class Checkpointer:
       state: a pytree of arrays (`nnx.State`, optax state, PRNG keys...).
       extras: small plain-JSON values restored with the state (tuples come back
         as lists).
-      metrics: the evaluation metrics at `step`, if any. When given, the
-        checkpoint is also offered to the best directory (see `save_best`).
+      metrics: the evaluation metrics at `step`, if any; they rank this
+        checkpoint for `best_step` (stored with it, under `metrics/`, with
+        "step" added). A save without metrics is never the best.
       force: save even if orbax's save policy would skip `step` (a step not
         after the latest saved one).
 
     Returns:
-      Whether a new checkpoint was written to the latest directory.
+      Whether a new checkpoint was written.
 
     Raises:
       CheckpointError: this save, or an earlier async one, failed; the message
         names the step directory.
+      KeyError: `metrics` lacks `best_metric`.
       TypeError: `extras` or `metrics` are not plain JSON.
     """
-    saved = self._save(self._latest, step, state, extras, None, force)
+    extras = _json_copy(dict(extras), "extras")
     if metrics is not None:
-      self.save_best(step, state, extras, metrics)
-    return saved
-
-  def save_best(
-      self,
-      step: int,
-      state: PyTree,
-      extras: Mapping[str, Any],
-      metrics: Mapping[str, Any],
-  ) -> bool:
-    """Saves to the best directory if `metrics` beat the best saved so far.
-
-    Only one checkpoint is kept there: the best by `best_metric` and
-    `best_mode` (ties keep the older one). Non-improving calls write nothing.
-
-    Args:
-      step: the training step.
-      state: a pytree of arrays.
-      extras: small plain-JSON values restored with the state.
-      metrics: evaluation metrics; must contain `best_metric`.
-
-    Returns:
-      Whether a new best checkpoint was written.
-
-    Raises:
-      KeyError: `metrics` lacks `best_metric`.
-      CheckpointError: the save, or an earlier async one, failed.
-    """
-    if self.best_metric not in metrics:
-      raise KeyError(
-          f"metrics have no {self.best_metric!r}, which selects the best "
-          f"checkpoint in {self._best.directory}; got {sorted(metrics)}."
-      )
-    metrics = _json_copy(_plain_metrics(metrics), "metrics")
-    value = self._score(metrics)
-    if not self._better(value, self._best_value):
+      if self.best_metric not in metrics:
+        raise KeyError(
+            f"metrics have no {self.best_metric!r}, which selects the best "
+            f"checkpoint in {self.directory}; got {sorted(metrics)}.")
+      metrics = {**_json_copy(_plain_metrics(metrics), "metrics"), "step": step}
+    # Surface a failed earlier async save first, with its own step and path
+    # (orbax waits for it inside `save` anyway).
+    self._finish()
+    # Saving a step twice is routine (an eval-time save, then a preemption
+    # save at the same step), and orbax would raise for it under `force`.
+    if step in self._manager.all_steps():
       return False
-    if step in self._best.all_steps():
-      # Written by an earlier run that was resumed from an older checkpoint;
-      # this evaluation is better, so it replaces that one.
-      self._finish(self._best)
-      self._best.delete(step)
-    # force: orbax would otherwise skip steps before its latest, which happens
-    # after resuming from an older checkpoint.
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(extras))
+    self._pending_step = step
     try:
-      saved = self._save(self._best, step, state, extras, metrics, force=True)
-    except CheckpointError:
-      self._best_value = self._stored_best_value()
-      raise
-    if saved:
-      self._best_value = value
-    return saved
+      return self._manager.save(step, args=args, metrics=metrics, force=force)
+    except Exception as e:
+      raise CheckpointError(
+          f"Saving checkpoint step {step} to {self.directory / str(step)} "
+          f"failed: {type(e).__name__}: {e}. Earlier checkpoints in "
+          f"{self.directory} are unaffected."
+      ) from e
 
   def wait_until_finished(self) -> None:
     """Blocks until async saves are on disk; raises their errors.
@@ -345,33 +380,43 @@ class Checkpointer:
     Raises:
       CheckpointError: a background save failed; names the step directory.
     """
-    try:
-      self._finish(self._latest)
-    finally:
-      try:
-        self._finish(self._best)
-      except CheckpointError:
-        self._best_value = self._stored_best_value()
-        raise
+    self._finish()
 
   # --- Reading -----------------------------------------------------------------
 
   def latest_step(self) -> int | None:
-    """The newest complete resumable step, or None if there is none."""
-    return self._latest.latest_step()
+    """The newest complete step, or None if there is none."""
+    return self._manager.latest_step()
 
   def best_step(self) -> int | None:
-    """The step of the best checkpoint, or None if there is none."""
-    return self._best.best_step()
+    """The step of the best checkpoint saved with metrics, or None.
 
-  def all_steps(self, best: bool = False) -> list[int]:
-    """The complete steps in the latest (or best) directory, ascending."""
-    manager = self._best if best else self._latest
-    return sorted(manager.all_steps())
+    Raises:
+      CheckpointError: no saved metrics have `best_metric` (the run ranked by
+        another one); names the metrics that are there.
+    """
+    step = self._manager.best_step()
+    metrics = self.metrics(step) if step is not None else None
+    # Missing everywhere would make every step tie and the oldest win.
+    if metrics is not None and self.best_metric not in metrics:
+      raise CheckpointError(
+          f"No checkpoint in {self.directory} has the metric "
+          f"{self.best_metric!r} to rank by; the saved metrics are "
+          f"{sorted(k for k in metrics if k != 'step')}. Pass the run's "
+          f"metric as best_metric.")
+    return step
+
+  def all_steps(self) -> list[int]:
+    """The complete steps on disk (the latest ones and the best), ascending."""
+    return sorted(self._manager.all_steps())
+
+  def metrics(self, step: int) -> dict[str, Any] | None:
+    """The metrics saved with `step` (with "step" added), or None."""
+    return self._manager.metrics(step)
 
   def restore(
       self,
-      abstract_state: PyTree,
+      abstract_state: PyTree | None,
       step: int | None = None,
       best: bool = False,
       partial: bool = False,
@@ -382,9 +427,10 @@ class Checkpointer:
       abstract_state: the target: a pytree of `jax.ShapeDtypeStruct` with
         `sharding` set, shaped like the saved state (see `abstract_like`). The
         arrays are placed by these shardings, which may differ from the ones at
-        save time (resharded restore).
+        save time (resharded restore). None restores the saved tree as it was
+        saved, on the default device (for inspection).
       step: the step to restore; default the latest (or the best).
-      best: restore from the best directory instead of the latest ones.
+      best: default to the best step rather than the latest.
       partial: `abstract_state` names a subset of the saved tree (e.g. only
         the parameters, for export); the rest is not read.
 
@@ -396,32 +442,31 @@ class Checkpointer:
       CheckpointError: reading failed (for example a target that does not
         match the saved tree); names the step directory.
     """
-    manager = self._best if best else self._latest
-    self._finish(manager)
+    self._finish()
     if step is None:
-      step = manager.best_step() if best else manager.latest_step()
+      step = self.best_step() if best else self.latest_step()
       if step is None:
-        raise FileNotFoundError(f"No checkpoint in {manager.directory}.")
-    elif step not in manager.all_steps():
+        raise FileNotFoundError(
+            f"No {'best ' if best else ''}checkpoint in {self.directory}.")
+    elif step not in self._manager.all_steps():
       raise FileNotFoundError(
-          f"No checkpoint for step {step} in {manager.directory}; have "
-          f"{sorted(manager.all_steps())}."
-      )
-    args = ocp.args.Composite(
-        state=(ocp.args.PyTreeRestore(
-            abstract_state, partial_restore=True,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(
-                abstract_state)) if partial
-               else ocp.args.StandardRestore(abstract_state)),
-        extras=ocp.args.JsonRestore(),
-    )
+          f"No checkpoint for step {step} in {self.directory}; have "
+          f"{self.all_steps()}.")
+    if partial:
+      state_args = ocp.args.PyTreeRestore(
+          abstract_state, partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(
+              abstract_state))
+    else:
+      state_args = ocp.args.StandardRestore(abstract_state)
+    args = ocp.args.Composite(state=state_args, extras=ocp.args.JsonRestore())
     try:
-      restored = manager.restore(step, args=args)
+      restored = self._manager.restore(step, args=args)
     except Exception as e:
       # Orbax prints whole metadata trees; the start says what went wrong.
       detail = str(e) if len(str(e)) < 2000 else str(e)[:2000] + " [...]"
       raise CheckpointError(
-          f"Restoring checkpoint {manager.directory / str(step)} failed: "
+          f"Restoring checkpoint {self.directory / str(step)} failed: "
           f"{detail}") from e
     return step, restored.state, restored.extras
 
@@ -468,7 +513,7 @@ class Checkpointer:
     Args:
       step: the current training step.
     """
-    return self._sigterm.is_set() or self._latest.reached_preemption(step)
+    return self._sigterm.is_set() or self._manager.reached_preemption(step)
 
   # --- Lifetime ----------------------------------------------------------------
 
@@ -482,8 +527,7 @@ class Checkpointer:
     try:
       self.wait_until_finished()
     finally:
-      self._latest.close()
-      self._best.close()
+      self._manager.close()
       self.restore_sigterm_handler()
 
   def __enter__(self) -> "Checkpointer":

@@ -264,7 +264,7 @@ class WandbTracker(Tracker):
   """
 
   def __init__(self, *, project, dir, entity="", group="", name="", tags=(),
-               config=None, mode="auto", run_id=None):
+               config=None, mode="auto", run_id=None, resume_step=None):
     """Starts the W&B run.
 
     Args:
@@ -276,7 +276,13 @@ class WandbTracker(Tracker):
       tags: run tags.
       config: the run config (a nested dict).
       mode: auto | online | offline | disabled (see `resolve_wandb_mode`).
-      run_id: resume this W&B run id (resume="allow") instead of a new run.
+      run_id: continue this W&B run instead of starting a new one.
+      resume_step: with `run_id`, rewind the run to this step
+        (`resume_from="<run_id>?_step=<step>"`: W&B drops the history after
+        it and keeps the original as an archived run), so steps logged again
+        land in the history. Should W&B refuse the rewind (a preview
+        feature), the run is continued with resume="allow", which keeps only
+        the steps after the last one W&B holds.
 
     Raises:
       ValueError: for an unknown mode. W&B's own errors never propagate.
@@ -290,14 +296,14 @@ class WandbTracker(Tracker):
         tags=list(tags) or None,
         config=dict(config or {}),
         dir=os.fspath(dir),
-        id=run_id or None,
-        resume="allow" if run_id else None,
         # Each tracker owns its run; an earlier run in the process (a test, a
         # notebook) is neither returned nor finished.
         reinit="create_new",
     )
+    self._continue(run_id, resume_step)
     self.run = None
     self.mode = "disabled"
+    self._last_step = None  # the last step W&B accepted, for a re-init
     self._start(resolve_wandb_mode(mode))
 
   @property
@@ -305,20 +311,43 @@ class WandbTracker(Tracker):
     """The W&B run id, or None when disabled."""
     return None if self.run is None else self.run.id
 
+  def _continue(self, run_id, step):
+    """Makes the next init continue `run_id`, rewound to `step` if given."""
+    rewind = run_id and step is not None
+    self._init_kwargs.update(
+        id=None if rewind else run_id or None,
+        resume=None if rewind or not run_id else "allow",
+        resume_from=f"{run_id}?_step={int(step)}" if rewind else None)
+
   def _start(self, mode):
+    import wandb  # pylint: disable=import-outside-toplevel
     while mode != "disabled":
-      try:
-        import wandb  # pylint: disable=import-outside-toplevel
-        self.run = wandb.init(mode=mode, **self._init_kwargs)
-        self.mode = mode
-        return
-      except Exception as e:  # pylint: disable=broad-except
-        fallback = _NEXT_MODE[mode]
-        warnings.warn(
-            f"W&B could not start in {mode} mode ({type(e).__name__}: {e}); "
-            f"continuing with W&B {fallback}. metrics.jsonl is unaffected.",
-            RuntimeWarning, stacklevel=3)
-        mode = fallback
+      attempts = [self._init_kwargs]
+      rewind = self._init_kwargs["resume_from"]
+      if rewind:
+        run_id = rewind.split("?")[0]
+        attempts.append({**self._init_kwargs, "resume_from": None,
+                         "id": run_id, "resume": "allow"})
+      for kwargs in attempts:
+        try:
+          self.run = wandb.init(mode=mode, **kwargs)
+          self.mode = mode
+          return
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
+          if kwargs["resume_from"]:
+            warnings.warn(
+                f"W&B could not rewind run {rewind} in {mode} mode "
+                f"({type(e).__name__}: {e}); continuing run {run_id} with "
+                f"resume='allow' instead, where W&B keeps only the steps "
+                f"after the last one it holds (metrics.jsonl has them all).",
+                RuntimeWarning, stacklevel=3)
+      fallback = _NEXT_MODE[mode]
+      warnings.warn(
+          f"W&B could not start in {mode} mode ({type(error).__name__}: "
+          f"{error}); continuing with W&B {fallback}. metrics.jsonl is "
+          f"unaffected.", RuntimeWarning, stacklevel=3)
+      mode = fallback
     self.run = None
     self.mode = "disabled"
 
@@ -328,11 +357,15 @@ class WandbTracker(Tracker):
         f"W&B {what} failed in {self.mode} mode ({type(error).__name__}: "
         f"{error}); continuing with W&B {fallback}.", RuntimeWarning,
         stacklevel=4)
+    run_id = self.run.id
     try:
       self.run.finish()
     except Exception:  # pylint: disable=broad-except
       pass  # The run is being abandoned; its errors no longer matter.
     self.run = None
+    if self._last_step is not None:
+      # The same run from the last step it accepted (nothing is dropped).
+      self._continue(run_id, self._last_step)
     self._start(fallback)
 
   def _call(self, what, fn):
@@ -353,7 +386,12 @@ class WandbTracker(Tracker):
 
   def log(self, step, metrics):
     values = to_python(metrics)
-    self._call("log", lambda run: run.log(values, step=int(step)))
+
+    def log(run):
+      run.log(values, step=int(step))
+      self._last_step = int(step)
+
+    self._call("log", log)
 
   def summary(self, values):
     values = to_python(values)
@@ -418,9 +456,11 @@ def create_tracker(config, workdir, process_index, *, resume_step=None):
       run id (for resuming) go there.
     process_index: `jax.process_index()`; only process 0 records anything.
     resume_step: when resuming from a checkpoint, its step: metrics.jsonl
-      records after it are dropped (see `truncate_after`) and the W&B run
-      recorded in the workdir is continued. None for a new run: the files are
-      appended to as they are.
+      records after it are dropped (see `truncate_after`); the W&B run
+      recorded in the workdir is rewound to step 0 (see `WandbTracker`) and
+      the kept records are logged to it again, so both end up as for a run
+      that never stopped. None for a new run: the files are appended to as
+      they are.
 
   Returns:
     On process 0, a `MultiTracker` of `JsonlTracker(<workdir>/metrics.jsonl)`
@@ -449,7 +489,15 @@ def create_tracker(config, workdir, process_index, *, resume_step=None):
         project=config.wandb.project, entity=config.wandb.entity,
         group=config.wandb.group, name=config.wandb.name,
         tags=tuple(config.wandb.tags), config=_config_dict(config),
-        dir=workdir, mode=mode, run_id=run_id)
+        dir=workdir, mode=mode, run_id=run_id,
+        resume_step=None if resume_step is None else 0)
+    # The W&B history is rebuilt from metrics.jsonl (up to the checkpoint):
+    # a killed attempt may have sent only part of what it logged (online,
+    # its last row is held back until a later step comes; offline, the run
+    # file keeps nothing after its last buffered write).
+    if resume_step is not None and os.path.exists(metrics_path):
+      for record in read_jsonl(metrics_path):
+        wandb_tracker.log(record.pop("step"), record)
     if wandb_tracker.run_id:
       with open(id_path, "w", encoding="utf-8") as f:
         f.write(wandb_tracker.run_id + "\n")
