@@ -353,7 +353,7 @@ def synthetic_split(lengths, max_length=128, seed=0):
   np.cumsum(lengths, out=offsets[1:])
   example = np.repeat(np.arange(len(lengths)), lengths)
   position = np.arange(offsets[-1]) - offsets[example]
-  return TokenizedSplit(
+  return TokenizedSplit.sequence(
       name="train", where="synthetic",
       input_ids=(1000 * (example + 1) + position).astype(np.int32),
       token_type_ids=(position % 2).astype(np.int8), offsets=offsets,
