@@ -56,6 +56,7 @@ class TokenizedSplit:
     has_labels: False when nothing is labelled (a test split to predict).
     examples: per-example arrays of the source (QA contexts and answers),
       for evaluators that post-process predictions; usually empty.
+    label_names: the label set in id order (evaluators name classes by it).
   """
   name: str
   where: str
@@ -66,6 +67,7 @@ class TokenizedSplit:
   max_length: int
   has_labels: bool
   examples: dict = dataclasses.field(default_factory=dict)
+  label_names: tuple = ()
 
   def __len__(self):
     return len(self.offsets) - 1
@@ -89,14 +91,16 @@ class TokenizedSplit:
 
   @classmethod
   def sequence(cls, *, name, where, input_ids, token_type_ids, offsets,
-               labels, rows, max_length, has_labels, pad_id=0):
+               labels, rows, max_length, has_labels, pad_id=0,
+               label_names=()):
     """A split of one sequence-level label per example (int32 or float32)."""
     return cls(name=name, where=where, offsets=offsets,
                arrays={"input_ids": input_ids,
                        "token_type_ids": token_type_ids, "labels": labels},
                fields=text_fields(pad_id) + (
                    Field("labels", False, labels.dtype, 0),),
-               rows=rows, max_length=max_length, has_labels=has_labels)
+               rows=rows, max_length=max_length, has_labels=has_labels,
+               label_names=tuple(label_names))
 
 
 def select(enc, keep):

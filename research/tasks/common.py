@@ -161,6 +161,14 @@ class Task:
     """Raw labels -> ids; returns (TokenizedSplit, {reason: rows skipped})."""
     raise NotImplementedError
 
+  @staticmethod
+  def skipped(enc, policy) -> dict:
+    """Rows skipped while reading and featurising plus `policy`'s."""
+    skipped = dict(enc.skipped)
+    for reason, count in policy.counts.items():
+      skipped[reason] = skipped.get(reason, 0) + count
+    return skipped
+
   # --- Training --------------------------------------------------------------------
 
   def loss(self, outputs, batch):

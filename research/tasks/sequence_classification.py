@@ -62,11 +62,8 @@ class Task(common.Task):
         token_type_ids=tokens["token_type_ids"], offsets=offsets,
         labels=label_ids, rows=rows, max_length=data.max_length,
         has_labels=enc.labels is not None and bool((label_ids != -1).any()),
-        pad_id=self.pad_id)
-    skipped = dict(enc.skipped)
-    for reason, count in policy.counts.items():
-      skipped[reason] = skipped.get(reason, 0) + count
-    return split, skipped
+        pad_id=self.pad_id, label_names=names)
+    return split, self.skipped(enc, policy)
 
   def loss(self, logits, batch):
     """Cross-entropy (squared error for regression) per example.
