@@ -110,7 +110,9 @@ def get_config():
   # Metrics computed on every eval split (research/evaluation/metrics.py);
   # eval/loss is always logged.
   c.metrics = ("accuracy",)
-  c.eval_metric = "accuracy"         # selects the best checkpoint (or "loss")
+  # Selects the best checkpoint: a metric (or "loss") of the first evaluator,
+  # or "<evaluator>/<metric>".
+  c.eval_metric = "accuracy"
   c.eval_metric_mode = "max"         # max | min
   c.early_stopping_patience = -1     # evaluations without improvement; <= 0 off
   c.checkpoint_every_steps = -1      # <= 0: at every evaluation

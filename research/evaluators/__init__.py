@@ -13,8 +13,10 @@ options are checked against the module's `Evaluator.CONFIG`. An empty
 `config.evals` (the default) takes the task's `default_evals`: one evaluator
 per evaluation split, named as the split, so configs written before
 evaluators existed log the same keys: `eval/<metric>` with one evaluator,
-`eval/<name>/<metric>` with several. The first evaluator's
-`config.eval_metric` selects the best checkpoint.
+`eval/<name>/<metric>` with several. `config.eval_metric` selects the best
+checkpoint: a metric of the first evaluator, or "<evaluator>/<metric>".
+Evaluators run in the order of `config.evals`' keys, which a ConfigDict
+sorts by name.
 """
 
 import ml_collections
@@ -66,9 +68,19 @@ def prefix(name, names) -> str:
   return "eval/" if len(names) == 1 else f"eval/{name}/"
 
 
+def _best(config, names):
+  """(evaluator name or None, metric) that config.eval_metric names."""
+  evaluator, sep, metric = config.eval_metric.rpartition("/")
+  if sep:
+    return evaluator, metric
+  return (names[0] if names else None), metric
+
+
 def best_metric_key(config, names) -> str:
-  """The key of config.eval_metric as the first evaluator logs it."""
-  return (prefix(names[0], names) if names else "eval/") + config.eval_metric
+  """The logged key of config.eval_metric: "metric" of the first evaluator,
+  or "<evaluator>/<metric>"."""
+  evaluator, metric = _best(config, names)
+  return (prefix(evaluator, names) if evaluator else "eval/") + metric
 
 
 def validate(config, task) -> None:
@@ -84,10 +96,14 @@ def validate(config, task) -> None:
       raise ConfigError(f"config.evals.{name}.split is not set (an "
                         "evaluation split, e.g. 'validation')")
   if cfgs:
-    name, cfg = next(iter(cfgs.items()))
+    name, metric = _best(config, list(cfgs))
+    if name not in cfgs:
+      raise ConfigError(f"config.eval_metric={config.eval_metric!r}: no "
+                        f"evaluator {name!r}; evaluators: {', '.join(cfgs)}")
+    cfg = cfgs[name]
     valid = (*module(cfg["type"], name).Evaluator.metric_names(
         config, options(name, cfg)), "loss")
-    if config.eval_metric not in valid:
+    if metric not in valid:
       raise ConfigError(
           f"config.eval_metric={config.eval_metric!r} is not computed; "
           f"valid: {', '.join(valid)} (config.metrics lists them)")
