@@ -296,69 +296,6 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
                                   make_step, batch_sharding))
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """A run's config.json as a ConfigDict (FileNotFoundError naming it)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: not found; is {workdir} a "
-                            "research.train workdir?")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-@dataclasses.dataclass
-class Restored:
-  """A run's model as a checkpoint left it (`restore`).
-
-  Attributes:
-    config: the run's config.json.
-    task: its task; graphdef, params (trained), frozen: the model's parts.
-    step: the checkpoint's step; which: "best" or "latest".
-  """
-  config: ml_collections.ConfigDict
-  task: Any
-  graphdef: Any
-  params: Any
-  frozen: tuple
-  step: int
-  which: str
-
-  @property
-  def model(self):
-    """The whole model: trained parameters merged with the frozen ones."""
-    return partition.merge(self.graphdef, self.params, self.frozen)
-
-
-def restore(workdir: str, which: str = "best", tokenizer=None) -> Restored:
-  """The trained model of a run: its task's head, split as the run split it.
-
-  The frozen part is the pre-trained checkpoint's (as in `build`), the
-  trained part the run's best (by its eval_metric) or latest checkpoint; the
-  optimiser state is not read.
-
-  Raises:
-    FileNotFoundError: no config.json or no checkpoint in `workdir`.
-    ValueError: `which` is not "best" or "latest".
-  """
-  if which not in ("best", "latest"):
-    raise ValueError(f"--which={which!r}; valid: best, latest")
-  config = read_config(workdir)
-  task = tasks.load(config, tokenizer)
-  model = task.load_model(hf.resolve(config.model.name))
-  graphdef, params, frozen, rest = partition.split_model(
-      model, methods_lib.trainable(methods_lib.load(config)))
-  names = list(evaluators.configs(config, task))
-  with Checkpointer(workdir, best_metric=evaluators.best_metric_key(
-      config, names), best_mode=config.eval_metric_mode) as checkpointer:
-    if checkpointer.latest_step() is None:
-      raise FileNotFoundError(f"{workdir}: no checkpoint to restore")
-    best = which == "best" and checkpointer.best_step() is not None
-    step, state, _ = checkpointer.restore(
-        {"params": abstract_like(params)}, best=best, partial=True)
-  return Restored(config, task, graphdef, state["params"], (frozen, rest),
-                  step, "best" if best else "latest")
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training with periodic evaluation; returns the summary.
 
@@ -396,7 +333,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         results[prefix + metric] = value
     return results
 
-  # The first evaluator selects the best checkpoint and drives early stopping.
+  # config.eval_metric (of the first evaluator, or the one it names) selects
+  # the best checkpoint and drives early stopping.
   best_key = run.best_metric_key
   sign = 1.0 if config.eval_metric_mode == "max" else -1.0
 
@@ -547,6 +485,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump({k: v for k, v in summary.items()}, f, indent=2, default=float)
   return summary
+
+
+# --- Restoring a finished run (export, predict) -----------------------------------
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """A run's config.json as a ConfigDict (FileNotFoundError naming it)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: not found; is {workdir} a "
+                            "research.train workdir?")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+@dataclasses.dataclass
+class Restored:
+  """A run's model as a checkpoint left it (`restore`).
+
+  Attributes:
+    config: the run's config.json.
+    task: its task; graphdef, params (trained), frozen: the model's parts.
+    step: the checkpoint's step; which: "best" or "latest".
+  """
+  config: ml_collections.ConfigDict
+  task: Any
+  graphdef: Any
+  params: Any
+  frozen: tuple
+  step: int
+  which: str
+
+  @property
+  def model(self):
+    """The whole model: trained parameters merged with the frozen ones."""
+    return partition.merge(self.graphdef, self.params, self.frozen)
+
+
+def restore(workdir: str, which: str = "best", tokenizer=None) -> Restored:
+  """The trained model of a run: its task's head, split as the run split it.
+
+  The frozen part is the pre-trained checkpoint's (as in `build`), the
+  trained part the run's best (by its eval_metric) or latest checkpoint; the
+  optimiser state is not read.
+
+  Raises:
+    FileNotFoundError: no config.json or no checkpoint in `workdir`.
+    ValueError: `which` is not "best" or "latest".
+  """
+  if which not in ("best", "latest"):
+    raise ValueError(f"--which={which!r}; valid: best, latest")
+  config = read_config(workdir)
+  task = tasks.load(config, tokenizer)
+  model = task.load_model(hf.resolve(config.model.name))
+  graphdef, params, frozen, rest = partition.split_model(
+      model, methods_lib.trainable(methods_lib.load(config)))
+  names = list(evaluators.configs(config, task))
+  with Checkpointer(workdir, best_metric=evaluators.best_metric_key(
+      config, names), best_mode=config.eval_metric_mode) as checkpointer:
+    if checkpointer.latest_step() is None:
+      raise FileNotFoundError(f"{workdir}: no checkpoint to restore")
+    best = which == "best" and checkpointer.best_step() is not None
+    step, state, _ = checkpointer.restore(
+        {"params": abstract_like(params)}, best=best, partial=True)
+  return Restored(config, task, graphdef, state["params"], (frozen, rest),
+                  step, "best" if best else "latest")
 
 
 def _close_all(closers, raise_errors):

@@ -292,3 +292,36 @@ def test_launch_bad_arguments_print_usage(stub_gcloud, args, message):
   assert out.returncode == 2
   assert message in out.stderr and "usage" in out.stderr.lower() or message == "usage"
   assert _calls(log) == []
+
+
+def test_token_task_strategies_follow_one_trajectory(tmp_path, tiny_model_dir):
+  """Per-token losses: devices hold different numbers of labelled tokens.
+
+  Under shard_map each device's mean counts by its share of the global
+  weight, so every strategy still follows the single-device trajectory.
+  """
+  from tests.test_tasks import _ner_config  # pylint: disable=import-outside-toplevel
+  trajectories = {}
+  for strategy, mesh_shape in [("jit", (1, 1, 1)), ("pmap", (8, 1, 1)),
+                               ("jit", (2, 4, 1))]:
+    config = _ner_config(tiny_model_dir, tmp_path, total_steps=6, **{
+        "parallelism.strategy": strategy,
+        "parallelism.mesh_shape": mesh_shape,
+        "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0})
+    run = train.build(config)
+    state, losses = run.state, []
+    for i in range(6):
+      batch = run.train_batches.batch_at(i)
+      state, metrics = run.train_step(state, run.frozen, parallelism.shard_batch(
+          batch, run.batch_sharding), i)
+      losses.append(float(metrics["loss"]))
+    trajectories[(strategy, mesh_shape)] = (
+        np.array(losses), jax.device_get(state["params"]))
+  (ref_losses, ref_params), *others = trajectories.values()
+  tokens = [int((run.train_batches.batch_at(i)["labels"] != -100).sum())
+            for i in range(6)]
+  assert len(set(tokens)) > 1 and ref_losses[-1] < ref_losses[0]
+  for (losses, params), key in zip(others, list(trajectories)[1:]):
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(key))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+      np.testing.assert_allclose(a, b, atol=2e-5, err_msg=str(key))

@@ -55,18 +55,6 @@ def _flatten(d, prefix=""):
   return out
 
 
-def _type_ok(value, expected):
-  if isinstance(expected, bool) or isinstance(value, bool):
-    return isinstance(value, bool) and isinstance(expected, bool)
-  if isinstance(expected, float):
-    return isinstance(value, (int, float))
-  if isinstance(expected, (tuple, list)):
-    return isinstance(value, (tuple, list))
-  if isinstance(expected, ml_collections.ConfigDict):  # empty sub-dict
-    return isinstance(value, (ml_collections.ConfigDict, dict))
-  return isinstance(value, type(expected))
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks names, types and choices against `default.get_config()`.
 
@@ -83,7 +71,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{name} is not a known field{hint} "
                         "(all fields: research/configs/default.py)")
     expected = schema[name]
-    if not _type_ok(value, expected):
+    if not plugins.type_ok(value, expected):
       raise ConfigError(
           f"config.{name}={value!r} has type {type(value).__name__}; expected "
           f"{type(expected).__name__} (default {expected!r})")

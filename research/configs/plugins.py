@@ -69,13 +69,16 @@ def module(package: str, name: str, field: str, attribute: str):
   return mod
 
 
-def _type_ok(value, default) -> bool:
+def type_ok(value, default) -> bool:
+  """Whether `value` may replace `default` (ints for floats, lists for tuples)."""
   if isinstance(default, bool) or isinstance(value, bool):
     return isinstance(value, bool) and isinstance(default, bool)
   if isinstance(default, float):
     return isinstance(value, (int, float))
   if isinstance(default, (tuple, list)):
     return isinstance(value, (tuple, list))
+  if isinstance(default, ml_collections.ConfigDict):  # an empty sub-dict
+    return isinstance(value, (ml_collections.ConfigDict, dict))
   if default is None:
     return True
   return isinstance(value, type(default))
@@ -107,7 +110,7 @@ def options(given, defaults: dict, field: str, owner: str) -> dict:
       valid = ", ".join(defaults) or "none"
       raise ConfigError(f"{field}.{key} is not an option of {owner}{hint} "
                         f"(its options: {valid})")
-    if not _type_ok(value, defaults[key]):
+    if not type_ok(value, defaults[key]):
       raise ConfigError(
           f"{field}.{key}={value!r} has type {type(value).__name__}; "
           f"{owner} expects {type(defaults[key]).__name__} (default "

@@ -14,6 +14,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from research import parallelism
+from research.configs.plugins import ConfigError
+from research.evaluation import metrics as metrics_lib
 
 
 class Evaluator:
@@ -32,7 +34,10 @@ class Evaluator:
   """
   # Options and defaults; `split` names the evaluation split. `logits`:
   # `predict` also returns the model's raw outputs (for ensembles).
-  CONFIG = {"split": "", "logits": False}
+  # `metrics`: what `run` computes besides loss; empty: config.metrics.
+  CONFIG = {"split": "", "logits": False, "metrics": ()}
+  # The metric names `run` knows; None: any of research.evaluation.metrics.
+  METRICS = None
 
   def __init__(self, *, name, task, split, batcher, make_step, sharding,
                config, **options):
@@ -47,9 +52,16 @@ class Evaluator:
 
   @classmethod
   def metric_names(cls, config, options) -> tuple:
-    """The metrics `run` returns besides loss (for config.eval_metric)."""
-    del config, options
-    return ()
+    """The metrics `run` returns besides loss (ConfigError if unknown)."""
+    names = tuple(options.get("metrics") or config.metrics)
+    valid = cls.METRICS or tuple(metrics_lib.available())
+    kind = cls.__module__.rsplit(".", 1)[-1]
+    for name in names:
+      if name not in valid:
+        raise ConfigError(f"metric {name!r} of the {kind} evaluator is not "
+                          f"known; valid: {', '.join(valid)} (config."
+                          "metrics or config.evals.<name>.metrics)")
+    return names
 
   def outputs(self, params, frozen):
     """Yields (host batch, step outputs as numpy) for each batch in order."""

@@ -16,11 +16,6 @@ from research.evaluators import common
 
 class Evaluator(common.Evaluator):
   """See the module docstring."""
-  CONFIG = {**common.Evaluator.CONFIG, "metrics": ()}
-
-  @classmethod
-  def metric_names(cls, config, options):
-    return tuple(options.get("metrics") or config.metrics)
 
   def _collect(self, params, frozen):
     """Per-batch outputs with the padding rows dropped, concatenated."""

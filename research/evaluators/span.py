@@ -18,7 +18,6 @@ import json
 
 import numpy as np
 
-from research.configs.plugins import ConfigError
 from research.evaluation import squad
 from research.evaluators import common
 
@@ -27,18 +26,8 @@ METRICS = ("exact_match", "f1")
 
 class Evaluator(common.Evaluator):
   """See the module docstring."""
-  CONFIG = {**common.Evaluator.CONFIG, "metrics": (), "n_best": 20,
-            "max_answer_length": 30}
-
-  @classmethod
-  def metric_names(cls, config, options):
-    names = tuple(options.get("metrics") or config.metrics)
-    for name in names:
-      if name not in METRICS:
-        raise ConfigError(f"metric {name!r} of the span evaluator is not "
-                          f"known; valid: {', '.join(METRICS)} (config."
-                          "metrics or config.evals.<name>.metrics)")
-    return names
+  CONFIG = {**common.Evaluator.CONFIG, "n_best": 20, "max_answer_length": 30}
+  METRICS = METRICS
 
   def _features(self, params, frozen):
     """{example index: [(start logits, end logits, offsets)]} and totals."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from research.configs.plugins import ConfigError
 from research.evaluation import metrics as metrics_lib
 from research.evaluation import tagging
 from research.evaluators import common
@@ -25,17 +24,7 @@ METRICS = ("accuracy", "entity_f1", "entity_precision", "entity_recall",
 
 class Evaluator(common.Evaluator):
   """See the module docstring."""
-  CONFIG = {**common.Evaluator.CONFIG, "metrics": ()}
-
-  @classmethod
-  def metric_names(cls, config, options):
-    names = tuple(options.get("metrics") or config.metrics)
-    for name in names:
-      if name not in METRICS:
-        raise ConfigError(f"metric {name!r} of the token evaluator is not "
-                          f"known; valid: {', '.join(METRICS)} (config."
-                          "metrics or config.evals.<name>.metrics)")
-    return names
+  METRICS = METRICS
 
   def _collect(self, params, frozen, keep_all=False):
     """Ragged per-example outputs: labelled tokens (or all real ones)."""

@@ -26,6 +26,7 @@ defaults, `config.task_options` their values (`self.options`).
 from __future__ import annotations
 
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from research.configs import plugins
@@ -154,8 +155,18 @@ class Task:
     return enc.labels
 
   def check_labels(self, label_names) -> None:
-    """Raises ConfigError if the data's labels do not fit the config."""
-    del label_names
+    """Raises ConfigError if the data's labels do not fit config.num_labels."""
+    if label_names and len(label_names) != self.config.num_labels:
+      raise ConfigError(
+          f"config.num_labels={self.config.num_labels} but the data has "
+          f"{len(label_names)} labels: {', '.join(map(str, label_names))}")
+
+  def check_text_fields(self, counts=(1, 2), what="one text column or a pair"):
+    """Raises ConfigError unless data.text_fields names `counts` columns."""
+    fields = tuple(self.config.data.text_fields)
+    if len(fields) not in counts:
+      raise ConfigError(f"config.data.text_fields={fields!r}: task "
+                        f"{self.name!r} reads {what}")
 
   def finish(self, name, enc, names, training):
     """Raw labels -> ids; returns (TokenizedSplit, {reason: rows skipped})."""
@@ -178,6 +189,14 @@ class Task:
   def predict(self, outputs, batch):
     """Predictions (an array or a dict of arrays), as evaluators take them."""
     raise NotImplementedError
+
+  @staticmethod
+  def token_cross_entropy(logits, batch, ignore=-100):
+    """Cross-entropy per token [B, L]; weight 0 where the label is `ignore`."""
+    labels = batch["labels"]
+    weights = (labels != ignore) * batch["weights"][:, None]
+    return (optax.softmax_cross_entropy_with_integer_labels(
+        logits, jnp.maximum(labels, 0)), weights)
 
   def loss_fn(self, graphdef):
     """`(trainable, frozen, batch, key) -> (weighted mean loss, aux)`.

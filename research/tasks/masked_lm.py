@@ -25,7 +25,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from research.configs.plugins import ConfigError
 from research.data.splits import TokenizedSplit, select, text_fields
@@ -42,10 +41,7 @@ class Task(common.Task):
 
   def __init__(self, config, tokenizer=None):
     super().__init__(config, tokenizer)
-    if not 1 <= len(config.data.text_fields) <= 2:
-      raise ConfigError(
-          f"config.data.text_fields={tuple(config.data.text_fields)!r} must "
-          "name one text column or a pair")
+    self.check_text_fields()
     if not 0 < self.options["mask_probability"] < 1:
       raise ConfigError(
           "config.task_options.mask_probability="
@@ -87,10 +83,7 @@ class Task(common.Task):
 
   def loss(self, logits, batch):
     """Cross-entropy per masked token [B, L] (weight 0 elsewhere)."""
-    labels = batch["labels"]
-    weights = (labels != IGNORE) * batch["weights"][:, None]
-    return (optax.softmax_cross_entropy_with_integer_labels(
-        logits, jnp.maximum(labels, 0)), weights)
+    return self.token_cross_entropy(logits, batch, IGNORE)
 
   def predict(self, logits, batch):
     """The most likely token at every position [B, L]."""

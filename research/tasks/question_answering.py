@@ -27,7 +27,6 @@ import optax
 from research.configs.plugins import ConfigError
 from research.data import errors
 from research.data import tokenize
-from research.data.errors import RowPolicy
 from research.data.splits import Field, TokenizedSplit, text_fields
 from research.tasks import common
 
@@ -44,11 +43,8 @@ class Task(common.Task):
 
   def __init__(self, config, tokenizer=None):
     super().__init__(config, tokenizer)
-    if len(config.data.text_fields) != 2:
-      raise ConfigError(
-          f"config.data.text_fields={tuple(config.data.text_fields)!r}: "
-          "question answering reads a question and a context, e.g. "
-          "('question', 'context')")
+    self.check_text_fields((2,), "a question and a context, e.g. "
+                           "('question', 'context')")
     if not 0 <= self.options["doc_stride"] < config.data.max_length // 2:
       raise ConfigError(
           f"config.task_options.doc_stride={self.options['doc_stride']} must "

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from research.configs.plugins import ConfigError
 from research.data import labels as labels_lib
 from research.data.errors import DataError, RowPolicy
 from research.data.splits import TokenizedSplit, select
@@ -27,20 +26,11 @@ class Task(common.Task):
 
   def __init__(self, config, tokenizer=None):
     super().__init__(config, tokenizer)
-    if not 1 <= len(config.data.text_fields) <= 2:
-      raise ConfigError(
-          f"config.data.text_fields={tuple(config.data.text_fields)!r} must "
-          "name one text column or a pair")
+    self.check_text_fields()
 
   @property
   def regression(self) -> bool:
     return self.config.num_labels == 1
-
-  def check_labels(self, label_names):
-    if not self.regression and len(label_names) != self.config.num_labels:
-      raise ConfigError(
-          f"config.num_labels={self.config.num_labels} but the data has "
-          f"{len(label_names)} labels: {', '.join(map(str, label_names))}")
 
   def finish(self, name, enc, names, training):
     """Maps labels to ids (or floats), drops rows with bad labels."""

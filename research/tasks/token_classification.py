@@ -21,9 +21,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from research.configs.plugins import ConfigError
 from research.data import errors
 from research.data import labels as labels_lib
 from research.data import tokenize
@@ -46,10 +44,7 @@ class Task(common.Task):
 
   def __init__(self, config, tokenizer=None):
     super().__init__(config, tokenizer)
-    if len(config.data.text_fields) != 1:
-      raise ConfigError(
-          f"config.data.text_fields={tuple(config.data.text_fields)!r}: "
-          "token classification reads one column of words, e.g. ('tokens',)")
+    self.check_text_fields((1,), "one column of words, e.g. ('tokens',)")
 
   def featurize(self, raw, tokenizer, max_length, policy):
     """Sub-tokens of each row's words, the raw tag of each sub-token."""
@@ -108,12 +103,6 @@ class Task(common.Task):
   def raw_labels(self, enc):
     return enc.labels[enc.labels != ""]
 
-  def check_labels(self, label_names):
-    if len(label_names) != self.config.num_labels:
-      raise ConfigError(
-          f"config.num_labels={self.config.num_labels} but the data has "
-          f"{len(label_names)} tags: {', '.join(map(str, label_names))}")
-
   def finish(self, name, enc, names, training):
     """Tags -> ids (-100 where none); rows with an unknown tag dropped."""
     data = self.config.data
@@ -139,10 +128,7 @@ class Task(common.Task):
 
   def loss(self, logits, batch):
     """Cross-entropy per labelled token [B, L] (weight 0 elsewhere)."""
-    labels = batch["labels"]
-    weights = (labels != IGNORE) * batch["weights"][:, None]
-    return (optax.softmax_cross_entropy_with_integer_labels(
-        logits, jnp.maximum(labels, 0)), weights)
+    return self.token_cross_entropy(logits, batch, IGNORE)
 
   def predict(self, logits, batch):
     """A class id per token [B, L]."""
