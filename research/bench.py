@@ -47,7 +47,6 @@ reports the median of each rate and every ratio.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -61,11 +60,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from research import data, parallelism, train
+from research import data, parallelism, tasks, train
 from research.configs import ConfigError, validate
 from research.evaluation import metrics as metrics_lib
 from research.models import BertConfig, create_model, hf
-from research.training import host_memory, optimizers, xla_flags
+from research.tasks import common as task_common
+from research.training import host_memory, optimizers, partition, xla_flags
+from research.training.steps import make_train_step
 
 log = logging.getLogger("research.bench")
 
@@ -196,8 +197,9 @@ def abstract_step_flops(cfg: BertConfig, batch_size: int, seq_len: int,
   """Compiled vs analytic FLOPs of one training step, with no weights.
 
   The model is built abstractly (`nnx.eval_shape`), so bert-base needs no
-  checkpoint; the step is `train.make_train_step` on one device, lowered and
-  compiled for one [batch_size, seq_len] batch (dropout as in `cfg`).
+  checkpoint; the step is `research.training.steps.make_train_step` over the
+  sequence-classification task's loss, on one device, lowered and compiled
+  for one [batch_size, seq_len] batch (dropout as in `cfg`).
   `compile=False` counts the lowered HLO instead (no compilation).
   `model_kw` goes to `create_model` (e.g. `remat=True`, `dtype="bfloat16"`).
 
@@ -209,23 +211,30 @@ def abstract_step_flops(cfg: BertConfig, batch_size: int, seq_len: int,
   model = nnx.eval_shape(lambda: create_model("sequence_classification", cfg,
                                               num_labels, **model_kw))
   per_token, per_seq = matmul_params(model)
-  graphdef, params = nnx.split(model, nnx.Param)
-  opt_config = opt_config or default.get_config().optimizer
+  graphdef, params, *frozen = partition.split_model(model)
+  config = default.get_config()
+  config.num_labels = num_labels
+  task = tasks.load(config)
+  opt_config = opt_config or config.optimizer
   tx = optimizers.build_optimizer(opt_config, 100)
   state = {"params": params, "opt_state": jax.eval_shape(tx.init, params)}
-  parallel = default.get_config().parallelism
+  parallel = config.parallelism
   parallel.mesh_shape = (1, 1, 1)
   mesh = parallelism.make_mesh(parallel)
-  sharding = parallelism.state_shardings(state, mesh,
-                                         parallel.logical_axis_rules)
-  step = train.make_train_step(graphdef, tx, regression=num_labels == 1,
-                               seed=0, mesh=mesh, strategy="jit",
-                               state_sharding=sharding)
+  sharding, frozen_sharding = (
+      parallelism.state_shardings(x, mesh, parallel.logical_axis_rules)
+      for x in (state, tuple(frozen)))
+  step = make_train_step(
+      tx, task.loss_fn(graphdef), seed=0, mesh=mesh, strategy="jit",
+      state_sharding=sharding, frozen_sharding=frozen_sharding)
   ints = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+  labels = jax.ShapeDtypeStruct(
+      (batch_size,), jnp.float32 if num_labels == 1 else jnp.int32)
   batch = {"input_ids": ints, "attention_mask": ints, "token_type_ids": ints,
-           "labels": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+           "labels": labels,
            "weights": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
-  compiled = compiled_flops(step, state, batch, 0, compile=compile)
+  compiled = compiled_flops(step, state, tuple(frozen), batch, 0,
+                            compile=compile)
   analytic = batch_model_flops([seq_len] * batch_size, per_token, per_seq,
                                cfg.num_hidden_layers, cfg.hidden_size)
   return {"compiled": compiled, "analytic": analytic,
@@ -314,53 +323,27 @@ def timing_summary(step_times, examples, real_tokens, padded_tokens,
 # --- The JAX run ---------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Setup:
-  """What a benchmark run needs, built once from the config."""
-  config: object
-  model_dir: str
-  train_split: object
-  eval_splits: dict
-  batcher: data.Batcher
-  eval_batchers: dict
-  mesh: object
-  total_steps: int  # of the config's run: the learning-rate schedule's length
+def setup(config, devices=None) -> train.Run:
+  """The run as `research.train` builds it (`train.build`, no workdir).
+
+  Data, model (freshly loaded), trainable/frozen split, optimiser, update
+  step and evaluators: the same code as training. A `Run` trains once (its
+  state is donated); `benchmark` builds one per repeat.
+  """
+  return train.build(config, None, devices)
 
 
-def setup(config, devices=None) -> Setup:
-  """Validates the config and loads its data (as `train_and_evaluate` does)."""
-  validate(config)
-  if config.task not in train.TRAINABLE_TASKS:
-    raise ConfigError(f"config.task={config.task!r}: the benchmark runs "
-                      f"{', '.join(train.TRAINABLE_TASKS)}")
-  model_dir = str(hf.resolve(config.model.name))
-  tokenizer = data.load_tokenizer(model_dir)
-  train_split, eval_splits, _, _ = data.load_splits(
-      config, tokenizer, cache_dir=config.data.cache_dir or None)
-  if train_split is None:
-    raise ConfigError("no training split: set config.data.train_file "
-                      "(local) or config.data.train_split")
-  mesh = parallelism.make_mesh(config.parallelism, devices)
-  batcher, eval_batchers = train.make_batchers(config, train_split,
-                                               eval_splits, mesh)
-  eval_batchers = {name: b for name, b in eval_batchers.items()
-                   if eval_splits[name].has_labels}
-  total = optimizers.steps_from_config(config, batcher.steps_per_epoch)
-  return Setup(config, model_dir, train_split, eval_splits, batcher,
-               eval_batchers, mesh, total)
-
-
-def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
+def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
             evaluate: bool = True, cost_analysis: bool = True) -> dict:
-  """Trains `steps` updates from a fresh checkpoint load and measures them.
+  """Trains `steps` updates from the run's fresh state and measures them.
 
   Args:
-    s: from `setup`.
+    s: from `setup`; its state is donated (used up).
     steps: updates to run (each `grad_accum_steps` micro-batches).
     warmup: the first updates, left out of the rates.
     pipeline_batches: batches for `time_input_pipeline` (0: as many as the
       run's micro-batches, at least 20).
-    evaluate: run the eval splits after training.
+    evaluate: run the evaluators after training.
     cost_analysis: count the FLOPs of the step for the most common batch
       shape (`compiled_flops`: a cache hit, the run compiled it).
 
@@ -369,24 +352,13 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
   """
   config = s.config
   accum = config.optimizer.grad_accum_steps
-  model = train.load_model(config, s.model_dir)
-  cfg = model.cfg
-  per_token, per_seq = matmul_params(model)
-  graphdef, params = nnx.split(model, nnx.Param)
-  tx = optimizers.build_optimizer(config.optimizer, s.total_steps)
-  state = {"params": params, "opt_state": tx.init(params)}
-  state_sharding = parallelism.state_shardings(
-      state, s.mesh, config.parallelism.logical_axis_rules,
-      config.parallelism.strategy)
-  state = jax.device_put(state, state_sharding)
-  del model, params
-  train_step = train.make_train_step(
-      graphdef, tx, regression=config.num_labels == 1, seed=config.seed,
-      mesh=s.mesh, strategy=config.parallelism.strategy,
-      state_sharding=state_sharding)
-  batch_sharding = parallelism.batch_sharding(s.mesh)
+  cfg = s.model_cfg
+  per_token, per_seq = matmul_params(
+      partition.merge(s.graphdef, s.state["params"], s.frozen))
+  state, frozen, train_step = s.state, s.frozen, s.train_step
+  batch_sharding = s.batch_sharding
   procs = jax.process_count()
-  steps_per_epoch = max(1, s.batcher.steps_per_epoch // accum)
+  steps_per_epoch = s.steps_per_epoch
 
   rec = {k: [] for k in ("step_times", "examples", "real_tokens",
                          "padded_tokens", "model_flops", "padded_flops",
@@ -394,11 +366,12 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
   start = time.perf_counter()
   with CompileLog() as compiles:
     # As `research.train` does: every width of the run compiled up front.
-    precompiled = (train.precompile(train_step, state, s.batcher,
-                                    batch_sharding, 0, steps * accum)
+    precompiled = (train.precompile(train_step, state, frozen,
+                                    s.train_batches, batch_sharding, 0,
+                                    steps * accum)
                    if config.precompile else 0)
     precompile_events, precompile_seconds = compiles.count, compiles.seconds
-  batches = parallelism.prefetch(s.batcher.iterate(0, steps * accum),
+  batches = parallelism.prefetch(s.train_batches.iterate(0, steps * accum),
                                  batch_sharding, config.parallelism.prefetch)
   with CompileLog() as compiles:
     for step in range(steps):
@@ -408,7 +381,7 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
       ex = real = padded = mflops = pflops = 0
       for micro in range(accum):
         host, batch = next(batches)
-        state, metrics = train_step(state, batch, step * accum + micro)
+        state, metrics = train_step(state, frozen, batch, step * accum + micro)
         # Host-side counts (the numpy copy): reading device arrays would wait.
         lens = data.example_lengths(host)  # packed rows: per example
         ex += len(lens) * procs
@@ -443,8 +416,8 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
                 + (", malloc retain" if host_memory.in_effect() else ""),
       "num_devices": int(s.mesh.devices.size),
       "steps": steps, "warmup": warmup, "steps_per_epoch": steps_per_epoch,
-      "buckets": list(s.batcher.buckets), "batch_size": config.batch_size,
-      "dtype": config.model.dtype,
+      "buckets": list(s.train_batches.buckets),
+      "batch_size": config.batch_size, "dtype": config.model.dtype,
       "timed": timed.tolist(), **rec,
       "train_seconds": train_seconds,
       "final_loss": final_loss,
@@ -463,14 +436,14 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
 
   # The host pipeline alone, on the same batches the run used.
   n = pipeline_batches or max(steps * accum, 20)
-  result["pipeline"] = time_input_pipeline(s.batcher, batch_sharding, n)
+  result["pipeline"] = time_input_pipeline(s.train_batches, batch_sharding, n)
 
   if cost_analysis:
     widths = [w for w, t in zip(rec["width"], timed) if t] or rec["width"]
     width = max(set(widths), key=widths.count)
     step_of_width = rec["width"].index(width)
-    host = s.batcher.batch_at(step_of_width * accum)
-    flops = compiled_flops(train_step, state,
+    host = s.train_batches.batch_at(step_of_width * accum)
+    flops = compiled_flops(train_step, state, frozen,
                            parallelism.shard_batch(host, batch_sharding), 0)
     result["cost_analysis"] = {
         "width": width, "rows": host["attention_mask"].shape[0] * procs,
@@ -479,42 +452,25 @@ def run_jax(s: Setup, steps: int, warmup: int, pipeline_batches: int = 0,
                                                cfg.num_hidden_layers,
                                                cfg.hidden_size)}
 
-  if evaluate and s.eval_batchers:
-    eval_step = train.make_eval_step(
-        graphdef, regression=config.num_labels == 1, mesh=s.mesh,
-        params_sharding=state_sharding["params"])
+  if evaluate and s.evaluators:
     t0 = time.perf_counter()
-    result["eval"] = _evaluate_jax(eval_step, state["params"], s.eval_batchers,
-                                   batch_sharding, config)
+    # The training metrics of each split (as `train_and_evaluate` logs them,
+    # without the loss, which the PyTorch column has not).
+    result["eval"] = {}
+    for name, evaluator in s.evaluators.items():
+      metrics = evaluator.run(state["params"], frozen)
+      if metrics:
+        result["eval"][name] = {k: v for k, v in metrics.items()
+                                if k != "loss"}
     result["eval_seconds"] = time.perf_counter() - t0
-    result["eval_compilations"] = eval_step._cache_size()  # pylint: disable=protected-access
+    result["eval_compilations"] = s.eval_step._cache_size()  # pylint: disable=protected-access
   return result
-
-
-def _evaluate_jax(eval_step, params, eval_batchers, sharding, config) -> dict:
-  """Metrics of each eval split, as `train_and_evaluate` computes them."""
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  out = {}
-  for name, batcher in eval_batchers.items():
-    preds, labels, weights = [], [], []
-    for _, batch in parallelism.prefetch(batcher.eval_batches(), sharding,
-                                         config.parallelism.prefetch):
-      _, pred = eval_step(params, batch)
-      pred, label, weight = multihost_utils.process_allgather(
-          (pred, batch["labels"], batch["weights"]), tiled=True)
-      preds.append(pred)
-      labels.append(label)
-      weights.append(weight)
-    out[name] = metrics_lib.compute(config.metrics, np.concatenate(preds),
-                                    np.concatenate(labels),
-                                    np.concatenate(weights))
-  return out
 
 
 # --- The PyTorch run -------------------------------------------------------------
 
 
-def run_torch(s: Setup, steps: int, order: str = "random",
+def run_torch(s: train.Run, steps: int, order: str = "random",
               threads: int | None = None, timeout: float = 3600.0,
               cpu_malloc: str = "default", trainer: bool = False) -> dict:
   """The same work through transformers' PyTorch model, in a subprocess.
@@ -527,7 +483,8 @@ def run_torch(s: Setup, steps: int, order: str = "random",
   run gets the rest.
 
   Args:
-    s: from `setup` (its tokenised splits are what PyTorch trains on).
+    s: from `setup` (its tokenised splits are what PyTorch trains on; its
+      state is not used).
     steps: updates, as for `run_jax` (gradient accumulation is not mirrored).
     order: "random" (Hugging Face's sampler: a random permutation each epoch)
       or "bucketed" (our batches' examples).
@@ -545,6 +502,11 @@ def run_torch(s: Setup, steps: int, order: str = "random",
   if order not in TORCH_ORDERS:
     raise BenchError(f"--torch_order={order!r}; valid: {', '.join(TORCH_ORDERS)}")
   config = s.config
+  if type(s.task).__module__ != "research.tasks.sequence_classification":
+    raise BenchError(
+        "--compare_torch mirrors transformers' "
+        "AutoModelForSequenceClassification: needs "
+        f"config.task='sequence_classification', got {config.task!r}")
   if config.optimizer.name != "adamw" or config.optimizer.grad_accum_steps != 1:
     raise BenchError(
         "--compare_torch mirrors AdamW without accumulation: needs "
@@ -561,10 +523,10 @@ def run_torch(s: Setup, steps: int, order: str = "random",
         f"--compare_torch on GPU compares one device with one device: this "
         f"mesh has {s.mesh.devices.size}; set "
         "--config.parallelism.mesh_shape='(1, 1, 1)'")
-  spe = s.batcher.steps_per_epoch
+  spe = s.train_batches.steps_per_epoch
   size = config.batch_size
   if order == "bucketed":
-    plan = np.stack([s.batcher._plan(step // spe)[0][step % spe]  # pylint: disable=protected-access
+    plan = np.stack([s.train_batches._plan(step // spe)[0][step % spe]  # pylint: disable=protected-access
                      for step in range(steps)])
   else:
     # HF's RandomSampler: a fresh permutation per epoch (drop_last, like ours,
@@ -573,7 +535,8 @@ def run_torch(s: Setup, steps: int, order: str = "random",
         np.random.default_rng([config.seed, 1, e]).permutation(
             len(s.train_split))[:spe * size].reshape(spe, size)
         for e in range(-(-steps // spe))])[:steps]
-  eval_name = next(iter(s.eval_batchers), None)
+  eval_name = next((n for n, split in s.eval_splits.items()
+                    if split.has_labels), None)
   with tempfile.TemporaryDirectory() as tmp:
     arrays = {"order": plan}
     splits = {"train": s.train_split}
@@ -596,7 +559,7 @@ def run_torch(s: Setup, steps: int, order: str = "random",
         "threads": threads or len(os.sched_getaffinity(0)),
         "device": "cpu" if backend == "cpu" else "cuda",
         "bf16": config.model.dtype == "bfloat16",
-        "config_overrides": train.dropout_overrides(config.model),
+        "config_overrides": task_common.dropout_overrides(config.model),
         "lr": opt.learning_rate, "b1": opt.b1, "b2": opt.b2, "eps": opt.eps,
         "weight_decay": opt.weight_decay, "schedule": opt.schedule,
         "warmup_steps": optimizers.warmup_steps(opt, s.total_steps),
@@ -992,7 +955,9 @@ def benchmark(config, steps: int | None = None, warmup: int = 3,
         raise BenchError("--torch_trainer needs accelerate (transformers.Trainer"
                          " does): pip install accelerate") from e
   raws, jax_cols, torch_cols, ratios = [], [], [], []
-  for _ in range(repeats):
+  for repeat in range(repeats):
+    if repeat:
+      s = setup(config, devices)  # a Run trains once: fresh state
     raw = run_jax(s, steps, warmup)
     raws.append(raw)
     jax_cols.append(summarize(raw, peak_tflops=peak_tflops))

@@ -22,7 +22,6 @@ the read order is not the index order.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import sys
@@ -30,80 +29,50 @@ import sys
 import ml_collections
 import numpy as np
 
-from research import data
+from research import data, parallelism, train
 from research.evaluation import glue
+from research.evaluators import sequence
 from research.models import hf
 
 log = logging.getLogger("research.predict")
 
 
-def read_config(workdir):
-  """The run's config.json as a ConfigDict."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: not found; is {workdir} a "
-                            "research.train workdir?")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+def make_predictor(restored):
+  """`(split, batch_size, buckets) -> predictions` of a restored run.
 
-
-def best_metric_key(config):
-  """The metric the trainer ranked checkpoints by ("eval/[split/]metric")."""
-  splits = list(config.data.eval_splits)
-  if len(splits) == 1:
-    return f"eval/{config.eval_metric}"
-  return f"eval/{splits[0]}/{config.eval_metric}"
-
-
-def restore_model(workdir, config, which="best"):
-  """The run's model with its best (or latest) parameters.
-
-  Returns:
-    (graphdef, params, step, "best" | "latest").
+  Through the run's own pieces: the task's evaluation forward in the
+  evaluation step (`steps.make_eval_step`), driven by a `sequence`
+  evaluator, on one device.
   """
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from research.training.checkpointing import Checkpointer, abstract_like  # pylint: disable=import-outside-toplevel
-  if which not in ("best", "latest"):
-    raise ValueError(f"--which={which!r}; valid: best, latest")
-  model, _ = hf.load_pretrained(
-      str(hf.resolve(config.model.name)), config.task, config.num_labels,
-      dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-      attention_impl=config.model.attention_impl)
-  graphdef, params = nnx.split(model, nnx.Param)
-  with Checkpointer(workdir, best_metric=best_metric_key(config),
-                    best_mode=config.eval_metric_mode) as checkpointer:
-    if checkpointer.latest_step() is None:
-      raise FileNotFoundError(f"{workdir}: no checkpoint to predict with")
-    best = which == "best" and checkpointer.best_step() is not None
-    # Parameters only: the optimiser state is not needed.
-    step, state, _ = checkpointer.restore(
-        {"params": abstract_like(params)}, best=best, partial=True)
-  return graphdef, state["params"], step, "best" if best else "latest"
-
-
-def make_predict_fn(graphdef, regression):
-  """A jitted `(params, batch) -> predictions [B]` (ids or scores)."""
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from research.training.steps import make_eval_step  # pylint: disable=import-outside-toplevel
+  config = restored.config
+  parallel = config.parallelism
+  mesh = parallelism.make_mesh(parallel, jax.devices()[:1])
+  rules = parallel.logical_axis_rules
+  params_sharding, frozen_sharding = (
+      parallelism.state_shardings(x, mesh, rules)
+      for x in (restored.params, restored.frozen))
+  step = make_eval_step(restored.task.eval_forward(restored.graphdef),
+                        seed=config.seed, mesh=mesh,
+                        params_sharding=params_sharding,
+                        frozen_sharding=frozen_sharding,
+                        transform=restored.task.transform)
 
-  @jax.jit
-  def predict(params, batch):
-    logits = nnx.merge(graphdef, params)(
-        batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    return logits[:, 0] if regression else jnp.argmax(logits, axis=-1)
+  def predict(split, batch_size, buckets=()):
+    evaluator = sequence.Evaluator(
+        name=split.name, task=restored.task, split=split,
+        batcher=data.Batcher(split, batch_size, buckets, shuffle=False),
+        make_step=lambda logits: step,
+        sharding=parallelism.batch_sharding(mesh), config=config)
+    return evaluator.predict(restored.params, restored.frozen)["predictions"]
 
   return predict
 
 
-def predict_split(predict_fn, params, split, batch_size, buckets=()):
+def predict_split(predictor, split, batch_size, buckets=()):
   """Predictions for every example of `split`, in its order (`split.rows`)."""
-  batcher = data.Batcher(split, batch_size, buckets, shuffle=False)
-  out = []
-  for batch in batcher.eval_batches():
-    pred = np.asarray(predict_fn(params, batch))
-    out.append(pred[batch["weights"] > 0])  # Drop the padding rows.
-  return np.concatenate(out)
+  return predictor(split, batch_size, buckets)
 
 
 def example_ids(config, dataset, split):
@@ -194,7 +163,7 @@ def predict_run(workdir, out_dir, which="best", batch_size=0):
       here), or its labels are not GLUE's.
     FileNotFoundError: no config or checkpoint in `workdir`.
   """
-  config = read_config(workdir)
+  config = train.read_config(workdir)
   task = glue.task_of(config)
   if task is None:
     raise ValueError(
@@ -210,29 +179,30 @@ def predict_run(workdir, out_dir, which="best", batch_size=0):
   else:
     cells = glue.submission_labels(task, label_names)
     formatter = lambda i: cells[int(i)]  # pylint: disable=unnecessary-lambda-assignment
-  graphdef, params, step, restored = restore_model(workdir, config, which)
-  log.info("%s: %s checkpoint, step %d", workdir, restored, step)
-  predict_fn = make_predict_fn(graphdef, regression)
   tokenizer = data.load_tokenizer(str(hf.resolve(config.model.name)))
+  restored = train.restore(workdir, which, tokenizer)
+  log.info("%s: %s checkpoint, step %d", workdir, restored.which,
+           restored.step)
+  predictor = make_predictor(restored)
   os.makedirs(out_dir, exist_ok=True)
   written = {}
   for test_file in spec.test_files:
     cfg = test_config(config, test_file)
     _, splits, _, _ = data.load_splits(
         cfg, tokenizer, cache_dir=os.path.join(workdir, "cache"),
-        label_names=label_names)
+        label_names=label_names, task=restored.task)
     split = splits[test_file.split]
     # A packed run's buckets are row lengths: let prediction choose its own.
     buckets = (tuple(config.data.buckets)
                if config.data.examples_per_row == 1 else ())
-    predictions = predict_split(predict_fn, params, split,
+    predictions = predict_split(predictor, split,
                                 batch_size or config.eval_batch_size, buckets)
     ids = example_ids(cfg, test_file.dataset, test_file.split)
     path = os.path.join(out_dir, test_file.filename)
     write_predictions(path, ids, split.rows, predictions, formatter)
     written[test_file.filename] = len(ids)
-    print(f"{path}: {len(ids)} predictions ({task}, {restored} checkpoint, "
-          f"step {step})")
+    print(f"{path}: {len(ids)} predictions ({task}, {restored.which} "
+          f"checkpoint, step {restored.step})")
   return written
 
 

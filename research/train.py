@@ -11,43 +11,46 @@ run and what tests call; `run(config, workdir)` adds the command line's exit
 statuses (0, 2 with a one-line message, 143 when preempted). README's
 "Failure behaviour" lists what stops a run, what is skipped and how to resume.
 
-The file reads top to bottom as the run does: config and workdir, data, model
-and optimiser, the update and eval steps, checkpoint restore, the loop.
+`build(config, workdir)` makes the run's pieces (`Run`: data, model split
+into trainable and frozen parts, optimiser, update step, evaluators) from the
+plug-ins the config names: the task (`research/tasks/`), the methods
+(`research/methods/`), the evaluators (`research/evaluators/`) and the
+sampler (`research/data/samplers/`). `research.bench` builds its runs through
+it too. The file reads top to bottom as the run does: config and plug-ins,
+data, model and optimiser, the steps, checkpoint restore, the loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
 import os
 import sys
 import time
+from typing import Any
 
 import jax
-import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
-import optax
-from flax import nnx
 
-from research import data, parallelism
+from research import data, evaluators, methods as methods_lib, parallelism
+from research import tasks
 from research.configs import ConfigError, validate
-from research.evaluation import metrics as metrics_lib
 from research.models import hf
 from research.training import host_memory
 from research.training import xla_flags
 from research.training import optimizers
+from research.training import partition
 from research.training.checkpointing import Checkpointer, CheckpointError, abstract_like
+from research.training.steps import make_eval_step, make_train_step, precompile, value_and_grad
 from research.training.tracker import create_tracker
 
 log = logging.getLogger("research.train")
 
 # Exit status after saving on preemption (SIGTERM), so schedulers restart us.
 PREEMPTED_EXIT_CODE = 143
-# Tasks whose training inputs research.data builds today.
-TRAINABLE_TASKS = ("sequence_classification",)
 
 
 class TrainingError(RuntimeError):
@@ -56,135 +59,6 @@ class TrainingError(RuntimeError):
 
 class Preempted(Exception):
   """Raised after the preemption checkpoint is written."""
-
-
-def per_example_loss(logits, batch, regression):
-  """Loss per row and predictions: class ids, or the regression output.
-
-  Rows with weight 0 (padding rows of the last eval batch, examples without a
-  label) are masked by the callers' weighted sums.
-  """
-  if regression:
-    pred = logits[:, 0]
-    return jnp.square(pred - batch["labels"]), pred
-  labels = jnp.maximum(batch["labels"], 0)  # -1 (no label) has weight 0
-  return (optax.softmax_cross_entropy_with_integer_labels(logits, labels),
-          jnp.argmax(logits, axis=-1))
-
-
-def packing_inputs(batch):
-  """The packed-row inputs of a batch (`research.data.batching`), if any."""
-  return {k: batch[k] for k in ("segment_ids", "example_starts") if k in batch}
-
-
-def make_train_step(graphdef, tx, *, regression, seed, mesh, strategy,
-                    state_sharding):
-  """The jitted update: `(state, batch, micro_step) -> (state, metrics)`.
-
-  The loss is the weighted mean over the global batch, computed as
-  sum(loss * weight) / total weight so that every strategy and device count
-  gives the same gradient. `state` is donated: its buffers are reused.
-
-  Args:
-    graphdef: the model's `nnx.GraphDef` (structure without weights).
-    tx: the optax transformation (`optimizers.build_optimizer`).
-    regression: single-output regression head.
-    seed: dropout keys are `fold_in(key(seed), micro_step)`: a resumed run
-      draws the same masks.
-    mesh: the device mesh.
-    strategy: "jit" (sharded program) or "pmap" (per-device program with an
-      explicit gradient all-reduce, via shard_map).
-    state_sharding: NamedShardings of `{"params", "opt_state"}`.
-  """
-  base_key = jax.random.key(seed)
-  batch_sharding = parallelism.batch_sharding(mesh)
-  replicated = parallelism.replicated(mesh)
-
-  def loss_fn(params, batch, dropout_key, total_weight):
-    model = nnx.merge(graphdef, params)
-    logits = model(batch["input_ids"], batch["attention_mask"],
-                   batch["token_type_ids"], **packing_inputs(batch),
-                   rngs=nnx.Rngs(dropout=dropout_key))
-    loss, _ = per_example_loss(logits, batch, regression)
-    return (loss * batch["weights"]).sum() / total_weight
-
-  def apply(state, loss, grads):
-    # The optimiser skips (and counts) a step whose gradients hold a NaN or
-    # Inf; a loss that overflows while its gradients stay finite (a squared
-    # error of a huge label) must be skipped too, so it poisons them. One
-    # leaf suffices (both optimiser paths test every leaf or the global
-    # norm): the smallest, since a select over every leaf costs a pass over
-    # the 47 MB word-embedding gradient (1-3% of a MiniLM step on CPU).
-    leaves, treedef = jax.tree.flatten(grads)
-    i = min(range(len(leaves)), key=lambda j: leaves[j].size)
-    leaves[i] = jnp.where(jnp.isfinite(loss), leaves[i], jnp.nan)
-    grads = jax.tree.unflatten(treedef, leaves)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    return {"params": params, "opt_state": opt_state}, {
-        "loss": loss, "grad_norm": optax.tree.norm(grads),
-        "bad_steps": optimizers.bad_step_count(opt_state)}
-
-  if strategy == "jit":
-    def step(state, batch, micro_step):
-      key = jax.random.fold_in(base_key, micro_step)
-      total = jnp.maximum(batch["weights"].sum(), 1.0)
-      loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, key,
-                                                total)
-      return apply(state, loss, grads)
-  else:
-    axes = parallelism.BATCH_AXES
-
-    def per_device(state, batch, micro_step):
-      # Each device differentiates its share of the global mean; the psum is
-      # the gradient all-reduce.
-      key = jax.random.fold_in(jax.random.fold_in(base_key, micro_step),
-                               jax.lax.axis_index(axes))
-      total = jnp.maximum(jax.lax.psum(batch["weights"].sum(), axes), 1.0)
-      loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, key,
-                                                total)
-      loss, grads = jax.lax.psum((loss, grads), axes)
-      return apply(state, loss, grads)
-
-    # check_vma=False: with it on, JAX would already sum the gradients of
-    # the replicated parameters in the transpose, and the psum above would
-    # count them once per device. Off, the program is the classic pmap one.
-    step = jax.shard_map(per_device, mesh=mesh,
-                         in_specs=(jax.P(), jax.P(axes), jax.P()),
-                         out_specs=(jax.P(), jax.P()), check_vma=False)
-  return jax.jit(step, in_shardings=(state_sharding, batch_sharding, None),
-                 out_shardings=(state_sharding, replicated), donate_argnums=0)
-
-
-def make_eval_step(graphdef, *, regression, mesh, params_sharding):
-  """The jitted eval: `(params, batch) -> (weighted loss sum, predictions)`."""
-  def step(params, batch):
-    logits = nnx.merge(graphdef, params)(
-        batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    loss, pred = per_example_loss(logits, batch, regression)
-    return (loss * batch["weights"]).sum(), pred
-  return jax.jit(step, in_shardings=(params_sharding,
-                                     parallelism.batch_sharding(mesh)),
-                 out_shardings=parallelism.replicated(mesh))
-
-
-def precompile(train_step, state, batcher, batch_sharding, start, count):
-  """Compiles `train_step` for every batch width of micro-batches [start, +count).
-
-  The widths come from the data plan (`Batcher.planned_widths`), so a bucket
-  first met late in the run (a rare long batch, packed rows) does not stall
-  every host with a compile there; the jitted call later finds the
-  executable in JAX's in-memory cache and only re-traces. Lowering reads the
-  arguments' shapes and shardings only: `state` is not donated here.
-
-  Returns:
-    The number of widths compiled.
-  """
-  widths = batcher.planned_widths(start, count)
-  for micro_step in widths.values():
-    batch = parallelism.shard_batch(batcher.batch_at(micro_step), batch_sharding)
-    train_step.lower(state, batch, micro_step).compile()
-  return len(widths)
 
 
 def _check_data_files(config) -> None:
@@ -205,40 +79,14 @@ def _check_data_files(config) -> None:
                         (f" {path!r}" if path != value else ""))
 
 
-def dropout_overrides(model_config) -> dict:
-  """Hugging Face config keys for the dropout rates `config.model` sets.
-
-  A rate < 0 keeps the checkpoint's.
-  """
-  overrides = {}
-  if model_config.hidden_dropout >= 0:
-    overrides["hidden_dropout_prob"] = model_config.hidden_dropout
-  if model_config.attention_dropout >= 0:
-    overrides["attention_probs_dropout_prob"] = model_config.attention_dropout
-  return overrides
-
-
-def load_model(config, model_dir):
-  """The Hugging Face checkpoint as `config.model` asks for it.
-
-  The task's head, dtypes, attention implementation, remat, and dropout
-  rates (`dropout_overrides`).
-  """
-  model, _ = hf.load_pretrained(
-      str(model_dir), config.task, config.num_labels, dtype=config.model.dtype,
-      param_dtype=config.model.param_dtype,
-      attention_impl=config.model.attention_impl, remat=config.model.remat,
-      config_overrides=dropout_overrides(config.model), seed=config.seed)
-  return model
-
-
 def make_batchers(config, train_split, eval_splits, mesh):
   """The training loader and one eval loader per split, checked against the mesh.
 
   The training loader yields micro-batches (`batch_size / grad_accum_steps`
-  examples); eval loaders reuse its buckets, so evaluation adds no shapes.
-  With packing (`data.examples_per_row` > 1) the training buckets are row
-  lengths, and evaluation (never packed) chooses its own from its lengths.
+  examples, in the order of `config.data.sampler`); eval loaders reuse its
+  buckets, so evaluation adds no shapes. With packing
+  (`data.examples_per_row` > 1) the training buckets are row lengths, and
+  evaluation (never packed) chooses its own from its lengths.
 
   Returns:
     (train Batcher, {split name: eval Batcher}).
@@ -248,6 +96,8 @@ def make_batchers(config, train_split, eval_splits, mesh):
   """
   accum = config.optimizer.grad_accum_steps
   per_row = config.data.examples_per_row
+  hosts = dict(process_index=jax.process_index(),
+               process_count=jax.process_count())
   what = ("config.batch_size / grad_accum_steps" if accum > 1
           else "config.batch_size")
   if per_row > 1:
@@ -256,17 +106,195 @@ def make_batchers(config, train_split, eval_splits, mesh):
                                what)
   parallelism.check_batch_size(config.eval_batch_size, mesh,
                                "config.eval_batch_size")
-  hosts = dict(process_index=jax.process_index(),
-               process_count=jax.process_count())
   train_batches = data.Batcher(
       train_split, config.batch_size // accum, config.data.buckets,
-      seed=config.seed, shuffle=True, examples_per_row=per_row, **hosts)
+      seed=config.seed, shuffle=True, examples_per_row=per_row,
+      sampler=config.data.sampler,
+      sampler_options=config.data.sampler_options, **hosts)
+  if train_batches.batch_size != config.batch_size // accum:
+    parallelism.check_batch_size(
+        train_batches.batch_size, mesh,
+        f"the padded batch of sampler {config.data.sampler!r} "
+        "(config.data.sampler_options.max_batch_size)")
   eval_buckets = () if per_row > 1 else train_batches.buckets
   eval_batches = {
       name: data.Batcher(split, config.eval_batch_size, eval_buckets,
                          shuffle=False, **hosts)
       for name, split in eval_splits.items()}
   return train_batches, eval_batches
+
+
+@dataclasses.dataclass
+class Run:
+  """A run's pieces, from `build`; `state` is donated by the first step.
+
+  Attributes:
+    config: the validated config.
+    workdir: the run directory, or None (benchmarks).
+    task: the `research.tasks` task; `methods`: the `research.methods`.
+    model_dir: the Hugging Face checkpoint directory.
+    label_names: label names in id order (empty for regression).
+    skipped: {split: {reason: rows}} dropped under data.bad_rows="skip".
+    train_split, eval_splits: the `TokenizedSplit`s.
+    mesh: the device mesh; batch_sharding: its batch sharding.
+    train_batches, eval_batches: the `Batcher`s.
+    total_steps: optimizer updates of the run; steps_per_epoch: per epoch.
+    tx, schedule: the optax transformation and learning-rate schedule.
+    model_cfg: the encoder's `BertConfig`.
+    graphdef: the model's structure.
+    state: `{"params": trainable, "opt_state": ...}`, placed and sharded.
+    frozen: `(frozen params, other variables)`, placed, never donated.
+    state_sharding, frozen_sharding: their shardings.
+    train_step: `(state, frozen, batch, micro_step) -> (state, metrics)`.
+    eval_step: the evaluators' shared `(params, frozen, batch, index)` step.
+    evaluators: {name: Evaluator}, in config order.
+  """
+  config: ml_collections.ConfigDict
+  workdir: str | None
+  task: Any
+  methods: list
+  model_dir: str
+  label_names: tuple
+  skipped: dict
+  train_split: Any
+  eval_splits: dict
+  mesh: Any
+  batch_sharding: Any
+  train_batches: Any
+  eval_batches: dict
+  total_steps: int
+  steps_per_epoch: int
+  tx: Any
+  schedule: Any
+  model_cfg: Any
+  graphdef: Any
+  state: dict
+  frozen: tuple
+  state_sharding: Any
+  frozen_sharding: Any
+  train_step: Any
+  eval_step: Any
+  evaluators: dict
+
+  @property
+  def best_metric_key(self) -> str:
+    """The metric that selects the best checkpoint (the first evaluator's)."""
+    return evaluators.best_metric_key(self.config, list(self.evaluators))
+
+
+def build(config: ml_collections.ConfigDict, workdir: str | None = None,
+          devices=None) -> Run:
+  """Validates the config and builds the run's pieces; compiles nothing.
+
+  With a `workdir`, writes config.json and labels.json there (reusing the
+  label names of an earlier run) and caches tokenised splits in
+  `<workdir>/cache`.
+
+  Raises:
+    ConfigError, data.DataError, parallelism.ParallelismError: a config or
+      data mistake, before anything is compiled.
+  """
+  # --- Config and plug-ins -------------------------------------------------------
+  validate(config)  # also the task's, methods', evaluators', sampler's options
+  _check_data_files(config)
+  methods = methods_lib.load(config)
+  is_main = jax.process_index() == 0
+  if workdir is not None:
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+  # --- Data -------------------------------------------------------------------
+  model_dir = hf.resolve(config.model.name)
+  tokenizer = data.load_tokenizer(str(model_dir))
+  task = tasks.load(config, tokenizer)
+  labels_path = os.path.join(workdir, "labels.json") if workdir else None
+  saved_labels = (data.load_label_names(labels_path)
+                  if labels_path and os.path.exists(labels_path) else None)
+  train_split, eval_splits, label_names, skipped = data.load_splits(
+      config, tokenizer, cache_dir=os.path.join(workdir, "cache")
+      if workdir else None, label_names=saved_labels, task=task)
+  if train_split is None:
+    raise ConfigError("no training split: set config.data.train_file "
+                      "(local) or config.data.train_split")
+  task.check_labels(label_names)
+  if labels_path and is_main:
+    data.save_label_names(labels_path, label_names)
+  for split, counts in skipped.items():
+    log.warning("skipped rows in %s (data.bad_rows='skip'): %s", split, counts)
+
+  mesh = parallelism.make_mesh(config.parallelism, devices)
+  accum = config.optimizer.grad_accum_steps
+  train_batches, eval_batches = make_batchers(config, train_split, eval_splits,
+                                              mesh)
+  micro_steps_per_epoch = train_batches.steps_per_epoch  # DataError if < 1
+  try:
+    total_steps = optimizers.steps_from_config(config, micro_steps_per_epoch)
+    # Built before the model loads: a warmup longer than the run fails fast.
+    tx = optimizers.build_optimizer(config.optimizer, total_steps)
+    schedule = optimizers.learning_rate_schedule(config.optimizer, total_steps)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+  # --- Model: trainable and frozen parts, optimiser state -----------------------
+  model = task.load_model(model_dir)
+  if config.data.max_length > model.cfg.max_position_embeddings - model.cfg.position_offset:
+    raise ConfigError(
+        f"config.data.max_length={config.data.max_length} exceeds the "
+        f"model's {model.cfg.max_position_embeddings} positions")
+  graphdef, trainable, frozen, rest = partition.split_model(
+      model, methods_lib.trainable(methods))
+  state = {"params": trainable, "opt_state": tx.init(trainable)}
+  frozen = (frozen, rest)
+  # Place every leaf by its logical axis names (replicated for pmap).
+  rules, strategy = (config.parallelism.logical_axis_rules,
+                     config.parallelism.strategy)
+  state_sharding = parallelism.state_shardings(state, mesh, rules, strategy)
+  frozen_sharding = parallelism.state_shardings(frozen, mesh, rules, strategy)
+  state = jax.device_put(state, state_sharding)
+  frozen = jax.device_put(frozen, frozen_sharding)
+  log.info("%d training examples, %d steps/epoch, %d steps, %s %s, padding "
+           "efficiency %.3f; training %d of %d parameters",
+           len(train_split), max(1, micro_steps_per_epoch // accum),
+           total_steps, (f"packed {train_batches.examples_per_row} per row, "
+                         "row buckets" if train_batches.packed else "buckets"),
+           list(train_batches.buckets), train_batches.padding_efficiency(0),
+           partition.count(trainable),
+           partition.count(trainable) + partition.count(frozen))
+
+  # --- Update step and evaluators -------------------------------------------------
+  # The task's loss, wrapped by the methods; their gradient function.
+  train_step = make_train_step(
+      tx, methods_lib.wrap_loss(methods, task.loss_fn(graphdef)),
+      grad_fn=methods_lib.grad_fn(methods, value_and_grad),
+      transform=task.transform, seed=config.seed, mesh=mesh,
+      strategy=strategy, state_sharding=state_sharding,
+      frozen_sharding=frozen_sharding)
+  eval_steps = {}
+
+  def make_step(logits=False):
+    if logits not in eval_steps:
+      eval_steps[logits] = make_eval_step(
+          task.eval_forward(graphdef, logits), seed=config.seed, mesh=mesh,
+          params_sharding=state_sharding["params"],
+          frozen_sharding=frozen_sharding, transform=task.transform)
+    return eval_steps[logits]
+
+  batch_sharding = parallelism.batch_sharding(mesh)
+  return Run(
+      config=config, workdir=workdir, task=task, methods=methods,
+      model_dir=str(model_dir), label_names=tuple(label_names),
+      skipped=skipped, train_split=train_split, eval_splits=eval_splits,
+      mesh=mesh, batch_sharding=batch_sharding, train_batches=train_batches,
+      eval_batches=eval_batches, total_steps=total_steps,
+      steps_per_epoch=max(1, micro_steps_per_epoch // accum), tx=tx,
+      schedule=schedule, model_cfg=model.cfg, graphdef=graphdef, state=state,
+      frozen=frozen, state_sharding=state_sharding,
+      frozen_sharding=frozen_sharding, train_step=train_step,
+      eval_step=make_step(False),
+      evaluators=evaluators.build(config, task, eval_splits, eval_batches,
+                                  make_step, batch_sharding))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -280,121 +308,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     TrainingError: `config.max_bad_steps` non-finite losses in a row.
     Preempted: SIGTERM arrived; the current step was saved.
   """
-  # --- Config and workdir -------------------------------------------------------
-  validate(config)
-  if config.task not in TRAINABLE_TASKS:
-    raise ConfigError(f"config.task={config.task!r}: training data for this "
-                      f"head is not built yet; trainable: {', '.join(TRAINABLE_TASKS)}")
-  _check_data_files(config)
+  # --- Config, data, model, steps (build) ----------------------------------------
+  run = build(config, workdir)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  regression = config.num_labels == 1
-
-  # --- Data -------------------------------------------------------------------
-  model_dir = hf.resolve(config.model.name)
-  tokenizer = data.load_tokenizer(str(model_dir))
-  labels_path = os.path.join(workdir, "labels.json")
-  saved_labels = (data.load_label_names(labels_path)
-                  if os.path.exists(labels_path) else None)
-  train_split, eval_splits, label_names, skipped = data.load_splits(
-      config, tokenizer, cache_dir=os.path.join(workdir, "cache"),
-      label_names=saved_labels)
-  if train_split is None:
-    raise ConfigError("no training split: set config.data.train_file "
-                      "(local) or config.data.train_split")
-  if not regression and len(label_names) != config.num_labels:
-    raise ConfigError(
-        f"config.num_labels={config.num_labels} but the data has "
-        f"{len(label_names)} labels: {', '.join(map(str, label_names))}")
-  if is_main:
-    data.save_label_names(labels_path, label_names)
-  # Rows dropped under data.bad_rows="skip", for the summary: nothing is
-  # dropped silently.
-  skipped_counts = {
-      f"data/skipped/{split}/{reason.replace(' ', '_')}": count
-      for split, counts in skipped.items() for reason, count in counts.items()}
-  for split, counts in skipped.items():
-    log.warning("skipped rows in %s (data.bad_rows='skip'): %s", split, counts)
-
-  mesh = parallelism.make_mesh(config.parallelism)
   accum = config.optimizer.grad_accum_steps
-  train_batches, eval_batches = make_batchers(config, train_split, eval_splits,
-                                              mesh)
-  micro_steps_per_epoch = train_batches.steps_per_epoch  # DataError if < 1
-  try:
-    total_steps = optimizers.steps_from_config(config, micro_steps_per_epoch)
-    # Built before the model loads: a warmup longer than the run fails fast.
-    tx = optimizers.build_optimizer(config.optimizer, total_steps)
-    schedule = optimizers.learning_rate_schedule(config.optimizer, total_steps)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-  steps_per_epoch = max(1, micro_steps_per_epoch // accum)
+  total_steps, steps_per_epoch = run.total_steps, run.steps_per_epoch
+  state, frozen = run.state, run.frozen
+  train_step, train_batches = run.train_step, run.train_batches
   eval_every = (config.eval_every_steps if config.eval_every_steps > 0
                 else steps_per_epoch)
   checkpoint_every = (config.checkpoint_every_steps
                       if config.checkpoint_every_steps > 0 else eval_every)
-  log.info("%d training examples, %d steps/epoch, %d steps, %s %s, padding "
-           "efficiency %.3f", len(train_split), steps_per_epoch, total_steps,
-           (f"packed {train_batches.examples_per_row} per row, row buckets"
-            if train_batches.packed else "buckets"),
-           list(train_batches.buckets), train_batches.padding_efficiency(0))
-
-  # --- Model and optimiser ------------------------------------------------------
-  model = load_model(config, model_dir)
-  if config.data.max_length > model.cfg.max_position_embeddings - model.cfg.position_offset:
-    raise ConfigError(
-        f"config.data.max_length={config.data.max_length} exceeds the "
-        f"model's {model.cfg.max_position_embeddings} positions")
-  graphdef, params = nnx.split(model, nnx.Param)
-  state = {"params": params, "opt_state": tx.init(params)}
-  # Place every leaf by its logical axis names (replicated for pmap).
-  state_sharding = parallelism.state_shardings(
-      state, mesh, config.parallelism.logical_axis_rules,
-      config.parallelism.strategy)
-  state = jax.device_put(state, state_sharding)
-
-  # --- Update and eval steps ----------------------------------------------------
-  train_step = make_train_step(
-      graphdef, tx, regression=regression, seed=config.seed, mesh=mesh,
-      strategy=config.parallelism.strategy, state_sharding=state_sharding)
-  eval_step = make_eval_step(graphdef, regression=regression, mesh=mesh,
-                             params_sharding=state_sharding["params"])
-  batch_sharding = parallelism.batch_sharding(mesh)
+  # Rows dropped under data.bad_rows="skip", for the summary: nothing is
+  # dropped silently.
+  skipped_counts = {
+      f"data/skipped/{split}/{reason.replace(' ', '_')}": count
+      for split, counts in run.skipped.items()
+      for reason, count in counts.items()}
 
   def evaluate(params) -> dict[str, float]:
     results = {}
-    for name, batcher in eval_batches.items():
-      if not eval_splits[name].has_labels:
-        continue
-      preds, labels, weights, loss_sum = [], [], [], 0.0
-      for host_batch, batch in parallelism.prefetch(
-          batcher.eval_batches(), batch_sharding, config.parallelism.prefetch):
-        loss, pred = eval_step(params, batch)
-        loss_sum += float(loss)
-        # Global arrays -> numpy on every host (multi-host safe).
-        pred, label, weight = multihost_utils.process_allgather(
-            (pred, batch["labels"], batch["weights"]), tiled=True)
-        preds.append(pred)
-        labels.append(label)
-        weights.append(weight)
-      preds, labels, weights = map(np.concatenate, (preds, labels, weights))
-      prefix = "eval/" if len(eval_batches) == 1 else f"eval/{name}/"
-      results[prefix + "loss"] = float(loss_sum / weights.sum())
-      for metric, value in metrics_lib.compute(config.metrics, preds, labels,
-                                               weights).items():
+    for name, evaluator in run.evaluators.items():
+      prefix = evaluators.prefix(name, run.evaluators)
+      for metric, value in evaluator.run(params, frozen).items():
         results[prefix + metric] = value
     return results
 
-  # The first eval split selects the best checkpoint and drives early stopping.
-  first_split = next(iter(eval_batches), None)
-  best_key = ("eval/" if len(eval_batches) == 1 else f"eval/{first_split}/") \
-      + config.eval_metric
+  # config.eval_metric (of the first evaluator, or the one it names) selects
+  # the best checkpoint and drives early stopping.
+  best_key = run.best_metric_key
   sign = 1.0 if config.eval_metric_mode == "max" else -1.0
 
   # --- Checkpoint restore -------------------------------------------------------
+  # Only the trainable parameters and their optimiser state are saved: the
+  # frozen part comes back from the pre-trained checkpoint (`build`).
   checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints,
                               best_metric=best_key,
                               best_mode=config.eval_metric_mode)
@@ -420,7 +367,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def save(step, eval_results=None, force=False):
     extras = {"progress": progress, "step": step,
-              "epoch": step // steps_per_epoch, "label_names": list(label_names),
+              "epoch": step // steps_per_epoch,
+              "label_names": list(run.label_names),
               "loss_window": [float(x) for x in jax.device_get(window["loss"])]}
     checkpointer.save(step, state, extras, metrics=eval_results, force=force)
 
@@ -445,8 +393,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.info("run already finished at step %d", start_step)
   elif config.precompile:
     t0 = time.perf_counter()
-    shapes = precompile(train_step, state, train_batches, batch_sharding,
-                        start_step * accum, (total_steps - start_step) * accum)
+    shapes = precompile(train_step, state, frozen, train_batches,
+                        run.batch_sharding, start_step * accum,
+                        (total_steps - start_step) * accum)
     log.info("compiled the update for the run's %d batch shapes in %.1f s",
              shapes, time.perf_counter() - t0)
   previous = None  # (step, metrics) of the last step, read one step late (no stall)
@@ -455,7 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Micro-batches from the resume point on; the data position is the step.
   batches = parallelism.prefetch(
       train_batches.iterate(start_step * accum, (total_steps - start_step) * accum),
-      batch_sharding, config.parallelism.prefetch)
+      run.batch_sharding, config.parallelism.prefetch)
   step = start_step
   failed = True
   try:
@@ -463,7 +412,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       eval_results = None
       for micro in range(accum):
         host_batch, batch = next(batches)
-        state, step_metrics = train_step(state, batch, (step - 1) * accum + micro)
+        state, step_metrics = train_step(state, frozen, batch,
+                                         (step - 1) * accum + micro)
         # Counted on the host copy: reading device arrays would wait for them.
         window["examples"] += int(host_batch["weights"].sum()) * jax.process_count()
         window["tokens"] += int(host_batch["attention_mask"].sum()) * jax.process_count()
@@ -471,12 +421,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if previous is not None:
         check_bad_steps(*previous)
       previous = (step, step_metrics)
-
       if step % config.log_every_steps == 0 or step == total_steps:
         elapsed = time.perf_counter() - window["start"]
         train_metrics = {
             "train/loss": float(np.mean(jax.device_get(window["loss"]))),
-            "train/learning_rate": float(schedule(step - 1)),
+            "train/learning_rate": float(run.schedule(step - 1)),
             "train/grad_norm": float(step_metrics["grad_norm"]),
             "train/bad_steps_total": int(optimizers.total_bad_steps(state["opt_state"])),
             "train/examples_per_second": window["examples"] / elapsed,
@@ -493,7 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   "start": time.perf_counter()}
       bar.update(1)
 
-      if eval_batches and (step % eval_every == 0 or step == total_steps):
+      if run.evaluators and (step % eval_every == 0 or step == total_steps):
         eval_results = evaluate(state["params"])
         tracker.log(step, eval_results)
         log.info("step %d: %s", step, _fmt(eval_results))
@@ -521,9 +470,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary = {"final_step": step, "best_step": progress.get("best_step"),
                f"best/{best_key}": progress["best"],
                "train_step_compilations": train_step._cache_size(),  # pylint: disable=protected-access
-               "eval_step_compilations": eval_step._cache_size(),  # pylint: disable=protected-access
+               "eval_step_compilations": run.eval_step._cache_size(),  # pylint: disable=protected-access
                **skipped_counts}
-    if eval_results is None and eval_batches:
+    if eval_results is None and run.evaluators:
       eval_results = evaluate(state["params"])
     summary.update(eval_results or {})
     tracker.summary(summary)
@@ -537,6 +486,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump({k: v for k, v in summary.items()}, f, indent=2, default=float)
   return summary
+
+
+# --- Restoring a finished run (export, predict) -----------------------------------
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """A run's config.json as a ConfigDict (FileNotFoundError naming it)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: not found; is {workdir} a "
+                            "research.train workdir?")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+@dataclasses.dataclass
+class Restored:
+  """A run's model as a checkpoint left it (`restore`).
+
+  Attributes:
+    config: the run's config.json.
+    task: its task; graphdef, params (trained), frozen: the model's parts.
+    step: the checkpoint's step; which: "best" or "latest".
+  """
+  config: ml_collections.ConfigDict
+  task: Any
+  graphdef: Any
+  params: Any
+  frozen: tuple
+  step: int
+  which: str
+
+  @property
+  def model(self):
+    """The whole model: trained parameters merged with the frozen ones."""
+    return partition.merge(self.graphdef, self.params, self.frozen)
+
+
+def restore(workdir: str, which: str = "best", tokenizer=None) -> Restored:
+  """The trained model of a run: its task's head, split as the run split it.
+
+  The frozen part is the pre-trained checkpoint's (as in `build`), the
+  trained part the run's best (by its eval_metric) or latest checkpoint; the
+  optimiser state is not read.
+
+  Raises:
+    FileNotFoundError: no config.json or no checkpoint in `workdir`.
+    ValueError: `which` is not "best" or "latest".
+  """
+  if which not in ("best", "latest"):
+    raise ValueError(f"--which={which!r}; valid: best, latest")
+  config = read_config(workdir)
+  task = tasks.load(config, tokenizer)
+  model = task.load_model(hf.resolve(config.model.name))
+  graphdef, params, frozen, rest = partition.split_model(
+      model, methods_lib.trainable(methods_lib.load(config)))
+  names = list(evaluators.configs(config, task))
+  with Checkpointer(workdir, best_metric=evaluators.best_metric_key(
+      config, names), best_mode=config.eval_metric_mode) as checkpointer:
+    if checkpointer.latest_step() is None:
+      raise FileNotFoundError(f"{workdir}: no checkpoint to restore")
+    best = which == "best" and checkpointer.best_step() is not None
+    step, state, _ = checkpointer.restore(
+        {"params": abstract_like(params)}, best=best, partial=True)
+  return Restored(config, task, graphdef, state["params"], (frozen, rest),
+                  step, "best" if best else "latest")
 
 
 def _close_all(closers, raise_errors):

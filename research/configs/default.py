@@ -27,11 +27,23 @@ def get_config():
   c.model.attention_dropout = -1.0  # < 0: keep the checkpoint's config.json
   c.model.remat = False             # rematerialise each layer in backward
 
-  # --- Task --------------------------------------------------------------------
+  # --- Task, methods, evaluators ------------------------------------------------
+  # A module of research/tasks/ (a dotted name: any module path):
   # sequence_classification (num_labels == 1 means regression),
   # token_classification, question_answering, masked_lm.
   c.task = "sequence_classification"
   c.num_labels = 2
+  # The task's own options, checked against its module's Task.CONFIG (e.g.
+  # question_answering: doc_stride, max_answer_length).
+  c.task_options = ml_collections.ConfigDict()
+  # Modules of research/methods/ applied in order, e.g. ("bitfit",); their
+  # options in method_options.<name>, checked against each Method.CONFIG.
+  c.methods = ()
+  c.method_options = ml_collections.ConfigDict()
+  # name -> {"type": a module of research/evaluators/, "split": an eval
+  # split, options...}. Empty: the task's defaults, one evaluator per eval
+  # split (metrics below).
+  c.evals = ml_collections.ConfigDict()
 
   # --- Data --------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
@@ -60,8 +72,14 @@ def get_config():
   # stays the number of examples), and data.buckets are then row lengths.
   # Pays where padding dominates and attention is cheap (accelerators, short
   # texts); on a 2-core CPU it does not (BENCHMARKS.md). Evaluation is not
-  # packed. Sequence classification only.
+  # packed. Tasks that support it: sequence_classification.
   c.data.examples_per_row = 1
+  # The training order: a module of research/data/samplers/ (bucketed,
+  # shuffle, sequential, poisson; a dotted name: any module path). auto:
+  # bucketed, or shuffle with packed rows. Options in sampler_options (e.g.
+  # poisson's max_batch_size), checked against the module's CONFIG.
+  c.data.sampler = "auto"
+  c.data.sampler_options = ml_collections.ConfigDict()
   c.data.bad_rows = "error"          # error | skip (skipped rows are counted)
   c.data.cache_dir = ""              # tokenisation cache ("" = <workdir>/cache)
 
@@ -92,7 +110,9 @@ def get_config():
   # Metrics computed on every eval split (research/evaluation/metrics.py);
   # eval/loss is always logged.
   c.metrics = ("accuracy",)
-  c.eval_metric = "accuracy"         # selects the best checkpoint (or "loss")
+  # Selects the best checkpoint: a metric (or "loss") of the first evaluator,
+  # or "<evaluator>/<metric>".
+  c.eval_metric = "accuracy"
   c.eval_metric_mode = "max"         # max | min
   c.early_stopping_patience = -1     # evaluations without improvement; <= 0 off
   c.checkpoint_every_steps = -1      # <= 0: at every evaluation

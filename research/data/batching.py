@@ -2,25 +2,31 @@
 
 Every batch is padded to one of a few bucket lengths, so a jitted step
 compiles once per bucket. Training batches have a fixed global size; each
-epoch's batch order is a pure function of (seed, epoch), so `batch_at(step)`
-gives the same batch on every host and after any restart. Each host takes
-its contiguous slice of the global batch.
+epoch's batch order comes from a sampler (`research.data.samplers`) and is a
+pure function of (seed, epoch), so `batch_at(step)` gives the same batch on
+every host and after any restart. Each host takes its contiguous slice of
+the global batch.
 
-Batch format (numpy): input_ids, attention_mask, token_type_ids int32 [B, L];
-labels int32 [B] (float32 for regression); weights float32 [B] (0 = padding
-row, only in evaluation batches).
+Batch format (numpy): every field of the split (`TokenizedSplit.fields`),
+gathered and padded by its spec: per-token fields [B, L] (input_ids,
+token_type_ids int32; token labels, offsets, ...), per-feature fields
+[B, ...] (labels int32, or float32 for regression; answer positions, ...);
+plus attention_mask int32 [B, L] and weights float32 [B] (0 = padding row:
+the last evaluation batch, a Poisson batch's unused rows).
 
 Packed training batches (`examples_per_row = K > 1`) put K examples back to
-back in each of R = B / K rows: input_ids, attention_mask, token_type_ids and
-segment_ids int32 [R, L] (segment k = 1..K is the row's k-th example, 0 is
-padding); example_starts int32 [R, K], where each example's [CLS] is; labels
-and weights [B] in row-major order (row r holds examples r*K .. r*K + K - 1),
-so a data-sharded batch keeps every example with its row. The model turns
-segment_ids into a block-diagonal attention mask and per-example positions.
+back in each of R = B / K rows: per-token fields and segment_ids int32
+[R, L] (segment k = 1..K is the row's k-th example, 0 is padding);
+example_starts int32 [R, K], where each example's [CLS] is; per-feature
+fields and weights [B] in row-major order (row r holds examples r*K ..
+r*K + K - 1), so a data-sharded batch keeps every example with its row. The
+model turns segment_ids into a block-diagonal attention mask and
+per-example positions.
 """
 
 import numpy as np
 
+from research.data import samplers
 from research.data.errors import DataError
 
 
@@ -142,52 +148,61 @@ def pack_rows(lengths, rows):
 
 
 class Batcher:
-  """Builds training and evaluation batches from a tokenised split.
+  """Builds training and evaluation batches from a featurised split.
 
-  Training (`batch_at`, `iterate`): each epoch the examples are shuffled with
-  a generator seeded by (seed, epoch) and a random remainder past a whole
-  number of batches is dropped (steps per epoch is constant). Examples are
-  then grouped by bucket over the whole epoch and each bucket's (random) pool
-  is cut into batches; the fewer than batch_size left over in a bucket join
-  the next bucket up. The batch order is shuffled. Each batch is padded to
-  the smallest bucket that fits its longest example. Grouping per bucket
-  over the epoch, rather than sorting local chunks, pads almost every example
-  only to its own bucket: chunk sorting loses 5-10% to batches straddling two
-  buckets and to each chunk's longest examples. With shuffle=False the
+  Training (`batch_at`, `iterate`): the sampler plans each epoch's batches
+  (`research.data.samplers`; by default `bucketed`: random batches grouped
+  by length bucket, see its docstring), and each batch is padded to the
+  smallest bucket that fits its longest example. With shuffle=False the
   batches follow the split's order.
 
-  Packed training (`examples_per_row` > 1): each epoch's batches are random
-  (no length grouping: packing absorbs the length spread), each batch's
-  examples are split into rows of equal count by `pack_rows`, and the batch
+  Packed training (`examples_per_row` > 1): the sampler's batches (by
+  default `shuffle`: random, no length grouping, packing absorbs the length
+  spread) are split into rows of equal count by `pack_rows`, and each batch
   is padded to the smallest bucket that fits its longest row.
 
   Evaluation (`eval_batches`): every example exactly once, in order; the last
   batch is filled with padding rows (weights 0).
 
   Args:
-    split: a `TokenizedSplit` (needs input_ids, token_type_ids, offsets,
-      labels, max_length).
-    batch_size: the global batch size (all hosts together).
+    split: a `TokenizedSplit`.
+    batch_size: the global batch size (all hosts together); a Poisson
+      sampler's expected size.
     buckets: padded lengths (see `make_buckets`); empty: `auto_buckets` of
       this split's lengths.
     seed: the data-order seed.
-    shuffle: shuffle and group by length (training); False keeps the order.
+    shuffle: False: the split's order (sampler "sequential").
     process_index: this host's index.
     process_count: the number of hosts; must divide batch_size (with
       packing: the rows).
-    pad_id: the token id of padding (BERT: 0).
     examples_per_row: K > 1 packs training batches (see the module
-      docstring): batches are random (no length grouping) and `buckets` are
-      row lengths, at most K * max_length. Evaluation batches are never
-      packed.
+      docstring): `buckets` are then row lengths, at most K * max_length.
+      Evaluation batches are never packed.
+    sampler: a `research.data.samplers` module name; "auto": `bucketed`, or
+      `shuffle` when packing.
+    sampler_options: the sampler's options (`config.data.sampler_options`).
   """
 
   def __init__(self, split, batch_size, buckets, seed=0, shuffle=True,
-               process_index=0, process_count=1, pad_id=0, examples_per_row=1):
+               process_index=0, process_count=1, examples_per_row=1,
+               sampler="auto", sampler_options=None):
     per_row = int(examples_per_row)
     if per_row < 1 or batch_size % per_row:
       raise DataError(f"data.examples_per_row={examples_per_row} must be "
                       f">= 1 and divide the batch size {batch_size}")
+    if sampler == "auto":
+      sampler = "shuffle" if per_row > 1 else "bucketed"
+    if not shuffle:
+      sampler = "sequential"
+    self.split = split
+    self.lengths = np.diff(split.offsets)
+    self.sampler = samplers.create(sampler, self.lengths, batch_size, seed,
+                                   sampler_options)
+    if per_row > 1 and self.sampler.batch_size != batch_size:
+      raise DataError(f"data.sampler={sampler!r} makes batches of varying "
+                      "size, which packed rows (data.examples_per_row > 1) "
+                      "cannot hold; set data.examples_per_row=1")
+    batch_size = self.sampler.batch_size  # the fixed shape (Poisson's max)
     units = batch_size // per_row  # rows of a batch; hosts split them
     if batch_size <= 0 or units % process_count:
       raise DataError(f"batch size {batch_size} must be positive and its "
@@ -196,15 +211,11 @@ class Batcher:
     if not 0 <= process_index < process_count:
       raise DataError(f"process_index {process_index} is not in "
                       f"[0, {process_count})")
-    self.split = split
     self.batch_size = batch_size
-    self.seed = int(seed) % 2**64  # SeedSequence needs a non-negative seed.
     self.shuffle = shuffle
     self.process_index = process_index
     self.process_count = process_count
-    self.pad_id = pad_id
     self.examples_per_row = per_row
-    self.lengths = np.diff(split.offsets)
     self._plan_cache = None
     longest = split.max_length * per_row
     if len(buckets):
@@ -237,7 +248,7 @@ class Batcher:
   @property
   def steps_per_epoch(self):
     """Training batches per epoch (the remainder is dropped)."""
-    steps = len(self.lengths) // self.batch_size
+    steps = self.sampler.steps_per_epoch
     if steps == 0:
       raise DataError(f"{self.split.where}: {len(self.lengths)} examples, "
                       f"fewer than one batch of {self.batch_size}")
@@ -253,45 +264,28 @@ class Batcher:
     return np.asarray(self.buckets)[
         np.searchsorted(self.buckets, longest, side="left")]
 
+  def _longest(self, order):
+    """The longest real example of each row of `order` (-1: padding)."""
+    return np.where(order >= 0, self.lengths[np.maximum(order, 0)], 0).max(
+        axis=-1)
+
   def _pack(self, epoch):
-    """Random batches packed into rows: (order [steps, B], row lengths)."""
-    steps, size = self.steps_per_epoch, self.batch_size
-    if self.shuffle:
-      order = np.random.default_rng([self.seed, epoch]).permutation(
-          len(self.lengths))[:steps * size].reshape(steps, size)
-    else:
-      order = np.arange(steps * size).reshape(steps, size)
+    """The sampler's batches packed into rows: (order [steps, B], row lengths)."""
+    order = self.sampler.epoch(epoch, None)
     slot, row_lengths = pack_rows(self.lengths[order],
-                                  size // self.examples_per_row)
+                                  self.batch_size // self.examples_per_row)
     return np.take_along_axis(order, slot, axis=1), row_lengths
 
   def _plan(self, epoch):
-    """Returns (example indices [steps, B], padded lengths [steps])."""
+    """Returns (example indices [steps, B], -1 = padding; widths [steps])."""
     if self._plan_cache is not None and self._plan_cache[0] == epoch:
       return self._plan_cache[1]
-    steps, size = self.steps_per_epoch, self.batch_size
     if self.packed:
       order, row_lengths = self._pack(epoch)
       widths = self._bucket(row_lengths.max(axis=1))
-      self._plan_cache = (epoch, (order, widths))
-      return order, widths
-    if not self.shuffle:
-      order = np.arange(steps * size).reshape(steps, size)
     else:
-      rng = np.random.default_rng([self.seed, epoch])
-      # Drop a random remainder first: what is left fills whole batches.
-      perm = rng.permutation(len(self.lengths))[:steps * size]
-      bucket = np.searchsorted(self.buckets, self.lengths[perm])
-      parts, carry = [], perm[:0]
-      for k in range(len(self.buckets)):
-        # perm is random, so a bucket's pool is in random order; the few
-        # that do not fill a batch move up to the next bucket.
-        pool = np.concatenate([carry, perm[bucket == k]])
-        full = len(pool) - len(pool) % size
-        parts.append(pool[:full].reshape(-1, size))
-        carry = pool[full:]
-      order = np.concatenate(parts)[rng.permutation(steps)]
-    widths = self._bucket(self.lengths[order].max(axis=1))
+      order = self.sampler.epoch(epoch, self.buckets)
+      widths = self._bucket(self._longest(order))
     self._plan_cache = (epoch, (order, widths))
     return order, widths
 
@@ -349,7 +343,8 @@ class Batcher:
     """Real tokens / padded tokens of one training epoch's batches."""
     order, widths = self._plan(epoch)
     rows = self.batch_size // self.examples_per_row
-    return float(self.lengths[order].sum() / (widths.sum() * rows))
+    real = np.where(order >= 0, self.lengths[np.maximum(order, 0)], 0)
+    return float(real.sum() / (widths.sum() * rows))
 
   def eval_batches(self):
     """Yields this host's part of each evaluation batch.
@@ -367,31 +362,33 @@ class Batcher:
 
   def _assemble(self, idx, width):
     """Pads examples `idx` (-1: a padding row) to [len(idx), width]."""
+    split = self.split
     real = idx >= 0
     safe = np.where(real, idx, 0)
-    starts = self.split.offsets[safe]
+    starts = split.offsets[safe]
     lens = np.where(real, self.lengths[safe], 0)
     pos = np.arange(width)
     mask = pos[None, :] < lens[:, None]
     gather = np.where(mask, starts[:, None] + pos[None, :], 0)
-    input_ids = np.where(mask, self.split.input_ids[gather], self.pad_id)
-    token_type_ids = np.where(mask, self.split.token_type_ids[gather], 0)
+    out = {}
+    for f in split.fields:
+      values = split.arrays[f.name]
+      if f.per_token:
+        out[f.name] = np.where(mask, values[gather], f.pad).astype(f.dtype)
+      else:
+        rows = real.reshape((-1,) + (1,) * (values.ndim - 1))
+        out[f.name] = np.where(rows, values[safe], f.pad).astype(f.dtype)
     attention_mask = mask.astype(np.int32)
     # A padding row attends to one token: a fully masked row can give NaN
     # logits, and NaN * weight 0 is still NaN in a weighted sum.
     attention_mask[~real, 0] = 1
-    labels = np.where(real, self.split.labels[safe], 0).astype(
-        self.split.labels.dtype)
-    return {
-        "input_ids": input_ids.astype(np.int32),
-        "attention_mask": attention_mask,
-        "token_type_ids": token_type_ids.astype(np.int32),
-        "labels": labels,
-        "weights": real.astype(np.float32),
-    }
+    out["attention_mask"] = attention_mask
+    out["weights"] = real.astype(np.float32)
+    return out
 
   def _assemble_packed(self, idx, width):
     """Packs examples `idx` (row-major, K per row) into [len(idx) / K, width]."""
+    split = self.split
     per_row = self.examples_per_row
     rows = len(idx) // per_row
     lens = self.lengths[idx].reshape(rows, per_row)
@@ -405,16 +402,14 @@ class Batcher:
     example = np.take_along_axis(idx.reshape(rows, per_row), k, axis=1)
     within = pos[None, :] - np.take_along_axis(starts, k, axis=1)
     real = segment > 0
-    gather = np.where(real, self.split.offsets[example] + within, 0)
-    labels = self.split.labels[idx]
-    return {
-        "input_ids": np.where(real, self.split.input_ids[gather],
-                              self.pad_id).astype(np.int32),
-        "attention_mask": real.astype(np.int32),
-        "token_type_ids": np.where(real, self.split.token_type_ids[gather],
-                                   0).astype(np.int32),
-        "segment_ids": segment.astype(np.int32),
-        "example_starts": starts.astype(np.int32),
-        "labels": labels.astype(self.split.labels.dtype),
-        "weights": np.ones(len(idx), np.float32),
-    }
+    gather = np.where(real, split.offsets[example] + within, 0)
+    out = {}
+    for f in split.fields:
+      values = split.arrays[f.name]
+      out[f.name] = (np.where(real, values[gather], f.pad) if f.per_token
+                     else values[idx]).astype(f.dtype)
+    out["attention_mask"] = real.astype(np.int32)
+    out["segment_ids"] = segment.astype(np.int32)
+    out["example_starts"] = starts.astype(np.int32)
+    out["weights"] = np.ones(len(idx), np.float32)
+    return out

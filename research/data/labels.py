@@ -146,6 +146,43 @@ def map_labels(raw, names, regression, policy, rows, training):
   return out[keep], keep
 
 
+def map_token_labels(raw, names, policy, rows):
+  """Maps per-token raw labels to ids; "" (no label) becomes -100.
+
+  Args:
+    raw: str [tokens], the raw label of each token ("" for none: special
+      tokens, a word's later sub-tokens).
+    names: the label names in id order.
+    policy: the split's `errors.RowPolicy` (an unknown label is a bad row).
+    rows: int [tokens], the source row of each token, for messages.
+
+  Returns:
+    (ids int32 [tokens], bad_rows): the ids (-100 where no label) and the
+    sorted source rows reported bad (their features should be dropped).
+  """
+  out = np.full(len(raw), -100, np.int32)
+  index = {n: i for i, n in enumerate(names)}
+  ids_allowed = not any(_is_int(n) for n in names)
+  uniques, inverse = np.unique(np.asarray(raw, dtype=str), return_inverse=True)
+  bad = {}
+  for u, value in enumerate(uniques.tolist()):
+    if value == "":
+      continue
+    if value in index:
+      mapped = index[value]
+    elif ids_allowed and _is_int(value) and 0 <= int(value) < len(names):
+      mapped = int(value)
+    else:
+      for row in np.unique(rows[inverse == u]).tolist():
+        bad.setdefault(row, value)
+      continue
+    out[inverse == u] = mapped
+  for row in sorted(bad):  # once per row, in file order
+    policy.bad(row, errors.UNKNOWN_LABEL, f"label {bad[row]!r} is not one "
+               f"of the valid labels {list(names)}")
+  return out, sorted(bad)
+
+
 def save_label_names(path, names):
   """Writes the label names (id order) as a JSON list, e.g. labels.json."""
   with open(path, "w", encoding="utf-8") as f:

@@ -5,6 +5,12 @@ tokenisation cache is keyed on) and `read()`, which returns a `RawSplit`: the
 texts and raw labels of the rows that passed the bad-row checks. Labels stay
 strings here; `research.data.labels` turns them into ids (or floats) once the
 label set is known, so that the cache does not depend on it.
+
+Two options serve tasks beyond sentence classification (`research.tasks`):
+`words=True` reads each text column as pre-split words (a list of strings; a
+plain text is split on whitespace), and `label_json=True` keeps a structured
+label (a list of tags, SQuAD's `answers` dict) as its JSON text, ClassLabel
+ids given by their names.
 """
 
 import csv
@@ -35,7 +41,8 @@ class RawSplit:
   Attributes:
     where: the file path or dataset description used in messages.
     unit: what `rows` counts: "line" (files) or "row" (datasets).
-    texts: one list of strings per text field, all of the same length.
+    texts: one list per text field, all of the same length: strings, or
+      lists of words (`words=True`).
     labels: the raw labels as strings ("-1": unlabeled), or None when the
       split has no label column at all.
     rows: the 1-based line (files) or example (datasets) number of each row.
@@ -80,6 +87,47 @@ def label_str(value):
   return str(value).strip()
 
 
+def plain(value):
+  """A value as plain Python: bytes decoded, numpy arrays and scalars unboxed.
+
+  TFDS yields numpy arrays of bytes, Hugging Face lists and dicts; JSON
+  labels and word lists need the same plain form from every source.
+  """
+  if isinstance(value, bytes):
+    return value.decode("utf-8", "surrogateescape")
+  if isinstance(value, dict):
+    return {str(k): plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and
+                                          getattr(value, "ndim", 0) > 0):
+    return [plain(v) for v in value]
+  if hasattr(value, "item"):  # a numpy scalar
+    return plain(value.item())
+  return value
+
+
+def _class_names(feature):
+  """A ClassLabel's names, also inside a sequence feature; else None."""
+  for f in (feature, getattr(feature, "feature", None)):
+    names = getattr(f, "names", None)
+    if names:
+      return tuple(names)
+  return None
+
+
+def json_label(value, names=None):
+  """A structured label as JSON text; None when missing.
+
+  Integers in a list become `names[i]` (a sequence of ClassLabels).
+  """
+  value = plain(value)
+  if value is None or value == "":
+    return None
+  if names is not None and isinstance(value, list):
+    value = [names[v] if isinstance(v, int) and 0 <= v < len(names) else v
+             for v in value]
+  return json.dumps(value, ensure_ascii=False)
+
+
 def _valid_utf8(s):
   # Undecodable bytes were kept as lone surrogates (surrogateescape).
   try:
@@ -92,35 +140,49 @@ def _valid_utf8(s):
 class _Collector:
   """Checks rows against the bad-row rules and keeps the good ones."""
 
-  def __init__(self, policy, text_fields, labeled):
+  def __init__(self, policy, text_fields, labeled, words=False):
     self.policy = policy
     self.text_fields = text_fields
     self.labeled = labeled
+    self.words = words
     self.texts = [[] for _ in text_fields]
     self.labels = [] if labeled else None
     self.rows = []
 
+  def _text_problem(self, field, text):
+    """(reason, detail) if `text` is not a usable text, else None."""
+    if text is None:
+      return errors.EMPTY_TEXT, f"column {field!r} has no text"
+    if not isinstance(text, str):
+      return errors.EMPTY_TEXT, (f"column {field!r} is {type(text).__name__}, "
+                                 "not text")
+    if not _valid_utf8(text):
+      return errors.INVALID_UTF8, f"column {field!r} is not valid UTF-8"
+    if "\0" in text:
+      # The tokenizer would silently drop it; in a text file it means binary
+      # or UTF-16 data, not a sentence.
+      return errors.NUL_BYTE, f"column {field!r} contains a NUL byte"
+    if not text.strip():
+      return errors.EMPTY_TEXT, f"column {field!r} is empty or whitespace-only"
+    return None
+
   def add(self, row, texts, label):
     """Keeps the row if its texts and label are usable (else policy.bad)."""
+    if self.words:
+      # A plain text where words are expected: whitespace-separated words.
+      texts = [t.split() if isinstance(t, str) else plain(t) for t in texts]
     for field, text in zip(self.text_fields, texts):
-      if text is None:
-        return self.policy.bad(row, errors.EMPTY_TEXT,
-                               f"column {field!r} has no text")
-      if not isinstance(text, str):
-        return self.policy.bad(row, errors.EMPTY_TEXT,
-                               f"column {field!r} is {type(text).__name__}, "
-                               "not text")
-      if not _valid_utf8(text):
-        return self.policy.bad(row, errors.INVALID_UTF8,
-                               f"column {field!r} is not valid UTF-8")
-      if "\0" in text:
-        # The tokenizer would silently drop it; in a text file it means binary
-        # or UTF-16 data, not a sentence.
-        return self.policy.bad(row, errors.NUL_BYTE,
-                               f"column {field!r} contains a NUL byte")
-      if not text.strip():
-        return self.policy.bad(row, errors.EMPTY_TEXT,
-                               f"column {field!r} is empty or whitespace-only")
+      if self.words and isinstance(text, list):
+        if not text:
+          return self.policy.bad(row, errors.EMPTY_TEXT,
+                                 f"column {field!r} has no words")
+        problems = (self._text_problem(f"{field}[{i}]", w)
+                    for i, w in enumerate(text))
+        problem = next((p for p in problems if p), None)
+      else:
+        problem = self._text_problem(field, text)
+      if problem:
+        return self.policy.bad(row, *problem)
     if self.labeled:
       if label is None or label == "":
         return self.policy.bad(row, errors.MISSING_LABEL, "the label is missing")
@@ -198,7 +260,8 @@ class LocalFile:
     return {"source": "local", "path": os.path.abspath(self.path),
             "format": self.fmt, "sha256": file_sha256(self.path)}
 
-  def read(self, text_fields, label_field, bad_rows, require_labels):
+  def read(self, text_fields, label_field, bad_rows, require_labels,
+           words=False, label_json=False):
     """Reads and checks the rows.
 
     Args:
@@ -207,6 +270,8 @@ class LocalFile:
       bad_rows: "error" or "skip".
       require_labels: a missing label column is an error (training splits);
         otherwise the split is read as unlabeled.
+      words: the text columns hold lists of words (see the module docstring).
+      label_json: keep structured labels as JSON text.
 
     Returns:
       A `RawSplit`.
@@ -225,12 +290,13 @@ class LocalFile:
       columns, records = self._delimited(text, policy)
     labeled = _check_columns(self.path, columns, text_fields, label_field,
                              require_labels)
-    out = _Collector(policy, text_fields, labeled)
+    out = _Collector(policy, text_fields, labeled, words)
+    to_label = json_label if label_json else label_str
     for line, record in records:
       if record is None:
         continue  # Already reported (ragged row, invalid JSON).
       out.add(line, [record.get(f) for f in text_fields],
-              label_str(record.get(label_field)) if labeled else None)
+              to_label(record.get(label_field)) if labeled else None)
     return out.result(self.path, "line")
 
   def _delimited(self, text, policy):
@@ -328,7 +394,8 @@ class TfdsSplit:
     return {"source": "tfds", "name": self.name, "version": version,
             "split": self.split, "data_dir": self.data_dir}
 
-  def read(self, text_fields, label_field, bad_rows, require_labels):
+  def read(self, text_fields, label_field, bad_rows, require_labels,
+           words=False, label_json=False):
     """Reads and checks the rows; see `LocalFile.read`."""
     import tensorflow_datasets as tfds
     try:
@@ -339,12 +406,18 @@ class TfdsSplit:
     features = info.features
     labeled = _check_columns(self.where, list(features.keys()), text_fields,
                              label_field, require_labels)
-    names = None
-    if labeled and isinstance(features[label_field],
-                              tfds.features.ClassLabel):
-      names = tuple(features[label_field].names)
+    names = _class_names(features[label_field]) if labeled else None
     policy = errors.RowPolicy(bad_rows, self.where, "row")
-    out = _Collector(policy, text_fields, labeled)
+    out = _Collector(policy, text_fields, labeled, words)
+    if words or label_json:
+      # Ragged features (word lists, answers) do not batch: row by row.
+      for row, example in enumerate(tfds.as_numpy(ds), start=1):
+        label = (json_label(example[label_field], names)
+                 if labeled and label_json else
+                 _class_name(plain(example[label_field]), names)
+                 if labeled else None)
+        out.add(row, [plain(example[f]) for f in text_fields], label)
+      return out.result(self.where, "row", names)
     row = 0
     for batch in tfds.as_numpy(ds.batch(1024)):
       for i in range(len(batch[text_fields[0]])):
@@ -417,21 +490,22 @@ class HfSplit:
             "split": self.split, "data_files": files,
             "fingerprint": self._load()._fingerprint}
 
-  def read(self, text_fields, label_field, bad_rows, require_labels):
+  def read(self, text_fields, label_field, bad_rows, require_labels,
+           words=False, label_json=False):
     """Reads and checks the rows; see `LocalFile.read`."""
-    import datasets
     ds = self._load()
     labeled = _check_columns(self.where, ds.column_names, text_fields,
                              label_field, require_labels)
-    names = None
-    if labeled and isinstance(ds.features[label_field], datasets.ClassLabel):
-      names = tuple(ds.features[label_field].names)
+    names = _class_names(ds.features[label_field]) if labeled else None
     columns = ds.select_columns(
         list(text_fields) + ([label_field] if labeled else [])).to_dict()
     policy = errors.RowPolicy(bad_rows, self.where, "row")
-    out = _Collector(policy, text_fields, labeled)
+    out = _Collector(policy, text_fields, labeled, words)
     for i in range(ds.num_rows):
       texts = [columns[f][i] for f in text_fields]
-      label = _class_name(columns[label_field][i], names) if labeled else None
+      label = None
+      if labeled:
+        label = (json_label(columns[label_field][i], names) if label_json
+                 else _class_name(columns[label_field][i], names))
       out.add(i + 1, texts, label)
     return out.result(self.where, "row", names)

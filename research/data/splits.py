@@ -1,52 +1,122 @@
-"""`load_splits`: config -> tokenised train and evaluation splits."""
+"""`load_splits`: config -> featurised train and evaluation splits.
 
-import collections
+What a row becomes is the task's business (`research.tasks`): the data layer
+reads the columns the task names, caches what its featuriser makes and hands
+back `TokenizedSplit`s, whose fields the `Batcher` pads generically.
+"""
+
 import dataclasses
 import logging
+from typing import Any
 
 import numpy as np
 
-from research.data import labels as labels_lib
 from research.data import sources
 from research.data import tokenize
-from research.data.errors import DataError, RowPolicy
+from research.data.errors import DataError
 
-TASKS = ("sequence_classification", "masked_lm")
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """How the `Batcher` gathers and pads one field of a split.
+
+  Attributes:
+    name: the batch key ("input_ids", "labels", "start_positions", ...).
+    per_token: stored flat over the split's tokens (padded to [B, L]);
+      otherwise one value (or row of values) per feature ([B, ...]).
+    dtype: the batch dtype.
+    pad: the value of padding positions and padding rows (-100: an ignored
+      token label).
+  """
+  name: str
+  per_token: bool
+  dtype: Any
+  pad: Any = 0
+
+
+def text_fields(pad_id=0):
+  """The token fields every split has: input_ids, token_type_ids."""
+  return (Field("input_ids", True, np.int32, pad_id),
+          Field("token_type_ids", True, np.int32, 0))
 
 
 @dataclasses.dataclass
 class TokenizedSplit:
-  """A tokenised split ready for `Batcher`.
+  """A featurised split ready for `Batcher`: ragged fields plus their specs.
 
   Attributes:
     name: the split name ("train", "validation", "matched", ...).
     where: the file path or dataset description, for messages.
-    input_ids: int32 [total_tokens], the examples back to back.
-    token_type_ids: int8 [total_tokens].
-    offsets: int64 [n + 1]; example i spans offsets[i]:offsets[i + 1].
-    labels: int32 [n] label ids, or float32 [n] for regression; -1 where an
-      evaluation example has no label.
-    rows: int32 [n], each example's line (files) or row (datasets) number.
+    offsets: int64 [n + 1]; feature i spans tokens offsets[i]:offsets[i + 1].
+    arrays: {field name: array}: per-token fields flat [total_tokens],
+      per-feature fields [n, ...].
+    fields: the `Field` specs of `arrays`, in batch order.
+    rows: int32 [n], each feature's line (files) or row (datasets) number.
     max_length: the truncation length the split was tokenised with.
-    has_labels: False when no example has a label (a test split to predict).
+    has_labels: False when nothing is labelled (a test split to predict).
+    examples: per-example arrays of the source (QA contexts and answers),
+      for evaluators that post-process predictions; usually empty.
+    label_names: the label set in id order (evaluators name classes by it).
   """
   name: str
   where: str
-  input_ids: np.ndarray
-  token_type_ids: np.ndarray
   offsets: np.ndarray
-  labels: np.ndarray
+  arrays: dict
+  fields: tuple
   rows: np.ndarray
   max_length: int
   has_labels: bool
+  examples: dict = dataclasses.field(default_factory=dict)
+  label_names: tuple = ()
 
   def __len__(self):
     return len(self.offsets) - 1
 
   @property
   def lengths(self):
-    """int64 [n], tokens per example (special tokens included)."""
+    """int64 [n], tokens per feature (special tokens included)."""
     return np.diff(self.offsets)
+
+  @property
+  def input_ids(self):
+    return self.arrays["input_ids"]
+
+  @property
+  def token_type_ids(self):
+    return self.arrays["token_type_ids"]
+
+  @property
+  def labels(self):
+    return self.arrays["labels"]
+
+  @classmethod
+  def sequence(cls, *, name, where, input_ids, token_type_ids, offsets,
+               labels, rows, max_length, has_labels, pad_id=0,
+               label_names=()):
+    """A split of one sequence-level label per example (int32 or float32)."""
+    return cls(name=name, where=where, offsets=offsets,
+               arrays={"input_ids": input_ids,
+                       "token_type_ids": token_type_ids, "labels": labels},
+               fields=text_fields(pad_id) + (
+                   Field("labels", False, labels.dtype, 0),),
+               rows=rows, max_length=max_length, has_labels=has_labels,
+               label_names=tuple(label_names))
+
+
+def select(enc, keep):
+  """The features of an `Encoded` where `keep` [n] is True (token arrays too).
+
+  Returns:
+    (offsets, tokens, features, rows, token_keep) of the kept features;
+    `token_keep` [total tokens] selects per-token arrays of the same split.
+  """
+  lengths = np.diff(enc.offsets)
+  offsets = np.zeros(int(keep.sum()) + 1, np.int64)
+  np.cumsum(lengths[keep], out=offsets[1:])
+  token_keep = np.repeat(keep, lengths)
+  tokens = {k: v[token_keep] for k, v in enc.tokens.items()}
+  features = {k: v[keep] for k, v in enc.features.items()}
+  return offsets, tokens, features, enc.rows[keep], token_keep
 
 
 def parse_eval_files(spec):
@@ -110,35 +180,17 @@ def _sources(data):
                   f"{data.source!r}")
 
 
-def _finish(name, enc, names, regression, bad_rows, max_length, training):
-  """Maps labels, drops rows with bad labels, returns a TokenizedSplit."""
-  policy = RowPolicy(bad_rows, enc.where, enc.unit)
-  n = len(enc.rows)
-  if enc.labels is None:
-    label_ids = np.full(n, -1, np.float32 if regression else np.int32)
-    keep = np.ones(n, bool)
-  else:
-    label_ids, keep = labels_lib.map_labels(
-        enc.labels, names, regression, policy, enc.rows, training)
-  if not keep.any():
-    raise DataError(f"{enc.where}: no usable rows (skipped: "
-                    f"{dict(policy.counts)})")
-  lengths = np.diff(enc.offsets)
-  offsets = np.zeros(int(keep.sum()) + 1, np.int64)
-  np.cumsum(lengths[keep], out=offsets[1:])
-  token_keep = np.repeat(keep, lengths)  # Drop the tokens of dropped rows.
-  split = TokenizedSplit(
-      name=name, where=enc.where, input_ids=enc.input_ids[token_keep],
-      token_type_ids=enc.token_type_ids[token_keep], offsets=offsets,
-      labels=label_ids, rows=enc.rows[keep], max_length=max_length,
-      has_labels=enc.labels is not None and bool((label_ids != -1).any()))
-  skipped = collections.Counter(enc.skipped)
-  skipped.update(policy.counts)
-  return split, dict(skipped)
+def eval_split_names(data):
+  """The evaluation splits a data config names, in order (no data read)."""
+  if data.source == "local" or (data.source == "hf" and
+                                (data.train_file or data.eval_file)):
+    return list(parse_eval_files(data.eval_file))
+  return list(data.eval_splits)
 
 
-def load_splits(config, tokenizer, cache_dir=None, label_names=None):
-  """Reads, checks, tokenises (cached) and labels the configured splits.
+def load_splits(config, tokenizer, cache_dir=None, label_names=None,
+                task=None):
+  """Reads, checks, featurises (cached) and labels the configured splits.
 
   Args:
     config: the run config (uses `data`, `task`, `num_labels`).
@@ -148,26 +200,20 @@ def load_splits(config, tokenizer, cache_dir=None, label_names=None):
       trainer passes <workdir>/cache); None and "" disable caching.
     label_names: overrides `data.label_names`, e.g. a checkpoint's
       labels.json when evaluating or predicting without a training split.
+    task: the run's `research.tasks` task; default: `config.task`'s.
 
   Returns:
     (train, evals, label_names, skipped): the training `TokenizedSplit` (None
     when there is none), {name: TokenizedSplit} for evaluation, the label
-    names in id order (empty for regression; save them with
-    `save_label_names`), and {split name: {reason: rows skipped}} for splits
-    that lost rows under data.bad_rows="skip".
+    names in id order (empty for regression and label-free tasks; save them
+    with `save_label_names`), and {split name: {reason: rows skipped}} for
+    splits that lost rows under data.bad_rows="skip".
 
   Raises:
     DataError: for missing files or columns, bad rows (under "error"), labels
       outside the label set, or a data config that cannot work.
   """
   data = config.data
-  if config.task not in TASKS:
-    raise DataError(f"research.data builds sequence-level inputs for tasks "
-                    f"{TASKS}; task={config.task!r} is not supported")
-  text_fields = tuple(data.text_fields)
-  if len(text_fields) not in (1, 2):
-    raise DataError(f"data.text_fields must name one text or a pair, got "
-                    f"{text_fields}")
   if data.max_length < 4:  # [CLS] a [SEP] b [SEP] needs room for text.
     raise DataError(f"data.max_length={data.max_length} is too short (< 4)")
   if isinstance(tokenizer, str):
@@ -176,48 +222,34 @@ def load_splits(config, tokenizer, cache_dir=None, label_names=None):
   if model_max and model_max < 1_000_000 and data.max_length > model_max:
     raise DataError(f"data.max_length={data.max_length} exceeds the model's "
                     f"{model_max} positions")
-  regression = config.task == "sequence_classification" and \
-      config.num_labels == 1
-  # Masked LM needs texts only.
-  label_field = data.label_field if config.task != "masked_lm" else ""
+  if task is None:
+    from research import tasks  # pylint: disable=import-outside-toplevel
+    task = tasks.load(config, tokenizer)
   train_src, eval_srcs = _sources(data)
   tok_hash = tokenize.tokenizer_fingerprint(tokenizer)
   cache = data.cache_dir or cache_dir or None
 
   def encode(src, training):
     return tokenize.encode_split(
-        src, tokenizer, text_fields, label_field, data.bad_rows,
-        data.max_length, require_labels=training and bool(label_field),
+        src, tokenizer, task, data.bad_rows, data.max_length,
+        require_labels=training and bool(task.columns()["label_field"]),
         cache_dir=cache, tokenizer_hash=tok_hash)
 
   train_enc = encode(train_src, True) if train_src else None
   eval_encs = {name: encode(src, False) for name, src in eval_srcs.items()}
-
-  if label_field:
-    declared = data.label_names if label_names is None else label_names
-    source_names = next((e.label_names for e in [train_enc, *eval_encs.values()]
-                         if e is not None and e.label_names), None)
-    names = labels_lib.resolve_label_names(
-        tuple(declared), source_names,
-        train_enc.labels if train_enc is not None and
-        train_enc.labels is not None else None,
-        [e.labels for e in eval_encs.values() if e.labels is not None],
-        config.num_labels)
-  else:
-    names = ()
+  declared = data.label_names if label_names is None else label_names
+  names = task.label_names(tuple(declared), train_enc, eval_encs)
 
   skipped = {}
   train = None
   if train_enc is not None:
     train_name = data.train_split or "train"
-    train, counts = _finish(train_name, train_enc, names, regression,
-                            data.bad_rows, data.max_length, training=True)
+    train, counts = task.finish(train_name, train_enc, names, training=True)
     if counts:
       skipped[train_name] = counts
   evals = {}
   for name, enc in eval_encs.items():
-    evals[name], counts = _finish(name, enc, names, regression, data.bad_rows,
-                                  data.max_length, training=False)
+    evals[name], counts = task.finish(name, enc, names, training=False)
     if counts:
       skipped[name] = counts
   for name, counts in skipped.items():

@@ -1,13 +1,16 @@
 """Tokenisation with a Hugging Face fast tokenizer, cached on disk.
 
-A split is tokenised once (no padding: token ids stored flat with offsets) and
-saved as .npz under the cache directory. The file name is a hash of everything
-that determines its content: the source's identity (file path and content
-hash, or dataset name/version/split), text and label fields, bad-row policy,
-max_length and the tokenizer's full definition. Labels are cached raw, so the
-label set is applied afterwards and never invalidates the cache.
+A split is featurised once by its task (`research.tasks`: no padding; tokens
+stored flat with offsets, one feature or several per example) and saved as
+.npz under the cache directory. The file name is a hash of everything that
+determines its content: the source's identity (file path and content hash, or
+dataset name/version/split), the columns read, the task's featuriser and its
+options, bad-row policy, max_length and the tokenizer's full definition.
+Labels are cached raw, so the label set is applied afterwards and never
+invalidates the cache.
 """
 
+import collections
 import dataclasses
 import hashlib
 import itertools
@@ -18,10 +21,10 @@ import tempfile
 
 import numpy as np
 
-from research.data.errors import DataError
+from research.data.errors import DataError, RowPolicy
 
 # Bump when the cached arrays change meaning.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _CHUNK = 8192  # Examples per tokenizer call: bounded memory for big splits.
 
 
@@ -51,28 +54,40 @@ def tokenizer_fingerprint(tokenizer):
 
 @dataclasses.dataclass
 class Encoded:
-  """A tokenised split as cached: flat token arrays plus raw labels.
+  """A featurised split as cached: flat token arrays plus raw labels.
+
+  A feature is one model input (one row of a batch); an example is one row
+  of the source. Most tasks make one feature per example; extractive QA
+  makes several (windows over a long context).
 
   Attributes:
-    input_ids: int32 [total_tokens], the examples back to back.
-    token_type_ids: int8 [total_tokens].
-    offsets: int64 [n + 1]; example i is input_ids[offsets[i]:offsets[i+1]].
-    labels: raw labels (str array [n]) or None when the split is unlabeled.
-    rows: int32 [n], each example's line/row number in its source.
+    offsets: int64 [n + 1]; feature i spans tokens offsets[i]:offsets[i+1].
+    tokens: per-token arrays, flat [offsets[-1]]: at least input_ids and
+      token_type_ids, plus the task's (e.g. raw token labels' positions).
+    features: per-feature arrays [n, ...] (e.g. answer positions).
+    labels: raw labels (str), per feature [n] or per token (a task with
+      token labels), or None when the split is unlabeled.
+    rows: int32 [n], the line/row number of each feature's example.
     where: the source's description for messages.
     unit: "line" or "row" (what `rows` counts).
-    skipped: rows dropped while reading, by reason.
+    skipped: rows dropped while reading or featurising, by reason.
     label_names: the source's own label names, or None.
+    examples: per-example arrays of the source (e.g. QA contexts), for
+      post-processing predictions; empty for most tasks.
   """
-  input_ids: np.ndarray
-  token_type_ids: np.ndarray
   offsets: np.ndarray
+  tokens: dict
+  features: dict
   labels: np.ndarray | None
   rows: np.ndarray
   where: str
   unit: str
   skipped: dict
   label_names: tuple | None
+  examples: dict = dataclasses.field(default_factory=dict)
+
+  def __len__(self):
+    return len(self.offsets) - 1
 
 
 def encode(tokenizer, texts, max_length):
@@ -104,12 +119,16 @@ def encode(tokenizer, texts, max_length):
   return np.concatenate(ids), np.concatenate(types), offsets
 
 
+_GROUPS = ("tokens", "features", "examples")
+
+
 def _save(path, enc):
   meta = {"where": enc.where, "unit": enc.unit, "skipped": enc.skipped,
           "label_names": enc.label_names, "version": CACHE_VERSION}
-  arrays = dict(input_ids=enc.input_ids, token_type_ids=enc.token_type_ids,
-                offsets=enc.offsets, rows=enc.rows,
+  arrays = dict(offsets=enc.offsets, rows=enc.rows,
                 meta=np.asarray(json.dumps(meta)))
+  for group in _GROUPS:
+    arrays.update({f"{group}.{k}": v for k, v in getattr(enc, group).items()})
   if enc.labels is not None:
     arrays["labels"] = enc.labels
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -130,12 +149,13 @@ def _load(path):
     if meta.get("version") != CACHE_VERSION:
       return None
     names = meta["label_names"]
+    groups = {g: {k.split(".", 1)[1]: f[k] for k in f.files
+                  if k.startswith(g + ".")} for g in _GROUPS}
     return Encoded(
-        input_ids=f["input_ids"], token_type_ids=f["token_type_ids"],
         offsets=f["offsets"], rows=f["rows"],
         labels=f["labels"] if "labels" in f.files else None,
         where=meta["where"], unit=meta["unit"], skipped=meta["skipped"],
-        label_names=tuple(names) if names is not None else None)
+        label_names=tuple(names) if names is not None else None, **groups)
 
 
 def cache_key(**parts):
@@ -144,15 +164,16 @@ def cache_key(**parts):
   return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def encode_split(source, tokenizer, text_fields, label_field, bad_rows,
-                 max_length, require_labels, cache_dir, tokenizer_hash=None):
-  """Reads and tokenises one split, or loads it from the cache.
+def encode_split(source, tokenizer, task, bad_rows, max_length,
+                 require_labels, cache_dir, tokenizer_hash=None):
+  """Reads and featurises one split for `task`, or loads it from the cache.
 
   Args:
     source: a `research.data.sources` source (LocalFile, TfdsSplit, HfSplit).
     tokenizer: a Hugging Face fast tokenizer.
-    text_fields: one or two text columns.
-    label_field: the label column ("" for none).
+    task: the run's task (`research.tasks`): its `columns()` say what to
+      read, `featurize(raw, tokenizer, max_length, policy)` makes the
+      features, `cache_key()` names its featuriser and options.
     bad_rows: "error" or "skip".
     max_length: truncation length.
     require_labels: a missing label column is an error (training splits).
@@ -162,12 +183,12 @@ def encode_split(source, tokenizer, text_fields, label_field, bad_rows,
   Returns:
     An `Encoded` split.
   """
+  columns = task.columns()
   path = None
   if cache_dir:
     key = cache_key(
-        version=CACHE_VERSION, source=source.identity(),
-        text_fields=list(text_fields), label_field=label_field,
-        bad_rows=bad_rows, max_length=max_length,
+        version=CACHE_VERSION, source=source.identity(), columns=columns,
+        task=task.cache_key(), bad_rows=bad_rows, max_length=max_length,
         require_labels=require_labels,
         tokenizer=tokenizer_hash or tokenizer_fingerprint(tokenizer))
     path = os.path.join(cache_dir, f"tokens-{key[:24]}.npz")
@@ -180,18 +201,41 @@ def encode_split(source, tokenizer, text_fields, label_field, bad_rows,
       if enc is not None:
         logging.info("Loaded %s from the cache %s", enc.where, path)
         return enc
-  raw = source.read(text_fields, label_field, bad_rows, require_labels)
+  raw = source.read(bad_rows=bad_rows, require_labels=require_labels,
+                    **columns)
   if not raw.rows:
     raise DataError(f"{raw.where}: no usable rows" + (
         f" (skipped: {raw.skipped})" if raw.skipped else ""))
+  policy = RowPolicy(bad_rows, raw.where, raw.unit)
+  enc = task.featurize(raw, tokenizer, max_length, policy)
+  skipped = collections.Counter(raw.skipped)
+  skipped.update(policy.counts)
+  enc.skipped = dict(skipped)
+  if not len(enc):
+    raise DataError(f"{raw.where}: no usable rows (skipped: {enc.skipped})")
+  if path:
+    _save(path, enc)
+    logging.info("Tokenised %s (%d examples, %d features) into %s",
+                 raw.where, len(raw.rows), len(enc), path)
+  return enc
+
+
+def encode_texts(raw, tokenizer, max_length):
+  """The sequence-level features of a raw split: one per row.
+
+  Args:
+    raw: a `sources.RawSplit` of one or two text columns.
+    tokenizer: a Hugging Face fast tokenizer.
+    max_length: the truncation length.
+
+  Returns:
+    An `Encoded` with input_ids and token_type_ids, the raw labels per row.
+  """
   input_ids, token_type_ids, offsets = encode(tokenizer, raw.texts, max_length)
-  enc = Encoded(
-      input_ids=input_ids, token_type_ids=token_type_ids, offsets=offsets,
+  return Encoded(
+      offsets=offsets,
+      tokens={"input_ids": input_ids, "token_type_ids": token_type_ids},
+      features={},
       labels=np.asarray(raw.labels, str) if raw.labels is not None else None,
       rows=np.asarray(raw.rows, np.int32), where=raw.where, unit=raw.unit,
       skipped=raw.skipped, label_names=raw.label_names)
-  if path:
-    _save(path, enc)
-    logging.info("Tokenised %s (%d examples) into %s", raw.where,
-                 len(raw.rows), path)
-  return enc

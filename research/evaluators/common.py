@@ -1,0 +1,89 @@
+"""What every evaluator shares: the batches of its split through the step.
+
+`Evaluator.outputs(params, frozen)` runs the jitted evaluation step
+(`research.training.steps.make_eval_step` over the task's `eval_forward`) on
+each batch of the split and yields the host batch with the step's outputs as
+numpy (gathered over hosts). Evaluators keep what they need per example, so
+batches of different widths never meet in one array: token-level outputs
+are cut into ragged per-example arrays first.
+"""
+
+from __future__ import annotations
+
+from jax.experimental import multihost_utils
+import numpy as np
+
+from research import parallelism
+from research.configs.plugins import ConfigError
+from research.evaluation import metrics as metrics_lib
+
+
+class Evaluator:
+  """Base of the evaluators.
+
+  Args:
+    name: the evaluator's name (its metrics' key prefix).
+    task: the run's task.
+    split: its `TokenizedSplit` (the `split` option names it).
+    batcher: the split's evaluation `Batcher`.
+    make_step: `(logits: bool) -> jitted (params, frozen, batch, index) ->
+      outputs` (shared between evaluators).
+    sharding: the batch sharding (`parallelism.batch_sharding(mesh)`).
+    config: the run config.
+    **options: this type's options (`CONFIG`).
+  """
+  # Options and defaults; `split` names the evaluation split. `logits`:
+  # `predict` also returns the model's raw outputs (for ensembles).
+  # `metrics`: what `run` computes besides loss; empty: config.metrics.
+  CONFIG = {"split": "", "logits": False, "metrics": ()}
+  # The metric names `run` knows; None: any of research.evaluation.metrics.
+  METRICS = None
+
+  def __init__(self, *, name, task, split, batcher, make_step, sharding,
+               config, **options):
+    self.name = name
+    self.task = task
+    self.split = split
+    self.batcher = batcher
+    self.config = config
+    self.options = options
+    self.step = make_step(bool(options.get("logits", False)))
+    self.sharding = sharding
+
+  @classmethod
+  def metric_names(cls, config, options) -> tuple:
+    """The metrics `run` returns besides loss (ConfigError if unknown)."""
+    names = tuple(options.get("metrics") or config.metrics)
+    valid = cls.METRICS or tuple(metrics_lib.available())
+    kind = cls.__module__.rsplit(".", 1)[-1]
+    for name in names:
+      if name not in valid:
+        raise ConfigError(f"metric {name!r} of the {kind} evaluator is not "
+                          f"known; valid: {', '.join(valid)} (config."
+                          "metrics or config.evals.<name>.metrics)")
+    return names
+
+  def outputs(self, params, frozen):
+    """Yields (host batch, step outputs as numpy) for each batch in order."""
+    batches = parallelism.prefetch(self.batcher.eval_batches(), self.sharding,
+                                   self.config.parallelism.prefetch)
+    for index, (host, batch) in enumerate(batches):
+      out = self.step(params, frozen, batch, index)
+      # Global arrays -> numpy on every host (multi-host safe).
+      yield host, multihost_utils.process_allgather(out, tiled=True)
+
+  def run(self, params, frozen) -> dict:
+    """{metric: value} over the split ({} when it has no labels)."""
+    raise NotImplementedError
+
+
+def loss(totals) -> float:
+  """The weighted mean loss from per-batch (loss sum, weight) outputs."""
+  loss_sum = sum(float(o["loss"]) for o in totals)
+  weight = sum(float(o["weight"]) for o in totals)
+  return loss_sum / max(weight, 1e-12)
+
+
+def per_example(values, lengths):
+  """Rows of a [B, L, ...] array cut to each example's length: a list."""
+  return [np.asarray(v[:n]) for v, n in zip(values, lengths)]

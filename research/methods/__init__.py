@@ -1,0 +1,81 @@
+"""Training methods: one module per method, applied in `config.methods` order.
+
+`config.methods = ("bitfit",)` is `research/methods/bitfit.py`; a dotted
+name is a module path (a method defined in a test or a project folder). The
+module's `Method(config, **options)` (options: `config.method_options.<name>`,
+for a dotted name its last part, checked against `Method.CONFIG`) changes the
+run through up to three seams, each optional:
+
+  trainable()          an nnx filter of the weights to train (intersected
+                       over methods and with nnx.Param): the rest is frozen,
+                       gets no optimiser state and is not checkpointed
+                       (`research.training.partition`);
+  wrap_loss(loss_fn)   a new loss function with the same contract
+                       (`research.training.steps`): an extra term, a
+                       perturbation, a teacher's targets;
+  grad_fn(grad_fn)     a new gradient function (per-example gradients,
+                       clipping and noise for DP-SGD).
+"""
+
+from flax import nnx
+
+from research.configs import plugins
+
+PACKAGE = "research.methods"
+
+
+class Method:
+  """Base of the methods: changes nothing. Subclasses override a seam."""
+  CONFIG = {}
+
+  def __init__(self, config, **options):
+    self.config = config
+    self.options = options
+
+  def trainable(self):
+    """An nnx filter of the weights to train."""
+    return nnx.Param
+
+  def wrap_loss(self, loss_fn):
+    return loss_fn
+
+  def grad_fn(self, grad_fn):
+    return grad_fn
+
+
+def option_key(name):
+  """A method's key in config.method_options: its name, or a path's last part."""
+  return name.rsplit(".", 1)[-1]
+
+
+def load(config):
+  """The run's methods, in config order (ConfigError for bad names/options)."""
+  out = []
+  given = config.get("method_options")
+  for i, name in enumerate(config.get("methods", ())):
+    mod = plugins.module(PACKAGE, name, f"config.methods[{i}]", "Method")
+    key = option_key(name)
+    opts = plugins.options(
+        given.get(key) if given is not None else None, mod.Method.CONFIG,
+        f"config.method_options.{key}", f"method {name!r}")
+    out.append(mod.Method(config, **opts))
+  return out
+
+
+def trainable(methods):
+  """The filter of the weights to train: nnx.Param and every method's."""
+  return nnx.All(nnx.Param, *(m.trainable() for m in methods))
+
+
+def wrap_loss(methods, loss_fn):
+  """`loss_fn` wrapped by each method in order (the last is outermost)."""
+  for m in methods:
+    loss_fn = m.wrap_loss(loss_fn)
+  return loss_fn
+
+
+def grad_fn(methods, grad_fn):
+  """`grad_fn` replaced by each method in order."""
+  for m in methods:
+    grad_fn = m.grad_fn(grad_fn)
+  return grad_fn

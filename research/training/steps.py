@@ -1,0 +1,174 @@
+"""The jitted update and evaluation steps, built from their pieces.
+
+The update takes what it runs as arguments: a loss function (the task's,
+possibly wrapped by methods), a gradient function (`jax.value_and_grad` by
+default; a method may replace it, e.g. with per-example gradients), and an
+optional per-step batch transform (dynamic MLM masking). The strategy (jit or
+shard_map) only decides how gradients are reduced. Nothing here knows a task.
+
+The loss-function contract:
+
+  loss_fn(trainable, frozen, batch, key) -> (loss, aux)
+
+`loss` is the weighted mean over the batch it is given, `aux["weight"]` the
+total weight that mean divides by (examples, labelled tokens, masked
+positions). Under jit the batch is the global batch; under shard_map each
+device's share is re-weighted by `weight / global weight` before the psum, so
+every strategy gives the same gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from research import parallelism
+from research.training import optimizers
+
+# The transform's key stream, apart from dropout's: `nnx.Rngs(dropout=k)`
+# draws fold_in(k, 0), fold_in(k, 1), ... (one per dropout call), which
+# never reaches this constant.
+TRANSFORM_STREAM = 0x7FFFFFFF
+# Evaluation keys (transforms only: evaluation has no dropout).
+EVAL_STREAM = 0x7FFFFFFE
+
+
+def value_and_grad(loss_fn):
+  """The default gradient function: `((loss, aux), grads)` of `loss_fn`."""
+  return jax.value_and_grad(loss_fn, has_aux=True)
+
+
+def make_train_step(tx, loss_fn, *, seed, mesh, strategy, state_sharding,
+                    frozen_sharding, grad_fn=value_and_grad, transform=None):
+  """The jitted update: `(state, frozen, batch, micro_step) -> (state, metrics)`.
+
+  Args:
+    tx: the optax transformation (`optimizers.build_optimizer`).
+    loss_fn: `(trainable, frozen, batch, key) -> (loss, aux)`, see the module
+      docstring.
+    seed: dropout keys are `fold_in(key(seed), micro_step)` (per device,
+      also folded with its index under shard_map): a resumed run draws the
+      same masks.
+    mesh: the device mesh.
+    strategy: "jit" (sharded program) or "pmap" (per-device program with an
+      explicit gradient all-reduce, via shard_map).
+    state_sharding: NamedShardings of `{"params", "opt_state"}` (the
+      trainable parameters and their optimiser state; donated).
+    frozen_sharding: NamedShardings of `frozen` (not donated).
+    grad_fn: `loss_fn -> ((loss, aux), grads) function`, by default
+      `jax.value_and_grad(loss_fn, has_aux=True)`.
+    transform: `(batch, key) -> batch`, applied before the loss with
+      `key = fold_in(fold_in(key(seed), micro_step), TRANSFORM_STREAM)`;
+      None: no transform.
+
+  Returns:
+    The jitted step. `metrics` holds `loss`, `grad_norm` and `bad_steps`
+    (consecutive non-finite updates skipped).
+  """
+  base_key = jax.random.key(seed)
+  batch_sharding = parallelism.batch_sharding(mesh)
+  replicated = parallelism.replicated(mesh)
+  value_and_grads = grad_fn(loss_fn)
+
+  def forward_backward(state, frozen, batch, key):
+    if transform is not None:
+      batch = transform(batch, jax.random.fold_in(key, TRANSFORM_STREAM))
+    return value_and_grads(state["params"], frozen, batch, key)
+
+  def apply(state, loss, grads):
+    # The optimiser skips (and counts) a step whose gradients hold a NaN or
+    # Inf; a loss that overflows while its gradients stay finite (a squared
+    # error of a huge label) must be skipped too, so it poisons them. One
+    # leaf suffices (both optimiser paths test every leaf or the global
+    # norm): the smallest, since a select over every leaf costs a pass over
+    # the 47 MB word-embedding gradient (1-3% of a MiniLM step on CPU).
+    leaves, treedef = jax.tree.flatten(grads)
+    i = min(range(len(leaves)), key=lambda j: leaves[j].size)
+    leaves[i] = jnp.where(jnp.isfinite(loss), leaves[i], jnp.nan)
+    grads = jax.tree.unflatten(treedef, leaves)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "opt_state": opt_state}, {
+        "loss": loss, "grad_norm": optax.tree.norm(grads),
+        "bad_steps": optimizers.bad_step_count(opt_state)}
+
+  if strategy == "jit":
+    def step(state, frozen, batch, micro_step):
+      key = jax.random.fold_in(base_key, micro_step)
+      (loss, _), grads = forward_backward(state, frozen, batch, key)
+      return apply(state, loss, grads)
+  else:
+    axes = parallelism.BATCH_AXES
+
+    def per_device(state, frozen, batch, micro_step):
+      key = jax.random.fold_in(jax.random.fold_in(base_key, micro_step),
+                               jax.lax.axis_index(axes))
+      (loss, aux), grads = forward_backward(state, frozen, batch, key)
+      # Each device's mean counts by its share of the global weight; the
+      # psum is the gradient all-reduce.
+      share = aux["weight"] / jnp.maximum(jax.lax.psum(aux["weight"], axes),
+                                          1.0)
+      loss, grads = jax.lax.psum(
+          jax.tree.map(lambda x: x * share.astype(x.dtype), (loss, grads)),
+          axes)
+      return apply(state, loss, grads)
+
+    # check_vma=False: with it on, JAX would already sum the gradients of
+    # the replicated parameters in the transpose, and the psum above would
+    # count them once per device. Off, the program is the classic pmap one.
+    step = jax.shard_map(per_device, mesh=mesh,
+                         in_specs=(jax.P(), jax.P(), jax.P(axes), jax.P()),
+                         out_specs=(jax.P(), jax.P()), check_vma=False)
+  return jax.jit(step, in_shardings=(state_sharding, frozen_sharding,
+                                     batch_sharding, None),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
+def make_eval_step(forward, *, seed, mesh, params_sharding, frozen_sharding,
+                   transform=None):
+  """The jitted evaluation: `(params, frozen, batch, index) -> outputs`.
+
+  Args:
+    forward: `(params, frozen, batch) -> dict of arrays` (the task's
+      evaluation forward: loss sums, predictions, ...), no dropout.
+    seed: with `index` (the evaluation batch), the transform's key:
+      `fold_in(fold_in(key(seed), EVAL_STREAM), index)`, the same at every
+      evaluation, so evaluations compare.
+    mesh: the device mesh.
+    params_sharding, frozen_sharding: shardings of the two parameter parts.
+    transform: the task's `(batch, key) -> batch`, or None.
+
+  Returns:
+    The jitted step; its outputs are replicated (every host reads them).
+  """
+  base_key = jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
+
+  def step(params, frozen, batch, index):
+    if transform is not None:
+      batch = transform(batch, jax.random.fold_in(base_key, index))
+    return forward(params, frozen, batch)
+
+  return jax.jit(step, in_shardings=(params_sharding, frozen_sharding,
+                                     parallelism.batch_sharding(mesh), None),
+                 out_shardings=parallelism.replicated(mesh))
+
+
+def precompile(train_step, state, frozen, batcher, batch_sharding, start,
+               count):
+  """Compiles `train_step` for every batch width of micro-batches [start, +count).
+
+  The widths come from the data plan (`Batcher.planned_widths`), so a bucket
+  first met late in the run (a rare long batch, packed rows) does not stall
+  every host with a compile there; the jitted call later finds the
+  executable in JAX's in-memory cache and only re-traces. Lowering reads the
+  arguments' shapes and shardings only: `state` is not donated here.
+
+  Returns:
+    The number of widths compiled.
+  """
+  widths = batcher.planned_widths(start, count)
+  for micro_step in widths.values():
+    batch = parallelism.shard_batch(batcher.batch_at(micro_step), batch_sharding)
+    train_step.lower(state, frozen, batch, micro_step).compile()
+  return len(widths)
