@@ -5,6 +5,7 @@
     python -m research.bench --config experiments/glue_sst2.py --steps 300 \
         --warmup 20 --peak_tflops 989 --config.model.dtype=bfloat16
     python -m research.bench --abstract_flops 128   # bert-base FLOP check
+    python -m research.bench --config experiments/glue_sst2.py --profile /tmp/prof
 
 Runs `--steps` updates (default: the config's whole run) of the update that
 training runs (`research.train.make_train_step`), from step 0 of a freshly
@@ -334,7 +335,9 @@ def setup(config, devices=None) -> train.Run:
 
 
 def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
-            evaluate: bool = True, cost_analysis: bool = True) -> dict:
+            evaluate: bool = True, cost_analysis: bool = True,
+            profile_dir: str | None = None, profile_steps: int = 5,
+            started: float | None = None) -> dict:
   """Trains `steps` updates from the run's fresh state and measures them.
 
   Args:
@@ -345,7 +348,14 @@ def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
       run's micro-batches, at least 20).
     evaluate: run the evaluators after training.
     cost_analysis: count the FLOPs of the step for the most common batch
-      shape (`compiled_flops`: a cache hit, the run compiled it).
+      shape (`compiled_flops`: a cache hit, the run compiled it). CPU only:
+      on GPUs the matrix products run as library calls (cuBLAS) that
+      `cost_analysis` does not count (0.1-0.3 of the FLOPs on an H200).
+    profile_dir: write a `jax.profiler` trace of `profile_steps` steps
+      from `warmup` on here (TensorBoard's profile plugin or xprof reads
+      it; `perfetto_trace.json.gz` too).
+    started: `time.perf_counter()` when the run began (before `setup`):
+      the time to the end of the first step is reported from it.
 
   Returns:
     A dict of raw measurements (see `summarize`).
@@ -371,10 +381,18 @@ def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
                                     steps * accum)
                    if config.precompile else 0)
     precompile_events, precompile_seconds = compiles.count, compiles.seconds
+  # As in training: the evaluation compiles in the background meanwhile.
+  eval_compile = (train.precompile_evaluators(s.evaluators, state["params"],
+                                              frozen)
+                  if config.precompile and evaluate and s.evaluators else None)
   batches = parallelism.prefetch(s.train_batches.iterate(0, steps * accum),
                                  batch_sharding, config.parallelism.prefetch)
+  first_step_end = None
+  profile_end = min(steps, warmup + profile_steps) if profile_dir else -1
   with CompileLog() as compiles:
     for step in range(steps):
+      if step == warmup and profile_dir:
+        jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
       t0 = time.perf_counter()
       cache_before = train_step._cache_size()  # pylint: disable=protected-access
       compiles_before = compiles.count
@@ -395,6 +413,9 @@ def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
                                              cfg.hidden_size)
       jax.block_until_ready((state, metrics))
       rec["step_times"].append(time.perf_counter() - t0)
+      first_step_end = first_step_end or time.perf_counter()
+      if step + 1 == profile_end:
+        jax.profiler.stop_trace()
       # A width's first step traces it (and compiles it unless precompiled):
       # untimed either way.
       rec["new_shape"].append(train_step._cache_size() > cache_before)  # pylint: disable=protected-access
@@ -426,6 +447,8 @@ def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
       "precompiled": precompiled,
       "compile_events": precompile_events + train_compiles,
       "compile_seconds": precompile_seconds + compile_seconds,
+      "time_to_first_step": (first_step_end - started) if started else None,
+      "profile_dir": profile_dir,
       "num_layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
       "matmul_params_per_token": per_token,
       "matmul_params_per_sequence": per_seq,
@@ -438,7 +461,10 @@ def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
   n = pipeline_batches or max(steps * accum, 20)
   result["pipeline"] = time_input_pipeline(s.train_batches, batch_sharding, n)
 
-  if cost_analysis:
+  if cost_analysis and s.mesh.devices.flat[0].platform != "cpu":
+    result["cost_analysis"] = {"skipped": "CPU only (library calls such as "
+                                          "cuBLAS are not counted)"}
+  elif cost_analysis:
     widths = [w for w, t in zip(rec["width"], timed) if t] or rec["width"]
     width = max(set(widths), key=widths.count)
     step_of_width = rec["width"].index(width)
@@ -453,6 +479,8 @@ def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
                                                cfg.hidden_size)}
 
   if evaluate and s.evaluators:
+    if eval_compile is not None:
+      eval_compile.join()
     t0 = time.perf_counter()
     # The training metrics of each split (as `train_and_evaluate` logs them,
     # without the loss, which the PyTorch column has not).
@@ -794,11 +822,14 @@ def summarize(raw: dict, timed=None, peak_tflops: float | None = None) -> dict:
       row["mfu"] = row["model_tflops_per_s"] / row["peak_tflops"]
       row["mfu_padded"] = row["padded_tflops_per_s"] / row["peak_tflops"]
     cost = raw.get("cost_analysis")
-    if cost:
+    if cost and "skipped" in cost:
+      row["cost_analysis"] = cost
+    elif cost:
       row["cost_analysis"] = dict(cost, ratio=cost["compiled"] / cost["analytic"])
     for key in ("train_compilations", "train_compilations_after_epoch_1",
                 "compile_seconds", "peak_memory_bytes", "device", "buckets",
-                "eval_compilations", "steps", "dtype"):
+                "eval_compilations", "steps", "dtype", "time_to_first_step",
+                "eval_seconds"):
       row[key] = raw.get(key)
     pipe = raw["pipeline"]
     row["pipeline"] = dict(pipe, vs_step=pipe["batches_per_s"] * row["step_ms_median"] / 1e3)
@@ -813,6 +844,7 @@ def summarize(raw: dict, timed=None, peak_tflops: float | None = None) -> dict:
                      + (", malloc retain" if raw.get("malloc_retain") else ""))
     row["runner"] = raw.get("runner", "loop")
     row["peak_memory_bytes"] = raw.get("peak_memory_bytes")
+    row["eval_seconds"] = raw.get("eval_seconds")
   return row
 
 
@@ -871,9 +903,11 @@ def format_table(columns: list[dict], ratios=None) -> str:
   add("model GFLOP/token (analytic, at mean length)",
       value=lambda c: c.get("flops_per_token") and c["flops_per_token"] / 1e9,
       digits=4)
-  add("compiled / analytic FLOPs (cost_analysis)", value=lambda c: (
+  add("compiled / analytic FLOPs (cost_analysis; CPU only)", value=lambda c: (
+      None if not c.get("cost_analysis") else
+      "n/a (library calls not counted)" if "skipped" in c["cost_analysis"] else
       f"{c['cost_analysis']['ratio']:.3f} at [{c['cost_analysis']['rows']}, "
-      f"{c['cost_analysis']['width']}]" if c.get("cost_analysis") else None))
+      f"{c['cost_analysis']['width']}]"))
   add("model TFLOP/s (real tokens)", "model_tflops_per_s", digits=3)
   add("peak TFLOP/s (all devices)", "peak_tflops")
   add("MFU (real tokens) / on padded", value=lambda c: (
@@ -884,6 +918,8 @@ def format_table(columns: list[dict], ratios=None) -> str:
       f"(buckets {tuple(c['buckets'])})" if "train_compilations" in c else None))
   add("compilations after epoch 1", "train_compilations_after_epoch_1", fmt=str)
   add("compile time s (trace + lower + XLA)", "compile_seconds")
+  add("time to first step s (build + compile + step 1)", "time_to_first_step")
+  add("eval s (incl. its compile)", "eval_seconds", ratio="time")
   add("host pipeline batches/s / examples/s", value=lambda c: (
       f"{c['pipeline']['batches_per_s']:.0f} / "
       f"{c['pipeline']['examples_per_s']:.0f}" if "pipeline" in c else None))
@@ -919,8 +955,11 @@ def benchmark(config, steps: int | None = None, warmup: int = 3,
               peak_tflops: float | None = None, compare_torch: bool = False,
               torch_order: str = "random", repeats: int = 1,
               devices=None, torch_cpu_malloc: str = "default",
-              torch_trainer: bool = False) -> dict:
+              torch_trainer: bool = False, profile_dir: str | None = None) -> dict:
   """The whole benchmark: `repeats` x (JAX run [, PyTorch run]).
+
+  `profile_dir`: a `jax.profiler` trace of the first repeat's steps after
+  the warmup (see `run_jax`).
 
   Returns:
     {"table": markdown, "columns": [summaries], "raw": [raw runs],
@@ -939,6 +978,7 @@ def benchmark(config, steps: int | None = None, warmup: int = 3,
   if torch_trainer and not compare_torch:
     raise BenchError("--torch_trainer chooses how --compare_torch runs "
                      "PyTorch: add --compare_torch")
+  started = time.perf_counter()
   s = setup(config, devices)
   steps = steps or s.total_steps
   if steps <= warmup:
@@ -957,8 +997,10 @@ def benchmark(config, steps: int | None = None, warmup: int = 3,
   raws, jax_cols, torch_cols, ratios = [], [], [], []
   for repeat in range(repeats):
     if repeat:
+      started = time.perf_counter()
       s = setup(config, devices)  # a Run trains once: fresh state
-    raw = run_jax(s, steps, warmup)
+    raw = run_jax(s, steps, warmup, started=started,
+                  profile_dir=profile_dir if not repeat else None)
     raws.append(raw)
     jax_cols.append(summarize(raw, peak_tflops=peak_tflops))
     if compare_torch:
@@ -1012,7 +1054,8 @@ def main(argv):
         f.config, steps=f.steps or None, warmup=f.warmup,
         peak_tflops=f.peak_tflops or None, compare_torch=f.compare_torch,
         torch_order=f.torch_order, repeats=f.repeats,
-        torch_cpu_malloc=f.torch_cpu_malloc, torch_trainer=f.torch_trainer)
+        torch_cpu_malloc=f.torch_cpu_malloc, torch_trainer=f.torch_trainer,
+        profile_dir=f.profile or None)
   except (BenchError, ConfigError, data.DataError, hf.CheckpointError,
           parallelism.ParallelismError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -1046,6 +1089,9 @@ def parse_flags(argv):
                        "transformers.Trainer (needs accelerate) instead of "
                        "the lean loop.")
   flags.DEFINE_integer("repeats", 1, "Alternate the runs this many times.")
+  flags.DEFINE_string("profile", "", "Write a jax.profiler trace of 5 steps "
+                      "after the warmup to this folder (TensorBoard/xprof, "
+                      "perfetto_trace.json.gz).")
   flags.DEFINE_string("json", "", "Also write every measurement here.")
   flags.DEFINE_integer("abstract_flops", 0, "Instead of a run: compiled vs "
                        "analytic FLOPs of an abstract bert-base train step "

@@ -75,10 +75,15 @@ def test_table_has_sane_values(result):
   assert col["peak_tflops"] is None and "mfu" not in col
   assert col["pipeline"]["batches_per_s"] > 0
   assert 0.0 <= col["eval"]["validation"]["accuracy"] <= 1.0
+  # Time to first step: from before the build to the end of step 1, so it
+  # holds the compile; the eval time follows its background compile.
+  assert col["time_to_first_step"] > col["compile_seconds"] > 0
+  assert col["eval_seconds"] > 0
   table = result["table"]
   for label in ("training examples/s", "padding efficiency", "MFU",
                 "compilations train / eval", "host pipeline", "compile time s",
-                "dev validation/accuracy"):
+                "time to first step s", "eval s (incl. its compile)",
+                "cost_analysis; CPU only", "dev validation/accuracy"):
     assert label in table
   assert "| peak device memory | n/a |" in table
 
@@ -286,3 +291,24 @@ def test_cli_prints_the_table(tiny_model_dir, result, compilation_cache):
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
       check=False)
   assert bad.returncode == 2 and "error: --warmup=-2" in bad.stderr
+
+
+def test_profile_writes_a_trace_of_the_steps_after_warmup(tiny_model_dir,
+                                                          compilation_cache,
+                                                          tmp_path):
+  del compilation_cache
+  out = bench.benchmark(_config(tiny_model_dir), steps=5, warmup=2,
+                        profile_dir=str(tmp_path / "prof"))
+  assert out["raw"][0]["profile_dir"] == str(tmp_path / "prof")
+  traces = list((tmp_path / "prof").glob("plugins/profile/*/*.xplane.pb"))
+  assert traces and traces[0].stat().st_size > 0
+
+
+def test_cost_analysis_is_cpu_only_in_the_table():
+  col = {"framework": "jax", "eval": {}, "cost_analysis": {
+      "skipped": "CPU only (library calls such as cuBLAS are not counted)"}}
+  for key in ("examples_per_s", "step_ms_median", "step_ms_p10", "step_ms_p90"):
+    col[key] = 1.0
+  col["timed_steps"] = 1
+  table = bench.format_table([col])
+  assert "| compiled / analytic FLOPs (cost_analysis; CPU only) | n/a (library calls not counted) |" in table

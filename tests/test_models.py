@@ -433,3 +433,30 @@ def test_dense_factory_replaces_every_linear(tiny_bert_dir):
   graphdef, params = nnx.split(model, nnx.Param)
   grads = jax.grad(lambda p: nnx.merge(graphdef, p)(**batch).sum())(params)
   assert float(jnp.abs(grads["bert"]["layers"][0]["intermediate"]["gate"][...]).max()) > 0
+
+
+def test_cudnn_attention_gets_lengths_for_a_padding_mask(monkeypatch):
+  """cuDNN refuses a [b, 1, 1, k] mask: a padding mask goes in as lengths.
+
+  No GPU here: the call's arguments are checked, then computed by XLA's
+  implementation, which must give the masked result.
+  """
+  from research.models import bert as bert_lib
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 5, 2, 4)), jnp.float32)
+             for _ in range(3))
+  attention_mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+  mask = attention_mask.astype(bool)[:, None, None, :]
+  seen = {}
+  real = jax.nn.dot_product_attention
+
+  def fake(q, k, v, bias=None, mask=None, *, implementation=None, **kw):
+    seen.update(kw, mask=mask, implementation=implementation)
+    return real(q, k, v, bias, mask, implementation="xla", **kw)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+  out = bert_lib.attention(q, k, v, mask, implementation="cudnn")
+  assert seen["implementation"] == "cudnn" and seen["mask"] is None
+  np.testing.assert_array_equal(seen["key_value_seq_lengths"], [3, 5])
+  expected = real(q, k, v, mask=mask, implementation="xla")
+  np.testing.assert_allclose(out, expected, atol=1e-6)

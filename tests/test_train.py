@@ -222,3 +222,33 @@ def test_early_stopping_after_patience_evals(tmp_path, tiny_model_dir):
   assert summary["final_step"] == 3 and summary["best_step"] == 1
   with Checkpointer(str(tmp_path), best_metric="eval/accuracy") as ckpt:
     assert ckpt.latest_step() == 3 and ckpt.best_step() == 1
+
+
+def test_evaluation_compiles_ahead_in_the_background(tmp_path, tiny_model_dir):
+  """config.precompile: the eval steps compile before the first evaluation."""
+  from research import bench  # pylint: disable=import-outside-toplevel
+  config = _tiny_config(tiny_model_dir, compilation_cache_dir="")
+  config.data.buckets = (20, 36)  # this test's own shapes: nothing cached
+  run = train.build(config, str(tmp_path))
+  params, frozen = run.state["params"], run.frozen
+  train.precompile_evaluators(run.evaluators, params, frozen).join()
+  with bench.CompileLog() as compiles:
+    metrics = run.evaluators["validation"].run(params, frozen)
+  assert compiles.count == 0
+  assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_automatic_buckets_per_platform():
+  """Fewer automatic buckets (compilations) on accelerators."""
+  import types  # pylint: disable=import-outside-toplevel
+
+  def mesh(platform):
+    return types.SimpleNamespace(devices=np.array(
+        [types.SimpleNamespace(platform=platform)], dtype=object))
+
+  config = quickstart.get_config()
+  assert train.num_buckets(config, mesh("cpu")) == 8
+  assert train.num_buckets(config, mesh("gpu")) == 2
+  assert train.num_buckets(config, mesh("tpu")) == 2
+  config.data.num_buckets = 5
+  assert train.num_buckets(config, mesh("gpu")) == 5

@@ -65,8 +65,13 @@ def get_config():
   c.data.label_names = ()
   c.data.max_length = 128
   # Padded lengths (max_length is always one): one compilation each. Empty:
-  # chosen from the training lengths (research.data.auto_buckets, 8 buckets).
+  # chosen from the training lengths (research.data.auto_buckets).
   c.data.buckets = ()
+  # How many buckets auto_buckets may choose. <= 0: by platform: 8 on CPU
+  # (padding is what costs there), 2 on GPU/TPU, where a bert-base shape
+  # compiles in 20-40 s and the step's fixed part dwarfs the padding
+  # (BENCHMARKS.md, "GPU").
+  c.data.num_buckets = -1
   # Sequence packing for training: K > 1 puts K examples back to back in each
   # row (block-diagonal attention, positions restart per example; batch_size
   # stays the number of examples), and data.buckets are then row lengths.

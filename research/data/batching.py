@@ -181,11 +181,13 @@ class Batcher:
     sampler: a `research.data.samplers` module name; "auto": `bucketed`, or
       `shuffle` when packing.
     sampler_options: the sampler's options (`config.data.sampler_options`).
+    num_buckets: the most buckets `auto_buckets` may choose (empty
+      `buckets` only).
   """
 
   def __init__(self, split, batch_size, buckets, seed=0, shuffle=True,
                process_index=0, process_count=1, examples_per_row=1,
-               sampler="auto", sampler_options=None):
+               sampler="auto", sampler_options=None, num_buckets=8):
     per_row = int(examples_per_row)
     if per_row < 1 or batch_size % per_row:
       raise DataError(f"data.examples_per_row={examples_per_row} must be "
@@ -227,9 +229,9 @@ class Batcher:
       epochs = min(20, -(-2000 // self.steps_per_epoch))
       widest = np.concatenate([self._pack(e)[1].max(axis=1)
                                for e in range(epochs)])
-      self.buckets = auto_buckets(widest, longest)
+      self.buckets = auto_buckets(widest, longest, num_buckets)
     else:
-      self.buckets = auto_buckets(self.lengths, split.max_length)
+      self.buckets = auto_buckets(self.lengths, split.max_length, num_buckets)
     if not self.packed and len(self.lengths) and \
         self.lengths.max() > self.buckets[-1]:
       raise DataError(f"an example of {self.lengths.max()} tokens is longer "

@@ -63,6 +63,24 @@ class Evaluator:
                           "metrics or config.evals.<name>.metrics)")
     return names
 
+  def precompile(self, params, frozen) -> int:
+    """Compiles the eval step for every batch width of the split.
+
+    `params` and `frozen` may be `jax.ShapeDtypeStruct`s (with shardings):
+    lowering reads shapes and shardings only, so this can run while the
+    training step donates the real buffers. A later call of the step finds
+    the executable in JAX's cache. Returns the number of widths compiled.
+    """
+    widths = set()
+    for index, host in enumerate(self.batcher.eval_batches()):
+      width = host["input_ids"].shape[1]
+      if width in widths:
+        continue
+      widths.add(width)
+      batch = parallelism.shard_batch(host, self.sharding)
+      self.step.lower(params, frozen, batch, index).compile()
+    return len(widths)
+
   def outputs(self, params, frozen):
     """Yields (host batch, step outputs as numpy) for each batch in order."""
     batches = parallelism.prefetch(self.batcher.eval_batches(), self.sharding,

@@ -241,6 +241,14 @@ def attention(q, k, v, mask, *, dropout_rate=0.0, rngs=None, implementation=None
   dropout = rngs is not None and dropout_rate != 0.0
   if not (dropout or return_probs):
     # The fused path (cuDNN flash attention on NVIDIA GPUs).
+    if implementation == "cudnn" and mask.shape[1] == mask.shape[2] == 1:
+      # cuDNN takes a mask only as a full [b, h, q, k] bias (it refused our
+      # [b, 1, 1, k] on an H200); a padding mask is a length per row
+      # instead. Rows are right-padded (prefix keys, then tokens, then
+      # padding), so the length is the count of visible keys.
+      lengths = mask[:, 0, 0, :].sum(-1).astype(jnp.int32)
+      return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
+                                          implementation=implementation)
     return jax.nn.dot_product_attention(q, k, v, mask=mask,
                                         implementation=implementation)
   # jax.nn.dot_product_attention has no dropout on the probabilities and does
