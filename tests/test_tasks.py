@@ -162,7 +162,8 @@ def test_entity_scores_count_chunks_as_conlleval():
 
 def test_token_classification_trains_end_to_end(tmp_path, tiny_model_dir):
   config = _ner_config(tiny_model_dir, tmp_path, total_steps=40,
-                       eval_every_steps=40)
+                       eval_every_steps=40, eval_batch_size=4,
+                       **{"data.buckets": (8, 16, 32)})
   summary = train.train_and_evaluate(config, str(tmp_path / "run"))
   losses = _losses(tmp_path / "run")
   assert losses[-1] < 0.3 * losses[0]
@@ -172,6 +173,21 @@ def test_token_classification_trains_end_to_end(tmp_path, tiny_model_dir):
   assert majority < 0.7
   assert summary["eval/accuracy"] > majority + 0.2
   assert summary["eval/entity_f1"] > 0.8
+  # Per-example predictions over evaluation batches of different widths.
+  run = train.build(config)
+  restored = train.restore(str(tmp_path / "run"))
+  evaluator = run.evaluators["validation"]
+  widths = {b["input_ids"].shape[1] for b in evaluator.batcher.eval_batches()}
+  assert len(widths) > 1
+  out = evaluator.predict(restored.params, restored.frozen)
+  split = run.eval_splits["validation"]
+  assert [len(p) for p in out["predictions"]] == split.lengths.tolist()
+  labelled = [(split.labels[lo:hi] != IGNORE, p) for lo, hi, p in zip(
+      split.offsets[:-1], split.offsets[1:], out["predictions"])]
+  words = np.concatenate([p[m] for m, p in labelled])
+  gold = np.concatenate([split.labels[lo:hi][split.labels[lo:hi] != IGNORE]
+                         for lo, hi in zip(split.offsets[:-1], split.offsets[1:])])
+  assert np.mean(words == gold) == pytest.approx(summary["eval/accuracy"])
 
 
 # --- Question answering -------------------------------------------------------
