@@ -358,7 +358,7 @@ def test_masked_lm_trains_and_resumes_exactly(tmp_path, tiny_model_dir,
 
 
 def test_task_options_are_checked_by_the_task(tmp_path):
-  config = _qa_config("unused", "x.jsonl")
+  config = _qa_config("unused", "x.jsonl", "dev.jsonl")
   config.task_options = {"doc_strid": 8}
   with pytest.raises(ConfigError, match="config.task_options.doc_strid is not "
                      "an option of task 'question_answering'; did you mean "
