@@ -127,6 +127,56 @@ def test_token_labels_align_to_first_sub_tokens(tokenizer, tmp_path):
   assert train_split.labels[:7].tolist() == [IGNORE, 1, 4, 0, 0, 4, IGNORE]
 
 
+def test_word_lists_read_alike_from_hugging_face_datasets(tokenizer, tmp_path):
+  pytest.importorskip("datasets")
+  path = _jsonl(tmp_path / "t.jsonl", _ner_rows(20, 3))
+  fields = {"data.text_fields": ("tokens",), "data.label_field": "tags"}
+  local = _config("token_classification", "unused", path, num_labels=4,
+                  **fields)
+  hub = _config("token_classification", "unused", path, num_labels=4,
+                **fields, **{"data.source": "hf", "data.name": "json",
+                             "data.data_dir": str(tmp_path / "hf_cache")})
+  a, _, names_a, _ = data.load_splits(local, tokenizer)
+  b, _, names_b, _ = data.load_splits(hub, tokenizer)
+  assert names_a == names_b == ("B-LOC", "B-PER", "I-PER", "O")
+  for key in ("input_ids", "labels"):
+    np.testing.assert_array_equal(a.arrays[key], b.arrays[key])
+
+
+def test_tfds_conll_tags_are_class_label_names(tokenizer):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  config = _config("token_classification", "unused", "", num_labels=9, **{
+      "data.source": "tfds", "data.name": "conll2003",
+      "data.eval_splits": (), "data.text_fields": ("tokens",),
+      "data.label_field": "ner", "data.max_length": 64})
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  rows = [(["Peter", "Blackburn", "visited", "Rome"], [1, 2, 0, 5]),
+          (["EU", "rejects", "it"], [3, 0, 0])]
+
+  def as_dataset(self, split, **kwargs):
+    del self, split, kwargs
+
+    def examples():
+      for words, tags in rows:
+        yield {"tokens": words, "ner": tags, "pos": [0] * len(tags),
+               "chunks": [0] * len(tags)}
+
+    spec = lambda dtype: tf.TensorSpec([None], dtype)  # pylint: disable=unnecessary-lambda-assignment
+    return tf.data.Dataset.from_generator(examples, output_signature={
+        "tokens": spec(tf.string), "ner": spec(tf.int64),
+        "pos": spec(tf.int64), "chunks": spec(tf.int64)})
+
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    train_split, _, names, _ = data.load_splits(config, tokenizer)
+  # The ClassLabel's names, in id order, name the tags.
+  assert names == tuple(tfds.builder("conll2003").info.features["ner"]
+                        .feature.names)
+  assert names[:6] == ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC")
+  first = train_split.labels[train_split.offsets[0]:train_split.offsets[1]]
+  assert first[first != IGNORE].tolist() == [1, 2, 0, 5]
+  assert len(train_split) == 2
+
+
 def test_bad_token_rows_name_file_and_line(tokenizer, tmp_path):
   rows = [{"tokens": ["a", "b"], "tags": ["O", "O"]},
           {"tokens": ["a", "b"], "tags": ["O"]},
@@ -157,7 +207,8 @@ def test_entity_scores_count_chunks_as_conlleval():
 
 def test_token_classification_trains_end_to_end(tmp_path, tiny_model_dir):
   config = _ner_config(tiny_model_dir, tmp_path, total_steps=40,
-                       eval_every_steps=40)
+                       eval_every_steps=40, eval_batch_size=4,
+                       **{"data.buckets": (8, 16, 32)})
   summary = train.train_and_evaluate(config, str(tmp_path / "run"))
   losses = _losses(tmp_path / "run")
   assert losses[-1] < 0.3 * losses[0]
@@ -167,6 +218,21 @@ def test_token_classification_trains_end_to_end(tmp_path, tiny_model_dir):
   assert majority < 0.7
   assert summary["eval/accuracy"] > majority + 0.2
   assert summary["eval/entity_f1"] > 0.8
+  # Per-example predictions over evaluation batches of different widths.
+  run = train.build(config)
+  restored = train.restore(str(tmp_path / "run"))
+  evaluator = run.evaluators["validation"]
+  widths = {b["input_ids"].shape[1] for b in evaluator.batcher.eval_batches()}
+  assert len(widths) > 1
+  out = evaluator.predict(restored.params, restored.frozen)
+  split = run.eval_splits["validation"]
+  assert [len(p) for p in out["predictions"]] == split.lengths.tolist()
+  labelled = [(split.labels[lo:hi] != IGNORE, p) for lo, hi, p in zip(
+      split.offsets[:-1], split.offsets[1:], out["predictions"])]
+  words = np.concatenate([p[m] for m, p in labelled])
+  gold = np.concatenate([split.labels[lo:hi][split.labels[lo:hi] != IGNORE]
+                         for lo, hi in zip(split.offsets[:-1], split.offsets[1:])])
+  assert np.mean(words == gold) == pytest.approx(summary["eval/accuracy"])
 
 
 # --- Question answering -------------------------------------------------------
@@ -337,7 +403,7 @@ def test_masked_lm_trains_and_resumes_exactly(tmp_path, tiny_model_dir,
 
 
 def test_task_options_are_checked_by_the_task(tmp_path):
-  config = _qa_config("unused", "x.jsonl")
+  config = _qa_config("unused", "x.jsonl", "dev.jsonl")
   config.task_options = {"doc_strid": 8}
   with pytest.raises(ConfigError, match="config.task_options.doc_strid is not "
                      "an option of task 'question_answering'; did you mean "

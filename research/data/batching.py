@@ -189,6 +189,8 @@ class Batcher:
                process_index=0, process_count=1, examples_per_row=1,
                sampler="auto", sampler_options=None, num_buckets=8):
     per_row = int(examples_per_row)
+    if batch_size <= 0:
+      raise DataError(f"batch size {batch_size} must be positive")
     if per_row < 1 or batch_size % per_row:
       raise DataError(f"data.examples_per_row={examples_per_row} must be "
                       f">= 1 and divide the batch size {batch_size}")
@@ -206,7 +208,7 @@ class Batcher:
                       "cannot hold; set data.examples_per_row=1")
     batch_size = self.sampler.batch_size  # the fixed shape (Poisson's max)
     units = batch_size // per_row  # rows of a batch; hosts split them
-    if batch_size <= 0 or units % process_count:
+    if units % process_count:
       raise DataError(f"batch size {batch_size} must be positive and its "
                       + ("rows" if per_row > 1 else "examples") +
                       f" divisible by the number of hosts ({process_count})")

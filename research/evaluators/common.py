@@ -2,8 +2,8 @@
 
 `Evaluator.outputs(params, frozen)` runs the jitted evaluation step
 (`research.training.steps.make_eval_step` over the task's `eval_forward`) on
-each batch of the split and yields the host batch with the step's outputs as
-numpy (gathered over hosts). Evaluators keep what they need per example, so
+each batch of the split and yields this host's batch with the step's outputs
+as numpy (replicated: the same on every host). Evaluators keep what they need per example, so
 batches of different widths never meet in one array: token-level outputs
 are cut into ragged per-example arrays first.
 """
@@ -11,7 +11,6 @@ are cut into ragged per-example arrays first.
 from __future__ import annotations
 
 from jax.experimental import multihost_utils
-import numpy as np
 
 from research import parallelism
 from research.configs.plugins import ConfigError
@@ -100,8 +99,3 @@ def loss(totals) -> float:
   loss_sum = sum(float(o["loss"]) for o in totals)
   weight = sum(float(o["weight"]) for o in totals)
   return loss_sum / max(weight, 1e-12)
-
-
-def per_example(values, lengths):
-  """Rows of a [B, L, ...] array cut to each example's length: a list."""
-  return [np.asarray(v[:n]) for v, n in zip(values, lengths)]

@@ -29,11 +29,10 @@ class Evaluator(common.Evaluator):
   def _collect(self, params, frozen, keep_all=False):
     """Ragged per-example outputs: labelled tokens (or all real ones)."""
     preds, labels, logits, totals = [], [], [], []
-    for host, out in self.outputs(params, frozen):
+    for _, out in self.outputs(params, frozen):
       totals.append(out)
-      lengths = host["attention_mask"].sum(axis=1) if keep_all else None
       for b in np.flatnonzero(out["batch_weights"] > 0):
-        where = (np.arange(out["weights"].shape[1]) < lengths[b]
+        where = (np.arange(out["weights"].shape[1]) < out["lengths"][b]
                  if keep_all else out["weights"][b] > 0)
         preds.append(out["predictions"][b][where])
         if "labels" in out:

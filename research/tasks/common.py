@@ -220,8 +220,10 @@ class Task:
 
     Outputs: the weighted loss sum and total weight, `predictions`, the
     `weights` the predictions count with, `batch_weights` (0: a padding
-    row), the batch's `labels` (after the transform, which may make them),
-    and with `logits` the model's raw outputs.
+    row), `lengths` (real tokens per row), the batch's `labels` (after the
+    transform, which may make them), and with `logits` the model's raw
+    outputs. Evaluators need nothing else: every host reads the same
+    (replicated) outputs.
     """
 
     def forward(params, frozen, batch):
@@ -230,7 +232,8 @@ class Task:
       losses, weights = self.loss(outputs, batch)
       out = {"loss": (losses * weights).sum(), "weight": weights.sum(),
              "predictions": self.predict(outputs, batch), "weights": weights,
-             "batch_weights": batch["weights"]}
+             "batch_weights": batch["weights"],
+             "lengths": batch["attention_mask"].sum(axis=-1)}
       if "labels" in batch:
         out["labels"] = batch["labels"]
       if logits:

@@ -38,17 +38,21 @@ class Task(common.Task):
   HEAD = "question_answering"
   EVALUATOR = "span"
   LABEL_JSON = True
-  # doc_stride: tokens shared by consecutive windows of a long context.
-  CONFIG = {"doc_stride": 128}
+  # doc_stride: tokens shared by consecutive windows of a long context;
+  # -1: data.max_length // 3 (BERT's 128 of 384).
+  CONFIG = {"doc_stride": -1}
 
   def __init__(self, config, tokenizer=None):
     super().__init__(config, tokenizer)
     self.check_text_fields((2,), "a question and a context, e.g. "
                            "('question', 'context')")
+    if self.options["doc_stride"] == -1:
+      self.options["doc_stride"] = config.data.max_length // 3
     if not 0 <= self.options["doc_stride"] < config.data.max_length // 2:
       raise ConfigError(
           f"config.task_options.doc_stride={self.options['doc_stride']} must "
-          f"be in [0, data.max_length / 2 = {config.data.max_length // 2})")
+          f"be in [0, data.max_length / 2 = {config.data.max_length // 2}) "
+          "(-1: a third of data.max_length)")
 
   def num_outputs(self):
     return 2

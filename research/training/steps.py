@@ -15,6 +15,13 @@ total weight that mean divides by (examples, labelled tokens, masked
 positions). Under jit the batch is the global batch; under shard_map each
 device's share is re-weighted by `weight / global weight` before the psum, so
 every strategy gives the same gradient.
+
+The transform runs here, in the jitted step, not on the host: its key is a
+function of (seed, step) like dropout's, so resuming is exact with no
+generator state to checkpoint; its draws do not depend on how the global
+batch is split over hosts (`jax_threefry_partitionable`); and a few
+element-wise ops on [B, L] cost nothing on an accelerator, while the host's
+Python pipeline is what must keep up with it.
 """
 
 from __future__ import annotations
