@@ -369,11 +369,12 @@ def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
                                     s.train_batches, batch_sharding, 0,
                                     steps * accum)
                    if config.precompile else 0)
+    # Training compiles the evaluation in a background thread meanwhile;
+    # here it finishes first, so that no compile event of its lands in a
+    # timed step (they are counted process-wide).
+    if config.precompile and evaluate and s.evaluators:
+      train.precompile_evaluators(s.evaluators, state["params"], frozen).join()
     precompile_events, precompile_seconds = compiles.count, compiles.seconds
-  # As in training: the evaluation compiles in the background meanwhile.
-  eval_compile = (train.precompile_evaluators(s.evaluators, state["params"],
-                                              frozen)
-                  if config.precompile and evaluate and s.evaluators else None)
   batches = parallelism.prefetch(s.train_batches.iterate(0, steps * accum),
                                  batch_sharding, config.parallelism.prefetch)
   first_step_end = None
@@ -468,8 +469,6 @@ def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
                                                cfg.hidden_size)}
 
   if evaluate and s.evaluators:
-    if eval_compile is not None:
-      eval_compile.join()
     t0 = time.perf_counter()
     # The training metrics of each split (as `train_and_evaluate` logs them,
     # without the loss, which the PyTorch column has not).
