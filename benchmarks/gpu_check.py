@@ -43,8 +43,9 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
+for _path in (ROOT, os.path.join(ROOT, "benchmarks")):
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
 
 # --- The model directory and data (offline: random weights, synthetic text) --
 
@@ -240,13 +241,14 @@ def trace_summary(trace_dir: str, steps: int) -> dict:
   }
 
 
-def run_bench(config, steps, warmup, compare_torch) -> dict:
+def run_bench(config, steps, warmup, compare) -> dict:
   """research.bench's benchmark: ours beside the Trainer on the same batches."""
   from research import bench  # pylint: disable=import-outside-toplevel
+  import compare_torch  # pylint: disable=import-outside-toplevel  # benchmarks/
   t0 = time.perf_counter()
-  result = bench.benchmark(config, steps=steps, warmup=warmup,
-                           compare_torch=compare_torch,
-                           torch_trainer=compare_torch)
+  result = bench.benchmark(
+      config, steps=steps, warmup=warmup,
+      baseline=compare_torch.make_baseline(trainer=True) if compare else None)
   return {"table": result["table"], "columns": result["columns"],
           "ratios": result["ratios"], "seconds": time.perf_counter() - t0}
 

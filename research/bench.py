@@ -1,7 +1,6 @@
-"""Training-speed benchmark of a config, optionally beside Hugging Face PyTorch.
+"""Training-speed benchmark of a config (and of any baseline beside it).
 
     python -m research.bench --config experiments/quickstart.py
-    python -m research.bench --config experiments/quickstart.py --compare_torch
     python -m research.bench --config experiments/glue_sst2.py --steps 300 \
         --warmup 20 --peak_tflops 989 --config.model.dtype=bfloat16
     python -m research.bench --abstract_flops 128   # bert-base FLOP check
@@ -28,22 +27,17 @@ one table (`format_table`):
   the backend reports it;
 - the host input pipeline alone (`Batcher.batch_at` + `parallelism.shard_batch`
   with no model step): batches/s and how many times faster it is than the
-  model step consumes them.
+  model step consumes them;
+- time to first step (build + compile + step 1) and the evaluation's time.
 
-`--compare_torch` runs the same work through `transformers`'
-`AutoModelForSequenceClassification` in a subprocess (`torch_worker`): the
-same checkpoint, tokenised examples, batch size, max length, dropout, number
-of steps, AdamW (HF Trainer's default `fused=True`, decay off biases and
-LayerNorm, same lr, betas, eps, warmup and schedule, clipping), then the same
-eval metric. Batches follow Hugging Face's recipe: a random order each epoch
-and `DataCollatorWithPadding` (each batch padded to its longest example);
-`--torch_order=bucketed` instead gives PyTorch our bucketed batches (still
-padded to their longest), to separate the framework from the padding. torch
-uses as many threads as this process may use cores, the GPU JAX runs on when
-that is a GPU, and bf16 autocast when the config computes in bf16. The
-training loop is a lean one; `--torch_trainer` runs `transformers.Trainer`
-on the same batches instead. `--repeats` alternates the two runs and
-reports the median of each rate and every ratio.
+`--repeats` repeats the run and reports medians; `--profile DIR` writes a
+`jax.profiler` trace of 5 steps after the warmup.
+
+`benchmark(..., baseline=fn)` adds another framework's column on the same
+work: Hugging Face PyTorch (a lean loop or `transformers.Trainer`) is
+`benchmarks/compare_torch.py`, outside the library:
+
+    python benchmarks/compare_torch.py --config experiments/quickstart.py --torch_trainer
 """
 
 from __future__ import annotations
@@ -51,9 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 import jax
@@ -63,9 +55,7 @@ from flax import nnx
 
 from research import data, parallelism, tasks, train
 from research.configs import ConfigError, validate
-from research.evaluation import metrics as metrics_lib
 from research.models import BertConfig, create_model, hf
-from research.tasks import common as task_common
 from research.training import host_memory, optimizers, partition, xla_flags
 from research.training.steps import make_train_step
 
@@ -80,7 +70,6 @@ PEAK_TFLOPS = (
     ("v5 lite", 197.0), ("v5e", 197.0), ("v5p", 459.0), ("v5", 459.0),
     ("v4", 275.0), ("v3", 123.0),
 )
-TORCH_ORDERS = ("random", "bucketed")
 # jax.monitoring events of one compilation (jax/_src/dispatch.py).
 _TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
 _LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
@@ -380,11 +369,12 @@ def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
                                     s.train_batches, batch_sharding, 0,
                                     steps * accum)
                    if config.precompile else 0)
+    # Training compiles the evaluation in a background thread meanwhile;
+    # here it finishes first, so that no compile event of its lands in a
+    # timed step (they are counted process-wide).
+    if config.precompile and evaluate and s.evaluators:
+      train.precompile_evaluators(s.evaluators, state["params"], frozen).join()
     precompile_events, precompile_seconds = compiles.count, compiles.seconds
-  # As in training: the evaluation compiles in the background meanwhile.
-  eval_compile = (train.precompile_evaluators(s.evaluators, state["params"],
-                                              frozen)
-                  if config.precompile and evaluate and s.evaluators else None)
   batches = parallelism.prefetch(s.train_batches.iterate(0, steps * accum),
                                  batch_sharding, config.parallelism.prefetch)
   first_step_end = None
@@ -479,8 +469,6 @@ def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
                                                cfg.hidden_size)}
 
   if evaluate and s.evaluators:
-    if eval_compile is not None:
-      eval_compile.join()
     t0 = time.perf_counter()
     # The training metrics of each split (as `train_and_evaluate` logs them,
     # without the loss, which the PyTorch column has not).
@@ -493,293 +481,6 @@ def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
     result["eval_seconds"] = time.perf_counter() - t0
     result["eval_compilations"] = s.eval_step._cache_size()  # pylint: disable=protected-access
   return result
-
-
-# --- The PyTorch run -------------------------------------------------------------
-
-
-def run_torch(s: train.Run, steps: int, order: str = "random",
-              threads: int | None = None, timeout: float = 3600.0,
-              cpu_malloc: str = "default", trainer: bool = False) -> dict:
-  """The same work through transformers' PyTorch model, in a subprocess.
-
-  PyTorch runs where JAX does: on the CPU, or on the first GPU when JAX's
-  backend is a GPU (one device: the JAX run must be one too). With
-  `config.model.dtype=bfloat16` it computes under `torch.autocast` bf16
-  (fp32 weights, as our bf16 compute; the Trainer's `bf16=True`). On a GPU
-  JAX keeps its preallocated share of memory (75% by default); the PyTorch
-  run gets the rest.
-
-  Args:
-    s: from `setup` (its tokenised splits are what PyTorch trains on; its
-      state is not used).
-    steps: updates, as for `run_jax` (gradient accumulation is not mirrored).
-    order: "random" (Hugging Face's sampler: a random permutation each epoch)
-      or "bucketed" (our batches' examples).
-    threads: torch intra-op threads; default: the cores this process may use.
-    timeout: seconds before the subprocess is stopped.
-    cpu_malloc: "default" (glibc as PyTorch users run it) or "retain" (the
-      `host_memory` settings our CPU runs use, applied before torch loads).
-    trainer: run `transformers.Trainer` (needs `accelerate`) instead of the
-      lean loop: what most Hugging Face users run, with its per-step
-      bookkeeping (the loss's NaN check, FLOP counting, callbacks).
-
-  Returns:
-    The worker's raw measurements (see `torch_worker`).
-  """
-  if order not in TORCH_ORDERS:
-    raise BenchError(f"--torch_order={order!r}; valid: {', '.join(TORCH_ORDERS)}")
-  config = s.config
-  if type(s.task).__module__ != "research.tasks.sequence_classification":
-    raise BenchError(
-        "--compare_torch mirrors transformers' "
-        "AutoModelForSequenceClassification: needs "
-        f"config.task='sequence_classification', got {config.task!r}")
-  if config.optimizer.name != "adamw" or config.optimizer.grad_accum_steps != 1:
-    raise BenchError(
-        "--compare_torch mirrors AdamW without accumulation: needs "
-        "config.optimizer.name='adamw' and config.optimizer.grad_accum_steps=1, "
-        f"got {config.optimizer.name!r} and {config.optimizer.grad_accum_steps}")
-  if jax.process_count() > 1:
-    raise BenchError("--compare_torch runs on one host")
-  backend = s.mesh.devices.flat[0].platform
-  if backend not in ("cpu", "gpu", "cuda"):
-    raise BenchError(f"--compare_torch runs PyTorch on the CPU or an NVIDIA "
-                     f"GPU; this run's devices are {backend!r}")
-  if backend != "cpu" and s.mesh.devices.size > 1:
-    raise BenchError(
-        f"--compare_torch on GPU compares one device with one device: this "
-        f"mesh has {s.mesh.devices.size}; set "
-        "--config.parallelism.mesh_shape='(1, 1, 1)'")
-  spe = s.train_batches.steps_per_epoch
-  size = config.batch_size
-  if order == "bucketed":
-    plan = np.stack([s.train_batches._plan(step // spe)[0][step % spe]  # pylint: disable=protected-access
-                     for step in range(steps)])
-  else:
-    # HF's RandomSampler: a fresh permutation per epoch (drop_last, like ours,
-    # so that both runs see the same number of examples per step).
-    plan = np.concatenate([
-        np.random.default_rng([config.seed, 1, e]).permutation(
-            len(s.train_split))[:spe * size].reshape(spe, size)
-        for e in range(-(-steps // spe))])[:steps]
-  eval_name = next((n for n, split in s.eval_splits.items()
-                    if split.has_labels), None)
-  with tempfile.TemporaryDirectory() as tmp:
-    arrays = {"order": plan}
-    splits = {"train": s.train_split}
-    if eval_name is not None:
-      splits["eval"] = s.eval_splits[eval_name]
-    for key, split in splits.items():
-      arrays.update({f"{key}_input_ids": split.input_ids,
-                     f"{key}_token_type_ids": split.token_type_ids,
-                     f"{key}_offsets": split.offsets,
-                     f"{key}_labels": split.labels})
-    np.savez(os.path.join(tmp, "arrays.npz"), **arrays)
-    opt = config.optimizer
-    spec = {
-        "arrays": os.path.join(tmp, "arrays.npz"),
-        "out": os.path.join(tmp, "result.json"), "workdir": tmp,
-        "model_dir": s.model_dir, "num_labels": config.num_labels,
-        "steps": steps, "batch_size": size,
-        "eval_batch_size": config.eval_batch_size,
-        "seed": config.seed, "metrics": list(config.metrics),
-        "threads": threads or len(os.sched_getaffinity(0)),
-        "device": "cpu" if backend == "cpu" else "cuda",
-        "bf16": config.model.dtype == "bfloat16",
-        "config_overrides": task_common.dropout_overrides(config.model),
-        "lr": opt.learning_rate, "b1": opt.b1, "b2": opt.b2, "eps": opt.eps,
-        "weight_decay": opt.weight_decay, "schedule": opt.schedule,
-        "warmup_steps": optimizers.warmup_steps(opt, s.total_steps),
-        "total_steps": s.total_steps, "grad_clip_norm": opt.grad_clip_norm,
-        "order": order, "cpu_malloc": cpu_malloc, "trainer": trainer,
-    }
-    with open(os.path.join(tmp, "spec.json"), "w") as f:
-      json.dump(spec, f)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    if backend != "cpu":
-      # The GPU JAX runs on (a Trainer seeing several would wrap the model
-      # in DataParallel).
-      env["CUDA_VISIBLE_DEVICES"] = str(s.mesh.devices.flat[0].local_hardware_id)
-    proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from research import bench; "
-         "bench.torch_worker(sys.argv[1])", os.path.join(tmp, "spec.json")],
-        env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    if proc.returncode != 0:
-      raise RuntimeError("the PyTorch run failed:\n" + proc.stderr[-4000:])
-    with open(spec["out"]) as f:
-      result = json.load(f)
-  if eval_name is not None:
-    result["eval"] = {eval_name: result.pop("eval")}
-  return result
-
-
-def torch_worker(spec_path: str) -> None:
-  """Runs in the subprocess of `run_torch`: HF PyTorch training and eval."""
-  # pylint: disable=import-outside-toplevel
-  with open(spec_path) as f:
-    spec = json.load(f)
-  malloc_retain = host_memory.configure(spec["cpu_malloc"])
-  import torch
-  import transformers
-  torch.set_num_threads(spec["threads"])
-  torch.manual_seed(spec["seed"])
-  transformers.logging.set_verbosity_error()
-  device = torch.device(spec["device"])
-
-  def sync():
-    if device.type == "cuda":
-      torch.cuda.synchronize()
-
-  arrays = np.load(spec["arrays"])
-  tokenizer = transformers.AutoTokenizer.from_pretrained(spec["model_dir"])
-  collator = transformers.DataCollatorWithPadding(tokenizer)
-  model = transformers.AutoModelForSequenceClassification.from_pretrained(
-      spec["model_dir"], num_labels=spec["num_labels"],
-      **spec["config_overrides"]).to(device)
-  regression = spec["num_labels"] == 1
-  autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16,  # pylint: disable=unnecessary-lambda-assignment
-                                    enabled=spec["bf16"])
-
-  def feature(prefix, i):
-    lo, hi = arrays[f"{prefix}_offsets"][i:i + 2]
-    label = arrays[f"{prefix}_labels"][i]
-    return {"input_ids": arrays[f"{prefix}_input_ids"][lo:hi].tolist(),
-            "token_type_ids": arrays[f"{prefix}_token_type_ids"][lo:hi].tolist(),
-            "attention_mask": [1] * int(hi - lo),
-            "labels": float(label) if regression else max(int(label), 0)}
-
-  # As HF's Trainer: AdamW (fused, its default for torch >= 2.8), no weight
-  # decay on biases and LayerNorm weights (the 1-D parameters), clipping.
-  named = list(model.named_parameters())
-  groups = [{"params": [p for _, p in named if p.ndim >= 2],
-             "weight_decay": spec["weight_decay"]},
-            {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
-  opt = torch.optim.AdamW(groups, lr=spec["lr"], betas=(spec["b1"], spec["b2"]),
-                          eps=spec["eps"], fused=True)
-  sched = transformers.get_scheduler(
-      {"constant": "constant_with_warmup"}.get(spec["schedule"], spec["schedule"]),
-      opt, num_warmup_steps=spec["warmup_steps"],
-      num_training_steps=spec["total_steps"])
-  # What each step's batch holds, from the plan: DataCollatorWithPadding pads
-  # a batch to its longest example.
-  lengths = np.diff(arrays["train_offsets"])[arrays["order"]]
-  rec = {"examples": [int(n) for n in np.full(len(lengths), lengths.shape[1])],
-         "real_tokens": [int(n) for n in lengths.sum(axis=1)],
-         "width": [int(n) for n in lengths.max(axis=1)]}
-  rec["padded_tokens"] = [e * w for e, w in zip(rec["examples"], rec["width"])]
-  model.train()
-  start = time.perf_counter()
-  if spec["trainer"]:
-    step_times, final_loss = _torch_trainer_run(
-        spec, model, opt, sched, collator,
-        [feature("train", int(i)) for i in arrays["order"].ravel()], sync)
-  else:
-    step_times = []
-    for step in range(spec["steps"]):
-      t0 = time.perf_counter()
-      batch = collator([feature("train", int(i)) for i in arrays["order"][step]])
-      batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-      with autocast():
-        loss = model(**batch).loss
-      loss.backward()
-      if spec["grad_clip_norm"] > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip_norm"])
-      opt.step()
-      sched.step()
-      opt.zero_grad(set_to_none=True)
-      sync()
-      step_times.append(time.perf_counter() - t0)
-    final_loss = float(loss)
-  train_seconds = time.perf_counter() - start
-  result = {"framework": "torch", "torch": torch.__version__,
-            "runner": "trainer" if spec["trainer"] else "loop",
-            "device_name": (torch.cuda.get_device_name(device)
-                            if device.type == "cuda" else "CPU"),
-            "bf16": spec["bf16"], "malloc_retain": malloc_retain,
-            "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(),
-            "attn_implementation": model.config._attn_implementation,  # pylint: disable=protected-access
-            "order": spec["order"], "step_times": step_times, **rec,
-            "train_seconds": train_seconds, "final_loss": final_loss,
-            "peak_memory_bytes": (torch.cuda.max_memory_allocated(device)
-                                  if device.type == "cuda" else None)}
-  if "eval_offsets" in arrays:
-    model.eval()
-    n, size = len(arrays["eval_offsets"]) - 1, spec["eval_batch_size"]
-    preds, labels = [], []
-    t0 = time.perf_counter()
-    with torch.inference_mode(), autocast():
-      for lo in range(0, n, size):
-        batch = collator([feature("eval", i) for i in range(lo, min(n, lo + size))])
-        logits = model(**{k: v.to(device) for k, v in batch.items()
-                          if k != "labels"}).logits.float().cpu()
-        preds.append(logits[:, 0].numpy() if regression
-                     else logits.argmax(-1).numpy())
-        labels.append(arrays["eval_labels"][lo:min(n, lo + size)])
-    result["eval_seconds"] = time.perf_counter() - t0
-    labels = np.concatenate(labels)
-    result["eval"] = metrics_lib.compute(
-        spec["metrics"], np.concatenate(preds), labels,
-        (labels >= 0).astype(np.float32) if not regression else None)
-  with open(spec["out"], "w") as f:
-    json.dump(result, f)
-
-
-def _torch_trainer_run(spec, model, opt, sched, collator, features, sync):
-  """`transformers.Trainer` on the plan's batches: (step times, last loss).
-
-  The optimiser and schedule are the lean loop's (what the Trainer would
-  build, but over the config's whole schedule when --steps is shorter); a
-  sequential sampler over the plan's flattened examples makes batch i the
-  plan's row i. A step is timed from the end of the previous one, so it
-  holds the Trainer's data loading and bookkeeping, as its users get it.
-  """
-  # pylint: disable=import-outside-toplevel
-  import torch
-  import transformers
-
-  class StepTimer(transformers.TrainerCallback):
-
-    def __init__(self):
-      self.times, self.last = [], None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-      sync()
-      self.last = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-      sync()
-      now = time.perf_counter()
-      self.times.append(now - self.last)
-      self.last = now
-
-  class PlanTrainer(transformers.Trainer):
-
-    last_loss = None
-
-    def _get_train_sampler(self, train_dataset=None):
-      return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
-
-    def training_step(self, *args, **kwargs):
-      self.last_loss = super().training_step(*args, **kwargs)
-      return self.last_loss
-
-  args = transformers.TrainingArguments(
-      output_dir=os.path.join(spec["workdir"], "trainer"),
-      per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
-      max_grad_norm=max(spec["grad_clip_norm"], 0.0),  # 0: no clipping
-      bf16=spec["bf16"], use_cpu=spec["device"] == "cpu", seed=spec["seed"],
-      dataloader_drop_last=True, report_to="none", logging_strategy="no",
-      save_strategy="no", eval_strategy="no", disable_tqdm=True)
-  timer = StepTimer()
-  trainer = PlanTrainer(model=model, args=args, train_dataset=features,
-                        data_collator=collator, optimizers=(opt, sched),
-                        callbacks=[timer])
-  trainer.train()
-  return timer.times, float(trainer.last_loss)
 
 
 # --- Summary and table -------------------------------------------------------------
@@ -952,14 +653,23 @@ def _median_columns(columns: list[dict]) -> dict:
 
 
 def benchmark(config, steps: int | None = None, warmup: int = 3,
-              peak_tflops: float | None = None, compare_torch: bool = False,
-              torch_order: str = "random", repeats: int = 1,
-              devices=None, torch_cpu_malloc: str = "default",
-              torch_trainer: bool = False, profile_dir: str | None = None) -> dict:
-  """The whole benchmark: `repeats` x (JAX run [, PyTorch run]).
+              peak_tflops: float | None = None, repeats: int = 1,
+              devices=None, profile_dir: str | None = None,
+              baseline=None) -> dict:
+  """The whole benchmark: `repeats` x (JAX run [, baseline run]).
 
-  `profile_dir`: a `jax.profiler` trace of the first repeat's steps after
-  the warmup (see `run_jax`).
+  Args:
+    config: the experiment config.
+    steps, warmup: see `run_jax`; `steps` defaults to the config's run.
+    peak_tflops: per-chip peak for MFU (default: from the device kind).
+    repeats: alternate the runs this many times; medians are reported.
+    devices: the devices of the mesh (default: all).
+    profile_dir: a `jax.profiler` trace of the first repeat's steps after
+      the warmup (see `run_jax`).
+    baseline: `(run, steps) -> raw` measurements of another framework on the
+      same work, called after each JAX run (the Hugging Face PyTorch runs of
+      `benchmarks/compare_torch.py`); its column shares the JAX run's timed
+      steps.
 
   Returns:
     {"table": markdown, "columns": [summaries], "raw": [raw runs],
@@ -972,29 +682,12 @@ def benchmark(config, steps: int | None = None, warmup: int = 3,
   if peak_tflops is not None and peak_tflops <= 0:
     raise BenchError(f"--peak_tflops={peak_tflops}: must be > 0 (omit it to "
                      "detect the peak from the device kind)")
-  if torch_order not in TORCH_ORDERS:
-    raise BenchError(f"--torch_order={torch_order!r}; valid: "
-                     f"{', '.join(TORCH_ORDERS)}")
-  if torch_trainer and not compare_torch:
-    raise BenchError("--torch_trainer chooses how --compare_torch runs "
-                     "PyTorch: add --compare_torch")
   started = time.perf_counter()
   s = setup(config, devices)
   steps = steps or s.total_steps
   if steps <= warmup:
     raise BenchError(f"--steps={steps} must exceed --warmup={warmup}")
-  if compare_torch:
-    try:
-      import torch  # pylint: disable=import-outside-toplevel,unused-import
-    except ImportError as e:
-      raise BenchError("--compare_torch needs torch: pip install torch") from e
-    if torch_trainer:
-      try:
-        import accelerate  # pylint: disable=import-outside-toplevel,unused-import
-      except ImportError as e:
-        raise BenchError("--torch_trainer needs accelerate (transformers.Trainer"
-                         " does): pip install accelerate") from e
-  raws, jax_cols, torch_cols, ratios = [], [], [], []
+  raws, jax_cols, other_cols, ratios = [], [], [], []
   for repeat in range(repeats):
     if repeat:
       started = time.perf_counter()
@@ -1003,15 +696,14 @@ def benchmark(config, steps: int | None = None, warmup: int = 3,
                   profile_dir=profile_dir if not repeat else None)
     raws.append(raw)
     jax_cols.append(summarize(raw, peak_tflops=peak_tflops))
-    if compare_torch:
-      traw = run_torch(s, steps, torch_order, cpu_malloc=torch_cpu_malloc,
-                       trainer=torch_trainer)
-      raws.append(traw)
-      torch_cols.append(summarize(traw, timed=raw["timed"]))
-      ratios.append(jax_cols[-1]["examples_per_s"] / torch_cols[-1]["examples_per_s"])
+    if baseline is not None:
+      other = baseline(s, steps)
+      raws.append(other)
+      other_cols.append(summarize(other, timed=raw["timed"]))
+      ratios.append(jax_cols[-1]["examples_per_s"] / other_cols[-1]["examples_per_s"])
   columns = [_median_columns(jax_cols)]
-  if compare_torch:
-    columns.append(_median_columns(torch_cols))
+  if baseline is not None:
+    columns.append(_median_columns(other_cols))
   return {"table": format_table(columns, ratios if repeats > 1 else None),
           "columns": columns, "raw": raws, "ratios": ratios}
 
@@ -1052,9 +744,7 @@ def main(argv):
     xla_flags.configure(f.config.xla_flags)
     result = benchmark(
         f.config, steps=f.steps or None, warmup=f.warmup,
-        peak_tflops=f.peak_tflops or None, compare_torch=f.compare_torch,
-        torch_order=f.torch_order, repeats=f.repeats,
-        torch_cpu_malloc=f.torch_cpu_malloc, torch_trainer=f.torch_trainer,
+        peak_tflops=f.peak_tflops or None, repeats=f.repeats,
         profile_dir=f.profile or None)
   except (BenchError, ConfigError, data.DataError, hf.CheckpointError,
           parallelism.ParallelismError) as e:
@@ -1079,15 +769,6 @@ def parse_flags(argv):
   flags.DEFINE_integer("warmup", 3, "First updates left out of the rates.")
   flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak TFLOP/s for MFU "
                      "(0: detect from the device kind; CPUs: none).")
-  flags.DEFINE_boolean("compare_torch", False, "Also run Hugging Face PyTorch.")
-  flags.DEFINE_enum("torch_order", "random", TORCH_ORDERS,
-                    "PyTorch batches: HF's random order, or ours (bucketed).")
-  flags.DEFINE_enum("torch_cpu_malloc", "default", ("default", "retain"),
-                    "glibc settings of the PyTorch run: as its users run it, "
-                    "or the ones our CPU runs use (config.cpu_malloc).")
-  flags.DEFINE_boolean("torch_trainer", False, "Run PyTorch through "
-                       "transformers.Trainer (needs accelerate) instead of "
-                       "the lean loop.")
   flags.DEFINE_integer("repeats", 1, "Alternate the runs this many times.")
   flags.DEFINE_string("profile", "", "Write a jax.profiler trace of 5 steps "
                       "after the warmup to this folder (TensorBoard/xprof, "

@@ -1,4 +1,5 @@
-"""research.bench: the table, the FLOP counts, compile counts, the torch run.
+"""research.bench: the table, the FLOP counts, compile counts; and
+benchmarks/compare_torch.py, the Hugging Face PyTorch run beside it.
 
 No assertion here is on a timing: only that rates exist and are consistent.
 """
@@ -17,6 +18,9 @@ from research import bench
 from research.models import BertConfig, create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import compare_torch  # pylint: disable=wrong-import-position  # benchmarks/
 SMALL = BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=2,
                    num_attention_heads=4, intermediate_size=1024,
                    max_position_embeddings=128)
@@ -212,7 +216,7 @@ def test_mfu_uses_the_given_peak(result):
 def test_torch_runs_the_same_work_side_by_side(tiny_model_dir, result):
   pytest.importorskip("torch")
   s = bench.setup(_config(tiny_model_dir))
-  raw = bench.run_torch(s, steps=3, order="bucketed")
+  raw = compare_torch.run_torch(s, steps=3, order="bucketed")
   assert raw["examples"] == [32] * 3
   # Dynamic padding: each batch is as wide as its longest example, which
   # is never wider than our bucket for the same examples.
@@ -237,8 +241,8 @@ def test_trainer_does_the_lean_loops_work(tiny_model_dir, dtype):
                                       "model.hidden_dropout": 0.0,
                                       "model.attention_dropout": 0.0})
   s = bench.setup(config)
-  loop = bench.run_torch(s, steps=3, order="bucketed")
-  trainer = bench.run_torch(s, steps=3, order="bucketed", trainer=True)
+  loop = compare_torch.run_torch(s, steps=3, order="bucketed")
+  trainer = compare_torch.run_torch(s, steps=3, order="bucketed", trainer=True)
   assert trainer["runner"] == "trainer" and len(trainer["step_times"]) == 3
   for key in ("examples", "real_tokens", "padded_tokens", "width"):
     assert trainer[key] == loop[key]
@@ -254,9 +258,7 @@ def test_bad_settings_are_named(tiny_model_dir):
   with pytest.raises(bench.BenchError, match="--warmup=-1"):
     bench.benchmark(config, warmup=-1)
   with pytest.raises(bench.BenchError, match="--torch_order='sorted'.*random"):
-    bench.benchmark(config, torch_order="sorted")
-  with pytest.raises(bench.BenchError, match="add --compare_torch"):
-    bench.benchmark(config, torch_trainer=True)
+    compare_torch.compare(config, order="sorted")
   with pytest.raises(bench.BenchError, match="--peak_tflops"):
     bench.benchmark(config, peak_tflops=-5.0)
   with pytest.raises(bench.BenchError, match="--steps=3 must exceed --warmup=3"):
@@ -291,6 +293,19 @@ def test_cli_prints_the_table(tiny_model_dir, result, compilation_cache):
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
       check=False)
   assert bad.returncode == 2 and "error: --warmup=-2" in bad.stderr
+  # The PyTorch comparison, outside the library, prints the same table with
+  # Hugging Face's column beside ours.
+  both = subprocess.run(
+      [sys.executable, "benchmarks/compare_torch.py", "--config",
+       "experiments/quickstart.py", f"--config.model.name={tiny_model_dir}",
+       "--config.batch_size=32", "--config.data.buckets=(24,64)",
+       "--config.parallelism.mesh_shape=(1,1,1)",
+       "--config.optimizer.learning_rate=1e-3", "--config.wandb.mode=disabled",
+       "--steps=3", "--warmup=1"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+      check=False)
+  assert both.returncode == 0, both.stderr[-2000:]
+  assert "| quantity | ours (JAX) | HF PyTorch | speed-up |" in both.stdout
 
 
 def test_profile_writes_a_trace_of_the_steps_after_warmup(tiny_model_dir,
