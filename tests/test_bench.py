@@ -86,7 +86,7 @@ def test_table_has_sane_values(result):
   table = result["table"]
   for label in ("training examples/s", "padding efficiency", "MFU",
                 "compilations train / eval", "host pipeline", "compile time s",
-                "time to first step s", "eval s (incl. its compile)",
+                "time to first step s", "eval s (compiled before step 1)",
                 "cost_analysis; CPU only", "dev validation/accuracy"):
     assert label in table
   assert "| peak device memory | n/a |" in table
