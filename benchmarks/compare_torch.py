@@ -374,33 +374,13 @@ def _torch_trainer_run(spec, model, opt, sched, collator, features, sync):
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from research.configs import ConfigError, validate  # pylint: disable=import-outside-toplevel
-  from research import data, parallelism  # pylint: disable=import-outside-toplevel
-  from research.models import hf  # pylint: disable=import-outside-toplevel
-  from research.training import xla_flags  # pylint: disable=import-outside-toplevel
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
   f = flags.FLAGS
-  load = os.getloadavg()[0]
-  header = (f"{time.strftime('%Y-%m-%d %H:%M')}, load average (1 min) at "
-            f"start {load:.2f}, {len(os.sched_getaffinity(0))} cores\n")
-  try:
-    validate(f.config)
-    host_memory.configure(f.config.cpu_malloc)  # before JAX starts a backend
-    xla_flags.configure(f.config.xla_flags)
-    result = compare(f.config, steps=f.steps or None, warmup=f.warmup,
-                     repeats=f.repeats, order=f.torch_order,
-                     cpu_malloc=f.torch_cpu_malloc, trainer=f.torch_trainer,
-                     peak_tflops=f.peak_tflops or None)
-  except (BenchError, ConfigError, data.DataError, hf.CheckpointError,
-          parallelism.ParallelismError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(header)
-  print(result["table"])
-  if f.json:
-    with open(f.json, "w") as out:
-      json.dump({k: v for k, v in result.items() if k != "table"}, out,
-                default=float)
+  # Taken before the run: once it starts, the run is the load.
+  print(f"{time.strftime('%Y-%m-%d %H:%M')}, load average (1 min) at start "
+        f"{os.getloadavg()[0]:.2f}, {len(os.sched_getaffinity(0))} cores\n")
+  bench.run_and_print(f, baseline=lambda: make_baseline(
+      f.torch_order, f.torch_cpu_malloc, f.torch_trainer))
 
 
 def parse_flags(argv):

@@ -738,6 +738,16 @@ def main(argv):
     print("error: --config is required (experiments/<name>.py[:arg]), or "
           "--abstract_flops=SEQ_LEN for the bert-base FLOP check", file=sys.stderr)
     sys.exit(2)
+  print(header)
+  run_and_print(f, baseline=None)
+
+
+def run_and_print(f, baseline=None) -> dict:
+  """The CLI's run: `benchmark` of the flags' config, the table printed.
+
+  Shared with `benchmarks/compare_torch.py`, which passes its baseline. A
+  config, data or setting mistake is one `error:` line and exit status 2.
+  """
   try:
     validate(f.config)
     host_memory.configure(f.config.cpu_malloc)  # before JAX starts a backend
@@ -745,17 +755,18 @@ def main(argv):
     result = benchmark(
         f.config, steps=f.steps or None, warmup=f.warmup,
         peak_tflops=f.peak_tflops or None, repeats=f.repeats,
-        profile_dir=f.profile or None)
+        profile_dir=getattr(f, "profile", "") or None,
+        baseline=baseline() if baseline else None)
   except (BenchError, ConfigError, data.DataError, hf.CheckpointError,
           parallelism.ParallelismError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(header)
   print(result["table"])
   if f.json:
     with open(f.json, "w") as out:
       json.dump({k: v for k, v in result.items() if k != "table"}, out,
                 default=float)
+  return result
 
 
 def parse_flags(argv):

@@ -273,13 +273,14 @@ def test_cli_prints_the_table(tiny_model_dir, result, compilation_cache):
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
              JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  args = ["--config", "experiments/quickstart.py",
+          f"--config.model.name={tiny_model_dir}", "--config.batch_size=32",
+          "--config.data.buckets=(24,64)",
+          "--config.parallelism.mesh_shape=(1,1,1)",
+          "--config.optimizer.learning_rate=1e-3",
+          "--config.wandb.mode=disabled", "--steps=3", "--warmup=1"]
   out = subprocess.run(
-      [sys.executable, "-m", "research.bench", "--config",
-       "experiments/quickstart.py", f"--config.model.name={tiny_model_dir}",
-       "--config.batch_size=32", "--config.data.buckets=(24,64)",
-       "--config.parallelism.mesh_shape=(1,1,1)",
-       "--config.optimizer.learning_rate=1e-3", "--config.wandb.mode=disabled",
-       "--steps=3", "--warmup=1"],
+      [sys.executable, "-m", "research.bench"] + args,
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
       check=False)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -296,12 +297,7 @@ def test_cli_prints_the_table(tiny_model_dir, result, compilation_cache):
   # The PyTorch comparison, outside the library, prints the same table with
   # Hugging Face's column beside ours.
   both = subprocess.run(
-      [sys.executable, "benchmarks/compare_torch.py", "--config",
-       "experiments/quickstart.py", f"--config.model.name={tiny_model_dir}",
-       "--config.batch_size=32", "--config.data.buckets=(24,64)",
-       "--config.parallelism.mesh_shape=(1,1,1)",
-       "--config.optimizer.learning_rate=1e-3", "--config.wandb.mode=disabled",
-       "--steps=3", "--warmup=1"],
+      [sys.executable, "benchmarks/compare_torch.py"] + args,
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
       check=False)
   assert both.returncode == 0, both.stderr[-2000:]

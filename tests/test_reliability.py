@@ -117,6 +117,18 @@ def _wait_for_step_dir(proc, workdir, step, log_path, timeout=300):
   assert proc.poll() is None, "the run finished before it could be stopped"
 
 
+def _kill_after_checkpoint(args, compile_cache, workdir, log_path, step):
+  """Starts the CLI run and SIGKILLs it once checkpoint `step` is on disk."""
+  proc = _start(args, compile_cache, log_path)
+  try:
+    _wait_for_step_dir(proc, workdir, step, log_path)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait()
+  return proc
+
+
 def _steps_on_disk(workdir):
   """Committed checkpoint steps, read without opening (and cleaning) them."""
   return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints")
@@ -160,13 +172,7 @@ def test_sigkill_then_same_command_resumes_exactly(
   """Killed (SIGKILL) after checkpoint 10 wherever it then was; rerun."""
   workdir, log_path = tmp_path / "run", tmp_path / "killed.log"
   args = _cli(tiny_model_dir, workdir)
-  proc = _start(args, compile_cache, log_path)
-  try:
-    _wait_for_step_dir(proc, workdir, 10, log_path)
-    proc.send_signal(signal.SIGKILL)
-  finally:
-    proc.kill()
-    proc.wait()
+  proc = _kill_after_checkpoint(args, compile_cache, workdir, log_path, 10)
   assert proc.returncode == -signal.SIGKILL
   assert not (workdir / "summary.json").exists()
   resume_from = _steps_on_disk(workdir)[-1]
@@ -675,13 +681,7 @@ def test_wandb_history_after_sigkill_and_resume_has_every_step_once(
   """Offline W&B, killed after checkpoint 10, rerun: W&B rewinds the run."""
   workdir, log_path = tmp_path / "run", tmp_path / "killed.log"
   args = _cli(tiny_model_dir, workdir, **{"wandb.mode": "offline"})
-  proc = _start(args, compile_cache, log_path)
-  try:
-    _wait_for_step_dir(proc, workdir, 10, log_path)
-    proc.send_signal(signal.SIGKILL)
-  finally:
-    proc.kill()
-    proc.wait()
+  _kill_after_checkpoint(args, compile_cache, workdir, log_path, 10)
   resume_from = _steps_on_disk(workdir)[-1]
   run_id = (workdir / tracker.WANDB_RUN_ID_FILE).read_text().strip()
   out = subprocess.run(args, cwd=REPO, env=_env(compile_cache),

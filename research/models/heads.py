@@ -71,6 +71,12 @@ class Head(nnx.Module):
     return dense_builder(self.cfg, dense_factory, dtype=self.dtype,
                          param_dtype=self.param_dtype, rngs=rngs)
 
+  def _classifier(self, dense_factory, rngs):
+    """The `classifier` layer: hidden -> num_labels (named for HF's keys)."""
+    return self._dense(dense_factory, rngs)(
+        self.cfg.hidden_size, self.num_labels, kernel_axes=("embed", None),
+        name="classifier")
+
   def _drop(self, x, rngs):
     return self.dropout(x, deterministic=rngs is None, rngs=rngs)
 
@@ -85,7 +91,15 @@ class Head(nnx.Module):
     raise NotImplementedError(f"{cls.__name__} has no Hugging Face names")
 
 
-class SequenceClassification(Head):
+class _Classifier(Head):
+  """A head whose layer on the encoder is `classifier` (hidden -> labels)."""
+
+  def __init__(self, cfg, num_labels, *, dense_factory=make_dense, **kw):
+    super().__init__(cfg, num_labels, dense_factory=dense_factory, **kw)
+    self.classifier = self._classifier(dense_factory, kw["rngs"])
+
+
+class SequenceClassification(_Classifier):
   """Logits [batch, num_labels] from the pooled [CLS] output, as BERT does.
 
   `num_labels == 1` is regression (STS-B): the single logit is the prediction.
@@ -93,12 +107,6 @@ class SequenceClassification(Head):
   uses_pooler = True
   hf_architecture = "ForSequenceClassification"
   hf_labels = True
-
-  def __init__(self, cfg, num_labels, *, dense_factory=make_dense, **kw):
-    super().__init__(cfg, num_labels, dense_factory=dense_factory, **kw)
-    self.classifier = self._dense(dense_factory, kw["rngs"])(
-        cfg.hidden_size, num_labels, kernel_axes=("embed", None),
-        name="classifier")
 
   @classmethod
   def hf_key_map(cls, cfg):
@@ -115,16 +123,10 @@ class SequenceClassification(Head):
     return self.classifier(self._drop(pooled, rngs)).astype(jnp.float32)
 
 
-class TokenClassification(Head):
+class TokenClassification(_Classifier):
   """Logits [batch, length, num_labels] per token (NER, POS tagging)."""
   hf_architecture = "ForTokenClassification"
   hf_labels = True
-
-  def __init__(self, cfg, num_labels, *, dense_factory=make_dense, **kw):
-    super().__init__(cfg, num_labels, dense_factory=dense_factory, **kw)
-    self.classifier = self._dense(dense_factory, kw["rngs"])(
-        cfg.hidden_size, num_labels, kernel_axes=("embed", None),
-        name="classifier")
 
   @classmethod
   def hf_key_map(cls, cfg):
