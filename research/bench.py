@@ -734,6 +734,12 @@ def main(argv):
           f"{counted['analytic'] / 1e9:.1f} GFLOP, ratio {counted['ratio']:.3f}; "
           f"analytic per token {counted['analytic'] / f.abstract_batch / f.abstract_flops / 1e9:.4f} GFLOP")
     return
+  if f.compare_torch:
+    print("error: the Hugging Face PyTorch comparison lives outside the "
+          "library now: python benchmarks/compare_torch.py with the same "
+          "flags (add --torch_trainer for transformers.Trainer)",
+          file=sys.stderr)
+    sys.exit(2)
   if f.config is None:
     print("error: --config is required (experiments/<name>.py[:arg]), or "
           "--abstract_flops=SEQ_LEN for the bert-base FLOP check", file=sys.stderr)
@@ -781,6 +787,8 @@ def parse_flags(argv):
   flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak TFLOP/s for MFU "
                      "(0: detect from the device kind; CPUs: none).")
   flags.DEFINE_integer("repeats", 1, "Alternate the runs this many times.")
+  flags.DEFINE_boolean("compare_torch", False, "Moved: use "
+                       "benchmarks/compare_torch.py (an error names it).")
   flags.DEFINE_string("profile", "", "Write a jax.profiler trace of 5 steps "
                       "after the warmup to this folder (TensorBoard/xprof, "
                       "perfetto_trace.json.gz).")

@@ -294,6 +294,11 @@ def test_cli_prints_the_table(tiny_model_dir, result, compilation_cache):
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
       check=False)
   assert bad.returncode == 2 and "error: --warmup=-2" in bad.stderr
+  moved = subprocess.run(
+      [sys.executable, "-m", "research.bench", "--compare_torch"] + args,
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert moved.returncode == 2 and "benchmarks/compare_torch.py" in moved.stderr
   # The PyTorch comparison, outside the library, prints the same table with
   # Hugging Face's column beside ours.
   both = subprocess.run(

@@ -26,6 +26,7 @@ from research.configs import ConfigError, validate
 from research.data.errors import DataError
 from research.data.splits import TokenizedSplit, select
 from research.models import hf
+from research.tasks import common as task_common
 from research.tasks import sequence_classification
 from research.training import tracker
 from tests.test_train import _restore_latest, _tiny_config
@@ -302,3 +303,23 @@ def test_cli_bad_task_is_one_line(tmp_path):
   assert out.returncode == 2
   assert "error: config.task='ner' is not a module of research/tasks/" in \
       out.stderr and "Traceback" not in out.stderr
+
+
+class _TaskWithoutLoss(task_common.Task):
+  """A task module's Task that forgot its loss and predictions."""
+
+  def finish(self, name, enc, names, training):
+    raise AssertionError("never reached: the task is refused at load")
+
+
+def test_a_task_missing_its_loss_is_refused_by_name(monkeypatch):
+  import types  # pylint: disable=import-outside-toplevel
+  from research import tasks  # pylint: disable=import-outside-toplevel
+  fake = types.ModuleType("my_tasks.incomplete")
+  fake.Task = _TaskWithoutLoss
+  monkeypatch.setitem(sys.modules, "my_tasks.incomplete", fake)
+  config = quickstart.get_config()
+  config.task = "my_tasks.incomplete"
+  with pytest.raises(ConfigError, match=r"config.task='my_tasks.incomplete': "
+                     r".*_TaskWithoutLoss does not define loss, predict"):
+    tasks.load(config)

@@ -23,6 +23,20 @@ class ConfigError(ValueError):
   """A config field with a wrong name, type or value."""
 
 
+def check_overrides(cls, base, methods, field, name):
+  """ConfigError unless plug-in class `cls` defines each of `methods`.
+
+  The base classes only declare them (they raise NotImplementedError); a
+  plug-in missing one would otherwise fail deep inside the first step or
+  evaluation instead of before anything loads.
+  """
+  missing = [m for m in methods if getattr(cls, m, None) is getattr(base, m)]
+  if missing:
+    raise ConfigError(
+        f"{field}={name!r}: {cls.__module__}.{cls.__name__} does not define "
+        f"{', '.join(missing)} (see {base.__module__}.{base.__name__})")
+
+
 def available(package: str) -> list[str]:
   """The plug-in modules of a package (`research.tasks`): public, sorted."""
   pkg = importlib.import_module(package)

@@ -120,6 +120,7 @@ def build(config, task, splits, batchers, make_step, sharding) -> dict:
     make_step: `(logits: bool) -> eval step` (`research.train` shares one).
     sharding: the batch sharding.
   """
+  from research.evaluators import common  # pylint: disable=import-outside-toplevel
   out = {}
   for name, cfg in configs(config, task).items():
     opts = options(name, cfg)
@@ -128,7 +129,11 @@ def build(config, task, splits, batchers, make_step, sharding) -> dict:
       raise ConfigError(f"config.evals.{name}.split={split!r} is not an "
                         f"evaluation split; the data has: "
                         f"{', '.join(splits) or 'none'}")
-    out[name] = module(cfg["type"], name).Evaluator(
+    cls = module(cfg["type"], name).Evaluator
+    if issubclass(cls, common.Evaluator):
+      plugins.check_overrides(cls, common.Evaluator, ("run",),
+                              f"config.evals.{name}.type", cfg["type"])
+    out[name] = cls(
         name=name, task=task, split=splits[split], batcher=batchers[split],
         make_step=make_step, sharding=sharding, config=config, **opts)
   return out

@@ -30,4 +30,9 @@ def load(config, tokenizer=None):
   Raises:
     ConfigError: an unknown task, or task options it does not have.
   """
-  return module(config.task).Task(config, tokenizer)
+  cls = module(config.task).Task
+  from research.tasks import common  # pylint: disable=import-outside-toplevel
+  if issubclass(cls, common.Task):
+    plugins.check_overrides(cls, common.Task, ("finish", "loss", "predict"),
+                            "config.task", config.task)
+  return cls(config, tokenizer)
