@@ -121,10 +121,13 @@ def test_token_labels_align_to_first_sub_tokens(tokenizer, tmp_path):
   assert batch["labels"].shape == (3, 16)
   assert (batch["labels"][:, 7:] == IGNORE).all()  # padding is ignored
 
-  # label_all_subtokens: "##ization" gets its word's tag too.
+  # label_all_subtokens: "##ization" gets its word's tag too, B- as I-
+  # (a new label): entities stay well formed.
   config.task_options = {"label_all_subtokens": True}
-  train_split, _, _, _ = data.load_splits(config, tokenizer)
-  assert train_split.labels[:7].tolist() == [IGNORE, 1, 4, 0, 0, 4, IGNORE]
+  config.num_labels = 6
+  train_split, _, names, _ = data.load_splits(config, tokenizer)
+  assert names == ("B-MISC", "B-ORG", "B-PER", "I-MISC", "I-PER", "O")
+  assert train_split.labels[:7].tolist() == [IGNORE, 1, 5, 0, 3, 5, IGNORE]
 
 
 def test_word_lists_read_alike_from_hugging_face_datasets(tokenizer, tmp_path):
@@ -225,14 +228,12 @@ def test_token_classification_trains_end_to_end(tmp_path, tiny_model_dir):
   widths = {b["input_ids"].shape[1] for b in evaluator.batcher.eval_batches()}
   assert len(widths) > 1
   out = evaluator.predict(restored.params, restored.frozen)
-  split = run.eval_splits["validation"]
-  assert [len(p) for p in out["predictions"]] == split.lengths.tolist()
-  labelled = [(split.labels[lo:hi] != IGNORE, p) for lo, hi, p in zip(
-      split.offsets[:-1], split.offsets[1:], out["predictions"])]
-  words = np.concatenate([p[m] for m, p in labelled])
-  gold = np.concatenate([split.labels[lo:hi][split.labels[lo:hi] != IGNORE]
-                         for lo, hi in zip(split.offsets[:-1], split.offsets[1:])])
-  assert np.mean(words == gold) == pytest.approx(summary["eval/accuracy"])
+  # One tag per word (not per sub-token), the words as read.
+  assert out["words"] == [r["tokens"] for r in dev]
+  assert [len(t) for t in out["tags"]] == [len(r["tags"]) for r in dev]
+  predicted = np.concatenate(out["tags"])
+  assert np.mean(predicted == np.asarray(tags)) == pytest.approx(
+      summary["eval/accuracy"])
 
 
 # --- Question answering -------------------------------------------------------
@@ -278,7 +279,7 @@ def test_answer_positions_from_offsets_in_strided_windows(tokenizer, tmp_path):
                       **{"data.max_length": 64, "data.bad_rows": "skip",
                          "task_options": {"doc_stride": 16}})
   split, _, names, skipped = data.load_splits(config, tokenizer)
-  assert names == () and skipped == {"train": {"bad answer": 1}}
+  assert names == () and skipped == {"train": {"answer span mismatch": 1}}
   assert len(split) > 2  # one long context, several windows
   assert set(split.arrays["example_index"]) == {0}
   found = 0

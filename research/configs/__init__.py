@@ -23,7 +23,8 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention_impl": ("xla", "cudnn"),
     "data.source": ("local", "tfds", "hf"),
-    "data.format": ("auto", "csv", "tsv", "jsonl"),
+    # conll, squad: CoNLL column files, official SQuAD JSON (their tasks).
+    "data.format": ("auto", "csv", "tsv", "jsonl", "conll", "squad"),
     "data.bad_rows": ("error", "skip"),
     "optimizer.name": ("adamw", "adafactor", "lamb"),
     "optimizer.schedule": ("linear", "cosine", "constant"),

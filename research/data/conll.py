@@ -109,6 +109,28 @@ def iob2_tag_names(types) -> tuple:
   return ("O",) + tuple(f"{p}-{t}" for t in types for p in "BI")
 
 
+def check_tags(tags, scheme: str = "auto", tag_set=None):
+  """The first bad tag of a sentence as (index, reason detail), or None.
+
+  Args:
+    tags: the sentence's tags as written.
+    scheme: "auto" (IOB1 or IOB2) or "iob2" (an I- tag may not start an
+      entity).
+    tag_set: the allowed tags, or None for any IOB tag.
+  """
+  previous = "O"
+  for i, tag in enumerate(tags):
+    if not isinstance(tag, str) or not _TAG.fullmatch(tag):
+      return i, f"tag {tag!r} is not an IOB tag (O, B-TYPE or I-TYPE)"
+    if tag_set is not None and tag not in tag_set:
+      return i, f"tag {tag!r} is not in the tag set {sorted(tag_set)}"
+    if scheme == "iob2" and tag.startswith("I-") and previous[2:] != tag[2:]:
+      return i, (f"{tag} follows {previous}: not IOB2 (an entity starts "
+                 "with B-); read IOB1 data with scheme='auto'")
+    previous = tag
+  return None
+
+
 class _Sentences:
   """Checks and converts sentences; keeps the good ones (RowPolicy)."""
 
@@ -123,19 +145,8 @@ class _Sentences:
 
   def bad_tag(self, tags, rows):
     """The first bad tag as (row, reason detail), or None."""
-    previous = "O"
-    for tag, row in zip(tags, rows):
-      if not _TAG.fullmatch(tag):
-        return row, f"tag {tag!r} is not an IOB tag (O, B-TYPE or I-TYPE)"
-      if self.tag_set is not None and tag not in self.tag_set:
-        return row, (f"tag {tag!r} is not in the tag set "
-                     f"{sorted(self.tag_set)}")
-      if (self.scheme == "iob2" and tag.startswith("I-")
-          and previous[2:] != tag[2:]):
-        return row, (f"{tag} follows {previous}: not IOB2 (an entity starts "
-                     "with B-); read IOB1 data with scheme='auto'")
-      previous = tag
-    return None
+    bad = check_tags(tags, self.scheme, self.tag_set)
+    return None if bad is None else (rows[bad[0]], bad[1])
 
   def add(self, tokens, tags, rows, document):
     """Checks one sentence (rows: each token's line or row number)."""
@@ -347,64 +358,154 @@ def load_conll_hf(split: str, name: str = "eriktks/conll2003", *,
 def write_conll(path: str, tokens, gold, predicted) -> None:
   """Writes `token gold predicted` lines, a blank line after each sentence.
 
-  The input format of conlleval (`conlleval < path`).
+  The input format of conlleval (`conlleval < path`); with `gold=None`
+  (unlabeled data) `token predicted` lines.
 
   Raises:
     ValueError: a sentence whose lists differ in length, or a token that
       contains whitespace (it would shift the columns).
   """
+  gold = [None] * len(tokens) if gold is None else gold
   with open(path, "w", encoding="utf-8") as f:
-    for i, sentence in enumerate(zip(tokens, gold, predicted)):
-      if len({len(s) for s in sentence}) != 1:
-        raise ValueError(f"sentence {i}: {len(sentence[0])} tokens, "
-                         f"{len(sentence[1])} gold and {len(sentence[2])} "
-                         "predicted tags")
-      for token, g, p in zip(*sentence):
+    for i, (words, g, p) in enumerate(zip(tokens, gold, predicted)):
+      g = [None] * len(words) if g is None else g
+      if len({len(words), len(g), len(p)}) != 1:
+        raise ValueError(f"sentence {i}: {len(words)} tokens, {len(g)} gold "
+                         f"and {len(p)} predicted tags")
+      for token, gt, pt in zip(words, g, p):
         if not token or any(ch.isspace() for ch in token):
           raise ValueError(f"sentence {i}: token {token!r} is empty or "
                            "contains whitespace")
-        f.write(f"{token} {g} {p}\n")
+        f.write(f"{token} {pt}\n" if gt is None else f"{token} {gt} {pt}\n")
       f.write("\n")
+
+
+class ConllFile:
+  """A CoNLL column file as a data source of the training pipeline.
+
+  `research.tasks.token_classification` reads `data.train_file` /
+  `data.eval_file` through it (`data.format="conll"`, or "auto" and a
+  .txt / .conll / .iob file): `read` gives the `sources.RawSplit` of word
+  lists and JSON tag lists that every source gives, so the task featurises
+  CoNLL files, JSON lines, TFDS and Hugging Face rows alike. Rows are each
+  sentence's first line; errors name the file and the line itself.
+
+  Args:
+    path: the file.
+    scheme: as in `read_conll`.
+    tag_set: the allowed tags (e.g. `data.label_names`), or None.
+  """
+
+  def __init__(self, path, scheme="auto", tag_set=None):
+    self.path = path
+    self.scheme = scheme
+    self.tag_set = tuple(tag_set) if tag_set else None
+
+  def identity(self):
+    """What the tokenisation cache is keyed on: path, content, checks."""
+    from research.data import sources  # pylint: disable=import-outside-toplevel
+    if not os.path.isfile(self.path):
+      raise DataError(f"{self.path}: no such file")
+    return {"source": "conll", "path": os.path.abspath(self.path),
+            "sha256": sources.file_sha256(self.path), "scheme": self.scheme,
+            "tag_set": self.tag_set}
+
+  def read(self, text_fields, label_field, bad_rows, require_labels,
+           words=True, label_json=True):
+    """The file's sentences as a `RawSplit` (see `sources.LocalFile.read`)."""
+    del text_fields, label_field, require_labels, words, label_json
+    import json  # pylint: disable=import-outside-toplevel
+    from research.data import sources  # pylint: disable=import-outside-toplevel
+    split = read_conll(self.path, scheme=self.scheme, tag_set=self.tag_set,
+                       bad_rows=bad_rows)
+    return sources.RawSplit(
+        where=split.where, unit=split.unit, texts=[split.tokens],
+        labels=[json.dumps(t) for t in split.tags], rows=split.rows,
+        skipped=split.skipped, label_names=None)
 
 
 # --- Sub-tokens ------------------------------------------------------------------
 
 
+def align_tags(word_ids, word_tags, *, label_all_subtokens: bool = False,
+               ignore: str = "") -> list:
+  """Word tags -> one tag per sub-token (`ignore` where the loss skips it).
+
+  Args:
+    word_ids: each sub-token's word index, None (or -1) for special tokens
+      (the tokenizer's `word_ids()`).
+    word_tags: the words' IOB2 tags.
+    label_all_subtokens: tag a word's later sub-tokens too (B-X -> I-X, so
+      entities stay well formed, as Hugging Face's run_ner); else they get
+      `ignore`.
+    ignore: the tag of skipped sub-tokens.
+
+  Returns:
+    A list of len(word_ids) tags.
+  """
+  out, previous = [], None
+  for word in word_ids:
+    if word is None or word < 0:
+      out.append(ignore)
+      previous = None
+      continue
+    tag = word_tags[word]
+    if word == previous:
+      tag = (("I-" + tag[2:] if tag.startswith("B-") else tag)
+             if label_all_subtokens else ignore)
+    out.append(tag)
+    previous = word
+  return out
+
+
 def align_labels(word_ids, word_tags, label_to_id, *,
                  label_all_subtokens: bool = False,
                  ignore_index: int = -100) -> np.ndarray:
-  """Word tags -> one label per sub-token.
+  """Word tags -> one label id per sub-token (`align_tags`, then ids).
 
   Args:
     word_ids: each sub-token's word index, None for special tokens (the
       tokenizer's `word_ids()`).
     word_tags: the words' IOB2 tags.
     label_to_id: tag -> label id.
-    label_all_subtokens: label a word's later sub-tokens too (B-X -> I-X, so
-      entities stay well formed); else they get ignore_index.
+    label_all_subtokens: see `align_tags`.
     ignore_index: the label the loss skips.
 
   Returns:
     int32 [len(word_ids)].
   """
-  labels = np.full(len(word_ids), ignore_index, np.int32)
-  previous = None
-  for i, word in enumerate(word_ids):
-    if word is None:
-      previous = None
-      continue
-    tag = word_tags[word]
-    if word == previous:
-      if not label_all_subtokens:
-        continue
-      tag = "I-" + tag[2:] if tag.startswith("B-") else tag
-    try:
-      labels[i] = label_to_id[tag]
-    except KeyError:
-      raise DataError(f"tag {tag!r} is not in the label set "
-                      f"{sorted(label_to_id)}") from None
-    previous = word
-  return labels
+  tags = align_tags(word_ids, word_tags,
+                    label_all_subtokens=label_all_subtokens, ignore=None)
+  try:
+    return np.asarray([ignore_index if t is None else label_to_id[t]
+                       for t in tags], np.int32)
+  except KeyError as e:
+    raise DataError(f"tag {e.args[0]!r} is not in the label set "
+                    f"{sorted(label_to_id)}") from None
+
+
+def tokenize_words(tokenizer, tokens, *, max_length: int = 128,
+                   chunk: int = 4096):
+  """Yields (input_ids, word_ids) of each pre-split sentence, truncated.
+
+  Args:
+    tokenizer: a Hugging Face fast tokenizer.
+    tokens: one list of words per sentence.
+    max_length: the most sub-tokens per sentence, special tokens included.
+    chunk: sentences per tokenizer call.
+
+  Yields:
+    (list of ids, list of word indices with -1 for special tokens).
+  """
+  if not getattr(tokenizer, "is_fast", False):
+    raise DataError(f"{type(tokenizer).__name__} is not a fast tokenizer; "
+                    "word alignment needs its word_ids()")
+  for first in range(0, len(tokens), chunk):
+    enc = tokenizer(tokens[first:first + chunk], is_split_into_words=True,
+                    truncation=True, max_length=max_length,
+                    return_attention_mask=False, return_token_type_ids=False)
+    for j, input_ids in enumerate(enc["input_ids"]):
+      yield input_ids, [-1 if w is None else w for w in enc.word_ids(j)]
 
 
 def word_predictions(word_ids, token_predictions, num_words: int, *,
@@ -486,31 +587,23 @@ def encode_sentences(tokenizer, tokens, tags, label_names, *,
   Returns:
     `EncodedSentences`.
   """
-  if not getattr(tokenizer, "is_fast", False):
-    raise DataError(f"{type(tokenizer).__name__} is not a fast tokenizer; "
-                    "word alignment needs its word_ids()")
   label_to_id = {name: i for i, name in enumerate(label_names)}
   ids, labels, words, lengths = [], [], [], []
   truncated = 0
-  for first in range(0, len(tokens), chunk):
-    part = tokens[first:first + chunk]
-    enc = tokenizer(part, is_split_into_words=True, truncation=True,
-                    max_length=max_length, return_attention_mask=False,
-                    return_token_type_ids=False)
-    for j, input_ids in enumerate(enc["input_ids"]):
-      word_ids = enc.word_ids(j)
-      kept = [w for w in word_ids if w is not None]
-      truncated += bool(kept) and kept[-1] < len(part[j]) - 1
-      if tags is None:
-        labels.append(np.full(len(word_ids), ignore_index, np.int32))
-      else:
-        labels.append(align_labels(
-            word_ids, tags[first + j], label_to_id,
-            label_all_subtokens=label_all_subtokens,
-            ignore_index=ignore_index))
-      ids.append(input_ids)
-      words.append([-1 if w is None else w for w in word_ids])
-      lengths.append(len(input_ids))
+  pieces = tokenize_words(tokenizer, tokens, max_length=max_length,
+                          chunk=chunk)
+  for i, (input_ids, word_ids) in enumerate(pieces):
+    kept = [w for w in word_ids if w >= 0]
+    truncated += bool(kept) and kept[-1] < len(tokens[i]) - 1
+    if tags is None:
+      labels.append(np.full(len(word_ids), ignore_index, np.int32))
+    else:
+      labels.append(align_labels(
+          word_ids, tags[i], label_to_id,
+          label_all_subtokens=label_all_subtokens, ignore_index=ignore_index))
+    ids.append(input_ids)
+    words.append(word_ids)
+    lengths.append(len(input_ids))
   offsets = np.zeros(len(lengths) + 1, np.int64)
   np.cumsum(lengths, out=offsets[1:])
   total = int(offsets[-1])

@@ -143,21 +143,35 @@ def parse_eval_files(spec):
   return out
 
 
-def _sources(data):
-  """Returns (train source or None, {eval split: source}) for the config."""
+# The source classes of `data.source`; a task may read some kinds its own way
+# (`Task.source`: CoNLL files, SQuAD JSON).
+SOURCES = {"local": sources.LocalFile, "tfds": sources.TfdsSplit,
+           "hf": sources.HfSplit}
+
+
+def default_source(kind, **kwargs):
+  """The `SOURCES[kind]` source of one split, built from `kwargs`."""
+  return SOURCES[kind](**kwargs)
+
+
+def _sources(data, make=default_source):
+  """Returns (train source or None, {eval split: source}) for the config.
+
+  `make(kind, **kwargs)` builds each split's source (`Task.source`).
+  """
   if data.source == "local":
-    train = sources.LocalFile(data.train_file, data.format) \
-        if data.train_file else None
-    evals = {name: sources.LocalFile(path, data.format)
+    local = lambda path: make("local", path=path, fmt=data.format)  # pylint: disable=unnecessary-lambda-assignment
+    train = local(data.train_file) if data.train_file else None
+    evals = {name: local(path)
              for name, path in parse_eval_files(data.eval_file).items()}
     return train, evals
   if data.source == "tfds":
     if not data.name:
       raise DataError("data.source='tfds' needs data.name, e.g. 'glue/sst2'")
-    train = sources.TfdsSplit(data.name, data.train_split, data.data_dir) \
-        if data.train_split else None
-    evals = {s: sources.TfdsSplit(data.name, s, data.data_dir)
-             for s in data.eval_splits}
+    tfds = lambda split: make("tfds", name=data.name, split=split,  # pylint: disable=unnecessary-lambda-assignment
+                              data_dir=data.data_dir)
+    train = tfds(data.train_split) if data.train_split else None
+    evals = {s: tfds(s) for s in data.eval_splits}
     return train, evals
   if data.source == "hf":
     if not data.name:
@@ -165,8 +179,9 @@ def _sources(data):
                       "or 'csv' with data.train_file/eval_file")
 
     def hf(split, path=None):
-      return sources.HfSplit(data.name, data.hf_config, split,
-                             {split: path} if path else None, data.data_dir)
+      return make("hf", name=data.name, config=data.hf_config, split=split,
+                  data_files={split: path} if path else None,
+                  cache_dir=data.data_dir)
 
     if data.train_file or data.eval_file:  # Local files via a builder.
       train_split = data.train_split or "train"
@@ -225,7 +240,8 @@ def load_splits(config, tokenizer, cache_dir=None, label_names=None,
   if task is None:
     from research import tasks  # pylint: disable=import-outside-toplevel
     task = tasks.load(config, tokenizer)
-  train_src, eval_srcs = _sources(data)
+  train_src, eval_srcs = _sources(data, getattr(task, "source",
+                                                 default_source))
   tok_hash = tokenize.tokenizer_fingerprint(tokenizer)
   cache = data.cache_dir or cache_dir or None
 

@@ -88,8 +88,8 @@ def gold_answers(examples) -> dict:
 class _Checker:
   """Checks questions and keeps the good ones (RowPolicy: error or skip)."""
 
-  def __init__(self, where, bad_rows, check_spans):
-    self.policy = errors.RowPolicy(bad_rows, where, "question")
+  def __init__(self, where, bad_rows, check_spans, policy=None):
+    self.policy = policy or errors.RowPolicy(bad_rows, where, "question")
     self.check_spans = check_spans
     self.examples = []
     self.seen = set()
@@ -289,6 +289,166 @@ def load_squad_hf(split: str, name: str = "rajpurkar/squad_v2", *,
   return checker.result(version_2)
 
 
+# --- Sources of the training pipeline ---------------------------------------------
+
+
+def _as_raw(data):
+  """A `SquadData` as the `sources.RawSplit` every source gives: question
+  and context texts; the answers, id, title and is_impossible as JSON."""
+  from research.data import sources  # pylint: disable=import-outside-toplevel
+  labels = [json.dumps({"text": list(ex.answers),
+                        "answer_start": list(ex.answer_starts), "id": ex.id,
+                        "title": ex.title, "is_impossible": ex.is_impossible},
+                       ensure_ascii=False) for ex in data.examples]
+  return sources.RawSplit(
+      where=data.where, unit="question",
+      texts=[[ex.question for ex in data.examples],
+             [ex.context for ex in data.examples]],
+      labels=labels, rows=list(range(1, len(labels) + 1)),
+      skipped=data.skipped)
+
+
+class SquadFile:
+  """An official SQuAD JSON file as a data source of the training pipeline.
+
+  `research.tasks.question_answering` reads `data.train_file` /
+  `data.eval_file` through it (`data.format="squad"`, or "auto" and a
+  .json file in the official layout); errors name the file and question id.
+  """
+
+  def __init__(self, path):
+    self.path = path
+
+  def identity(self):
+    """What the tokenisation cache is keyed on: path and content."""
+    from research.data import sources  # pylint: disable=import-outside-toplevel
+    if not os.path.isfile(self.path):
+      raise DataError(f"{self.path}: no such file")
+    return {"source": "squad", "path": os.path.abspath(self.path),
+            "sha256": sources.file_sha256(self.path)}
+
+  def read(self, text_fields, label_field, bad_rows, require_labels,
+           words=False, label_json=True):
+    """The file's questions as a `RawSplit` (see `sources.LocalFile.read`)."""
+    del text_fields, label_field, require_labels, words, label_json
+    return _as_raw(read_squad(self.path, bad_rows=bad_rows))
+
+
+def is_squad_json(path: str) -> bool:
+  """Whether a .json file has the official layout ({"data": [...]})."""
+  if os.path.splitext(path)[1].lower() != ".json" or not os.path.isfile(path):
+    return False
+  with open(path, "rb") as f:
+    head = f.read(4096).lstrip()
+  # JSON lines start with a row object; the official file with its keys.
+  return head.startswith(b"{") and (b'"data"' in head or b'"version"' in head)
+
+
+def _dataset_source(base, reader):
+  """A TFDS / Hugging Face source class reading with a SQuAD loader."""
+
+  class Source(base):
+    """`base` (its identity), read with `reader` into a RawSplit."""
+
+    def read(self, text_fields, label_field, bad_rows, require_labels,
+             words=False, label_json=True):
+      del text_fields, label_field, require_labels, words, label_json
+      return _as_raw(reader(self, bad_rows))
+
+  Source.__name__ = f"Squad{base.__name__}"
+  return Source
+
+
+def _tfds_source():
+  from research.data import sources  # pylint: disable=import-outside-toplevel
+  return _dataset_source(sources.TfdsSplit, lambda s, bad: load_squad_tfds(
+      s.split, s.name, data_dir=s.data_dir, bad_rows=bad))
+
+
+def _hf_source():
+  from research.data import sources  # pylint: disable=import-outside-toplevel
+  return _dataset_source(sources.HfSplit, lambda s, bad: load_squad_hf(
+      s.split, s.name, config=s.config, cache_dir=s.cache_dir, bad_rows=bad))
+
+
+def source(kind, **kwargs):
+  """The SQuAD reader of one split of `config.data` (`Task.source`).
+
+  local: `SquadFile` for the official JSON (else None: JSON lines rows);
+  tfds: `squad/v1.1`, `squad/v2.0`; hf: `rajpurkar/squad(_v2)` (else None
+  for local files through a builder such as "json").
+  """
+  if kind == "local":
+    fmt, path = kwargs["fmt"], kwargs["path"]
+    return SquadFile(path) if fmt == "squad" or (
+        fmt == "auto" and is_squad_json(path)) else None
+  if kind == "tfds":
+    return _tfds_source()(**kwargs)
+  if kind == "hf" and not kwargs.get("data_files"):
+    return _hf_source()(**kwargs)
+  return None
+
+
+def examples_from_rows(raw, policy, *, check_spans: bool = True):
+  """The `SquadExample`s of a `RawSplit`, checked; rows failing go to policy.
+
+  Rows are question and context texts and, when labeled, SQuAD's answers as
+  JSON (`{"text": [...], "answer_start": [...]}`, plus id, title and
+  is_impossible from `SquadFile` and the TFDS / HF readers). A row without
+  an id is named by its row number; one without answers is unanswerable.
+
+  Returns:
+    (examples, keep bool [rows]).
+  """
+  checker = _Checker(raw.where, policy.mode, check_spans, policy=policy)
+  keep = np.zeros(len(raw.rows), bool)
+  questions, contexts = raw.texts
+  for i, row in enumerate(raw.rows):
+    if raw.labels is None:  # Unlabeled: nothing to check but the texts.
+      checker.examples.append(SquadExample(
+          id=str(row), title="", context=contexts[i], question=questions[i]))
+      keep[i] = True
+      continue
+    label = json.loads(raw.labels[i])
+    if not isinstance(label, dict) or not isinstance(
+        label.get("text"), list) or not isinstance(
+            label.get("answer_start"), list) or len(label["text"]) != len(
+                label["answer_start"]):
+      policy.bad(row, BAD_QUESTION, f"answers {raw.labels[i][:200]} is not "
+                 '{"text": [...], "answer_start": [...]} of equal lengths')
+      continue
+    before = len(checker.examples)
+    checker.add(label.get("title", ""), contexts[i], label.get("id", str(row)),
+                questions[i], label["text"], label["answer_start"],
+                label.get("is_impossible", not label["text"]))
+    keep[i] = len(checker.examples) > before
+  return checker.examples, keep
+
+
+def split_by_article(path: str, out_dir: str, dev_articles: int) -> tuple:
+  """Writes a file's last `dev_articles` articles as dev, the rest as train.
+
+  Whole articles go to one side, so no context is in both. Returns the
+  (train, dev) paths: <out_dir>/<name>-train.json and -dev.json.
+  """
+  with open(path, encoding="utf-8") as f:
+    root = json.load(f)
+  articles = root["data"]
+  if not 0 < dev_articles < len(articles):
+    raise DataError(f"{path}: {len(articles)} articles; dev_articles must "
+                    f"be in [1, {len(articles) - 1}], got {dev_articles}")
+  os.makedirs(out_dir, exist_ok=True)
+  name = os.path.splitext(os.path.basename(path))[0]
+  out = []
+  for part, data in (("train", articles[:-dev_articles]),
+                     ("dev", articles[-dev_articles:])):
+    target = os.path.join(out_dir, f"{name}-{part}.json")
+    with open(target, "w", encoding="utf-8") as f:
+      json.dump({**root, "data": data}, f, ensure_ascii=False)
+    out.append(target)
+  return tuple(out)
+
+
 # --- Windowed features ------------------------------------------------------------
 
 
@@ -456,3 +616,23 @@ def build_features(tokenizer, examples, *, max_length: int = 384,
       offsets=offsets, example_index=as_int32(example_index),
       cls_index=as_int32(cls_index), start_positions=as_int32(starts),
       end_positions=as_int32(ends))
+
+
+def main(argv=None):
+  """`python -m research.data.squad FILE OUT_DIR --dev_articles N`."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(
+      description="Split an official SQuAD JSON file by article into "
+      "<name>-train.json and <name>-dev.json (the last N articles).")
+  parser.add_argument("file")
+  parser.add_argument("out_dir")
+  parser.add_argument("--dev_articles", type=int, required=True)
+  args = parser.parse_args(argv)
+  for path in split_by_article(args.file, args.out_dir, args.dev_articles):
+    data = read_squad(path)
+    print(f"{path}: {len(data.examples)} questions, "
+          f"{sum(ex.is_impossible for ex in data.examples)} unanswerable")
+
+
+if __name__ == "__main__":
+  main()

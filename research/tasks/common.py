@@ -121,6 +121,13 @@ class Task:
     return {"text_fields": tuple(d.text_fields), "label_field": d.label_field,
             "words": self.WORDS, "label_json": self.LABEL_JSON}
 
+  def source(self, kind, **kwargs):
+    """The reader of one split: `kind` is config.data.source (local | tfds |
+    hf), `kwargs` its arguments (`data.splits.default_source`). Tasks with
+    formats of their own (CoNLL files, SQuAD JSON) override it."""
+    from research.data import splits  # pylint: disable=import-outside-toplevel
+    return splits.default_source(kind, **kwargs)
+
   def cache_key(self) -> dict:
     """What the features depend on besides the data (the cache key)."""
     return {"featurizer": f"{type(self).__module__}.{type(self).__name__}",

@@ -1,27 +1,42 @@
 """Token classification: one label per word (NER, POS tagging, chunking).
 
-Rows hold pre-split words and one tag per word (CoNLL-2003 style: JSON
-lines `{"tokens": ["EU", "rejects", ...], "ner_tags": ["B-ORG", "O", ...]}`,
-or TFDS / Hugging Face datasets whose tags are a sequence of ClassLabels;
-`config.data.text_fields = ("tokens",)`, `config.data.label_field =
-"ner_tags"`). Words are tokenised with the fast tokenizer's word alignment
-(`is_split_into_words`): a word's first sub-token carries its tag, the
-others and the special tokens are ignored (-100, weight 0), as in BERT's
-NER setup and Hugging Face's `run_ner`; `label_all_subtokens` gives every
-sub-token its word's tag instead. Words past `data.max_length` tokens are
-truncated away (their tags are not scored).
+Sources (`config.data`), all giving one list of words and one tag per word
+per sentence:
+
+- CoNLL column files (`data.format="conll"`, or "auto" and a .txt / .conll /
+  .iob file): `research.data.conll.ConllFile`; `-DOCSTART-` lines, IOB1 or
+  IOB2; a malformed line, or a tag outside `data.label_names` when it is
+  set, is an error naming the file and the line.
+- JSON lines `{"tokens": ["EU", "rejects", ...], "ner_tags": ["B-ORG", "O",
+  ...]}`, TFDS `conll2003` and Hugging Face datasets whose tags are a
+  sequence of ClassLabels (`data.text_fields = ("tokens",)`,
+  `data.label_field = "ner_tags"` / TFDS's `"ner"`).
+
+With `scheme` "auto" (default) tags must be IOB and IOB1 becomes IOB2 (as
+`conll.read_conll` does), "iob2" refuses IOB1, "none" takes tags as they are
+(POS tags, chunks). Words are tokenised with the fast tokenizer's word
+alignment (`conll.tokenize_words`) and tags put on sub-tokens by
+`conll.align_tags`: a word's first sub-token carries its tag, the others and
+the special tokens are ignored (-100, weight 0), as in BERT's NER setup;
+`label_all_subtokens` gives later sub-tokens the word's tag (B-X -> I-X).
+Words past `data.max_length` tokens are truncated away; the evaluator counts
+them as predicted "O".
 
 Loss: cross-entropy per labelled token. Predictions: a class per token,
-scored per word by the `token` evaluator (token accuracy, entity-level F1).
+turned into one tag per word (its first sub-token's) by the `tagging`
+evaluator, which scores entities as conlleval does and writes CoNLL files.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
 
+from research.configs.plugins import ConfigError
+from research.data import conll
 from research.data import errors
 from research.data import labels as labels_lib
 from research.data import tokenize
@@ -31,74 +46,105 @@ from research.data.splits import Field, TokenizedSplit, select, text_fields
 from research.tasks import common
 
 IGNORE = -100
-_CHUNK = 4096  # rows per tokenizer call
+SCHEMES = ("auto", "iob2", "none")
+# Extensions data.format="auto" reads as CoNLL column files.
+CONLL_EXTENSIONS = (".txt", ".conll", ".iob", ".iob2")
 
 
 class Task(common.Task):
   """See the module docstring."""
   HEAD = "token_classification"
-  EVALUATOR = "token"
+  EVALUATOR = "tagging"
   WORDS = True
   LABEL_JSON = True
-  CONFIG = {"label_all_subtokens": False}
+  CONFIG = {"label_all_subtokens": False, "scheme": "auto"}
 
   def __init__(self, config, tokenizer=None):
     super().__init__(config, tokenizer)
     self.check_text_fields((1,), "one column of words, e.g. ('tokens',)")
+    if self.options["scheme"] not in SCHEMES:
+      raise ConfigError(f"config.task_options.scheme="
+                        f"{self.options['scheme']!r}; valid: "
+                        f"{', '.join(SCHEMES)}")
+
+  def source(self, kind, **kwargs):
+    """CoNLL files for data.format "conll" (or "auto" and a CoNLL name)."""
+    if kind == "local":
+      fmt, path = kwargs["fmt"], kwargs["path"]
+      if fmt == "conll" or (fmt == "auto" and os.path.splitext(
+          path)[1].lower() in CONLL_EXTENSIONS):
+        scheme = "iob2" if self.options["scheme"] == "iob2" else "auto"
+        return conll.ConllFile(path, scheme, self.config.data.label_names)
+    return super().source(kind, **kwargs)
+
+  def cache_key(self):
+    return {**super().cache_key(), "version": 2}
+
+  def _sentences(self, raw, policy):
+    """(keep [n], word tags per row or None): tags checked and in IOB2."""
+    keep = np.ones(len(raw.rows), bool)
+    if raw.labels is None:
+      return keep, None
+    scheme = self.options["scheme"]
+    tags = []
+    for i, (row, label, words) in enumerate(zip(raw.rows, raw.labels,
+                                                raw.texts[0])):
+      value = json.loads(label)
+      # A plain text where a list is expected: whitespace-separated tags.
+      value = value.split() if isinstance(value, str) else value
+      value = ([label_str(v) for v in value] if isinstance(value, list)
+               else None)
+      problem = None
+      if value is None or len(value) != len(words):
+        problem = (errors.LABEL_COUNT,
+                   f"{len(words)} words but labels {label[:200]}")
+      elif scheme != "none":
+        bad = conll.check_tags(value, scheme)
+        problem = bad and (conll.BAD_TAG, f"word {bad[0] + 1}: {bad[1]}")
+      if problem:
+        policy.bad(row, *problem)
+        keep[i] = False
+        value = []
+      elif scheme != "none":
+        value = conll.iob1_to_iob2(value)
+      tags.append(value)
+    return keep, tags
 
   def featurize(self, raw, tokenizer, max_length, policy):
-    """Sub-tokens of each row's words, the raw tag of each sub-token."""
-    words = raw.texts[0]
-    tags = None
-    keep = np.ones(len(words), bool)
-    if raw.labels is not None:
-      tags = []
-      for i, (row, label) in enumerate(zip(raw.rows, raw.labels)):
-        value = json.loads(label)
-        # A plain text where a list is expected: whitespace-separated tags.
-        value = value.split() if isinstance(value, str) else value
-        if not isinstance(value, list) or len(value) != len(words[i]):
-          policy.bad(row, errors.LABEL_COUNT, f"{len(words[i])} words but "
-                     f"labels {label[:200]}")
-          keep[i] = False
-        tags.append([label_str(v) for v in value]
-                    if isinstance(value, list) else [])
-    ids, types, lengths, token_tags = [], [], [], []
+    """Sub-tokens of each row's words, each sub-token's raw tag and word."""
+    keep, tags = self._sentences(raw, policy)
     kept = np.flatnonzero(keep)
-    for start in range(0, len(kept), _CHUNK):
-      rows = kept[start:start + _CHUNK]
-      out = tokenizer([words[i] for i in rows], is_split_into_words=True,
-                      truncation=True, max_length=max_length,
-                      return_attention_mask=False, return_token_type_ids=True)
-      for j, i in enumerate(rows):
-        ids.append(np.asarray(out["input_ids"][j], np.int32))
-        types.append(np.asarray(out["token_type_ids"][j], np.int8))
-        lengths.append(len(out["input_ids"][j]))
-        if tags is not None:
-          token_tags.extend(self._align(out.word_ids(j), tags[i]))
+    words = [raw.texts[0][i] for i in kept]
+    ids, word_ids, token_tags, lengths = [], [], [], []
+    pieces = conll.tokenize_words(tokenizer, words, max_length=max_length)
+    for j, (input_ids, word_index) in enumerate(pieces):
+      ids.extend(input_ids)
+      word_ids.extend(word_index)
+      lengths.append(len(input_ids))
+      if tags is not None:
+        token_tags.extend(conll.align_tags(
+            word_index, tags[kept[j]],
+            label_all_subtokens=self.options["label_all_subtokens"]))
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
+    word_offsets = np.zeros(len(words) + 1, np.int64)
+    np.cumsum([len(w) for w in words], out=word_offsets[1:])
+    flat = lambda lists: [x for l in lists for x in l]  # pylint: disable=unnecessary-lambda-assignment
     return tokenize.Encoded(
         offsets=offsets,
-        tokens={"input_ids": np.concatenate(ids) if ids else np.zeros(0, np.int32),
-                "token_type_ids": np.concatenate(types) if types else
-                np.zeros(0, np.int8)},
+        tokens={"input_ids": np.asarray(ids, np.int32),
+                "token_type_ids": np.zeros(len(ids), np.int8),
+                "word_ids": np.asarray(word_ids, np.int32)},
         features={},
         labels=np.asarray(token_tags, str) if tags is not None else None,
         rows=np.asarray(raw.rows, np.int32)[keep], where=raw.where,
-        unit=raw.unit, skipped=raw.skipped, label_names=raw.label_names)
-
-  def _align(self, word_ids, tags):
-    """The raw tag of each sub-token: its word's, or "" (ignored)."""
-    out, previous = [], None
-    for word in word_ids:
-      if word is None or (word == previous and
-                          not self.options["label_all_subtokens"]):
-        out.append("")
-      else:
-        out.append(tags[word])
-      previous = word
-    return out
+        unit=raw.unit, skipped=raw.skipped, label_names=raw.label_names,
+        # Per sentence: its words and gold tags, for word-level scores and
+        # CoNLL output (`examples` of the split).
+        examples={"words": np.asarray(flat(words), str),
+                  "word_offsets": word_offsets,
+                  "tags": np.asarray(flat(tags[i] for i in kept), str)
+                  if tags is not None else np.zeros(0, str)})
 
   def raw_labels(self, enc):
     return enc.labels[enc.labels != ""]
@@ -117,13 +163,24 @@ class Task(common.Task):
     keep = ~np.isin(enc.rows, bad)
     offsets, tokens, _, rows, token_keep = select(enc, keep)
     label_ids = label_ids[token_keep]
+    examples = dict(enc.examples)
+    if examples and not keep.all():
+      word_keep = np.repeat(keep, np.diff(examples["word_offsets"]))
+      counts = np.diff(examples["word_offsets"])[keep]
+      examples["word_offsets"] = np.concatenate([[0], np.cumsum(counts)])
+      examples["words"] = examples["words"][word_keep]
+      if len(examples["tags"]):
+        examples["tags"] = examples["tags"][word_keep]
     split = TokenizedSplit(
         name=name, where=enc.where, offsets=offsets,
+        # word_ids: not a Field (never batched); the evaluator maps sub-token
+        # predictions back to words with it.
         arrays={**tokens, "labels": label_ids},
         fields=text_fields(self.pad_id) + (
             Field("labels", True, np.int32, IGNORE),),
         rows=rows, max_length=data.max_length,
-        has_labels=bool((label_ids != IGNORE).any()), label_names=names)
+        has_labels=bool((label_ids != IGNORE).any()), label_names=names,
+        examples=examples)
     return split, self.skipped(enc, policy)
 
   def loss(self, logits, batch):
