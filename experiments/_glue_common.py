@@ -38,41 +38,47 @@ ARG_DEFAULTS = {
 }
 
 
-def parse_arg(arg, experiment):
-  """Parses `arg` ("key=value,...") over ARG_DEFAULTS.
+def parse_arg(arg, experiment, defaults=None, choices=None):
+  """Parses `arg` ("key=value,...") over `defaults` (ARG_DEFAULTS).
 
   Args:
     arg: the text after the colon in `--config experiments/x.py:arg`, or
       None.
     experiment: the config file, named in error messages.
+    defaults: {key: default} (the default's type is the value's: str or
+      int); None: ARG_DEFAULTS.
+    choices: {key: valid values}; None: GLUE's model, source and grid.
 
   Returns:
-    {key: value} for every key of ARG_DEFAULTS.
+    {key: value} for every key of `defaults`.
 
   Raises:
     ValueError: an unknown key, a malformed item or an invalid value, naming
       the valid ones.
   """
-  values = dict(ARG_DEFAULTS)
-  valid_keys = ", ".join(f"{k}=" for k in ARG_DEFAULTS)
+  defaults = ARG_DEFAULTS if defaults is None else defaults
+  if choices is None:
+    choices = {"model": MODELS, "source": SOURCES, "grid": GRIDS}
+  values = dict(defaults)
+  valid_keys = ", ".join(f"{k}=" for k in defaults)
   for item in (s.strip() for s in (arg or "").split(",")):
     if not item:
       continue
     key, sep, value = (p.strip() for p in item.partition("="))
-    if not sep or key not in ARG_DEFAULTS:
+    if not sep or key not in defaults:
       raise ValueError(
           f"{experiment}:{arg}: {item!r} is not a known key=value; valid "
           f"keys: {valid_keys} (e.g. {experiment}:model=bert-large-cased)")
     try:
-      values[key] = type(ARG_DEFAULTS[key])(value)
+      values[key] = type(defaults[key])(value)
     except ValueError:
       raise ValueError(f"{experiment}:{arg}: {key}={value!r} is not an "
                        "integer") from None  # the only non-str keys
-  for key, valid in (("model", MODELS), ("source", SOURCES), ("grid", GRIDS)):
+  for key, valid in choices.items():
     if values[key] not in valid:
       raise ValueError(f"{experiment}:{arg}: {key}={values[key]!r}; valid: "
                        f"{', '.join(valid)}")
-  if values["seeds"] < 1:
+  if values.get("seeds", 1) < 1:
     raise ValueError(f"{experiment}:{arg}: seeds={values['seeds']} must be "
                      ">= 1")
   return values

@@ -1,4 +1,4 @@
-"""Writes a GLUE run's test-set predictions as the GLUE server wants them.
+"""Writes a run's predictions: GLUE test files, SQuAD and CoNLL outputs.
 
     python -m research.predict --workdir /tmp/glue/rte/lr=3e-05,seed=2 \
         --out /tmp/glue_test
@@ -17,11 +17,27 @@ ids for CoLA, SST-2, MRPC, QQP and WNLI; scores clipped to [0, 5] for STS-B;
 rows sorted by index. The index is GLUE's, the `idx` feature of both
 sources, read beside the texts: TFDS stores GLUE shuffled by example key, so
 the read order is not the index order.
+
+Any other run (SQuAD, NER, ...) has its evaluators write their predictions,
+one directory per evaluator under --out, for the run's evaluation splits or
+for `--eval_file` (a local file in the run's format):
+
+    python -m research.predict --workdir /tmp/squad_v2 --out DIR \
+        [--eval_file dev-v2.0.json] [--null_threshold -1.5]
+
+The `span` evaluator (question answering) writes predictions.json and, for
+SQuAD v2.0, null_odds.json: the official evaluation scripts' inputs; the
+v2.0 null threshold is the best on the split when it is labeled (chosen on
+dev), else `--null_threshold`, else the run's last `best_null_threshold`.
+The `tagging` evaluator (NER) writes predictions.conll, `token gold
+predicted` per word (words, not sub-tokens).
 """
 
 from __future__ import annotations
 
 import collections
+import inspect
+import json
 import logging
 import os
 import sys
@@ -37,12 +53,12 @@ from research.models import hf
 log = logging.getLogger("research.predict")
 
 
-def make_predictor(restored):
-  """`(split, batch_size, buckets) -> predictions` of a restored run.
+def make_evaluator(restored, cls=sequence.Evaluator):
+  """`(split, batch_size, buckets, name=, **options) -> Evaluator` of `cls`
+  over a restored run's model.
 
   Through the run's own pieces: the task's evaluation forward in the
-  evaluation step (`steps.make_eval_step`), driven by a `sequence`
-  evaluator, on one device.
+  evaluation step (`steps.make_eval_step`), on one device.
   """
   import jax  # pylint: disable=import-outside-toplevel
   from research.training.steps import make_eval_step  # pylint: disable=import-outside-toplevel
@@ -59,13 +75,26 @@ def make_predictor(restored):
                         frozen_sharding=frozen_sharding,
                         transform=restored.task.transform)
 
+  def evaluator(split, batch_size, buckets=(), name=None, cls=cls,
+                **options):
+    return cls(name=name or split.name, task=restored.task, split=split,
+               batcher=data.Batcher(split, batch_size, buckets,
+                                    shuffle=False),
+               make_step=lambda logits: step,
+               sharding=parallelism.batch_sharding(mesh), config=config,
+               **options)
+
+  return evaluator
+
+
+def make_predictor(restored):
+  """`(split, batch_size, buckets) -> predictions` of a restored run, by a
+  `sequence` evaluator (`make_evaluator`)."""
+  evaluator = make_evaluator(restored)
+
   def predict(split, batch_size, buckets=()):
-    evaluator = sequence.Evaluator(
-        name=split.name, task=restored.task, split=split,
-        batcher=data.Batcher(split, batch_size, buckets, shuffle=False),
-        make_step=lambda logits: step,
-        sharding=parallelism.batch_sharding(mesh), config=config)
-    return evaluator.predict(restored.params, restored.frozen)["predictions"]
+    return evaluator(split, batch_size, buckets).predict(
+        restored.params, restored.frozen)["predictions"]
 
   return predict
 
@@ -146,6 +175,74 @@ def write_predictions(path, ids, rows, predictions, formatter):
   return len(missing)
 
 
+def _last_metric(workdir, suffix):
+  """The run's summary.json value of the first key ending in `suffix`."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    summary = json.load(f)
+  return next((v for k, v in summary.items() if k.endswith(suffix)), None)
+
+
+def write_run(workdir, out_dir, which="best", batch_size=0, eval_file="",
+              null_threshold=None):
+  """Writes each evaluator's predictions of a (non-GLUE) run.
+
+  Args:
+    workdir: a research.train workdir.
+    out_dir: predictions go to <out_dir>/<evaluator name>/.
+    which: "best" or "latest" checkpoint.
+    batch_size: examples per forward pass; 0: the run's eval_batch_size.
+    eval_file: predict this local file (the run's format) instead of the
+      run's evaluation splits; it is the split "validation".
+    null_threshold: SQuAD v2.0's; None: see the module docstring.
+
+  Returns:
+    {evaluator name: what its `write` returned (paths, scores)}.
+
+  Raises:
+    ValueError: an evaluator type that cannot write predictions.
+  """
+  from research import evaluators  # pylint: disable=import-outside-toplevel
+  config = train.read_config(workdir)
+  label_names = data.load_label_names(os.path.join(workdir, "labels.json"))
+  tokenizer = data.load_tokenizer(str(hf.resolve(config.model.name)))
+  restored = train.restore(workdir, which, tokenizer)
+  log.info("%s: %s checkpoint, step %d", workdir, restored.which,
+           restored.step)
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.data.train_split, cfg.data.train_file = "", ""
+  if eval_file:
+    cfg.data.source, cfg.data.eval_file = "local", eval_file
+  # Unlabeled data gets the threshold the run chose on its dev split.
+  chosen = _last_metric(workdir, "best_null_threshold")
+  _, splits, _, _ = data.load_splits(
+      cfg, tokenizer, cache_dir=os.path.join(workdir, "cache"),
+      label_names=label_names, task=restored.task)
+  make = make_evaluator(restored)
+  written = {}
+  for name, ecfg in evaluators.configs(cfg, restored.task).items():
+    options = evaluators.options(name, ecfg)
+    split = splits[options.pop("split")]
+    cls = evaluators.module(ecfg["type"], name).Evaluator
+    if not hasattr(cls, "write"):
+      raise ValueError(f"evaluator {name!r} (type {ecfg['type']!r}) cannot "
+                       "write predictions; types that can: span, tagging")
+    evaluator = make(split, batch_size or config.eval_batch_size,
+                     tuple(config.data.buckets), name=name, cls=cls,
+                     **options)
+    threshold = null_threshold if null_threshold is not None else (
+        None if split.has_labels else chosen)
+    kwargs = ({"null_threshold": threshold} if threshold is not None and
+              "null_threshold" in inspect.signature(cls.write).parameters
+              else {})
+    written[name] = evaluator.write(restored.params, restored.frozen,
+                                    os.path.join(out_dir, name), **kwargs)
+    print(f"{name}: {json.dumps(written[name])}")
+  return written
+
+
 def predict_run(workdir, out_dir, which="best", batch_size=0):
   """Writes the GLUE test files of one run.
 
@@ -214,6 +311,11 @@ def main():
   flags.DEFINE_enum("which", "best", ["best", "latest"], "Which checkpoint.")
   flags.DEFINE_integer("batch_size", 0, "Examples per forward pass (0: the "
                        "run's eval_batch_size).")
+  flags.DEFINE_string("eval_file", "", "Non-GLUE runs: predict this local "
+                      "file instead of the run's evaluation splits.")
+  flags.DEFINE_float("null_threshold", None, "SQuAD v2.0: predict no answer "
+                     "above these null odds (default: the best on a labeled "
+                     "split, else the run's last best_null_threshold).")
   flags.mark_flags_as_required(["workdir", "out"])
 
   def run(argv):
@@ -221,11 +323,15 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
       logging.getLogger(noisy).setLevel(logging.WARNING)
+    f = flags.FLAGS
     try:
-      predict_run(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.which,
-                  flags.FLAGS.batch_size)
+      if glue.task_of(train.read_config(f.workdir)) is None:
+        write_run(f.workdir, f.out, f.which, f.batch_size, f.eval_file,
+                  f.null_threshold)
+      else:
+        predict_run(f.workdir, f.out, f.which, f.batch_size)
     except (FileNotFoundError, ValueError, hf.CheckpointError,
-            CheckpointError) as e:
+            CheckpointError, data.DataError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
   app.run(run)

@@ -256,3 +256,32 @@ def test_bad_prediction_files_are_named(tmp_path, capsys):
   bad.write_text("{")
   assert squad.main([str(bad), str(bad)]) == 2
   assert capsys.readouterr().out.startswith("error: ")
+
+
+def test_trivial_baselines_score_as_the_official_script(tmp_path, capsys):
+  from research.data import squad as squad_data  # pylint: disable=import-outside-toplevel
+  context = "Paris is big. It lies on the Seine!  Rome is old."
+  examples = [
+      squad_data.SquadExample(id="a", title="", context=context,
+                              question="q", answers=("Paris is big",),
+                              answer_starts=(0,)),
+      squad_data.SquadExample(id="b", title="", context=context,
+                              question="q", is_impossible=True)]
+  assert squad.baseline_predictions(examples, "first_sentence") == {
+      "a": "Paris is big.", "b": "Paris is big."}
+  assert squad.baseline_predictions(examples, "null") == {"a": "", "b": ""}
+  with pytest.raises(ValueError, match="valid: null, first_sentence"):
+    squad.baseline_predictions(examples, "random")
+  path = tmp_path / "dev.json"
+  path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t",
+      "paragraphs": [{"context": context, "qas": [
+          {"id": "a", "question": "q", "is_impossible": False,
+           "answers": [{"text": "Paris is big", "answer_start": 0}]},
+          {"id": "b", "question": "q", "is_impossible": True,
+           "answers": []}]}]}]}))
+  # first_sentence: a right (EM 1), b wrong; null: a wrong, b right.
+  for kind, exact in (("first_sentence", 50.0), ("null", 50.0)):
+    assert squad.main([str(path), "--baseline", kind]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["exact"] == exact and result["total"] == 2
+    assert result["HasAns_exact"] == (100.0 if kind != "null" else 0.0)

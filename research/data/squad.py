@@ -425,8 +425,8 @@ def examples_from_rows(raw, policy, *, check_spans: bool = True):
   return checker.examples, keep
 
 
-def split_by_article(path: str, out_dir: str, dev_articles: int) -> tuple:
-  """Writes a file's last `dev_articles` articles as dev, the rest as train.
+def split_by_article(path: str, out_dir: str, dev_articles) -> tuple:
+  """Writes the articles `dev_articles` (indices) as dev, the rest as train.
 
   Whole articles go to one side, so no context is in both. Returns the
   (train, dev) paths: <out_dir>/<name>-train.json and -dev.json.
@@ -434,14 +434,17 @@ def split_by_article(path: str, out_dir: str, dev_articles: int) -> tuple:
   with open(path, encoding="utf-8") as f:
     root = json.load(f)
   articles = root["data"]
-  if not 0 < dev_articles < len(articles):
-    raise DataError(f"{path}: {len(articles)} articles; dev_articles must "
-                    f"be in [1, {len(articles) - 1}], got {dev_articles}")
+  dev = sorted(set(int(i) for i in dev_articles))
+  if not dev or dev[0] < 0 or dev[-1] >= len(articles) or len(dev) == len(
+      articles):
+    raise DataError(f"{path}: {len(articles)} articles; dev_articles must be "
+                    f"some (not all) of 0..{len(articles) - 1}, got {dev}")
   os.makedirs(out_dir, exist_ok=True)
   name = os.path.splitext(os.path.basename(path))[0]
   out = []
-  for part, data in (("train", articles[:-dev_articles]),
-                     ("dev", articles[-dev_articles:])):
+  for part, data in (
+      ("train", [a for i, a in enumerate(articles) if i not in dev]),
+      ("dev", [articles[i] for i in dev])):
     target = os.path.join(out_dir, f"{name}-{part}.json")
     with open(target, "w", encoding="utf-8") as f:
       json.dump({**root, "data": data}, f, ensure_ascii=False)
@@ -619,16 +622,18 @@ def build_features(tokenizer, examples, *, max_length: int = 384,
 
 
 def main(argv=None):
-  """`python -m research.data.squad FILE OUT_DIR --dev_articles N`."""
+  """`python -m research.data.squad FILE OUT_DIR --dev_articles 5,7`."""
   import argparse  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(
       description="Split an official SQuAD JSON file by article into "
-      "<name>-train.json and <name>-dev.json (the last N articles).")
+      "<name>-train.json and <name>-dev.json (the given articles).")
   parser.add_argument("file")
   parser.add_argument("out_dir")
-  parser.add_argument("--dev_articles", type=int, required=True)
+  parser.add_argument("--dev_articles", required=True,
+                      help="comma-separated article indices (from 0)")
   args = parser.parse_args(argv)
-  for path in split_by_article(args.file, args.out_dir, args.dev_articles):
+  dev = [int(i) for i in args.dev_articles.split(",")]
+  for path in split_by_article(args.file, args.out_dir, dev):
     data = read_squad(path)
     print(f"{path}: {len(data.examples)} questions, "
           f"{sum(ex.is_impossible for ex in data.examples)} unanswerable")

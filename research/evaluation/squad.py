@@ -28,6 +28,10 @@ Command line, the same as the official scripts (prints their JSON):
 
     python -m research.evaluation.squad dev-v2.0.json predictions.json \
         --null_odds null_odds.json
+    python -m research.evaluation.squad dev-v2.0.json --baseline null
+
+`--baseline` scores a trivial baseline (`baseline_predictions`): "null"
+(always no answer) or "first_sentence" (the context's first sentence).
 """
 
 from __future__ import annotations
@@ -268,6 +272,27 @@ def read_json_map(path: str, value_type: type) -> dict:
   return {qid: value_type(v) for qid, v in obj.items()}
 
 
+BASELINES = ("null", "first_sentence")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def baseline_predictions(examples, kind: str) -> dict:
+  """A trivial baseline's predictions.json content for `SquadExample`s.
+
+  Args:
+    examples: the questions (`research.data.squad.SquadExample`).
+    kind: "null" (always no answer: v2.0's NoAns share) or
+      "first_sentence" (the context's first sentence, ending at the first
+      ".", "!" or "?" followed by whitespace).
+  """
+  if kind not in BASELINES:
+    raise ValueError(f"baseline {kind!r}; valid: {', '.join(BASELINES)}")
+  if kind == "null":
+    return {ex.id: "" for ex in examples}
+  return {ex.id: _SENTENCE_END.split(ex.context.strip(), maxsplit=1)[0]
+          for ex in examples}
+
+
 def evaluate_files(data_file: str, prediction_file: str,
                    null_odds_file: str | None = None,
                    null_threshold: float = 1.0) -> dict:
@@ -294,15 +319,28 @@ def main(argv=None):
   import argparse  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("data_file", help="official SQuAD JSON (dev set)")
-  parser.add_argument("prediction_file", help="predictions.json")
+  parser.add_argument("prediction_file", nargs="?", default=None,
+                      help="predictions.json (or --baseline)")
+  parser.add_argument("--baseline", choices=BASELINES, default=None,
+                      help="score a trivial baseline instead of a file")
   parser.add_argument("--null_odds", default=None,
                       help="null_odds.json (v2.0, the script's na_prob file)")
   parser.add_argument("--null_threshold", type=float, default=1.0,
                       help="predict no answer when odds exceed this")
   args = parser.parse_args(argv)
+  if (args.prediction_file is None) == (args.baseline is None):
+    parser.error("give a prediction_file or --baseline, not both")
   try:
-    result = evaluate_files(args.data_file, args.prediction_file,
-                            args.null_odds, args.null_threshold)
+    if args.baseline:
+      from research.data import squad as squad_data  # pylint: disable=import-outside-toplevel
+      dataset = squad_data.read_squad(args.data_file, check_spans=False)
+      gold = squad_data.gold_answers(dataset.examples)
+      predictions = baseline_predictions(dataset.examples, args.baseline)
+      result = (evaluate_v2(gold, predictions) if dataset.version_2
+                else evaluate_v1(gold, predictions))
+    else:
+      result = evaluate_files(args.data_file, args.prediction_file,
+                              args.null_odds, args.null_threshold)
   except (ValueError, OSError) as e:
     print(f"error: {e}")
     return 2

@@ -11,6 +11,8 @@ their gold and predicted tags in a CoNLL file (`token gold predicted`).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from research.data import conll
@@ -66,10 +68,24 @@ class Evaluator(token.Evaluator):
     out = {"tags": self.word_tags(preds), "words": words}
     return {**out, **({"logits": logits} if logits else {})}
 
-  def write(self, params, frozen, path) -> int:
-    """Writes `token gold predicted` lines (`token predicted` when the split
-    is unlabeled), a blank line after each sentence. Returns sentences."""
-    out = self.predict(params, frozen)
-    _, gold = self.sentences()
-    conll.write_conll(path, out["words"], gold, out["tags"])
-    return len(out["tags"])
+  def write(self, params, frozen, out_dir) -> dict:
+    """Writes <out_dir>/predictions.conll: `token gold predicted` lines
+    (`token predicted` when the split is unlabeled), one word a line and a
+    blank line after each sentence.
+
+    Returns:
+      {"predictions": the path, "sentences": their number, and the scores
+      when the split is labeled}.
+    """
+    preds, _, _, _ = self._collect(params, frozen, keep_all=True)
+    words, gold = self.sentences()
+    tags = self.word_tags(preds)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "predictions.conll")
+    conll.write_conll(path, words, gold, tags)
+    out = {"predictions": path, "sentences": len(tags)}
+    if gold is not None:
+      scores = ner.entity_scores(gold, tags)
+      out.update({f"entity_{k}": scores[k] for k in ("f1", "precision",
+                                                      "recall")})
+    return out
