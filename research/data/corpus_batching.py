@@ -91,9 +91,14 @@ def sentence_pairs(ids, rng, *, cls_id, sep_id, pad_id):
         other = text
       start = int(rng.integers(0, len(other)))
       b = other[start:start + len(b)]
-    # [CLS] A [SEP] B [SEP] fits in L when A + B <= L - 3.
-    b = b[:max(1, width - 3 - len(a))]
-    a = a[:width - 3 - len(b)]
+    # [CLS] A [SEP] B [SEP] fits in L when A + B <= L - 3: cut B's end, or
+    # A's start when B is one token (the pair stays contiguous text).
+    over = len(a) + len(b) - (width - 3)
+    if over > 0:
+      if len(b) > over:
+        b = b[:len(b) - over]
+      else:
+        a = a[over:]
     row = np.concatenate([[cls_id], a, [sep_id], b, [sep_id]])
     out[i, :len(row)] = row
     types[i, len(a) + 2:len(row)] = 1
