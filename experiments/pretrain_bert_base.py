@@ -88,7 +88,9 @@ def get_config(arg=None):
   c.model.hidden_dropout = 0.1
   c.model.attention_dropout = 0.1
   c.parallelism.mesh_shape = mesh
-  if not args["tiny"]:
+  if args["tiny"]:
+    c.log_every_steps = 1
+  else:
     c.model.dtype = "bfloat16"
     c.eval_every_steps = 10_000
     c.checkpoint_every_steps = 2_000

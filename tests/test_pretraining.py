@@ -27,6 +27,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 WIKI = REPO.parent / "shared" / "data" / "wikitext"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _quick_compiles(compilation_cache):
+  del compilation_cache
+
+
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory):
   """(train, valid) files: the first non-empty WikiText-2 lines."""
@@ -44,7 +49,7 @@ def _config(texts, **overrides):
   c = common.corpus_config(
       model="all-minilm-l6-v2", train_files=(texts[0],),
       eval_files=(texts[1],), architecture=common.TINY, max_length=32,
-      batch_size=16, total_steps=12, learning_rate=3e-3, warmup_steps=2,
+      batch_size=16, total_steps=12, learning_rate=2e-2, warmup_steps=2,
       eval_rows=64)
   c.wandb.mode = "disabled"
   c.eval_every_steps = 6
