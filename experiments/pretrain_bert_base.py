@@ -37,12 +37,18 @@ steps (this phase's; default 900k / 100k), lr, warmup, mesh ("DxFxT"), nsp,
 tiny (the test's model and sizes).
 """
 
+import os
+
 from experiments import _pretrain_common as common
 
 BERT_BASE = ("hidden_size=768,num_hidden_layers=12,num_attention_heads=12,"
              "intermediate_size=3072,max_position_embeddings=512,"
              "type_vocab_size=2")
-DEFAULTS = {"phase": 1, "files": "", "eval": "", "init": "", "optimizer":
+# The corpus defaults to WikiText-2 as a stand-in: pass yours with files=.
+DEFAULTS = {"phase": 1,
+            "files": os.path.join(common.WIKITEXT, "wiki.train.tokens"),
+            "eval": os.path.join(common.WIKITEXT, "wiki.valid.tokens"),
+            "init": "", "optimizer":
             "adamw", "batch": 256, "steps": 0, "lr": 1e-4, "warmup": 10000,
             "mesh": "1x-1x1", "nsp": True, "tiny": False}
 PHASES = {1: (128, 900_000), 2: (512, 100_000)}  # row length, steps
