@@ -97,6 +97,10 @@ def get_config(arg=None):
   if args["tiny"]:
     c.log_every_steps = 1
   else:
+    # Each host's own disk (the workdir may be a bucket; the rows are the
+    # same on every host).
+    c.task_options.corpus_dir = os.path.expanduser(
+        "~/.cache/research_bert/corpus")
     c.model.dtype = "bfloat16"
     c.eval_every_steps = 10_000
     c.checkpoint_every_steps = 2_000
