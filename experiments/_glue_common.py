@@ -12,6 +12,8 @@ columns, labels and metrics and takes the rest from here:
   e.g. `experiments/glue_sst2.py:model=bert-large-cased,source=hf`.
 """
 
+import os
+
 from research.configs import default
 
 # `model=` -> what config.model.name gets: hub ids (downloaded on first use)
@@ -75,9 +77,14 @@ def parse_arg(arg, experiment, defaults=None, choices=None):
       raise ValueError(f"{experiment}:{arg}: {key}={value!r} is not an "
                        "integer") from None  # the only non-str keys
   for key, valid in choices.items():
+    if key == "model" and os.path.isfile(os.path.join(values[key],
+                                                      "config.json")):
+      continue  # a local checkpoint (e.g. continued pre-training's export)
     if values[key] not in valid:
       raise ValueError(f"{experiment}:{arg}: {key}={values[key]!r}; valid: "
-                       f"{', '.join(valid)}")
+                       f"{', '.join(valid)}" + (
+                           " or a checkpoint directory (with config.json)"
+                           if key == "model" else ""))
   if values.get("seeds", 1) < 1:
     raise ValueError(f"{experiment}:{arg}: seeds={values['seeds']} must be "
                      ">= 1")
@@ -98,7 +105,7 @@ def get_config(task, arg, experiment):
   """
   args = parse_arg(arg, experiment)
   config = default.get_config()
-  config.model.name = MODELS[args["model"]]
+  config.model.name = MODELS.get(args["model"], args["model"])
   config.model.hidden_dropout = 0.1
   config.model.attention_dropout = 0.1
   if args["source"] == "tfds":

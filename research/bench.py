@@ -123,6 +123,8 @@ def matmul_params(model) -> tuple[int, int]:
       per_token += size
     else:
       per_sequence += size
+  # A tied MLM decoder is the embedding table used as a matmul on every token.
+  per_token += getattr(model, "tied_matmul_params", lambda: 0)()
   return per_token, per_sequence
 
 

@@ -258,7 +258,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
   labels_path = os.path.join(workdir, "labels.json") if workdir else None
   saved_labels = (data.load_label_names(labels_path)
                   if labels_path and os.path.exists(labels_path) else None)
-  train_split, eval_splits, label_names, skipped = data.load_splits(
+  train_split, eval_splits, label_names, skipped = (
+      task.load_data or data.load_splits)(
       config, tokenizer, cache_dir=os.path.join(workdir, "cache")
       if workdir else None, label_names=saved_labels, task=task)
   if train_split is None:
@@ -272,8 +273,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
 
   mesh = parallelism.make_mesh(config.parallelism, devices)
   accum = config.optimizer.grad_accum_steps
-  train_batches, eval_batches = make_batchers(config, train_split, eval_splits,
-                                              mesh)
+  train_batches, eval_batches = (task.make_batchers or make_batchers)(
+      config, train_split, eval_splits, mesh)
   micro_steps_per_epoch = train_batches.steps_per_epoch  # DataError if < 1
   try:
     total_steps = optimizers.steps_from_config(config, micro_steps_per_epoch)
@@ -406,6 +407,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # A checkpoint between two log lines (preemption) carries the losses of
     # the open window, so the resumed run logs the same mean.
     window["loss"] = [np.float32(x) for x in extras.get("loss_window", [])]
+    if extras.get("data_state") is not None:  # a streaming reader's position
+      train_batches.restore_state(extras["data_state"])
     log.info("resumed from step %d in %s", start_step, workdir)
   # Always from the restored step (0 without a checkpoint): records that a
   # killed attempt logged after it are dropped, not duplicated.
@@ -420,6 +423,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               "epoch": step // steps_per_epoch,
               "label_names": list(run.label_names),
               "loss_window": [float(x) for x in jax.device_get(window["loss"])]}
+    if hasattr(train_batches, "state_at"):  # grain's iterator (a corpus)
+      extras["data_state"] = train_batches.state_at(step * accum)
     checkpointer.save(step, state, extras, metrics=eval_results, force=force)
 
   def check_bad_steps(step, step_metrics):

@@ -98,7 +98,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.total_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError("set config.total_steps > 0 or config.num_epochs > 0")
   if config.data.source == "local" and not config.data.train_file:
-    raise ConfigError("config.data.source='local' needs config.data.train_file")
+    from research import tasks  # pylint: disable=import-outside-toplevel
+    if tasks.load(config).load_data is None:  # else: the task's own input
+      raise ConfigError("config.data.source='local' needs config.data.train_file")
   if config.data.source in ("tfds", "hf") and not config.data.name:
     raise ConfigError(f"config.data.source={config.data.source!r} needs "
                       "config.data.name (e.g. 'glue/sst2')")

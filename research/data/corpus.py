@@ -515,8 +515,9 @@ def build_corpus(sources, tokenizer, directory, *, seq_len=128,
 class _Rows:
   """Grain random-access source: decoded int32 rows, padded past the end."""
 
-  def __init__(self, records, info, length):
+  def __init__(self, records, info, length, rows):
     self._records = records
+    self._rows = rows
     self._info = info
     self._length = length
     self._dtype = np.dtype(info.dtype)
@@ -525,7 +526,7 @@ class _Rows:
     return self._length
 
   def __getitem__(self, index):
-    if index >= len(self._records):  # Padding of the last eval batch.
+    if index >= self._rows:  # Padding of the last eval batch.
       return np.full(self._info.seq_len, self._info.pad_id, np.int32)
     return np.frombuffer(self._records[index], self._dtype).astype(np.int32)
 
@@ -550,7 +551,7 @@ class Corpus:
     return self.info.num_rows
 
   def dataset(self, batch_size, *, seed=0, shuffle=True, num_epochs=None,
-              process_index=None, process_count=None):
+              process_index=None, process_count=None, max_rows=None):
     """Returns this process's batches as a random-access `grain.MapDataset`.
 
     The global stream is every row once per epoch, in an order that is a
@@ -571,6 +572,8 @@ class Corpus:
       process_index: this JAX process (default `jax.process_index()`).
       process_count: the number of processes (default
         `jax.process_count()`).
+      max_rows: read only the first `max_rows` rows (e.g. a quick held-out
+        evaluation); None: all.
 
     Returns:
       A `grain.MapDataset` of {"input_ids", "attention_mask"}: int32
@@ -593,10 +596,11 @@ class Corpus:
                       f"{self.info.seq_len} tokens, fewer than one batch "
                       f"(batch_size={batch_size}); use a larger corpus or a "
                       "smaller batch_size")
-    length = self.info.num_rows
+    rows = min(self.info.num_rows, max_rows or self.info.num_rows)
+    length = rows
     if not shuffle and num_epochs is not None:
       length = -(-length // batch_size) * batch_size
-    ds = grain.MapDataset.source(_Rows(self.records, self.info, length))
+    ds = grain.MapDataset.source(_Rows(self.records, self.info, length, rows))
     if shuffle:
       # Spread nearby seeds: grain reseeds epoch e with seed + e.
       ds = ds.shuffle(seed=int(np.random.SeedSequence(seed).generate_state(

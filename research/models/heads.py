@@ -26,7 +26,7 @@ from research.models.bert import (ACTIVATIONS, BertConfig, BertModel, DenseFacto
                                   hf_layer_norm_keys, hf_linear_keys, make_dense)
 
 TASKS = ("sequence_classification", "token_classification",
-         "question_answering", "masked_lm")
+         "question_answering", "masked_lm", "pre_training")
 
 
 class Head(nnx.Module):
@@ -187,10 +187,46 @@ class MaskedLM(Head):
             **hf_layer_norm_keys(norm, ("transform_layer_norm",)),
             f"{hf}.bias": (("decoder_bias",), "copy")}
 
+  def tied_matmul_params(self) -> int:
+    """Weights of the tied decoder (a matmul per token; `research.bench`)."""
+    return self.cfg.vocab_size * self.cfg.hidden_size
+
+  def _mlm_logits(self, x):
+    x = self.transform_layer_norm(self.activation(self.transform(x)))
+    logits = self.bert.embeddings.word_embeddings.attend(x)  # tied decoder
+    return (logits + self.decoder_bias[...]).astype(jnp.float32)
+
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
                rngs=None, **encoder_kw):
     x, _ = self.bert(input_ids, attention_mask, token_type_ids, rngs=rngs,
                      **encoder_kw)
-    x = self.transform_layer_norm(self.activation(self.transform(x)))
-    logits = self.bert.embeddings.word_embeddings.attend(x)  # tied decoder
-    return (logits + self.decoder_bias[...]).astype(jnp.float32)
+    return self._mlm_logits(x)
+
+
+class PreTraining(MaskedLM):
+  """BERT's pre-training heads: (MLM logits [B, L, vocab], NSP logits [B, 2]).
+
+  The masked-LM head of `MaskedLM` plus next-sentence prediction on the
+  pooled [CLS] output (`cls.seq_relationship`; class 0: B follows A, 1: B is
+  random), as `BertForPreTraining`.
+  """
+  uses_pooler = True
+  hf_architecture = "ForPreTraining"
+
+  def __init__(self, cfg, num_labels=0, *, dense_factory=make_dense, **kw):
+    super().__init__(cfg, num_labels, dense_factory=dense_factory, **kw)
+    self.seq_relationship = self._dense(dense_factory, kw["rngs"])(
+        cfg.hidden_size, 2, kernel_axes=("embed", None),
+        name="seq_relationship")
+
+  @classmethod
+  def hf_key_map(cls, cfg):
+    return {**super().hf_key_map(cfg),
+            **hf_linear_keys("cls.seq_relationship", ("seq_relationship",))}
+
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
+               rngs=None, **encoder_kw):
+    x, pooled = self.bert(input_ids, attention_mask, token_type_ids,
+                          rngs=rngs, **encoder_kw)
+    return (self._mlm_logits(x),
+            self.seq_relationship(pooled).astype(jnp.float32))

@@ -59,6 +59,11 @@ class Task:
   LABEL_JSON = False      # labels are structured (lists, dicts) JSON text
   # `(batch, key) -> batch` run in the step before the loss, or None.
   transform = None
+  # A task with its own input (masked_lm's pre-training corpus): a function
+  # like `data.load_splits` and one like `train.make_batchers` for the
+  # splits it returns. None: config.data's rows and `data.Batcher`.
+  load_data = None
+  make_batchers = None
 
   def __init__(self, config, tokenizer=None):
     self.config = config

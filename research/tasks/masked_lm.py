@@ -1,8 +1,21 @@
 """Masked language modelling: BERT's pre-training objective on raw text.
 
-Rows hold one text (or a pair): `config.data.text_fields`, no label column.
-Masking is dynamic (RoBERTa's): a `transform` in the jitted step picks
-`mask_probability` of each batch's real, non-special tokens with the key
+Two inputs:
+  * a pre-training corpus (`task_options.corpus` = "text" | "jsonl" | "tfds"
+    | "hf"): plain-text or JSON-lines files (`train_files`, `eval_files`,
+    globs allowed), or a TFDS / Hugging Face dataset (`config.data.name`,
+    `hf_config`, `train_split`, `eval_splits`). Tokenised once into rows of
+    `config.data.max_length` tokens (128 or 512), documents sharing rows
+    (`packing="full"`, RoBERTa's FULL-SENTENCES) or not (`"doc"`), written as
+    ArrayRecord shards and read through grain (`research.data.corpus`,
+    `research.data.corpus_batching`), streaming, sharded by JAX process, its
+    iterator position checkpointed with the model;
+  * `corpus=""`: the rows of `config.data` (`text_fields`, no label column),
+    as every other task reads them.
+
+Masking is dynamic (RoBERTa's): a `transform` in the jitted step
+(`research.data.masking`) picks `mask_probability` of each batch's real,
+non-special tokens (whole words with `whole_word`) with the key
 `fold_in(fold_in(key(seed), step), steps.TRANSFORM_STREAM)`; of those, 80%
 become [MASK], 10% a random token, 10% stay (Devlin et al., 2018). The key is
 a function of the seed and the step, so a resumed run masks exactly as an
@@ -16,42 +29,138 @@ pipeline is what keeps up with it; JAX's keys need no generator state to
 checkpoint; and the masks do not depend on how the global batch is split
 over hosts (`jax_threefry_partitionable`).
 
+`next_sentence=True` adds BERT's next-sentence prediction (head
+`pre_training`, `BertForPreTraining`'s `cls.seq_relationship`; pairs from
+`corpus_batching.sentence_pairs`); the loss is then MLM mean + NSP mean, as
+`BertForPreTraining`'s. `architecture` ("hidden_size=256,num_hidden_layers=4,
+...") initialises a model of that shape from scratch, with the tokenizer
+(and the rest of config.json) of `config.model.name`. A checkpoint without
+an MLM head (the packaged MiniLM) gets a new one, reported in the log.
+
 Loss: cross-entropy per masked token. Evaluated by the `token` evaluator:
-masked-token `accuracy` and `perplexity` (exp of the loss).
+masked-token `accuracy` and `perplexity` (exp of the mean masked-token loss)
+on each held-out split.
 """
 
 from __future__ import annotations
 
-import jax
+import glob
+import logging
+import os
+import tempfile
+
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
+from research import parallelism
 from research.configs.plugins import ConfigError
+from research.data import corpus as corpus_lib
+from research.data import masking
+from research.data.corpus_batching import CorpusBatcher, CorpusSplit
+from research.data.errors import DataError
 from research.data.splits import TokenizedSplit, select, text_fields
 from research.tasks import common
+from research.training import partition
 
-IGNORE = -100
+IGNORE = masking.IGNORE
+CORPORA = ("", "text", "jsonl", "tfds", "hf")
+log = logging.getLogger(__name__)
+
+
+def parse_architecture(text):
+  """"hidden_size=256,num_hidden_layers=4" -> {field: int or float}."""
+  out = {}
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ConfigError(f"config.task_options.architecture: {item!r} is not "
+                        "field=value (e.g. 'hidden_size=256,"
+                        "num_hidden_layers=4,num_attention_heads=4,"
+                        "intermediate_size=1024')")
+    try:
+      out[key.strip()] = int(value)
+    except ValueError:
+      try:
+        out[key.strip()] = float(value)
+      except ValueError:
+        out[key.strip()] = value.strip()
+  return out
 
 
 class Task(common.Task):
   """See the module docstring."""
   HEAD = "masked_lm"
   EVALUATOR = "token"
-  CONFIG = {"mask_probability": 0.15}
+  CONFIG = {
+      "mask_probability": 0.15,
+      "whole_word": False,       # mask every sub-token of a chosen word
+      "corpus": "",              # "" (config.data rows) | text | jsonl | tfds | hf
+      "train_files": (),         # text / jsonl: files or globs, read in order
+      "eval_files": (),          # held-out files (split "validation")
+      "documents": "line",       # text: line | blank_line separates documents
+      "packing": "full",         # full (documents share rows) | doc
+      "text_field": "text",      # jsonl / tfds / hf: the text column
+      "corpus_dir": "",          # built rows ("" = <cache>/corpus)
+      "eval_rows": 0,            # > 0: evaluate on the first rows only
+      "next_sentence": False,    # BERT's NSP head and sentence pairs
+      "architecture": "",        # "field=value,...": a new model, from scratch
+  }
 
   def __init__(self, config, tokenizer=None):
     super().__init__(config, tokenizer)
     self.check_text_fields()
-    if not 0 < self.options["mask_probability"] < 1:
+    o = self.options
+    if not 0 < o["mask_probability"] < 1:
       raise ConfigError(
-          "config.task_options.mask_probability="
-          f"{self.options['mask_probability']} must be in (0, 1)")
+          f"config.task_options.mask_probability={o['mask_probability']} "
+          "must be in (0, 1) (BERT: 0.15)")
+    for field, valid in (("corpus", CORPORA), ("packing", corpus_lib.PACKINGS),
+                         ("documents", corpus_lib.DOCUMENT_SPLITS)):
+      if o[field] not in valid:
+        raise ConfigError(f"config.task_options.{field}={o[field]!r}; valid: "
+                          f"{', '.join(map(repr, valid))}")
+    if o["corpus"] in ("text", "jsonl") and not o["train_files"]:
+      raise ConfigError(f"config.task_options.corpus={o['corpus']!r} needs "
+                        "config.task_options.train_files (files or globs)")
+    if o["next_sentence"] and o["corpus"] == "":
+      raise ConfigError("config.task_options.next_sentence needs a corpus "
+                        "(config.task_options.corpus)")
+    self.architecture = parse_architecture(o["architecture"])
+    if o["next_sentence"]:
+      self.HEAD = "pre_training"  # pylint: disable=invalid-name
+    self._transform = None
 
-  def columns(self):
-    return {**super().columns(), "label_field": ""}  # texts only
+  # --- Model -------------------------------------------------------------------
 
   def num_outputs(self):
     return 0  # the head's outputs are the vocabulary
+
+  def load_model(self, model_dir):
+    """The checkpoint's model (a new MLM head if it has none, reported), or
+    with `architecture` a new model of that shape."""
+    if not self.architecture:
+      return super().load_model(model_dir)
+    from research.models import create_model, hf  # pylint: disable=import-outside-toplevel
+    c = self.config
+    try:
+      cfg = hf.read_config(model_dir).replace(
+          **common.dropout_overrides(c.model), **self.architecture)
+    except TypeError as e:
+      raise ConfigError(f"config.task_options.architecture="
+                        f"{self.options['architecture']!r}: {e}") from e
+    log.info("initialised from scratch (config.task_options.architecture): "
+             "%s", cfg)
+    return create_model(self.HEAD, cfg, 0, dtype=c.model.dtype,
+                        param_dtype=c.model.param_dtype,
+                        attention_impl=c.model.attention_impl,
+                        remat=c.model.remat, seed=c.seed)
+
+  # --- Data: config.data rows --------------------------------------------------
+
+  def columns(self):
+    return {**super().columns(), "label_field": ""}  # texts only
 
   def finish(self, name, enc, names, training):
     del names, training
@@ -62,35 +171,140 @@ class Task(common.Task):
         max_length=self.config.data.max_length, has_labels=True)
     return split, dict(enc.skipped)
 
+  # --- Data: a pre-training corpus (the trainer's load_data / make_batchers) ---
+
+  @property
+  def load_data(self):
+    """`data.load_splits`' stand-in for a corpus (None: config.data rows)."""
+    return self._load_corpus if self.options["corpus"] else None
+
+  @property
+  def make_batchers(self):
+    """`train.make_batchers`' stand-in for a corpus (None: the trainer's)."""
+    return self._corpus_batchers if self.options["corpus"] else None
+
+  def _files(self, field):
+    paths = []
+    for pattern in self.options[field]:
+      found = sorted(glob.glob(os.path.expanduser(pattern)))
+      if not found:
+        raise DataError(f"config.task_options.{field}: no such file "
+                        f"{pattern!r}")
+      paths += found
+    return paths
+
+  def _sources(self):
+    """{split name: corpus source(s)} of the training and held-out text."""
+    o, d = self.options, self.config.data
+    if o["corpus"] == "text":
+      make = lambda p: corpus_lib.TextFiles(p, o["documents"])  # pylint: disable=unnecessary-lambda-assignment
+    elif o["corpus"] == "jsonl":
+      make = lambda p: corpus_lib.JsonLines(p, o["text_field"])  # pylint: disable=unnecessary-lambda-assignment
+    if o["corpus"] in ("text", "jsonl"):
+      out = {d.train_split: make(self._files("train_files"))}
+      if o["eval_files"]:
+        out["validation"] = make(self._files("eval_files"))
+      return out
+    if o["corpus"] == "tfds":
+      make = lambda s: corpus_lib.TfdsCorpus(d.name, s, o["text_field"],  # pylint: disable=unnecessary-lambda-assignment
+                                             d.data_dir)
+    else:
+      make = lambda s: corpus_lib.HfCorpus(d.name, d.hf_config, s,  # pylint: disable=unnecessary-lambda-assignment
+                                           o["text_field"])
+    return {s: make(s) for s in (d.train_split, *d.eval_splits)}
+
+  def _load_corpus(self, config, tokenizer, cache_dir=None, label_names=None,
+                   task=None):
+    """Builds (or reuses) each split's rows; `data.load_splits`' results."""
+    del label_names, task
+    root = (self.options["corpus_dir"] or
+            os.path.join(config.data.cache_dir or cache_dir or
+                         os.path.join(tempfile.gettempdir(), "research_bert"),
+                         "corpus"))
+    splits = {}
+    for name, source in self._sources().items():
+      info = corpus_lib.build_corpus(
+          source, tokenizer,
+          os.path.join(root, f"{name}-{config.data.max_length}-"
+                       f"{self.options['packing']}"),
+          seq_len=config.data.max_length, packing=self.options["packing"])
+      log.info("corpus %s: %d rows of %d tokens, %d documents, %d tokens "
+               "(%s)", name, info.num_rows, info.seq_len, info.num_documents,
+               info.num_tokens, info.directory)
+      corpus = corpus_lib.Corpus(info.directory)
+      train = name == config.data.train_split
+      splits[name] = CorpusSplit(
+          name, corpus, None if train else self.options["eval_rows"])
+    train = splits.pop(config.data.train_split)
+    return train, splits, (), {}
+
+  def _corpus_batchers(self, config, train_split, eval_splits, mesh):
+    """Grain batchers of the corpus splits, checked against the mesh."""
+    import jax  # pylint: disable=import-outside-toplevel
+    micro = config.batch_size // config.optimizer.grad_accum_steps
+    parallelism.check_batch_size(micro, mesh, "config.batch_size" + (
+        " / grad_accum_steps" if micro != config.batch_size else ""))
+    parallelism.check_batch_size(config.eval_batch_size, mesh,
+                                 "config.eval_batch_size")
+    kw = dict(process_index=jax.process_index(),
+              process_count=jax.process_count(),
+              next_sentence=self.options["next_sentence"])
+    train = CorpusBatcher(train_split, micro, seed=config.seed, **kw)
+    evals = {name: CorpusBatcher(split, config.eval_batch_size,
+                                 seed=config.seed, shuffle=False, **kw)
+             for name, split in eval_splits.items()}
+    return train, evals
+
+  # --- Training ------------------------------------------------------------------
+
   def transform(self, batch, key):
     """Dynamic masking: new input_ids and labels (see the module docstring)."""
-    if self.tokenizer is None:
-      raise ValueError("task masked_lm needs the tokenizer (tasks.load(config, "
-                       "tokenizer)) for its [MASK] id and vocabulary")
-    ids = batch["input_ids"]
-    special = jnp.asarray(sorted(set(self.tokenizer.all_special_ids)), ids.dtype)
-    candidates = (batch["attention_mask"] > 0) & ~jnp.isin(ids, special)
-    choose, how, which = jax.random.split(key, 3)
-    masked = candidates & jax.random.bernoulli(
-        choose, self.options["mask_probability"], ids.shape)
-    r = jax.random.uniform(how, ids.shape)
-    random_ids = jax.random.randint(which, ids.shape, 0, len(self.tokenizer),
-                                    ids.dtype)
-    new = jnp.where(masked & (r < 0.8), self.tokenizer.mask_token_id,
-                    jnp.where(masked & (r < 0.9), random_ids, ids))
-    return {**batch, "input_ids": new,
-            "labels": jnp.where(masked, ids, IGNORE)}
+    if self._transform is None:
+      if self.tokenizer is None:
+        raise ValueError("task masked_lm needs the tokenizer (tasks.load("
+                         "config, tokenizer)) for its [MASK] id and vocabulary")
+      self._transform = masking.make_transform(
+          self.tokenizer, mask_rate=self.options["mask_probability"],
+          whole_word=self.options["whole_word"])
+    return self._transform(batch, key)
 
   def loss(self, logits, batch):
     """Cross-entropy per masked token [B, L] (weight 0 elsewhere)."""
+    if isinstance(logits, tuple):  # (MLM, NSP): the MLM part
+      logits = logits[0]
     return self.token_cross_entropy(logits, batch, IGNORE)
+
+  def loss_fn(self, graphdef):
+    """The MLM loss; with `next_sentence`, plus the mean NSP cross-entropy."""
+    if not self.options["next_sentence"]:
+      return super().loss_fn(graphdef)
+
+    def loss_fn(trainable, frozen, batch, key):
+      model = partition.merge(graphdef, trainable, frozen)
+      outputs = self.forward(model, batch, rngs=nnx.Rngs(dropout=key))
+      losses, weights = self.loss(outputs, batch)
+      total = weights.sum()
+      rows = batch["weights"]
+      nsp = optax.softmax_cross_entropy_with_integer_labels(
+          outputs[1], batch["next_sentence_label"])
+      return ((losses * weights).sum() / jnp.maximum(total, 1.0)
+              + (nsp * rows).sum() / jnp.maximum(rows.sum(), 1.0),
+              {"weight": total})
+
+    return loss_fn
 
   def predict(self, logits, batch):
     """The most likely token at every position [B, L]."""
     del batch
+    if isinstance(logits, tuple):
+      logits = logits[0]
     return jnp.argmax(logits, axis=-1)
 
   def default_evals(self, split_names):
+    if self.options["corpus"]:  # the corpus's held-out splits
+      split_names = (["validation"] if self.options["eval_files"] else []) \
+          if self.options["corpus"] in ("text", "jsonl") else \
+          list(self.config.data.eval_splits)
     return {name: {"type": "token", "split": name,
                    "metrics": ("accuracy", "perplexity")}
             for name in split_names}

@@ -1,0 +1,72 @@
+r"""Continued pre-training (DAPT / TAPT) of any checkpoint on your own text.
+
+Domain-adaptive (DAPT) and task-adaptive (TAPT) pre-training, Gururangan et
+al. (2020), "Don't Stop Pretraining": more masked-LM training of a released
+checkpoint on unlabelled text of the target domain (DAPT) or on the task's own
+training text (TAPT), before fine-tuning.
+
+    # DAPT on text files (one document per line; ";" between files or globs)
+    nice -n 10 python -m research.train \
+        --config "experiments/continue_pretraining.py:files=my/*.txt,eval=my_dev.txt" \
+        --workdir /tmp/dapt
+    # TAPT on a task's own training sentences (a TSV/CSV/JSONL column)
+    python -m research.train \
+        --config "experiments/continue_pretraining.py:table=../shared/data/glue_cola/train.tsv,eval=../shared/data/glue_cola/dev.tsv,columns=sentence" \
+        --workdir /tmp/tapt_cola
+    # then: the result as a Hugging Face directory (BertForMaskedLM) ...
+    python -m research.export --workdir /tmp/tapt_cola --out /tmp/tapt_cola/hf
+    # ... which a fine-tuning experiment starts from
+    python -m research.train --config experiments/glue_cola.py:model=/tmp/tapt_cola/hf \
+        --workdir /tmp/cola_after_tapt
+
+Defaults: the packaged all-MiniLM-L6-v2 (it has no MLM head: a new one is
+initialised and the log says so), WikiText-2 train / valid, rows of 128
+tokens, batch 32, AdamW lr 1e-4 with 6% warmup and linear decay (Gururangan
+et al.'s TAPT recipe, scaled to one CPU), 300 steps, masked-LM accuracy and
+perplexity on the first 512 held-out rows every 50 steps.
+
+Expected result (BENCHMARKS.md, "Pre-training"; 2 shared CPU cores, ~15
+min): held-out masked-token accuracy of MiniLM with its fresh head goes from
+near chance (~0.00-0.02 before training: the head is random) to ~0.4 after
+300 steps.
+
+Args: model (alias, directory or hub name), files / table (training text),
+eval (held-out file), columns (a table's text columns, ";"-separated),
+steps, batch, lr, max_length, eval_every, eval_rows, whole_word.
+"""
+
+import os
+
+from experiments import _pretrain_common as common
+
+DEFAULTS = {"model": "all-minilm-l6-v2",
+            "files": os.path.join(common.WIKITEXT, "wiki.train.tokens"),
+            "table": "",
+            "eval": os.path.join(common.WIKITEXT, "wiki.valid.tokens"),
+            "columns": "sentence", "steps": 300, "batch": 32, "lr": 1e-4,
+            "max_length": 128, "eval_every": 50, "eval_rows": 512,
+            "whole_word": False}
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, DEFAULTS, "experiments/continue_pretraining.py")
+  c = common.corpus_config(
+      model=args["model"], train_files=common.files(args["files"]),
+      eval_files=common.files(args["eval"]), max_length=args["max_length"],
+      batch_size=args["batch"], total_steps=args["steps"],
+      learning_rate=args["lr"], eval_rows=args["eval_rows"],
+      whole_word=args["whole_word"])
+  c.optimizer.warmup_proportion = 0.06
+  c.eval_every_steps = args["eval_every"]
+  c.log_every_steps = 10
+  c.keep_checkpoints = 1
+  if args["table"]:
+    # TAPT on a table's text column(s): config.data's rows, masked the same.
+    c.task_options.corpus = ""
+    c.task_options.train_files = ()
+    c.task_options.eval_files = ()
+    c.data.source = "local"
+    c.data.train_file = args["table"]
+    c.data.eval_file = args["eval"] if args["eval"] != DEFAULTS["eval"] else ""
+    c.data.text_fields = common.files(args["columns"])
+  return c

@@ -1,0 +1,321 @@
+"""Pre-training: masked LM on a corpus, NSP, resume, FSDP, HF interop, errors.
+
+Tiny models (2 layers, 32 wide, MiniLM's tokenizer) on a few hundred
+WikiText-2 lines; every run reads a corpus through grain as
+`research.train` does.
+"""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import _pretrain_common as common
+from experiments import continue_pretraining, pretrain_bert_base
+from research import bench, data, tasks, train
+from research.configs import ConfigError, validate
+from research.data import corpus as corpus_lib
+from research.data.corpus_batching import CorpusBatcher, CorpusSplit
+from research.data.corpus_batching import sentence_pairs
+from research.models import BertConfig, create_model, hf
+from research.training.checkpointing import Checkpointer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+WIKI = REPO.parent / "shared" / "data" / "wikitext"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quick_compiles(compilation_cache):
+  del compilation_cache
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+  """(train, valid) files: the first non-empty WikiText-2 lines."""
+  out = tmp_path_factory.mktemp("texts")
+  paths = []
+  for name, lines in (("wiki.train.tokens", 300), ("wiki.valid.tokens", 60)):
+    rows = [l for l in (WIKI / name).read_text().splitlines() if l.strip()]
+    path = out / name
+    path.write_text("\n".join(rows[:lines]) + "\n")
+    paths.append(str(path))
+  return paths
+
+
+def _config(texts, **overrides):
+  c = common.corpus_config(
+      model="all-minilm-l6-v2", train_files=(texts[0],),
+      eval_files=(texts[1],), architecture=common.TINY, max_length=32,
+      batch_size=16, total_steps=12, learning_rate=2e-2, warmup_steps=2,
+      eval_rows=64)
+  c.wandb.mode = "disabled"
+  c.eval_every_steps = 6
+  c.checkpoint_every_steps = 3
+  c.log_every_steps = 1
+  c.parallelism.mesh_shape = (1, 1, 1)
+  c.model.hidden_dropout = 0.0  # FSDP vs one device: same numbers
+  c.model.attention_dropout = 0.0
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def _losses(workdir):
+  rows = [json.loads(l) for l in (pathlib.Path(workdir) /
+                                  "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def _restore(workdir, step=None):
+  with Checkpointer(str(workdir)) as ckpt:
+    return ckpt.restore(None, step=step)
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_corpus_run_logs_heldout_mlm_metrics_and_resumes_exactly(
+    texts, tmp_path, monkeypatch):
+  """Killed after checkpoint 9 (inside step 10), rerun: same params, Adam
+  moments, grain position, masks and losses as an uninterrupted run."""
+  config = _config(texts)
+  config.data.cache_dir = str(tmp_path / "cache")
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  summary = train.train_and_evaluate(config, str(straight))
+  # Held-out masked-LM metrics, logged as every metric is.
+  assert summary["eval/perplexity"] == pytest.approx(
+      np.exp(summary["eval/loss"]), rel=1e-6)
+  # From ln(30522) = 10.3 nats (a uniform guess) down by > 2 nats.
+  assert summary["eval/loss"] < np.log(30522) - 2.0
+  assert 0.0 < summary["eval/accuracy"] < 1.0
+  losses = _losses(straight)
+  assert np.mean([losses[s] for s in (10, 11, 12)]) < losses[1] - 2.0
+
+  real = Checkpointer.reached_preemption
+
+  def die_at_10(self, step):
+    if step == 10:
+      raise _Killed()  # no save: as a SIGKILL after checkpoint 9
+    return real(self, step)
+
+  monkeypatch.setattr(Checkpointer, "reached_preemption", die_at_10)
+  with pytest.raises(_Killed):
+    train.train_and_evaluate(config, str(killed))
+  monkeypatch.setattr(Checkpointer, "reached_preemption", real)
+  step, _, extras = _restore(killed)
+  assert step == 9
+  # grain's iterator position is in the checkpoint: the next example.
+  assert extras["data_state"]["next_index"] == 9
+  train.train_and_evaluate(config, str(killed))
+
+  step_a, state_a, extras_a = _restore(straight)
+  step_b, state_b, extras_b = _restore(killed)
+  assert step_a == step_b == 12
+  assert extras_a["data_state"] == extras_b["data_state"] == {"next_index": 12}
+  leaves_a, leaves_b = jax.tree.leaves(state_a), jax.tree.leaves(state_b)
+  assert len(leaves_a) == len(leaves_b) > 20  # params and Adam moments
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Steps 10-12 after the resume: the same batches and masks, same losses.
+  assert _losses(killed) == losses
+
+
+def _corpus(texts, tmp_path, seq_len=32, packing="full"):
+  tokenizer = data.load_tokenizer(str(hf.resolve("all-minilm-l6-v2")))
+  info = corpus_lib.build_corpus(corpus_lib.TextFiles([texts[0]]), tokenizer,
+                                 str(tmp_path / f"rows-{packing}"),
+                                 seq_len=seq_len, packing=packing)
+  return tokenizer, corpus_lib.Corpus(info.directory)
+
+
+def test_restored_iterator_gives_the_same_examples_and_masks(texts, tmp_path):
+  tokenizer, corpus = _corpus(texts, tmp_path)
+  split = CorpusSplit("train", corpus)
+  task_config = _config(texts)
+  task = tasks.load(task_config, tokenizer)
+  first = CorpusBatcher(split, 8, seed=3)
+  straight = list(first.iterate(0, 8))
+  state = first.state_at(5)
+  resumed = CorpusBatcher(split, 8, seed=3)
+  resumed.restore_state(state)
+  again = list(resumed.iterate(5, 3))
+  for a, b in zip(straight[5:], again):
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    key = jax.random.key(7)
+    np.testing.assert_array_equal(task.transform(a, key)["labels"],
+                                  task.transform(b, key)["labels"])
+  # A position from another step is refused, naming the corpus.
+  wrong = CorpusBatcher(split, 8, seed=3)
+  wrong.restore_state(state)
+  with pytest.raises(data.DataError, match="data position"):
+    next(wrong.iterate(4, 1))
+  # Two processes: each reads its rows; together the one-process batch.
+  parts = [CorpusBatcher(split, 8, seed=3, process_index=p,
+                         process_count=2).batch_at(2)["input_ids"]
+           for p in (0, 1)]
+  whole = first.batch_at(2)["input_ids"]
+  np.testing.assert_array_equal(np.stack(parts, 1).reshape(whole.shape), whole)
+
+
+def test_sentence_pairs_follow_bert(texts, tmp_path):
+  tokenizer, corpus = _corpus(texts, tmp_path, packing="doc")
+  rows = CorpusBatcher(CorpusSplit("train", corpus), 64,
+                       seed=0).batch_at(0)["input_ids"]
+  cls, sep, pad = (tokenizer.cls_token_id, tokenizer.sep_token_id,
+                   tokenizer.pad_token_id)
+  ids, types, labels = sentence_pairs(rows, np.random.default_rng(0),
+                                      cls_id=cls, sep_id=sep, pad_id=pad)
+  assert 0.3 < labels.mean() < 0.7
+  for row, new, tt, label in zip(rows, ids, types, labels):
+    content = row[1:(row != pad).sum() - 1]
+    n = int((new != pad).sum())
+    seps = np.flatnonzero(new[:n] == sep)
+    assert new[0] == cls and seps[-1] == n - 1 and n <= len(row)
+    a, b = new[1:seps[0]], new[seps[0] + 1:n - 1]
+    np.testing.assert_array_equal(tt[:seps[0] + 1], 0)
+    np.testing.assert_array_equal(tt[seps[0] + 1:n], 1)
+    assert len(a) and len(b)
+    if label == 0:  # B is the text that follows A in the row
+      pair = np.concatenate([a, b])
+      assert any(np.array_equal(pair, content[k:k + len(pair)])
+                 for k in range(len(content) - len(pair) + 1))
+
+
+def test_nsp_head_matches_transformers_and_trains(texts, tmp_path):
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                   num_attention_heads=2, intermediate_size=64,
+                   max_position_embeddings=64)
+  model = create_model("pre_training", cfg, seed=1)
+  out = hf.export(model, tmp_path / "hf", "pre_training")
+  theirs = transformers.BertForPreTraining.from_pretrained(str(out)).eval()
+  ids = np.random.default_rng(0).integers(1000, 2000, (2, 12)).astype(np.int32)
+  types = np.zeros_like(ids)
+  types[:, 6:] = 1
+  mask = np.ones_like(ids)
+  mlm, nsp = model(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
+  with torch.no_grad():
+    ref = theirs(input_ids=torch.tensor(ids, dtype=torch.long),
+                 attention_mask=torch.tensor(mask),
+                 token_type_ids=torch.tensor(types, dtype=torch.long))
+  np.testing.assert_allclose(mlm, ref.prediction_logits.numpy(), atol=2e-4)
+  np.testing.assert_allclose(nsp, ref.seq_relationship_logits.numpy(),
+                             atol=2e-4)
+  # Importing BertForPreTraining gives the same model back.
+  again, report = hf.load_pretrained(str(out), "pre_training")
+  assert not report.missing and not report.unexpected
+  np.testing.assert_allclose(again(jnp.asarray(ids), jnp.asarray(mask),
+                                   jnp.asarray(types))[1], nsp, atol=1e-6)
+
+  config = _config(texts, total_steps=4, eval_every_steps=4,
+                   checkpoint_every_steps=4,
+                   **{"task_options.next_sentence": True,
+                      "task_options.packing": "doc"})
+  summary = train.train_and_evaluate(config, str(tmp_path / "nsp"))
+  assert train.restore(str(tmp_path / "nsp")).task.HEAD == "pre_training"
+  assert np.isfinite(summary["eval/loss"])
+
+
+def test_fill_mask_pipeline_on_exported_model_gives_our_top5(tmp_path, caplog):
+  """MiniLM (no MLM head: a new one, reported), exported as BertForMaskedLM."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  with caplog.at_level("INFO", logger="research.models.hf"):
+    model, report = hf.load_pretrained("all-minilm-l6-v2", "masked_lm",
+                                       seed=0)
+  assert {"transform.kernel", "decoder_bias"} <= set(report.missing)
+  assert "newly initialised" in caplog.text and "transform" in caplog.text
+  out = hf.export(model, tmp_path / "mlm", "masked_lm",
+                  tokenizer_dir=hf.resolve("all-minilm-l6-v2"))
+  tokenizer = data.load_tokenizer(str(out))
+  fill = transformers.pipeline("fill-mask", model=str(out),
+                               tokenizer=str(out), top_k=5, device="cpu")
+  sentences = ["the capital of france is [MASK].",
+               "she went to the [MASK] to buy bread.",
+               "deep learning models need a lot of [MASK]."]
+  for text in sentences:
+    enc = tokenizer(text, return_tensors="np")
+    logits = model(jnp.asarray(enc["input_ids"]),
+                   jnp.asarray(enc["attention_mask"]),
+                   jnp.asarray(enc["token_type_ids"]))
+    where = int(np.flatnonzero(enc["input_ids"][0] ==
+                               tokenizer.mask_token_id)[0])
+    ours = list(np.argsort(-np.asarray(logits[0, where]))[:5])
+    assert [r["token"] for r in fill(text)] == ours
+
+
+def test_pod_recipe_on_fsdp_mesh_follows_one_device(texts, tmp_path):
+  """The pod recipe validates (both phases, both optimisers); its tiny
+  version trains on 8 simulated devices (fsdp=8) as on one device."""
+  for arg in ("phase=1,files=a.txt", "phase=2,init=/m,files=a.txt,"
+              "optimizer=lamb,mesh=4x8x1"):
+    validate(pretrain_bert_base.get_config(arg))
+  with pytest.raises(ValueError, match="phase=2 starts from phase 1"):
+    pretrain_bert_base.get_config("phase=2,files=a.txt")
+  assert len(jax.devices()) == 8
+  arg = f"tiny=1,files={texts[0]},eval={texts[1]},batch=16,warmup=1,lr=0.003"
+  losses = {}
+  for mesh in ("1x8x1", "1x1x1"):
+    config = pretrain_bert_base.get_config(f"{arg},mesh={mesh}")
+    config.wandb.mode = "disabled"
+    config.model.hidden_dropout = config.model.attention_dropout = 0.0
+    config.data.cache_dir = str(tmp_path / "cache")
+    train.train_and_evaluate(config, str(tmp_path / mesh))
+    losses[mesh] = _losses(tmp_path / mesh)
+  assert len(losses["1x8x1"]) == 4
+  np.testing.assert_allclose(list(losses["1x8x1"].values()),
+                             list(losses["1x1x1"].values()), rtol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["empty", "binary", "small", "rate_high",
+                                  "rate_zero", "missing"])
+def test_bad_input_is_a_clear_error(texts, tmp_path, case):
+  bad = tmp_path / "bad.txt"
+  config = _config(texts)
+  config.data.cache_dir = str(tmp_path / "cache")
+  if case == "empty":
+    bad.write_text("\n  \n")
+    error, match = data.DataError, f"{bad}: empty corpus"
+  elif case == "binary":
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    error, match = data.DataError, f"{bad}, line 1: not valid UTF-8.*must be UTF-8 text"
+  elif case == "small":
+    bad.write_text("just a few words\n")
+    error, match = data.DataError, "1 rows .* fewer than one batch \\(batch_size=16\\)"
+  elif case == "missing":
+    bad = tmp_path / "nope*.txt"
+    error, match = data.DataError, "config.task_options.train_files: no such file"
+  else:
+    config.task_options.mask_probability = 1.5 if case == "rate_high" else 0.0
+    error, match = ConfigError, "config.task_options.mask_probability=.* must be in \\(0, 1\\)"
+  config.task_options.train_files = (str(bad),)
+  with pytest.raises(error, match=match):
+    train.build(config, str(tmp_path / "run"))
+
+
+def test_bench_counts_the_tied_decoder(texts, tmp_path):
+  """MLM tokens/s and MFU: the analytic FLOPs (with the tied decoder, a
+  vocab x hidden matmul per token) agree with XLA's count of the step."""
+  config = _config(texts, total_steps=4)
+  config.data.cache_dir = str(tmp_path / "cache")
+  result = bench.benchmark(config, steps=4, warmup=1, peak_tflops=1.0)
+  column = result["columns"][0]
+  assert column["real_tokens_per_s"] > 0 and 0 < column["mfu"] < 1
+  assert column["cost_analysis"]["ratio"] == pytest.approx(1.0, abs=0.1)
+
+
+def test_continue_pretraining_tapt_reads_a_table_column():
+  config = continue_pretraining.get_config(
+      f"table={WIKI.parent / 'glue_cola' / 'train.tsv'},"
+      f"eval={WIKI.parent / 'glue_cola' / 'dev.tsv'},columns=sentence")
+  validate(config)
+  assert config.task_options.corpus == "" and config.data.text_fields == (
+      "sentence",)
