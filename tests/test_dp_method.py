@@ -6,7 +6,6 @@ gradient function through `make_train_step` with plain SGD at learning rate
 """
 
 import json
-import math
 import pathlib
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from research.data import samplers
 from research.methods import dp_sgd as dp_method
 from research.training import steps as steps_lib
 from tests import test_reliability as rel
+from tests.test_dp_sgd import _noise_std_check
 from tests.test_train import _metrics, _tiny_config
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
@@ -127,21 +127,13 @@ def noisy(tiny_model_dir):
               **kw, "privacy.noise_multiplier": 0.0})))
 
 
-def _std_check(samples, expected):
-  """Mean 0 and std `expected` within 5 standard errors."""
-  samples = np.asarray(samples, np.float64).ravel()
-  n = samples.size
-  assert abs(samples.mean()) < 5 * expected / math.sqrt(n)
-  assert abs(samples.std() - expected) < 5 * expected / math.sqrt(2 * n)
-
-
 def test_noise_std_is_sigma_c_over_expected_batch(noisy):
   run, clean = noisy
   batch = _batch(run, real=11)  # the divisor is B, not the 11 drawn
   stepper, base = Stepper(run), Stepper(clean).grads([batch])
   draws = [stepper.grads([batch], micro_step=s) for s in range(4)]
   noise = np.stack(draws) - base  # 4 steps x ~1M weights
-  _std_check(noise, 1.3 * 0.05 / B)
+  _noise_std_check(noise, 1.3 * 0.05 / B)
   corr = np.corrcoef(noise)
   assert np.abs(corr[~np.eye(4, dtype=bool)]).max() < 0.01  # new per step
   # The noise is a function of (seed, step): resume redraws it exactly.
@@ -301,8 +293,8 @@ def test_shuffle_is_accounted_with_its_caveat(tiny_model_dir):
 # --- Exact resume after SIGKILL ------------------------------------------------
 
 RESUME = {"privacy.enabled": True, "privacy.target_epsilon": 8.0,
-          "total_steps": 20, "eval_every_steps": 5,
-          "checkpoint_every_steps": 5}
+          "total_steps": 12, "log_every_steps": 2, "eval_every_steps": 4,
+          "checkpoint_every_steps": 4}
 
 
 def test_sigkill_then_resume_is_exact_and_epsilon_continues(
@@ -317,10 +309,10 @@ def test_sigkill_then_resume_is_exact_and_epsilon_continues(
 
   workdir, log_path = tmp_path / "run", tmp_path / "killed.log"
   args = rel._cli(tiny_model_dir, workdir, **RESUME)  # pylint: disable=protected-access
-  proc = rel._kill_after_checkpoint(args, cache, workdir, log_path, 5)  # pylint: disable=protected-access
+  proc = rel._kill_after_checkpoint(args, cache, workdir, log_path, 4)  # pylint: disable=protected-access
   assert proc.returncode == -signal.SIGKILL
   resume_from = rel._steps_on_disk(workdir)[-1]  # pylint: disable=protected-access
-  assert 5 <= resume_from < 20
+  assert 4 <= resume_from < 12
   out = subprocess.run(args, cwd=rel.REPO, env=rel._env(cache),  # pylint: disable=protected-access
                        capture_output=True, text=True, timeout=600,
                        check=False)
@@ -328,17 +320,17 @@ def test_sigkill_then_resume_is_exact_and_epsilon_continues(
   assert f"resumed from step {resume_from}" in out.stderr
   step_a, state_a, extras_a = rel._restore(straight)  # pylint: disable=protected-access
   step_b, state_b, extras_b = rel._restore(workdir)  # pylint: disable=protected-access
-  assert step_a == step_b == 20 and extras_a == extras_b
+  assert step_a == step_b == 12 and extras_a == extras_b
   rel._assert_trees_equal(state_a, state_b)  # pylint: disable=protected-access
   # The spent epsilon continues from the step (equal logs), it does not
   # restart at 0 after the resume.
   logged = [_metrics(d) for d in (straight, workdir)]
   assert logged[0] == logged[1]
   eps = [r["privacy/epsilon"] for r in logged[1] if "privacy/epsilon" in r]
-  assert len(eps) == 20 // rel.BASE["log_every_steps"]
+  assert len(eps) == 12 // 2
   assert np.all(np.diff(eps) > 0)
   summaries = [json.loads(pathlib.Path(d, "summary.json").read_text())
                for d in (straight, workdir)]
   assert summaries[0]["privacy/epsilon"] == summaries[1]["privacy/epsilon"]
   assert summaries[1]["privacy/epsilon"] == pytest.approx(_direct_epsilon(
-      B / N, summaries[1]["privacy/noise_multiplier"], 20, 1 / N), rel=1e-12)
+      B / N, summaries[1]["privacy/noise_multiplier"], 12, 1 / N), rel=1e-12)

@@ -56,9 +56,14 @@ import jax
 
 from research import methods
 from research.configs.plugins import ConfigError
-from research.privacy import accounting
-from research.privacy import dp_sgd
 from research.training import steps as steps_lib
+
+try:
+  from research.privacy import accounting  # pylint: disable=g-import-not-at-top
+  from research.privacy import dp_sgd  # pylint: disable=g-import-not-at-top
+except ModuleNotFoundError as e:  # the optional extra
+  raise ConfigError(f"config.privacy.enabled needs {e.name}: pip install "
+                    "-e '.[privacy]' (dp-accounting, jax-privacy)") from e
 
 log = logging.getLogger("research.methods.dp_sgd")
 
