@@ -124,7 +124,7 @@ def precompile_evaluators(evaluators_, params, frozen) -> threading.Thread:
   return thread
 
 
-def make_batchers(config, train_split, eval_splits, mesh):
+def make_batchers(config, train_split, eval_splits, mesh, methods=()):
   """The training loader and one eval loader per split, checked against the mesh.
 
   The training loader yields micro-batches (`batch_size / grad_accum_steps`
@@ -132,6 +132,8 @@ def make_batchers(config, train_split, eval_splits, mesh):
   buckets, so evaluation adds no shapes. With packing
   (`data.examples_per_row` > 1) the training buckets are row lengths, and
   evaluation (never packed) chooses its own from its lengths.
+
+  The methods may replace the sampler (DP-SGD: Poisson sampling).
 
   Returns:
     (train Batcher, {split name: eval Batcher}).
@@ -151,16 +153,17 @@ def make_batchers(config, train_split, eval_splits, mesh):
                                what)
   parallelism.check_batch_size(config.eval_batch_size, mesh,
                                "config.eval_batch_size")
+  sampler, sampler_options = methods_lib.sampler(
+      methods, config.data.sampler, config.data.sampler_options)
   train_batches = data.Batcher(
       train_split, config.batch_size // accum, config.data.buckets,
       seed=config.seed, shuffle=True, examples_per_row=per_row,
-      sampler=config.data.sampler,
-      sampler_options=config.data.sampler_options,
+      sampler=sampler, sampler_options=sampler_options,
       num_buckets=num_buckets(config, mesh), **hosts)
   if train_batches.batch_size != config.batch_size // accum:
     parallelism.check_batch_size(
         train_batches.batch_size, mesh,
-        f"the padded batch of sampler {config.data.sampler!r} "
+        f"the padded batch of sampler {sampler!r} "
         "(config.data.sampler_options.max_batch_size)")
   eval_buckets = () if per_row > 1 else train_batches.buckets
   eval_batches = {
@@ -273,8 +276,12 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
 
   mesh = parallelism.make_mesh(config.parallelism, devices)
   accum = config.optimizer.grad_accum_steps
-  train_batches, eval_batches = (task.make_batchers or make_batchers)(
-      config, train_split, eval_splits, mesh)
+  if task.make_batchers:  # a task with its own input (a corpus)
+    train_batches, eval_batches = task.make_batchers(
+        config, train_split, eval_splits, mesh)
+  else:
+    train_batches, eval_batches = make_batchers(
+        config, train_split, eval_splits, mesh, methods)
   micro_steps_per_epoch = train_batches.steps_per_epoch  # DataError if < 1
   try:
     total_steps = optimizers.steps_from_config(config, micro_steps_per_epoch)
@@ -309,6 +316,10 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
            list(train_batches.buckets), train_batches.padding_efficiency(0),
            partition.count(trainable),
            partition.count(trainable) + partition.count(frozen))
+
+  for method in methods:  # e.g. DP-SGD calibrates its noise for the plan
+    method.prepare(train_split=train_split, total_steps=total_steps,
+                   workdir=workdir)
 
   # --- Update step and evaluators -------------------------------------------------
   # The task's loss, wrapped by the methods; their gradient function.
@@ -443,6 +454,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"config.optimizer.learning_rate or raise config.max_bad_steps.")
 
   # --- Training loop ------------------------------------------------------------
+  limit = methods_lib.step_limit(run.methods)  # e.g. a privacy budget
+  if limit is not None and limit[0] < total_steps:
+    log.warning("stopping after step %d of %d: %s", limit[0], total_steps,
+                limit[1])
+    total_steps = limit[0]
   summary = {}
   if start_step >= total_steps:
     log.info("run already finished at step %d", start_step)
@@ -491,6 +507,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             # Batch shapes met so far (each traced once; with
             # config.precompile all were compiled before step 1).
             "train/compilations": train_step._cache_size(),  # pylint: disable=protected-access
+            **methods_lib.metrics(run.methods, step),
         }
         tracker.log(step, train_metrics)
         bar.set_postfix(loss=f"{train_metrics['train/loss']:.4f}",
@@ -528,7 +545,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                f"best/{best_key}": progress["best"],
                "train_step_compilations": train_step._cache_size(),  # pylint: disable=protected-access
                "eval_step_compilations": run.eval_step._cache_size(),  # pylint: disable=protected-access
-               **skipped_counts}
+               **skipped_counts,
+               **methods_lib.metrics(run.methods, step, summary=True)}
+    if limit is not None and step == limit[0] < run.total_steps:
+      summary["stopped"] = limit[1]
     if eval_results is None and run.evaluators:
       eval_results = evaluate(state["params"])
     summary.update(eval_results or {})

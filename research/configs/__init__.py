@@ -33,6 +33,8 @@ CHOICES = {
     "parallelism.strategy": ("jit", "pmap"),
     "parallelism.distributed": ("auto", "on", "off"),
     "cpu_malloc": ("auto", "retain", "default"),
+    "privacy.sampling": ("poisson", "shuffle"),
+    "privacy.accountant": ("rdp", "pld"),
 }
 
 # Sub-configs whose keys their plug-in checks, not the schema.
@@ -104,7 +106,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.source in ("tfds", "hf") and not config.data.name:
     raise ConfigError(f"config.data.source={config.data.source!r} needs "
                       "config.data.name (e.g. 'glue/sst2')")
+  _check_privacy_off(config, schema, given)
   _validate_plugins(config)
+
+
+def _check_privacy_off(config, schema, given) -> None:
+  """A privacy setting without config.privacy.enabled would train in the clear."""
+  privacy = config.get("privacy")
+  if privacy is None or privacy.enabled:
+    return
+  changed = [k for k in given if k.startswith("privacy.")
+             and k != "privacy.enabled" and given[k] != schema[k]]
+  if changed:
+    raise ConfigError(
+        f"config.{changed[0]}={given[changed[0]]!r} is set but "
+        "config.privacy.enabled=False: the run would not be private; set "
+        "config.privacy.enabled=True (or leave config.privacy at its defaults)")
 
 
 def _validate_plugins(config) -> None:
@@ -113,11 +130,12 @@ def _validate_plugins(config) -> None:
   from research import evaluators, methods, tasks
   from research.data import samplers
   task = tasks.load(config)
-  methods.load(config)
+  loaded = methods.load(config)
   evaluators.validate(config, task)
-  sampler = config.data.sampler
+  sampler, sampler_options = methods.sampler(loaded, config.data.sampler,
+                                             config.data.sampler_options)
   if sampler == "auto":
     sampler = "shuffle" if config.data.examples_per_row > 1 else "bucketed"
-  plugins.options(config.data.sampler_options,
+  plugins.options(sampler_options,
                   getattr(samplers.module(sampler), "CONFIG", {}),
                   "config.data.sampler_options", f"sampler {sampler!r}")

@@ -15,6 +15,19 @@ run through up to three seams, each optional:
                        perturbation, a teacher's targets;
   grad_fn(grad_fn)     a new gradient function (per-example gradients,
                        clipping and noise for DP-SGD).
+
+and, for a method that governs the whole run (DP-SGD, `dp_sgd.py`, which
+`config.privacy.enabled` adds last to the methods):
+
+  sampler(name, options)  the training order `(config.data.sampler, its
+                       options)`, possibly replaced (Poisson sampling);
+  prepare(train_split=, total_steps=, workdir=)  called by `train.build`
+                       once the data and the planned steps are known, before
+                       the update step is built (noise calibration);
+  step_limit()         `(steps, reason)`: the run stops after `steps`
+                       (a privacy budget), or None;
+  metrics(step)        scalars logged with the training metrics (epsilon
+                       spent); summary(step): what summary.json gets.
 """
 
 from flax import nnx
@@ -42,17 +55,47 @@ class Method:
   def grad_fn(self, grad_fn):
     return grad_fn
 
+  def sampler(self, name, options):
+    return name, options
+
+  def prepare(self, *, train_split, total_steps, workdir):
+    del train_split, total_steps, workdir
+
+  def step_limit(self):
+    return None
+
+  def metrics(self, step):
+    del step
+    return {}
+
+  def summary(self, step):
+    return self.metrics(step)
+
 
 def option_key(name):
   """A method's key in config.method_options: its name, or a path's last part."""
   return name.rsplit(".", 1)[-1]
 
 
+# Added last to the methods by `config.privacy.enabled`; its options are
+# config.privacy (a property of the whole run, not of one method).
+PRIVACY_METHOD = "dp_sgd"
+
+
+def names(config):
+  """config.methods, then PRIVACY_METHOD when config.privacy.enabled."""
+  out = tuple(config.get("methods", ()))
+  privacy = config.get("privacy")
+  if privacy is not None and privacy.enabled and PRIVACY_METHOD not in out:
+    out += (PRIVACY_METHOD,)
+  return out
+
+
 def load(config):
   """The run's methods, in config order (ConfigError for bad names/options)."""
   out = []
   given = config.get("method_options")
-  for i, name in enumerate(config.get("methods", ())):
+  for i, name in enumerate(names(config)):
     mod = plugins.module(PACKAGE, name, f"config.methods[{i}]", "Method")
     key = option_key(name)
     opts = plugins.options(
@@ -79,3 +122,24 @@ def grad_fn(methods, grad_fn):
   for m in methods:
     grad_fn = m.grad_fn(grad_fn)
   return grad_fn
+
+
+def sampler(methods, name, options):
+  """The training sampler and its options after each method's say."""
+  for m in methods:
+    name, options = m.sampler(name, options)
+  return name, options
+
+
+def step_limit(methods):
+  """The smallest `(steps, reason)` of the methods' limits, or None."""
+  limits = [lim for m in methods if (lim := m.step_limit()) is not None]
+  return min(limits, key=lambda lim: lim[0]) if limits else None
+
+
+def metrics(methods, step, summary=False):
+  """Every method's logged metrics at `step` (its summary's with summary)."""
+  out = {}
+  for m in methods:
+    out.update(m.summary(step) if summary else m.metrics(step))
+  return out

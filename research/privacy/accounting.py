@@ -84,7 +84,8 @@ def resolve_delta(delta: float | None, num_examples: int) -> float:
     raise ValueError(
         f"config.privacy.delta = {delta} must be in (0, 1/N] = (0, "
         f"{1 / num_examples:.3g}] for N = {num_examples} training examples; "
-        "leave it unset (None) for 1/N or choose a smaller value")
+        "leave it unset (None; config.privacy.delta <= 0) for 1/N or choose "
+        "a smaller value")
   return float(delta)
 
 

@@ -184,11 +184,15 @@ def dp_value_and_grad(per_example_loss_fn: Callable[..., jax.Array], *,
       noise is added once to the total. None on a single program.
 
   Returns:
-    `fn(params, batch, key) -> (mean_loss, grads, aux)`. `key` must be the
-    same on every device; dropout keys are derived from it per device and
-    per example, the noise key once. `mean_loss` is the weighted mean over
-    the (global) batch; `aux` has `grad_norms` [B local], `clip_fraction`
-    and `num_examples` (global).
+    `fn(params, batch, key, noise_key=None, noise_scale=1.0) -> (mean_loss,
+    grads, aux)`. Without `noise_key`, `key` must be the same on every
+    device: dropout keys are derived from it per device and per example, the
+    noise key once. With `noise_key` (the same on every device), `key` is
+    the dropout key alone and may differ per device. `noise_scale` (may be
+    traced) multiplies the noise: 0 on the micro-batches of an accumulated
+    logical batch but its last. `mean_loss` is the weighted mean over the
+    (global) batch; `aux` has `grad_norms` [B local], `clip_fraction` and
+    `num_examples` (global).
   """
   if noise_multiplier < 0:
     raise ValueError(f"config.privacy.noise_multiplier = {noise_multiplier} "
@@ -199,8 +203,11 @@ def dp_value_and_grad(per_example_loss_fn: Callable[..., jax.Array], *,
   clipped = clip_and_sum(per_example_loss_fn, clip_norm=clip_norm,
                          chunk_size=chunk_size)
 
-  def fn(params, batch, key):
-    noise_key, dropout_key = jax.random.split(key)
+  def fn(params, batch, key, noise_key=None, noise_scale=1.0):
+    if noise_key is None:
+      noise_key, dropout_key = jax.random.split(key)
+    else:
+      dropout_key = key
     if axis_name is not None:
       dropout_key = jax.random.fold_in(dropout_key,
                                        jax.lax.axis_index(axis_name))
@@ -215,7 +222,7 @@ def dp_value_and_grad(per_example_loss_fn: Callable[..., jax.Array], *,
     if axis_name is not None:
       grad_sum, stats = jax.lax.psum((grad_sum, stats), axis_name)
     grads = add_noise(grad_sum, noise_key, clip_norm=clip_norm,
-                      noise_multiplier=noise_multiplier,
+                      noise_multiplier=noise_multiplier * noise_scale,
                       expected_batch_size=expected_batch_size)
     return stats["loss_sum"] / jnp.maximum(stats["weight_sum"], 1.0), grads, {
         "grad_norms": norms,

@@ -26,6 +26,9 @@ Python pipeline is what must keep up with it.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -46,6 +49,25 @@ def value_and_grad(loss_fn):
   return jax.value_and_grad(loss_fn, has_aux=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepGradFn:
+  """A gradient function that is given the micro-step and reduces over devices.
+
+  What `grad_fn(loss_fn)` returns when the gradient needs more than the
+  batch and a per-device key (DP-SGD: noise drawn once per logical batch
+  from the step, added after the all-reduce):
+
+    fn(params, frozen, batch, key, *, micro_step, axis_name)
+        -> ((loss, aux), grads)
+
+  `micro_step` is the same on every device. Under `strategy="pmap"`,
+  `axis_name` names the data axes and `fn` returns the global mean loss and
+  gradient, the same on every device: the step adds no reduction of its own.
+  Under jit `axis_name` is None (one global program).
+  """
+  fn: Callable
+
+
 def make_train_step(tx, loss_fn, *, seed, mesh, strategy, state_sharding,
                     frozen_sharding, grad_fn=value_and_grad, transform=None):
   """The jitted update: `(state, frozen, batch, micro_step) -> (state, metrics)`.
@@ -64,7 +86,8 @@ def make_train_step(tx, loss_fn, *, seed, mesh, strategy, state_sharding,
       trainable parameters and their optimiser state; donated).
     frozen_sharding: NamedShardings of `frozen` (not donated).
     grad_fn: `loss_fn -> ((loss, aux), grads) function`, by default
-      `jax.value_and_grad(loss_fn, has_aux=True)`.
+      `jax.value_and_grad(loss_fn, has_aux=True)`, or `loss_fn ->
+      StepGradFn` (see there).
     transform: `(batch, key) -> batch`, applied before the loss with
       `key = fold_in(fold_in(key(seed), micro_step), TRANSFORM_STREAM)`;
       None: no transform.
@@ -77,10 +100,14 @@ def make_train_step(tx, loss_fn, *, seed, mesh, strategy, state_sharding,
   batch_sharding = parallelism.batch_sharding(mesh)
   replicated = parallelism.replicated(mesh)
   value_and_grads = grad_fn(loss_fn)
+  reduces = isinstance(value_and_grads, StepGradFn)
 
-  def forward_backward(state, frozen, batch, key):
+  def forward_backward(state, frozen, batch, key, micro_step, axis_name=None):
     if transform is not None:
       batch = transform(batch, jax.random.fold_in(key, TRANSFORM_STREAM))
+    if reduces:
+      return value_and_grads.fn(state["params"], frozen, batch, key,
+                                micro_step=micro_step, axis_name=axis_name)
     return value_and_grads(state["params"], frozen, batch, key)
 
   def apply(state, loss, grads):
@@ -103,7 +130,8 @@ def make_train_step(tx, loss_fn, *, seed, mesh, strategy, state_sharding,
   if strategy == "jit":
     def step(state, frozen, batch, micro_step):
       key = jax.random.fold_in(base_key, micro_step)
-      (loss, _), grads = forward_backward(state, frozen, batch, key)
+      (loss, _), grads = forward_backward(state, frozen, batch, key,
+                                          micro_step)
       return apply(state, loss, grads)
   else:
     axes = parallelism.BATCH_AXES
@@ -111,7 +139,10 @@ def make_train_step(tx, loss_fn, *, seed, mesh, strategy, state_sharding,
     def per_device(state, frozen, batch, micro_step):
       key = jax.random.fold_in(jax.random.fold_in(base_key, micro_step),
                                jax.lax.axis_index(axes))
-      (loss, aux), grads = forward_backward(state, frozen, batch, key)
+      (loss, aux), grads = forward_backward(state, frozen, batch, key,
+                                            micro_step, axes)
+      if reduces:  # already the global mean (StepGradFn)
+        return apply(state, loss, grads)
       # Each device's mean counts by its share of the global weight; the
       # psum is the gradient all-reduce.
       share = aux["weight"] / jnp.maximum(jax.lax.psum(aux["weight"], axes),

@@ -11,6 +11,12 @@ and counted in `Sampler.truncated`; an accountant should be told.
 
 An "epoch" here is n // batch_size batches, so that num_epochs keeps its
 meaning: each example is drawn about once per epoch on average.
+
+With gradient accumulation a logical batch must be one draw (an example in
+two micro-batches of one update would count twice): `micro_batches = k`
+makes each draw at rate k * batch_size / n, padded to k * max_batch_size and
+split in order into k consecutive batches of max_batch_size rows (DP-SGD
+sets it to `config.optimizer.grad_accum_steps`).
 """
 
 import math
@@ -21,22 +27,29 @@ from research.configs.plugins import ConfigError
 
 # max_batch_size: the padded batch; 0 = batch_size + 4 sqrt(batch_size),
 # rounded up to a multiple of gcd(batch_size, 128) (so the data-parallel
-# sizes that divide batch_size and 128 divide it too).
-CONFIG = {"max_batch_size": 0}
+# sizes that divide batch_size and 128 divide it too); with micro_batches k,
+# each batch's share of the draw's k * batch_size + 4 sqrt(k * batch_size).
+# micro_batches: consecutive batches that form one draw (see above).
+CONFIG = {"max_batch_size": 0, "micro_batches": 1}
 
 
 class Sampler:
   """See the module docstring."""
 
-  def __init__(self, lengths, batch_size, *, seed=0, max_batch_size=0):
+  def __init__(self, lengths, batch_size, *, seed=0, max_batch_size=0,
+               micro_batches=1):
+    if micro_batches < 1:
+      raise ConfigError(f"config.data.sampler_options.micro_batches="
+                        f"{micro_batches} must be >= 1")
+    k = self.micro_batches = int(micro_batches)
     self.num_examples = len(lengths)
     self.expected_batch_size = batch_size
     self.seed = int(seed) % 2**64  # SeedSequence needs a non-negative seed.
-    self.steps_per_epoch = self.num_examples // batch_size
-    self.rate = batch_size / max(self.num_examples, 1)
+    self.steps_per_epoch = k * (self.num_examples // (k * batch_size))
+    self.rate = k * batch_size / max(self.num_examples, 1)
     if max_batch_size <= 0:
       multiple = math.gcd(batch_size, 128)
-      want = batch_size + 4 * math.sqrt(batch_size)
+      want = batch_size + 4 * math.sqrt(k * batch_size) / k
       max_batch_size = multiple * math.ceil(want / multiple)
     if max_batch_size < batch_size:
       raise ConfigError(
@@ -48,15 +61,17 @@ class Sampler:
   def epoch(self, epoch, buckets=None):
     del buckets
     rng = np.random.default_rng([self.seed, epoch])
-    order = np.full((self.steps_per_epoch, self.batch_size), -1, np.int64)
+    k = self.micro_batches
+    draws, size = self.steps_per_epoch // k, k * self.batch_size
+    order = np.full((draws, size), -1, np.int64)
     cut = 0
-    for step in range(self.steps_per_epoch):
+    for step in range(draws):
       # A binomial count, then a uniform subset of that size: the same law
       # as n independent coin flips, at O(batch) cost per batch.
       count = int(rng.binomial(self.num_examples, self.rate))
-      if count > self.batch_size:
-        count, cut = self.batch_size, cut + 1
+      if count > size:
+        count, cut = size, cut + 1
       order[step, :count] = rng.choice(self.num_examples, count,
                                        replace=False)
     self.truncated[epoch] = cut
-    return order
+    return order.reshape(self.steps_per_epoch, self.batch_size)
