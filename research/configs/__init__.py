@@ -108,9 +108,11 @@ def _validate_plugins(config) -> None:
   """Each plug-in checks its own name and sub-config (imports them)."""
   # pylint: disable=import-outside-toplevel
   from research import evaluators, methods, tasks
+  from research.data import augment
   from research.data import samplers
   task = tasks.load(config)
   methods.load(config)
+  augment.check(config)
   evaluators.validate(config, task)
   sampler = config.data.sampler
   if sampler == "auto":
