@@ -31,7 +31,7 @@ class Method(methods.Method):
             "init_magnitude": 0.1}
 
   def __init__(self, config, **options):
-    super().__init__(config, **options)
+    super().__init__(config, **{**self.CONFIG, **options})
     adversarial.check_options(self.options, "config.method_options.freelb")
 
   def grad_fn(self, grad_fn):

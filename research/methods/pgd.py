@@ -33,7 +33,7 @@ class Method(methods.Method):
   CONFIG = {"epsilon": 1.0, "step_size": 0.3, "steps": 3, "norm": "l2"}
 
   def __init__(self, config, **options):
-    super().__init__(config, **options)
+    super().__init__(config, **{**self.CONFIG, **options})
     adversarial.check_options(self.options, self.where)
 
   @property
