@@ -170,7 +170,8 @@ def _rebuild(split, examples, repeat, name=None):
   return TokenizedSplit.sequence(
       name=name or split.name, where=split.where,
       input_ids=np.concatenate([ids for ids, _ in examples]),
-      token_type_ids=np.concatenate([t for _, t in examples]),
+      token_type_ids=np.concatenate([t for _, t in examples]).astype(
+          split.token_type_ids.dtype),
       offsets=offsets, labels=np.tile(split.labels, repeat),
       rows=np.tile(split.rows, repeat), max_length=split.max_length,
       has_labels=split.has_labels,
