@@ -26,7 +26,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from research.configs.plugins import ConfigError
 
@@ -167,7 +166,3 @@ def pgd(loss_of_delta, g, batch, mask, *, steps, step_size, epsilon, norm):
   grad = jax.grad(loss_of_delta)
   return jax.lax.fori_loop(0, steps - 1, lambda _, d: step(d, grad(d)), delta)
 
-
-def numpy_norms(delta, mask) -> np.ndarray:
-  """Per row L2 norms of a numpy perturbation (tests, logging)."""
-  return np.sqrt((np.square(np.asarray(delta)).sum(-1) * mask).sum(-1))
