@@ -40,8 +40,7 @@ class Method(methods.Method):
     steps = o["steps"]
 
     def make(loss_fn):
-      joint = grad_fn(lambda pd, frozen, batch, key: loss_fn(
-          pd[0], frozen, adversarial.with_delta(batch, pd[1]), key))
+      joint = grad_fn(adversarial.joint(loss_fn))
 
       def value_and_grads(params, frozen, batch, key):
         mask = adversarial.perturbable(batch, special)

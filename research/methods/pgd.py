@@ -54,8 +54,7 @@ class Method(methods.Method):
     """
     hidden, special = adversarial.model_facts(self.config)
     num_steps, step_size, epsilon, norm = self.attack()
-    joint = grad_fn(lambda pd, frozen, batch, key: loss_fn(
-        pd[0], frozen, adversarial.with_delta(batch, pd[1]), key))
+    joint = grad_fn(adversarial.joint(loss_fn))
 
     def perturb(params, frozen, batch, key):
       mask = adversarial.perturbable(batch, special)

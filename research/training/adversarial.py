@@ -88,6 +88,13 @@ def with_delta(batch, delta) -> dict:
   return {**batch, DELTA: delta}
 
 
+def joint(loss_fn):
+  """`loss_fn` of `((params, delta), frozen, batch, key)`: one gradient
+  function call gives the parameter gradient and the ascent direction."""
+  return lambda pd, frozen, batch, key: loss_fn(
+      pd[0], frozen, with_delta(batch, pd[1]), key)
+
+
 def _example_sum(x, batch) -> jax.Array:
   """x [B, L] -> [B, L]: at each token, the sum of x over its example."""
   if "segment_ids" in batch:  # packed rows: example k of a row is segment k
