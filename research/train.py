@@ -39,7 +39,9 @@ import numpy as np
 from research import data, evaluators, methods as methods_lib, parallelism
 from research import tasks
 from research.configs import ConfigError, validate
+from research.data import augment
 from research.models import hf
+from research.training import adversarial
 from research.training import host_memory
 from research.training import xla_flags
 from research.training import optimizers
@@ -269,6 +271,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
     raise ConfigError("no training split: set config.data.train_file "
                       "(local) or config.data.train_split")
   task.check_labels(label_names)
+  train_split = augment.from_config(config, train_split, tokenizer,
+                                    adversarial.special_ids(tokenizer))
   if labels_path and is_main:
     data.save_label_names(labels_path, label_names)
   for split, counts in skipped.items():
@@ -331,13 +335,15 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
       frozen_sharding=frozen_sharding)
   eval_steps = {}
 
-  def make_step(logits=False):
-    if logits not in eval_steps:
-      eval_steps[logits] = make_eval_step(
-          task.eval_forward(graphdef, logits), seed=config.seed, mesh=mesh,
+  def make_step(logits=False, wrap=None):
+    # wrap: `forward -> forward` of an evaluator (an embedding attack).
+    if (logits, wrap) not in eval_steps:
+      forward = task.eval_forward(graphdef, logits)
+      eval_steps[logits, wrap] = make_eval_step(
+          wrap(forward) if wrap else forward, seed=config.seed, mesh=mesh,
           params_sharding=state_sharding["params"],
           frozen_sharding=frozen_sharding, transform=task.transform)
-    return eval_steps[logits]
+    return eval_steps[logits, wrap]
 
   batch_sharding = parallelism.batch_sharding(mesh)
   return Run(

@@ -128,9 +128,11 @@ def _validate_plugins(config) -> None:
   """Each plug-in checks its own name and sub-config (imports them)."""
   # pylint: disable=import-outside-toplevel
   from research import evaluators, methods, tasks
+  from research.data import augment
   from research.data import samplers
   task = tasks.load(config)
   loaded = methods.load(config)
+  augment.check(config)
   evaluators.validate(config, task)
   sampler, sampler_options = methods.sampler(loaded, config.data.sampler,
                                              config.data.sampler_options)

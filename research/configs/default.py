@@ -44,6 +44,17 @@ def get_config():
   # split, options...}. Empty: the task's defaults, one evaluator per eval
   # split (metrics below).
   c.evals = ml_collections.ConfigDict()
+  # Augmented copies of the training examples (research/data/augment.py),
+  # made once from config.seed: ops of swap | delete | insert (EDA) |
+  # contextual (a masked LM's top predictions; mlm_model: a checkpoint with
+  # its MLM head and the training vocabulary). copies = 0: off.
+  c.augment = ml_collections.ConfigDict()
+  c.augment.ops = ()
+  c.augment.copies = 0
+  c.augment.rate = 0.1
+  c.augment.mlm_model = ""
+  c.augment.mlm_batch_size = 64
+  c.augment.log_examples = 3
 
   # --- Data --------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()

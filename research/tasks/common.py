@@ -115,8 +115,17 @@ class Task:
     return inputs
 
   def forward(self, model, batch, rngs=None):
-    """The model's outputs; `rngs=None` is evaluation (no dropout)."""
-    return model(**self.model_inputs(batch), rngs=rngs)
+    """The model's outputs; `rngs=None` is evaluation (no dropout).
+
+    A batch with `embeds_delta` [B, L, hidden] (`research.training.adversarial`)
+    runs on the word embeddings plus that perturbation (`inputs_embeds`).
+    """
+    inputs = self.model_inputs(batch)
+    if "embeds_delta" in batch:
+      embeds = model.bert.embeddings.word_embeddings(inputs.pop("input_ids"))
+      inputs.update(input_ids=None, inputs_embeds=embeds + batch[
+          "embeds_delta"].astype(embeds.dtype))
+    return model(**inputs, rngs=rngs)
 
   # --- Data ------------------------------------------------------------------------
 
