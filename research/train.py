@@ -285,6 +285,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
 
   # --- Model: trainable and frozen parts, optimiser state -----------------------
   model = task.load_model(model_dir)
+  tx = methods_lib.optimizer(methods, tx, total_steps)
   if config.data.max_length > model.cfg.max_position_embeddings - model.cfg.position_offset:
     raise ConfigError(
         f"config.data.max_length={config.data.max_length} exceeds the "
