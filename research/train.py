@@ -524,6 +524,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                f"best/{best_key}": progress["best"],
                "train_step_compilations": train_step._cache_size(),  # pylint: disable=protected-access
                "eval_step_compilations": run.eval_step._cache_size(),  # pylint: disable=protected-access
+               # What a method trains (checkpoints hold this part only).
+               "params/trainable": partition.count(state["params"]),
+               "params/total": partition.count(state["params"])
+                               + partition.count(frozen[0]),
                **skipped_counts}
     if eval_results is None and run.evaluators:
       eval_results = evaluate(state["params"])
