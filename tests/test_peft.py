@@ -253,18 +253,24 @@ def optax_mu(opt_state):
 
 
 def test_lora_dropout_is_on_in_training_only(tiny_model_dir):
-  run = train.build(_method_config(tiny_model_dir, "lora"))
-  batch = parallelism.shard_batch(run.train_batches.batch_at(0),
-                                  run.batch_sharding)
-  rest = run.frozen[1]
-  on = [v for p, v in nnx.to_flat_state(rest) if p[-1] == "dropout_on"]
-  assert on and not any(bool(v[...]) for v in on)
-  keyed = layers.with_dropout_keys(rest, jax.random.key(3))
-  flat = dict(nnx.to_flat_state(keyed))
-  keys = [np.asarray(v[...]) for p, v in flat.items() if p[-1] == "dropout_key"]
-  assert all(bool(v[...]) for p, v in flat.items() if p[-1] == "dropout_on")
-  assert len({k.tobytes() for k in keys}) == len(keys) == 4  # one per layer
-  del batch
+  model = _load(tiny_model_dir, "lora_all")  # lora_dropout=0.1
+  _randomise(model, ("lora_b",))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  switches = [v for p, v in nnx.to_flat_state(rest) if p[-1] == "dropout_on"]
+  assert len(switches) == 2 * 6 + 1 and not any(bool(v[...]) for v in switches)
+  ids, mask = _inputs()
+  run = lambda r: np.asarray(nnx.merge(graphdef, params, r)(ids, mask))  # pylint: disable=unnecessary-lambda-assignment
+  plain = run(rest)
+  # Evaluation (the state as stored): no dropout, the same every time.
+  np.testing.assert_array_equal(run(rest), plain)
+  one = run(layers.with_dropout_keys(rest, jax.random.key(1)))
+  two = run(layers.with_dropout_keys(rest, jax.random.key(2)))
+  assert np.abs(one - plain).max() > 1e-6 and np.abs(one - two).max() > 1e-6
+  np.testing.assert_array_equal(
+      run(layers.with_dropout_keys(rest, jax.random.key(1))), one)
+  keys = [np.asarray(v[...]).tobytes() for p, v in nnx.to_flat_state(
+      layers.with_dropout_keys(rest, jax.random.key(1))) if p[-1] == "dropout_key"]
+  assert len(set(keys)) == len(keys)  # one mask stream per layer
 
 
 def test_adalora_reaches_its_budget_on_schedule(tiny_model_dir):

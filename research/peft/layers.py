@@ -26,11 +26,14 @@ the frozen part) that the method's `wrap_loss` sets from the step's key
 
 from __future__ import annotations
 
+import difflib
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from research.configs.plugins import ConfigError
 
 # Layers of the encoder (the names `make_dense` is given) that "all-linear"
 # selects; the task heads are trained whole instead.
@@ -54,9 +57,7 @@ def layer_name_matches(name: str, targets) -> bool:
 
 
 def check_targets(targets, field: str):
-  """Raises ValueError naming `field` for a target no layer has."""
-  from research.configs.plugins import ConfigError  # pylint: disable=import-outside-toplevel
-  import difflib  # pylint: disable=import-outside-toplevel
+  """The targets as a tuple; ConfigError naming `field` for a name no layer has."""
   if isinstance(targets, str):
     targets = (targets,)
   valid = set(ENCODER_LAYERS) | {n.rsplit(".", 1)[-1] for n in ENCODER_LAYERS}
@@ -97,10 +98,9 @@ def with_dropout_keys(rest: nnx.State, key) -> nnx.State:
   return nnx.from_flat_state(out)
 
 
-def _flat_in(x, axis, kernel_ndim):
+def _flat_in(x, axis):
   """x [..., *in] -> [..., prod(in)] for the contracted (trailing) axes."""
   n_in = len(axis) if isinstance(axis, tuple) else 1
-  del kernel_ndim
   return x.reshape(x.shape[:x.ndim - n_in] + (-1,))
 
 
@@ -139,7 +139,7 @@ class _LowRankDense(nnx.LinearGeneral):
     y = super().__call__(inputs, out_sharding=out_sharding)
     if self.merged:
       return y
-    x = _flat_in(self._drop(inputs), self.axis, self.kernel.ndim)
+    x = _flat_in(self._drop(inputs), self.axis)
     return y + self.low_rank(x).reshape(y.shape).astype(y.dtype)
 
   def merge(self):
