@@ -2,6 +2,13 @@
 
     python -m research.export --workdir /tmp/quickstart --out /tmp/quickstart_hf
     python -m research.export --workdir /tmp/quickstart --out DIR --which=latest
+    python -m research.export --workdir /tmp/lora_run --out DIR --peft
+
+A LoRA or AdaLoRA run exports its updates merged into the weights, or with
+`--peft` as a Hugging Face PEFT adapter directory (adapter_config.json,
+adapter_model.safetensors) for `peft.PeftModel.from_pretrained` on the base
+model. Adapter and prefix-tuning runs change the network's structure, which
+a `transformers` BERT cannot hold: their export is refused.
 
 The directory (config.json, model.safetensors, tokenizer files, id2label)
 loads in `transformers`, e.g. `BertForSequenceClassification.from_pretrained`.
@@ -16,7 +23,8 @@ from research import data, train
 from research.models import hf
 
 
-def export_run(workdir: str, out_dir: str, which: str = "best") -> str:
+def export_run(workdir: str, out_dir: str, which: str = "best",
+               peft_dir: bool = False) -> str:
   """Restores the run's best (or latest) model and writes it out.
 
   The model is the run's trained parameters merged with its frozen ones
@@ -26,13 +34,37 @@ def export_run(workdir: str, out_dir: str, which: str = "best") -> str:
     workdir: a finished or running `research.train` workdir.
     out_dir: the Hugging Face directory to write.
     which: "best" (by config.eval_metric) or "latest".
+    peft_dir: write the LoRA/AdaLoRA adapters as a PEFT directory instead.
 
   Returns:
     The output directory.
   """
+  from research.peft import hf_peft, layers  # pylint: disable=import-outside-toplevel
   restored = train.restore(workdir, which)
+  model = restored.model
+  structural = {n for n in ("adapters", "prefix_tuning")
+                if n in tuple(restored.config.get("methods", ()))}
+  if structural:
+    raise ValueError(f"{workdir}: methods {sorted(structural)} add layers a "
+                     "transformers BERT does not have; use the run's "
+                     "checkpoints (research.train.restore)")
+  if peft_dir:
+    name = next((n for n in ("lora", "adalora")
+                 if n in tuple(restored.config.methods)), None)
+    if name is None:
+      raise ValueError(f"{workdir}: --peft needs a lora or adalora run; "
+                       f"config.methods={tuple(restored.config.methods)}")
+    options = dict(restored.config.method_options.get(name, {}) or {})
+    options.setdefault("total_step", restored.config.get("total_steps", 0)
+                       or restored.step)
+    hf_peft.export(model, out_dir, task=restored.task.HEAD, options=options,
+                   base_model_name_or_path=restored.config.model.name)
+    print(f"exported the {name} adapters of step {restored.step} "
+          f"({restored.which}) to {out_dir}")
+    return out_dir
+  layers.merge(model)  # LoRA / AdaLoRA: B A folded into the kernels
   label_names = data.load_label_names(os.path.join(workdir, "labels.json"))
-  hf.export(restored.model, out_dir, restored.task.HEAD,
+  hf.export(model, out_dir, restored.task.HEAD,
             tokenizer_dir=hf.resolve(restored.config.model.name),
             label_names=label_names or None)
   print(f"exported step {restored.step} ({restored.which}) to {out_dir}")
@@ -44,12 +76,15 @@ def main():
   flags.DEFINE_string("workdir", None, "The run's workdir.")
   flags.DEFINE_string("out", None, "Output directory.")
   flags.DEFINE_enum("which", "best", ["best", "latest"], "Which checkpoint.")
+  flags.DEFINE_boolean("peft", False, "Write a LoRA/AdaLoRA run's adapters "
+                       "as a Hugging Face PEFT directory.")
   flags.mark_flags_as_required(["workdir", "out"])
 
   def run(argv):
     del argv
     try:
-      export_run(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.which)
+      export_run(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.which,
+                 flags.FLAGS.peft)
     except (FileNotFoundError, ValueError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)

@@ -297,6 +297,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
 
   # --- Model: trainable and frozen parts, optimiser state -----------------------
   model = task.load_model(model_dir)
+  tx = methods_lib.optimizer(methods, tx, total_steps)
   if config.data.max_length > model.cfg.max_position_embeddings - model.cfg.position_offset:
     raise ConfigError(
         f"config.data.max_length={config.data.max_length} exceeds the "
@@ -551,6 +552,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                f"best/{best_key}": progress["best"],
                "train_step_compilations": train_step._cache_size(),  # pylint: disable=protected-access
                "eval_step_compilations": run.eval_step._cache_size(),  # pylint: disable=protected-access
+               # What a method trains (checkpoints hold this part only).
+               "params/trainable": partition.count(state["params"]),
+               "params/total": partition.count(state["params"])
+                               + partition.count(frozen[0]),
                **skipped_counts,
                **methods_lib.metrics(run.methods, step, summary=True)}
     if limit is not None and step == limit[0] < run.total_steps:

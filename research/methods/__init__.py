@@ -4,7 +4,7 @@
 name is a module path (a method defined in a test or a project folder). The
 module's `Method(config, **options)` (options: `config.method_options.<name>`,
 for a dotted name its last part, checked against `Method.CONFIG`) changes the
-run through up to three seams, each optional:
+run through these seams, each optional:
 
   trainable()          an nnx filter of the weights to train (intersected
                        over methods and with nnx.Param): the rest is frozen,
@@ -14,7 +14,16 @@ run through up to three seams, each optional:
                        (`research.training.steps`): an extra term, a
                        perturbation, a teacher's targets;
   grad_fn(grad_fn)     a new gradient function (per-example gradients,
-                       clipping and noise for DP-SGD).
+                       clipping and noise for DP-SGD);
+  dense_factory(f)     the factory that builds every dense layer of the model
+                       (`research.models.bert.make_dense`): LoRA, AdaLoRA,
+                       adapters (`Task.load_model` applies it and
+                       `adapt_model`);
+  adapt_model(model)   the loaded model, changed (prefix tuning attaches its
+                       prefixes); the same for training, export and predict;
+  optimizer(tx, total_steps)  the optax transformation, wrapped (AdaLoRA's
+                       rank allocation keeps its state in the optimiser's, so
+                       it is checkpointed and resumes exactly).
 
 and, for a method that governs the whole run (DP-SGD, `dp_sgd.py`, which
 `config.privacy.enabled` adds last to the methods):
@@ -70,6 +79,16 @@ class Method:
 
   def summary(self, step):
     return self.metrics(step)
+
+  def dense_factory(self, factory):
+    return factory
+
+  def adapt_model(self, model):
+    return model
+
+  def optimizer(self, tx, total_steps):
+    del total_steps
+    return tx
 
 
 def option_key(name):
@@ -143,3 +162,24 @@ def metrics(methods, step, summary=False):
   for m in methods:
     out.update(m.summary(step) if summary else m.metrics(step))
   return out
+
+
+def dense_factory(methods, factory):
+  """The dense-layer factory after each method's, in order."""
+  for m in methods:
+    factory = m.dense_factory(factory)
+  return factory
+
+
+def adapt_model(methods, model):
+  """The loaded model after each method's `adapt_model`, in order."""
+  for m in methods:
+    model = m.adapt_model(model)
+  return model
+
+
+def optimizer(methods, tx, total_steps):
+  """`tx` wrapped by each method in order."""
+  for m in methods:
+    tx = m.optimizer(tx, total_steps)
+  return tx

@@ -18,7 +18,8 @@ Hooks for methods that change the network without forking it:
 - `inputs_embeds`: word embeddings in place of token ids (attributions,
   adversarial training, prompt tuning).
 - `prefix_kv`: per-layer keys and values prepended in attention (prefix
-  tuning).
+  tuning); a module set as `BertModel.prefix_encoder` (called with `rngs`)
+  supplies them when the call gives none.
 - `sow_attention=True`: each `SelfAttention` sows its probabilities as
   `nnx.Intermediate` `attention_probs`; read them with `nnx.capture` and
   `stack_attention` (the fused kernel, the default, has no probabilities).
@@ -107,7 +108,8 @@ def _param(init, axes):
 
 def make_dense(in_features, out_features, *, kernel_axes, name: str,
                axis=-1, stddev: float = 0.02, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
+               param_dtype=jnp.float32, rngs: nnx.Rngs,
+               layer=nnx.LinearGeneral, **layer_options) -> nnx.Module:
   """The default dense layer: an `nnx.LinearGeneral` with logical axis names.
 
   Every Linear of the encoder and the heads is built through a function with
@@ -133,6 +135,9 @@ def make_dense(in_features, out_features, *, kernel_axes, name: str,
     stddev: the kernel's normal initialiser scale (`initializer_range`).
     dtype, param_dtype: compute and parameter dtypes.
     rngs: initialisation randomness.
+    layer: the class built (a subclass of `nnx.LinearGeneral` that adds
+      weights, e.g. `research.peft.layers.LoRADense`), with
+      `layer_options` as its extra keyword arguments.
 
   Returns:
     A module called as `layer(x)`.
@@ -141,10 +146,11 @@ def make_dense(in_features, out_features, *, kernel_axes, name: str,
   init = nnx.initializers.normal(stddev)
   out_axes = (kernel_axes[-1:] if isinstance(out_features, int)
               else kernel_axes[-len(out_features):])
-  return nnx.LinearGeneral(
+  return layer(
       in_features, out_features, axis=axis, dtype=dtype,
       param_dtype=param_dtype, kernel_init=_param(init, kernel_axes),
-      bias_init=_param(nnx.initializers.zeros, out_axes), rngs=rngs)
+      bias_init=_param(nnx.initializers.zeros, out_axes), rngs=rngs,
+      **layer_options)
 
 
 DenseFactory = Callable[..., nnx.Module]  # make_dense's signature
@@ -493,6 +499,9 @@ class BertModel(nnx.Module):
       # so that no row of the softmax is empty.
       mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
     prefixes = [None] * len(self.layers)
+    if prefix_kv is None and getattr(self, "prefix_encoder", None) is not None:
+      # Trained prefixes a method attached (research.methods.prefix_tuning).
+      prefix_kv = self.prefix_encoder(rngs=rngs)
     if prefix_kv is not None:
       if len(prefix_kv) != len(self.layers):
         raise ValueError(f"prefix_kv has {len(prefix_kv)} layers; the model "

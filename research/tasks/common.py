@@ -95,16 +95,21 @@ class Task:
 
     The dtypes, attention implementation, remat and dropout rates
     (`dropout_overrides`) of `config.model`; `config.seed` initialises what
-    the checkpoint lacks (the head).
+    the checkpoint lacks (the head). The methods of `config.methods` may
+    change the dense layers (`Method.dense_factory`: LoRA, adapters) and the
+    loaded model (`Method.adapt_model`: prefixes).
     """
-    from research.models import hf  # pylint: disable=import-outside-toplevel
+    from research import methods as methods_lib  # pylint: disable=import-outside-toplevel
+    from research.models import hf, make_dense  # pylint: disable=import-outside-toplevel
     c = self.config
+    methods = methods_lib.load(c)
     model, _ = hf.load_pretrained(
         str(model_dir), self.HEAD, self.num_outputs(), dtype=c.model.dtype,
         param_dtype=c.model.param_dtype,
         attention_impl=c.model.attention_impl, remat=c.model.remat,
+        dense_factory=methods_lib.dense_factory(methods, make_dense),
         config_overrides=dropout_overrides(c.model), seed=c.seed)
-    return model
+    return methods_lib.adapt_model(methods, model)
 
   def model_inputs(self, batch) -> dict:
     """The model's keyword arguments from a batch (packed rows included)."""
