@@ -46,10 +46,6 @@ from experiments import _squad_common as common
 
 def get_config(arg=None):
   """SQuAD v2.0: the shared recipe, 2 epochs at lr 5e-5, batch 48."""
-  config = common.get_config(arg, "experiments/squad_v2.py",
-                             tfds_name="squad/v2.0",
-                             hf_name="rajpurkar/squad_v2", version_2=True)
-  config.batch_size = 48
-  config.optimizer.learning_rate = 5e-5
-  config.num_epochs = 2.0
-  return config
+  return common.get_config(
+      arg, "experiments/squad_v2.py", tfds_name="squad/v2.0", hf_name="rajpurkar/squad_v2",
+      version_2=True, epochs=2, learning_rate=5e-5, batch_size=48)
