@@ -91,6 +91,21 @@ def parse_arg(arg, experiment, defaults=None, choices=None):
   return values
 
 
+def use_local_files(config, args, arg, experiment, fmt, what):
+  """Points `config.data` at args' train_file= and eval_file= (source=local).
+
+  Raises:
+    ValueError: either file is not given, naming `what` they should be.
+  """
+  if not args["train_file"] or not args["eval_file"]:
+    raise ValueError(f"{experiment}:{arg}: source=local needs train_file= "
+                     f"and eval_file= ({what})")
+  config.data.source, config.data.name = "local", ""
+  config.data.train_file = args["train_file"]
+  config.data.eval_file = args["eval_file"]
+  config.data.format = fmt
+
+
 def get_config(task, arg, experiment):
   """The paper's recipe for GLUE `task`; model and data source from `arg`.
 

@@ -16,7 +16,8 @@ ARGS = {"model": "bert-base-uncased", "source": "tfds", "train_file": "",
 SOURCES = ("tfds", "hf", "local")
 
 
-def get_config(arg, experiment, *, tfds_name, hf_name, version_2):
+def get_config(arg, experiment, *, tfds_name, hf_name, version_2, epochs,
+               learning_rate, batch_size):
   """The SQuAD recipe for one version; model and data from `arg`.
 
   Args:
@@ -24,9 +25,10 @@ def get_config(arg, experiment, *, tfds_name, hf_name, version_2):
     experiment: the config file, for messages.
     tfds_name, hf_name: the dataset's names in TFDS and on the hub.
     version_2: SQuAD v2.0 (unanswerable questions, null threshold).
+    epochs, learning_rate, batch_size: the version's recipe.
 
   Returns:
-    A config whose epochs, learning rate and batch size the caller sets.
+    The config.
   """
   args = common.parse_arg(arg, experiment, ARGS, {
       "model": common.MODELS, "source": SOURCES})
@@ -44,16 +46,14 @@ def get_config(arg, experiment, *, tfds_name, hf_name, version_2):
     config.data.source, config.data.name = "hf", hf_name
     config.data.hf_config = ""
   else:
-    if not args["train_file"] or not args["eval_file"]:
-      raise ValueError(f"{experiment}:{arg}: source=local needs train_file= "
-                       "and eval_file= (official SQuAD JSON files)")
-    config.data.source, config.data.name = "local", ""
-    config.data.train_file = args["train_file"]
-    config.data.eval_file = args["eval_file"]
-    config.data.format = "squad"
+    common.use_local_files(config, args, arg, experiment, "squad",
+                           "official SQuAD JSON files")
   config.data.eval_splits = ("validation",)
   config.data.max_length = args["max_length"]
   config.num_labels = 2
+  config.num_epochs = float(epochs)
+  config.optimizer.learning_rate = learning_rate
+  config.batch_size = batch_size
   config.eval_batch_size = 64
   config.metrics = (("exact_match", "f1", "has_ans_exact_match", "has_ans_f1",
                      "no_ans_exact_match", "no_ans_f1", "best_exact_match",

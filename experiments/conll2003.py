@@ -30,8 +30,9 @@ Expected: the paper's numbers (published, not measured here): dev F1 96.4
 (BERT-BASE), 96.6 (BERT-LARGE), test F1 92.4 / 92.8 (Devlin et al. 2018,
 Table 7; the paper fine-tunes with document context). Measured here (2
 shared CPU cores, BENCHMARKS.md "SQuAD and CoNLL-2003"): all-minilm-l6-v2,
-the offline command above (lr 1e-4, 3 epochs, seed 0): valid.txt entity
-F1 TODO_NER_F1.
+the offline command above (lr 1e-4, seed 0), stopped after epoch 1 of 3:
+valid.txt entity F1 0.8764 (precision 0.8716, recall 0.8812), 13.5 min of
+training, about 23 min to the evaluation.
 """
 
 from experiments import _glue_common as common
@@ -57,13 +58,8 @@ def get_config(arg=None):
     config.data.source, config.data.hf_config = "hf", ""
     config.data.name, config.data.label_field = "eriktks/conll2003", "ner_tags"
   else:
-    if not args["train_file"] or not args["eval_file"]:
-      raise ValueError(f"{EXPERIMENT}:{arg}: source=local needs train_file= "
-                       "and eval_file= (CoNLL column files)")
-    config.data.source, config.data.name = "local", ""
-    config.data.train_file = args["train_file"]
-    config.data.eval_file = args["eval_file"]
-    config.data.format = "conll"
+    common.use_local_files(config, args, arg, EXPERIMENT, "conll",
+                           "CoNLL column files")
   config.data.eval_splits = ("validation",)
   config.data.label_names = conll.CONLL2003_TAGS
   config.num_labels = len(conll.CONLL2003_TAGS)

@@ -25,10 +25,7 @@ from experiments import _squad_common as common
 
 def get_config(arg=None):
   """SQuAD v1.1: the shared recipe, 3 epochs at lr 5e-5, batch 32."""
-  config = common.get_config(arg, "experiments/squad_v1.py",
-                             tfds_name="squad/v1.1",
-                             hf_name="rajpurkar/squad", version_2=False)
-  config.batch_size = 32
-  config.optimizer.learning_rate = 5e-5
-  config.num_epochs = 3.0
-  return config
+  return common.get_config(
+      arg, "experiments/squad_v1.py", tfds_name="squad/v1.1",
+      hf_name="rajpurkar/squad", version_2=False, epochs=3,
+      learning_rate=5e-5, batch_size=32)

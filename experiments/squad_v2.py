@@ -34,11 +34,16 @@ the shared 10-article subset, split by article: dev = article 5
     python -m research.train --config experiments/squad_v2.py:\
 model=all-minilm-l6-v2,source=local,\
 train_file=/tmp/squad10/train-v2.0_first10articles-train.json,\
-eval_file=/tmp/squad10/train-v2.0_first10articles-dev.json \
-        --config.optimizer.learning_rate=1e-4 --config.batch_size=32 \
-        --workdir /tmp/squad_minilm
+eval_file=/tmp/squad10/train-v2.0_first10articles-dev.json,\
+max_length=256,doc_stride=64 \
+        --config.optimizer.learning_rate=1e-4 --config.batch_size=16 \
+        --config.total_steps=120 --config.data.num_buckets=4 \
+        --config.cpu_malloc=default --workdir /tmp/squad_minilm
 
-gives TODO_QA_RESULT.
+(0.39 epoch, lengths shortened for the CPU) gave dev EM 29.7 / F1 33.9 at
+threshold 0 (HasAns F1 28.4) and F1 41.9 at the threshold chosen on dev,
+in 34 min; baselines: always no answer EM / F1 40.7, first sentence F1 3.6
+(`python -m research.evaluation.squad DEV.json --baseline null`).
 """
 
 from experiments import _squad_common as common
@@ -46,10 +51,7 @@ from experiments import _squad_common as common
 
 def get_config(arg=None):
   """SQuAD v2.0: the shared recipe, 2 epochs at lr 5e-5, batch 48."""
-  config = common.get_config(arg, "experiments/squad_v2.py",
-                             tfds_name="squad/v2.0",
-                             hf_name="rajpurkar/squad_v2", version_2=True)
-  config.batch_size = 48
-  config.optimizer.learning_rate = 5e-5
-  config.num_epochs = 2.0
-  return config
+  return common.get_config(
+      arg, "experiments/squad_v2.py", tfds_name="squad/v2.0",
+      hf_name="rajpurkar/squad_v2", version_2=True, epochs=2,
+      learning_rate=5e-5, batch_size=48)

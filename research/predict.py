@@ -215,6 +215,7 @@ def write_run(workdir, out_dir, which="best", batch_size=0, eval_file="",
   cfg.data.train_split, cfg.data.train_file = "", ""
   if eval_file:
     cfg.data.source, cfg.data.eval_file = "local", eval_file
+    cfg.data.format = "auto"  # by the file: its extension (and layout)
   # Unlabeled data gets the threshold the run chose on its dev split.
   chosen = _last_metric(workdir, "best_null_threshold")
   _, splits, _, _ = data.load_splits(

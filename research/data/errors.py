@@ -14,7 +14,6 @@ MISSING_LABEL = "missing label"
 UNKNOWN_LABEL = "unknown label"
 INVALID_JSON = "invalid JSON"
 LABEL_COUNT = "label count"  # not one label per word
-BAD_ANSWER = "bad answer"    # a QA answer that is not in its context
 
 # Enough examples in the log to find the rows; the counts carry the rest.
 _LOGGED_PER_REASON = 3

@@ -45,7 +45,8 @@ class Evaluator:
     self.split = split
     self.batcher = batcher
     self.config = config
-    self.options = options
+    # Defaults for options not given (an evaluator built outside the config).
+    self.options = {**self.CONFIG, **options}
     self.step = make_step(bool(options.get("logits", False)))
     self.sharding = sharding
 

@@ -83,17 +83,16 @@ class Task(common.Task):
   def featurize(self, raw, tokenizer, max_length, policy):
     """Checked examples -> windows, character spans, answer positions."""
     examples, keep = squad.examples_from_rows(raw, policy)
+    rows = np.asarray(raw.rows)[keep]
     if not self.options["version_2"]:
-      for ex, row in zip(examples, np.asarray(raw.rows)[keep]):
-        if ex.is_impossible and raw.labels is not None:
+      for ex, row in zip(examples, rows):
+        if ex.is_impossible:
           policy.bad(row, squad.BAD_QUESTION, f"question {ex.id!r} has no "
                      "answer (SQuAD v2.0): set config.task_options."
                      "version_2=True")
-      keep_ex = [not ex.is_impossible or raw.labels is None for ex in examples]
-      rows = np.asarray(raw.rows)[keep][keep_ex]
-      examples = [ex for ex, k in zip(examples, keep_ex) if k]
-    else:
-      rows = np.asarray(raw.rows)[keep]
+      answerable = np.asarray([not ex.is_impossible for ex in examples], bool)
+      rows = rows[answerable]
+      examples = [ex for ex, a in zip(examples, answerable) if a]
     f = squad.build_features(
         tokenizer, examples, max_length=max_length,
         doc_stride=self.options["doc_stride"],
