@@ -43,8 +43,8 @@ DEFAULTS = {"model": "all-minilm-l6-v2",
             "files": os.path.join(common.WIKITEXT, "wiki.train.tokens"),
             "table": "",
             "eval": os.path.join(common.WIKITEXT, "wiki.valid.tokens"),
-            "columns": "sentence", "steps": 300, "batch": 32, "lr": 1e-4,
-            "max_length": 128, "eval_every": 50, "eval_rows": 512,
+            "columns": "sentence", "steps": 40, "batch": 16, "lr": 3e-4,
+            "max_length": 128, "eval_every": 10, "eval_rows": 128,
             "whole_word": False}
 
 
