@@ -40,7 +40,11 @@ from research.configs import default
 SHARED = os.path.normpath(os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))
 
-ARG_DEFAULTS = {"data": "quickstart", "epsilon": 8.0, "seed": 0}
+ARG_DEFAULTS = {"data": "quickstart", "epsilon": 8.0, "seed": 0,
+                "method": "full"}
+# method=bitfit: biases and the head only (research/methods/bitfit.py), at
+# BitFit's learning rate; per-example gradients of 27k weights, not 22.7M.
+BITFIT_LEARNING_RATE = 1e-2
 # Data set -> (folder of ../shared/data, text fields, metrics, max length).
 DATA = {
     "rte": ("glue_rte", ("sentence1", "sentence2"), ("accuracy",), 128),
@@ -62,6 +66,9 @@ def parse_arg(arg):
                        f"known key=value; valid keys: "
                        f"{', '.join(ARG_DEFAULTS)}")
     values[key] = type(ARG_DEFAULTS[key])(value)
+  if values["method"] not in ("full", "bitfit"):
+    raise ValueError(f"experiments/dp_sgd.py:{arg}: method="
+                     f"{values['method']!r}; valid: full, bitfit")
   if values["data"] not in ("quickstart", *DATA):
     raise ValueError(f"experiments/dp_sgd.py:{arg}: data={values['data']!r}; "
                      f"valid: quickstart, {', '.join(DATA)}")
@@ -104,4 +111,7 @@ def get_config(arg=None):
     # gradient).
     config.data.sampler_options = {
         "max_batch_size": 8 * math.ceil((batch + 4 * math.sqrt(batch)) / 8)}
+  if values["method"] == "bitfit":
+    config.methods = ("bitfit",)
+    config.optimizer.learning_rate = BITFIT_LEARNING_RATE
   return config
