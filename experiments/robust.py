@@ -13,7 +13,9 @@ the words):
 `arg` (key=value, comma-separated): data=quickstart (default) | cola | rte
 (../shared/data/glue_*; the BERT recipe but 1 epoch on CoLA, 2 on RTE,
 max length 128, lr 5e-5), method=plain (default) | fgm | pgd | freelb |
-augment, seed=N. The methods' settings are below (METHODS); `augment` adds
+augment, seed=N. The methods' settings are below (METHODS): a training
+ball of 0.3 (FGM with epsilon 1.0 collapsed the quickstart run to chance,
+BENCHMARKS.md), FreeLB's step 0.1 as in its paper; `augment` adds
 one EDA copy per example (swap, delete or insert, rate 0.1), so its epochs
 are twice as long.
 
@@ -33,10 +35,10 @@ SHARED = os.path.normpath(os.path.join(
 # method -> (config.methods, config.method_options, config.augment).
 METHODS = {
     "plain": ((), {}, {}),
-    "fgm": (("fgm",), {"fgm": {"epsilon": 1.0}}, {}),
-    "pgd": (("pgd",), {"pgd": {"epsilon": 1.0, "step_size": 0.4,
+    "fgm": (("fgm",), {"fgm": {"epsilon": 0.3}}, {}),
+    "pgd": (("pgd",), {"pgd": {"epsilon": 0.3, "step_size": 0.15,
                                "steps": 3}}, {}),
-    "freelb": (("freelb",), {"freelb": {"epsilon": 1.0, "step_size": 0.3,
+    "freelb": (("freelb",), {"freelb": {"epsilon": 0.3, "step_size": 0.1,
                                         "steps": 2, "init_magnitude": 0.1}},
                {}),
     "augment": ((), {}, {"ops": ("swap", "delete", "insert"), "copies": 1,
