@@ -21,7 +21,7 @@ one EDA copy per example (swap, delete or insert, rate 0.1), so its epochs
 are twice as long.
 
 Every batch is padded to max_length (one compilation) and the dev metrics
-are those of the last step. Results (mean +- std over seeds):
+are those of the last step. Results (partial: one seed, quickstart):
 BENCHMARKS.md, "Robust fine-tuning".
 """
 
