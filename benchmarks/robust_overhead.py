@@ -11,11 +11,17 @@ plain training. Every method trains on the same batches (same seed).
 
 import argparse
 import json
+import os
+import sys
 
 import numpy as np
 
-from experiments import robust
-from research import bench
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script from anywhere
+  sys.path.insert(0, ROOT)
+
+from experiments import robust  # pylint: disable=wrong-import-position
+from research import bench  # pylint: disable=wrong-import-position
 
 
 def main():

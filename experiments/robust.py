@@ -13,12 +13,15 @@ the words):
 `arg` (key=value, comma-separated): data=quickstart (default) | cola | rte
 (../shared/data/glue_*; the BERT recipe but 1 epoch on CoLA, 2 on RTE,
 max length 128, lr 5e-5), method=plain (default) | fgm | pgd | freelb |
-augment, seed=N. The methods' settings are below (METHODS); `augment` adds
+augment, seed=N, eps=X (the training ball of fgm | pgd | freelb, their
+step sizes scaled with it). The methods' settings are below (METHODS): a training
+ball of 0.3 (FGM with epsilon 1.0 collapsed the quickstart run to chance,
+BENCHMARKS.md), FreeLB's step 0.1 as in its paper; `augment` adds
 one EDA copy per example (swap, delete or insert, rate 0.1), so its epochs
 are twice as long.
 
 Every batch is padded to max_length (one compilation) and the dev metrics
-are those of the last step. Results (mean +- std over seeds):
+are those of the last step. Results (partial: one seed, quickstart):
 BENCHMARKS.md, "Robust fine-tuning".
 """
 
@@ -33,10 +36,10 @@ SHARED = os.path.normpath(os.path.join(
 # method -> (config.methods, config.method_options, config.augment).
 METHODS = {
     "plain": ((), {}, {}),
-    "fgm": (("fgm",), {"fgm": {"epsilon": 1.0}}, {}),
-    "pgd": (("pgd",), {"pgd": {"epsilon": 1.0, "step_size": 0.4,
+    "fgm": (("fgm",), {"fgm": {"epsilon": 0.3}}, {}),
+    "pgd": (("pgd",), {"pgd": {"epsilon": 0.3, "step_size": 0.15,
                                "steps": 3}}, {}),
-    "freelb": (("freelb",), {"freelb": {"epsilon": 1.0, "step_size": 0.3,
+    "freelb": (("freelb",), {"freelb": {"epsilon": 0.3, "step_size": 0.1,
                                         "steps": 2, "init_magnitude": 0.1}},
                {}),
     "augment": ((), {}, {"ops": ("swap", "delete", "insert"), "copies": 1,
@@ -49,12 +52,12 @@ ROBUST = {"type": "robust", "split": "validation", "epsilon": 1.0,
 
 
 def _parse(arg):
-  values = {"data": "quickstart", "method": "plain", "seed": "0"}
+  values = {"data": "quickstart", "method": "plain", "seed": "0", "eps": ""}
   for item in filter(None, (s.strip() for s in (arg or "").split(","))):
     key, sep, value = item.partition("=")
     if not sep or key not in values:
       raise ValueError(f"experiments/robust.py:{arg}: {item!r}; valid keys: "
-                       "data=, method=, seed=")
+                       "data=, method=, seed=, eps=")
     values[key] = value
   if values["data"] not in DATA:
     raise ValueError(f"experiments/robust.py: data={values['data']!r}; "
@@ -62,7 +65,8 @@ def _parse(arg):
   if values["method"] not in METHODS:
     raise ValueError(f"experiments/robust.py: method={values['method']!r}; "
                      f"valid: {', '.join(METHODS)}")
-  return values["data"], values["method"], int(values["seed"])
+  return (values["data"], values["method"], int(values["seed"]),
+          float(values["eps"]) if values["eps"] else None)
 
 
 def _glue(name, text_fields, epochs):
@@ -86,7 +90,7 @@ def _glue(name, text_fields, epochs):
 
 def get_config(arg=None):
   """`arg`: data=..., method=..., seed=... (see the module docstring)."""
-  data, method, seed = _parse(arg)
+  data, method, seed, eps = _parse(arg)
   if data == "quickstart":
     config = quickstart.get_config()
   elif data == "cola":
@@ -102,6 +106,10 @@ def get_config(arg=None):
   # The metrics of the last step (no checkpoint chosen on dev).
   config.eval_every_steps = 1_000_000
   methods, options, augment = METHODS[method]
+  if eps is not None and methods:  # the ball, with the steps in proportion
+    scale = eps / options[method]["epsilon"]
+    options = {method: {k: v * scale if k in ("epsilon", "step_size") else v
+                        for k, v in options[method].items()}}
   config.methods = methods
   config.method_options = options
   config.augment.update(augment)

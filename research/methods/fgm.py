@@ -8,7 +8,7 @@ adversarial. PGD with one step of size epsilon (`research/methods/pgd.py`);
 two forward and backward passes per step.
 
     config.methods = ("fgm",)
-    config.method_options.fgm = dict(epsilon=1.0)
+    config.method_options = {"fgm": {"epsilon": 0.3}}
 """
 
 from research.methods import pgd
@@ -16,7 +16,7 @@ from research.methods import pgd
 
 class Method(pgd.Method):
   """See the module docstring."""
-  CONFIG = {"epsilon": 1.0, "norm": "l2"}
+  CONFIG = {"epsilon": 0.3, "norm": "l2"}
 
   def attack(self):
     return 1, self.options["epsilon"], self.options["epsilon"], \

@@ -12,7 +12,8 @@ mean of the K losses). K forward and backward passes per step.
 perturbation at zero, so one step with epsilon 0 is plain training.
 
     config.methods = ("freelb",)
-    config.method_options.freelb = dict(epsilon=1.0, step_size=0.3, steps=2)
+    config.method_options = {"freelb": {"epsilon": 0.3, "step_size": 0.1,
+                                       "steps": 2}}
 
 Deterministic: the noise is drawn from `fold_in(key, INIT_STREAM)` of the
 step's key (a function of seed and step); the dropout masks are the same in
@@ -27,7 +28,7 @@ from research.training import adversarial
 
 class Method(methods.Method):
   """See the module docstring."""
-  CONFIG = {"epsilon": 1.0, "step_size": 0.3, "steps": 2, "norm": "l2",
+  CONFIG = {"epsilon": 0.3, "step_size": 0.1, "steps": 2, "norm": "l2",
             "init_magnitude": 0.1}
 
   def __init__(self, config, **options):

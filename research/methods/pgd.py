@@ -13,7 +13,8 @@ the parameter gradient and the first ascent direction together (one
 backward); each further ascent step needs the embedding gradient only.
 
     config.methods = ("pgd",)
-    config.method_options.pgd = dict(epsilon=1.0, step_size=0.3, steps=3)
+    config.method_options = {"pgd": {"epsilon": 0.3, "step_size": 0.15,
+                                    "steps": 3}}
 
 Deterministic: no randomness beyond the dropout key of the step (the same
 masks in every pass of a step, as FreeLB keeps them).
@@ -30,7 +31,7 @@ class Method(methods.Method):
   """See the module docstring."""
   # epsilon: radius of each example's ball; step_size: length of an ascent
   # step (normalised gradient); steps: ascent steps; norm: l2 | linf.
-  CONFIG = {"epsilon": 1.0, "step_size": 0.3, "steps": 3, "norm": "l2"}
+  CONFIG = {"epsilon": 0.3, "step_size": 0.15, "steps": 3, "norm": "l2"}
 
   def __init__(self, config, **options):
     super().__init__(config, **{**self.CONFIG, **options})
