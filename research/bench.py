@@ -21,16 +21,12 @@ one table (`format_table`):
   kernel sizes, the compiled count (`cost_analysis()` of the step for the most
   common batch shape), and MFU against `--peak_tflops` or the peak detected
   from the device kind (`PEAK_TFLOPS`; CPUs have none unless given);
-- padding efficiency (real / padded tokens of the batches run), compilations
-  of the train and eval steps (in total and after the first epoch) and the
-  compile time (`jax.monitoring` compile events), peak device memory where
-  the backend reports it;
-- the host input pipeline alone (`Batcher.batch_at` + `parallelism.shard_batch`
-  with no model step): batches/s and how many times faster it is than the
-  model step consumes them;
-- time to first step (build + compile + step 1) and the evaluation's time.
+- padding efficiency, compilations of the train and eval steps (in total and
+  after the first epoch), compile time, peak device memory where reported;
+- the host input pipeline alone (batches/s, with no model step) against the
+  step's rate; time to first step (build + compile + step 1); eval time.
 
-`--repeats` repeats the run and reports medians; `--profile DIR` writes a
+`--repeats` reports medians of repeated runs; `--profile DIR` writes a
 `jax.profiler` trace of 5 steps after the warmup.
 
 `benchmark(..., baseline=fn)` adds another framework's column on the same
