@@ -4,7 +4,6 @@
     python -m research.bench --config experiments/glue_sst2.py --steps 300 \
         --warmup 20 --peak_tflops 989 --config.model.dtype=bfloat16
     python -m research.bench --abstract_flops 128   # bert-base FLOP check
-    python -m research.bench --config experiments/glue_sst2.py --profile /tmp/prof
 
 Runs `--steps` updates (default: the config's whole run) of the update that
 training runs (`research.train.make_train_step`), from step 0 of a freshly
@@ -30,8 +29,7 @@ one table (`format_table`):
 `jax.profiler` trace of 5 steps after the warmup.
 
 `benchmark(..., baseline=fn)` adds another framework's column on the same
-work: Hugging Face PyTorch (a lean loop or `transformers.Trainer`) is
-`benchmarks/compare_torch.py`, outside the library:
+work (HF PyTorch, a lean loop or the Trainer: `benchmarks/compare_torch.py`):
 
     python benchmarks/compare_torch.py --config experiments/quickstart.py --torch_trainer
 """
