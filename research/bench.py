@@ -25,8 +25,7 @@ one table (`format_table`):
 - the host input pipeline alone (batches/s, with no model step) against the
   step's rate; time to first step (build + compile + step 1); eval time.
 
-`--repeats` reports medians of repeated runs; `--profile DIR` writes a
-`jax.profiler` trace of 5 steps after the warmup.
+`--repeats N`: medians of N runs; `--profile DIR`: a trace of 5 steps.
 
 `benchmark(..., baseline=fn)` adds another framework's column on the same
 work (HF PyTorch, a lean loop or the Trainer: `benchmarks/compare_torch.py`):
