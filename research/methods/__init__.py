@@ -124,6 +124,13 @@ def load(config):
   return out
 
 
+def _thread(methods, seam, value, *args):
+  """`value` passed through each method's `seam` in config order."""
+  for m in methods:
+    value = getattr(m, seam)(value, *args)
+  return value
+
+
 def trainable(methods):
   """The filter of the weights to train: nnx.Param and every method's."""
   return nnx.All(nnx.Param, *(m.trainable() for m in methods))
@@ -131,16 +138,12 @@ def trainable(methods):
 
 def wrap_loss(methods, loss_fn):
   """`loss_fn` wrapped by each method in order (the last is outermost)."""
-  for m in methods:
-    loss_fn = m.wrap_loss(loss_fn)
-  return loss_fn
+  return _thread(methods, "wrap_loss", loss_fn)
 
 
 def grad_fn(methods, grad_fn):
   """`grad_fn` replaced by each method in order."""
-  for m in methods:
-    grad_fn = m.grad_fn(grad_fn)
-  return grad_fn
+  return _thread(methods, "grad_fn", grad_fn)
 
 
 def sampler(methods, name, options):
@@ -166,20 +169,14 @@ def metrics(methods, step, summary=False):
 
 def dense_factory(methods, factory):
   """The dense-layer factory after each method's, in order."""
-  for m in methods:
-    factory = m.dense_factory(factory)
-  return factory
+  return _thread(methods, "dense_factory", factory)
 
 
 def adapt_model(methods, model):
   """The loaded model after each method's `adapt_model`, in order."""
-  for m in methods:
-    model = m.adapt_model(model)
-  return model
+  return _thread(methods, "adapt_model", model)
 
 
 def optimizer(methods, tx, total_steps):
   """`tx` wrapped by each method in order."""
-  for m in methods:
-    tx = m.optimizer(tx, total_steps)
-  return tx
+  return _thread(methods, "optimizer", tx, total_steps)
