@@ -38,6 +38,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
 SEEDS = (0, 1, 2)
 PEFT_TASKS = ("cola", "rte")
@@ -89,11 +90,16 @@ class Queue:
     if status == "ok" and os.path.exists(path):
       with open(path) as f:
         summary = json.load(f)
-    elif status == "ok":
+    elif status == "ok" and job.argv[2] == "research.train":
       status = "no summary"
     record = {"name": job.name, "group": job.group, "row": job.row,
               "status": status, "wall_s": round(time.time() - job.start, 1),
               "command": " ".join(job.argv[1:]), "summary": summary}
+    metrics = os.path.join(job.workdir, "metrics.jsonl")
+    if job.group == "scratch" and os.path.exists(metrics):  # the curve
+      with open(metrics) as src, open(os.path.join(
+          self.out, "scratch_metrics.jsonl"), "w") as dst:
+        dst.write(src.read())
     if status != "ok":
       with open(job.log) as f:
         record["log_tail"] = f.read()[-3000:]
@@ -127,6 +133,10 @@ class Queue:
         return
       while self.pending and len(self.running) < self.workers:
         job = self.pending.pop(0)
+        if os.path.exists(os.path.join(job.workdir, "summary.json")):
+          job.start, job.proc = time.time(), None  # done by an earlier call
+          self._finish(job, "ok")
+          continue
         os.makedirs(job.workdir, exist_ok=True)
         job.log = os.path.join(job.workdir, "log.txt")
         job.start = time.time()
@@ -209,13 +219,38 @@ def tapt_jobs(work, task, lr):
     job.argv = [sys.executable, "-m", "research.export", "--workdir", pre,
                 "--out", hf_dir]
     job.workdir = os.path.join(pre, "export_log")
-    job.then = lambda r, q: (() if r["status"] != "ok" else
-                             [_peft(work, task, "full", lr, s, model=hf_dir,
-                                    group="tapt") for s in SEEDS])
+    def finetune(r, q):
+      del q
+      if r["status"] != "ok":
+        return ()
+      graft_pooler(hf_dir)
+      return [_peft(work, task, "full", lr, s, model=hf_dir, group="tapt")
+              for s in SEEDS]
+
+    job.then = finetune
     return [job]
 
   pretrain.then = export
   return [pretrain]
+
+
+def graft_pooler(hf_dir, base="all-minilm-l6-v2"):
+  """Copies the base checkpoint's pooler into an exported masked-LM model.
+
+  A masked-LM run neither uses nor keeps BERT's pooler (HF's BertForMaskedLM
+  has none either, and ignores one on load), so a classifier fine-tuned from
+  it would start from a fresh pooler while plain fine-tuning starts from the
+  base's: the comparison would measure the pooler, not TAPT.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  from research.models import hf  # pylint: disable=import-outside-toplevel
+  path = os.path.join(hf_dir, "model.safetensors")
+  weights = load_file(path)
+  base_weights = load_file(str(hf.resolve(base) / "model.safetensors"))
+  for name in ("pooler.dense.weight", "pooler.dense.bias"):
+    weights["bert." + name] = np.ascontiguousarray(base_weights[name])
+  save_file(weights, path, metadata={"format": "pt"})
 
 
 def plan(work, groups, smoke):
@@ -248,7 +283,7 @@ def plan(work, groups, smoke):
   if "scratch" in groups:
     tag = "scratch/wikitext"
     arg = ("smoke=true" if smoke else
-           "steps=3000,batch=64,eval_every=250,eval_rows=512")
+           "steps=2000,batch=64,eval_every=250,eval_rows=512")
     jobs.append(Job(tag, "scratch", f"experiments/pretrain_wikitext.py:{arg}",
                     os.path.join(work, tag), row={"stage": "scratch"}))
   return jobs
@@ -258,7 +293,7 @@ def plan(work, groups, smoke):
 
 
 def _mean_std(values):
-  values = [v for v in values if v is not None]
+  values = [v for v in values if isinstance(v, (int, float))]
   if not values:
     return "—"
   if len(values) == 1:
