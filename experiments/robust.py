@@ -18,7 +18,8 @@ step sizes scaled with it). The methods' settings are below (METHODS): a trainin
 ball of 0.3 (FGM with epsilon 1.0 collapsed the quickstart run to chance,
 BENCHMARKS.md), FreeLB's step 0.1 as in its paper; `augment` adds
 one EDA copy per example (swap, delete or insert, rate 0.1), so its epochs
-are twice as long.
+are twice as long; the copies are new every epoch (config.augment's default;
+BENCHMARKS' row was measured with one set, `--config.augment.regenerate=once`).
 
 Every batch is padded to max_length (one compilation) and the dev metrics
 are those of the last step. Results (partial: one seed, quickstart):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
@@ -126,7 +127,8 @@ def precompile_evaluators(evaluators_, params, frozen) -> threading.Thread:
   return thread
 
 
-def make_batchers(config, train_split, eval_splits, mesh, methods=()):
+def make_batchers(config, train_split, eval_splits, mesh, methods=(),
+                  split_at=None):
   """The training loader and one eval loader per split, checked against the mesh.
 
   The training loader yields micro-batches (`batch_size / grad_accum_steps`
@@ -135,7 +137,10 @@ def make_batchers(config, train_split, eval_splits, mesh, methods=()):
   (`data.examples_per_row` > 1) the training buckets are row lengths, and
   evaluation (never packed) chooses its own from its lengths.
 
-  The methods may replace the sampler (DP-SGD: Poisson sampling).
+  The methods may replace the sampler (DP-SGD: Poisson sampling). With
+  `split_at` (`epoch -> training split`, `config.augment` made anew each
+  epoch) the training loader is a `data.EpochBatcher` whose epoch 0 is
+  `train_split`.
 
   Returns:
     (train Batcher, {split name: eval Batcher}).
@@ -157,7 +162,9 @@ def make_batchers(config, train_split, eval_splits, mesh, methods=()):
                                "config.eval_batch_size")
   sampler, sampler_options = methods_lib.sampler(
       methods, config.data.sampler, config.data.sampler_options)
-  train_batches = data.Batcher(
+  batcher = (data.Batcher if split_at is None else
+             functools.partial(data.EpochBatcher, split_at=split_at))
+  train_batches = batcher(
       train_split, config.batch_size // accum, config.data.buckets,
       seed=config.seed, shuffle=True, examples_per_row=per_row,
       sampler=sampler, sampler_options=sampler_options,
@@ -186,7 +193,8 @@ class Run:
     model_dir: the Hugging Face checkpoint directory.
     label_names: label names in id order (empty for regression).
     skipped: {split: {reason: rows}} dropped under data.bad_rows="skip".
-    train_split, eval_splits: the `TokenizedSplit`s.
+    train_split, eval_splits: the `TokenizedSplit`s (with augmentation made
+      every epoch, `train_split` is epoch 0's set).
     mesh: the device mesh; batch_sharding: its batch sharding.
     train_batches, eval_batches: the `Batcher`s.
     total_steps: optimizer updates of the run; steps_per_epoch: per epoch.
@@ -271,8 +279,9 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
     raise ConfigError("no training split: set config.data.train_file "
                       "(local) or config.data.train_split")
   task.check_labels(label_names)
-  train_split = augment.from_config(config, train_split, tokenizer,
-                                    adversarial.special_ids(tokenizer))
+  # With config.augment.regenerate="epoch": epoch 0's set, and split_at(e).
+  train_split, split_at = augment.from_config(
+      config, train_split, tokenizer, adversarial.special_ids(tokenizer))
   if labels_path and is_main:
     data.save_label_names(labels_path, label_names)
   for split, counts in skipped.items():
@@ -285,7 +294,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
         config, train_split, eval_splits, mesh)
   else:
     train_batches, eval_batches = make_batchers(
-        config, train_split, eval_splits, mesh, methods)
+        config, train_split, eval_splits, mesh, methods, split_at)
   micro_steps_per_epoch = train_batches.steps_per_epoch  # DataError if < 1
   try:
     total_steps = optimizers.steps_from_config(config, micro_steps_per_epoch)

@@ -1,9 +1,10 @@
 """Training-text augmentation (config.augment) and typo noise, research/data/augment.py.
 
 MiniLM's WordPiece tokenizer; the contextual operation with a small
-masked-LM built here (the packaged MiniLM has none, and is refused). A run
-with augmentation and FreeLB killed with SIGKILL resumes to the parameters
-of a straight run.
+masked-LM built here (the packaged MiniLM has none, and is refused). Each
+epoch trains on new copies, a function of (seed, epoch); "once" keeps one
+set. A run with augmentation and FreeLB killed with SIGKILL in its second
+epoch resumes to the parameters of a straight run.
 """
 
 import collections
@@ -125,6 +126,24 @@ def test_augmentation_is_a_function_of_the_seed(tokenizer, words):
               and (a.input_ids == c.input_ids).all())
 
 
+def test_each_epoch_draws_its_copies_from_seed_and_epoch(tokenizer, words):
+  split = _split(tokenizer)
+  kw = dict(ops=("swap", "delete", "insert"), copies=2, rate=0.3)
+  n = len(split)
+
+  def copies(out):
+    return [tuple(ids) for ids, _ in _examples(out)[n:]]
+
+  e1 = augment.augment(split, words, seed=1, epoch=1, **kw)
+  assert copies(e1) == copies(augment.augment(split, words, seed=1, epoch=1,
+                                              **kw))
+  assert _examples(e1)[0][0].tolist() == _examples(split)[0][0].tolist()
+  for other in (dict(seed=1, epoch=0), dict(seed=2, epoch=1),
+                dict(seed=1, epoch=None)):
+    again = copies(augment.augment(split, words, **other, **kw))
+    assert sum(a != b for a, b in zip(again, copies(e1))) >= 3, other
+
+
 @pytest.fixture(scope="module")
 def tiny_mlm_dir(tmp_path_factory, minilm_dir):
   """A 2-layer random BERT with its masked-LM head, MiniLM's vocabulary."""
@@ -196,6 +215,12 @@ def test_config_errors_name_the_field(tiny_model_dir):
                                            "augment.copies": 1})
   with pytest.raises(ConfigError, match="config.augment.mlm_model"):
     train.build(config)
+  config = _tiny_config(tiny_model_dir, **{"augment.ops": ("swap",),
+                                           "augment.copies": 1,
+                                           "augment.regenerate": "twice"})
+  with pytest.raises(ConfigError,
+                     match=r"augment.regenerate='twice'; valid: epoch .*once"):
+    train.build(config)
 
 
 def test_build_grows_the_training_set_and_logs_examples(tiny_model_dir,
@@ -207,13 +232,59 @@ def test_build_grows_the_training_set_and_logs_examples(tiny_model_dir,
     run = train.build(config)
   assert len(run.train_split) == 3 * 320
   assert "320 training examples -> 960" in caplog.text
+  assert "epoch 0's copies" in caplog.text
   assert "copy 2 of 0:" in caplog.text
+
+
+def _epoch_examples(batcher, epoch):
+  """The token sequences an epoch trains on, as a multiset."""
+  seen = collections.Counter()
+  steps = batcher.steps_per_epoch
+  for step in range(epoch * steps, (epoch + 1) * steps):
+    batch = batcher.batch_at(step)
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+      seen[tuple(ids[mask > 0])] += 1
+  return seen
+
+
+def test_each_epoch_trains_on_new_copies_and_a_rebuild_on_the_same(
+    tiny_model_dir, caplog):
+  """320 sentences + 1 copy each, batch 16: 40 steps an epoch, nothing
+  dropped; the originals in every epoch, the copies new in epoch 1."""
+  overrides = {"augment.ops": ("swap", "delete", "insert"),
+               "augment.copies": 1, "augment.rate": 0.3}
+  run = train.build(_tiny_config(tiny_model_dir, **overrides))
+  originals = collections.Counter(
+      tuple(ids) for ids, _ in _examples(run.train_split)[:320])
+  first, second = (_epoch_examples(run.train_batches, e) for e in (0, 1))
+  assert sum(first.values()) == sum(second.values()) == 640
+  assert not originals - first and not originals - second
+  new = sum(((second - originals) - (first - originals)).values())
+  assert new >= 300, new  # of 320 copies (320 when measured)
+  # A fresh build asked for epoch 1 first (as a run resumed there is)
+  # gives its batches again: the copies are a function of (seed, epoch).
+  with caplog.at_level(logging.INFO, logger="research.data.augment"):
+    rebuilt = train.build(_tiny_config(tiny_model_dir, **overrides))
+    steps = range(40, 80, 7)
+    for step in steps:
+      a, b = run.train_batches.batch_at(step), rebuilt.train_batches.batch_at(
+          step)
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+  assert "epoch 1's copies" in caplog.text
+  # "once" (Wei & Zou's EDA): the same set every epoch.
+  once = train.build(_tiny_config(tiny_model_dir, **overrides,
+                                  **{"augment.regenerate": "once"}))
+  assert type(once.train_batches) is data.Batcher  # pylint: disable=unidiomatic-typecheck
+  assert (_epoch_examples(once.train_batches, 0)
+          == _epoch_examples(once.train_batches, 1))
 
 
 # --- resume -------------------------------------------------------------------
 
+# 640 examples in batches of 32: 20 steps an epoch, 3 epochs.
 RESUME = {"augment.ops": "('swap','delete','insert')", "augment.copies": 1,
-          "methods": "('freelb',)"}
+          "methods": "('freelb',)", "batch_size": 32}
 
 
 def test_killed_run_with_augmentation_and_freelb_resumes_exactly(
@@ -221,17 +292,22 @@ def test_killed_run_with_augmentation_and_freelb_resumes_exactly(
   straight = tmp_path / "straight"
   config = rel._config(tiny_model_dir, **{  # pylint: disable=protected-access
       "augment.ops": ("swap", "delete", "insert"), "augment.copies": 1,
-      "methods": ("freelb",)})
+      "methods": ("freelb",), "batch_size": 32})
   train.train_and_evaluate(config, str(straight))
   workdir, log_path = tmp_path / "run", tmp_path / "killed.log"
   args = rel._cli(tiny_model_dir, workdir, **RESUME)  # pylint: disable=protected-access
-  proc = rel._kill_after_checkpoint(args, compile_cache, workdir, log_path, 10)  # pylint: disable=protected-access
+  # Killed in epoch 1 (steps 21-40): the rerun remakes that epoch's copies
+  # without having trained on it, then epoch 2's.
+  proc = rel._kill_after_checkpoint(args, compile_cache, workdir, log_path, 30)  # pylint: disable=protected-access
   assert proc.returncode == -signal.SIGKILL
   resume_from = rel._steps_on_disk(workdir)[-1]  # pylint: disable=protected-access
+  assert 30 <= resume_from < 60
   out = subprocess.run(args, cwd=rel.REPO, env=rel._env(compile_cache),  # pylint: disable=protected-access
                        capture_output=True, text=True, timeout=600,
                        check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"resumed from step {resume_from}" in out.stderr
   assert "training examples -> 640" in out.stderr
+  assert f"epoch {resume_from // 20}'s copies" in out.stderr
+  assert "epoch 2's copies" in out.stderr
   rel._assert_same_as(workdir, straight)  # pylint: disable=protected-access

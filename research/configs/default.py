@@ -44,13 +44,15 @@ def get_config():
   # split, options...}. Empty: the task's defaults, one evaluator per eval
   # split (metrics below).
   c.evals = ml_collections.ConfigDict()
-  # Augmented copies of the training examples (research/data/augment.py),
-  # made once from config.seed: ops of swap | delete | insert (EDA) |
-  # contextual (a masked LM's top predictions; mlm_model: a checkpoint with
-  # its MLM head and the training vocabulary). copies = 0: off.
+  # Augmented copies of the training examples (research/data/augment.py):
+  # ops of swap | delete | insert (EDA) | contextual (a masked LM's top
+  # predictions; mlm_model: a checkpoint with its MLM head and the training
+  # vocabulary). copies = 0: off. regenerate: epoch (new copies every epoch,
+  # from (seed, epoch)) | once (one set from the seed, Wei & Zou's EDA).
   c.augment = ml_collections.ConfigDict()
   c.augment.ops = ()
   c.augment.copies = 0
+  c.augment.regenerate = "epoch"
   c.augment.rate = 0.1
   c.augment.mlm_model = ""
   c.augment.mlm_batch_size = 64

@@ -22,9 +22,11 @@ token or per feature, dtype, pad value) are gathered and padded by the
 Batcher with no per-task code. `data.buckets` empty means `auto_buckets` of
 the training lengths; `data.examples_per_row` > 1 packs training batches
 (`Batcher`, `pack_rows`); the epoch order is a sampler (`samplers`).
+`EpochBatcher` serves a training set made anew each epoch (`config.augment`).
 """
 
 from research.data.batching import Batcher
+from research.data.batching import EpochBatcher
 from research.data.batching import auto_buckets
 from research.data.batching import example_lengths
 from research.data.batching import make_buckets
@@ -42,8 +44,8 @@ from research.data.tokenize import load_tokenizer
 from research.data.tokenize import tokenizer_fingerprint
 
 __all__ = [
-    "Batcher", "DataError", "Field", "TokenizedSplit", "auto_buckets",
-    "eval_split_names", "example_lengths",
+    "Batcher", "DataError", "EpochBatcher", "Field", "TokenizedSplit",
+    "auto_buckets", "eval_split_names", "example_lengths",
     "load_label_names", "load_splits", "load_tokenizer", "make_buckets",
     "pack_rows", "padding_efficiency",
     "parse_eval_files", "save_label_names", "tokenizer_fingerprint",

@@ -8,7 +8,7 @@ own. No text is re-read and nothing leaves `data.max_length`.
 
 `config.augment` (training, `augment(...)`): each example gets `copies`
 augmented copies (the split grows to (1 + copies) x N); copy c of example i
-applies one operation of `ops`, drawn from `(seed, c, i)`, with `rate`:
+applies one operation of `ops`, drawn as below (`regenerate`), with `rate`:
 
   swap        EDA random swap: round(rate x words) swaps of two words;
   delete      EDA random deletion: each word dropped with probability rate;
@@ -19,9 +19,31 @@ applies one operation of `ops`, drawn from `(seed, c, i)`, with `rate`:
               single-token words replaced by the top prediction of a
               masked-LM (`mlm_model`) that differs from the original.
 
-Wei & Zou (2019) generate EDA's copies once, before training; so do we: the
-set is a function of `config.seed`, identical when a run resumes, and the
-batcher's plan (its length buckets) stays valid.
+When the copies are made (`regenerate`):
+
+  epoch  (default) new copies every epoch: epoch e's are drawn from
+         `(seed, e, c, i)`, so a model meets each example under a fresh
+         edit each epoch instead of memorising one, and a run resumed in
+         epoch e (after any restart) rebuilds exactly that epoch's copies.
+  once   Wei & Zou's (2019) EDA: one set, from `(seed, c, i)`, made before
+         training and used by every epoch (the behaviour before issue 21).
+
+Per-epoch copies are made lazily: `from_config` makes epoch 0's (the run
+needs its size and lengths before training: the steps per epoch, the length
+buckets) and returns `split_at(epoch)`, which `data.EpochBatcher` calls when
+an epoch is first planned and drops once training has moved past it. The
+set keeps its size, (1 + copies) x N, every epoch; each epoch's order (its
+length buckets) is planned from that epoch's lengths and padded to the
+buckets chosen for epoch 0, so every epoch has the same batch shapes
+(compilations). Memory holds the current epoch's set, and more only when
+`config.precompile` plans ahead for batch widths not yet met (with
+configured buckets that no batch fills, every epoch of the run, made before
+step 1 and not made twice). Making a set is a pass over the training split
+in Python once per epoch (swap / delete / insert: about 30 us per copy of a
+16-token sentence, 0.01 s for the quickstart's 320 with one copy, on 2
+shared CPU cores); `contextual` also runs the masked LM over its copies
+once per epoch instead of once per run, the slower part on a large set (its
+jitted forward is reused).
 
 `typos(...)` (evaluation): each word of letters is, with probability `rate`,
 given one typo: two adjacent characters swapped, one dropped or one random
@@ -40,6 +62,7 @@ from research.data.splits import TokenizedSplit
 log = logging.getLogger(__name__)
 
 OPS = ("swap", "delete", "insert", "contextual")
+REGENERATE = ("epoch", "once")
 SEQUENCE_FIELDS = {"input_ids", "token_type_ids", "labels"}
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -56,6 +79,11 @@ def check(config) -> None:
   if a.copies and not a.ops:
     raise ConfigError("config.augment.copies > 0 needs config.augment.ops "
                       f"(any of {', '.join(OPS)})")
+  if a.regenerate not in REGENERATE:
+    raise ConfigError(
+        f"config.augment.regenerate={a.regenerate!r}; valid: epoch (new "
+        "copies every epoch, from (seed, epoch)), once (one set before "
+        "training: Wei & Zou's EDA)")
   if not 0 < a.rate <= 1:
     raise ConfigError(f"config.augment.rate={a.rate} must be in (0, 1]")
   if a.copies and "contextual" in a.ops and not a.mlm_model:
@@ -194,17 +222,19 @@ def _examples(split):
     yield split.input_ids[lo:hi], split.token_type_ids[lo:hi]
 
 
-def augment(split, words, *, ops, copies, rate, seed, mlm=None):
+def augment(split, words, *, ops, copies, rate, seed, epoch=None, mlm=None):
   """The split with `copies` augmented copies of every example appended.
 
   Args:
     split: a sequence-level `TokenizedSplit` (the training split).
     words: the tokenizer's `Words`.
     ops: operations of `OPS`; copy c of example i draws one from
-      `(seed, c, i)`.
+      `(seed, c, i)`, or `(seed, epoch, c, i)` for an epoch's copies.
     copies: augmented copies per example.
     rate: the share of each text's words an operation changes.
     seed: with (copy, example), the generator of every draw.
+    epoch: None: the copies made once (regenerate="once"); an epoch: that
+      epoch's copies (regenerate="epoch").
     mlm: for "contextual": `predict(ids [n, L], types, attention, positions
       [n, L] bool) -> ids [n, L]` (see `MaskedLM`).
 
@@ -219,7 +249,8 @@ def augment(split, words, *, ops, copies, rate, seed, mlm=None):
   contextual = []  # (index in out, items, chosen word positions)
   for c in range(1, copies + 1):
     for i, (ids, types) in enumerate(originals):
-      rng = np.random.default_rng([seed, c, i])
+      rng = np.random.default_rng(
+          [seed, c, i] if epoch is None else [seed, epoch, c, i])
       op = ops[rng.integers(len(ops))]
       items = words.split(ids, types)
       budget = split.max_length - len(ids)
@@ -327,16 +358,13 @@ class MaskedLM:
           f"{len(words.continues)}: the MLM must share the tokenizer")
     self.model, self.words, self.batch_size = model, words, batch_size
     self.mask_id = words.tokenizer.mask_token_id
-    # Never predicted: special tokens and WordPiece continuations.
-    self.banned = words.special | words.continues
-
-  def __call__(self, jobs):
-    """jobs: [(index, ids, types, where)] -> new ids per job."""
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
-    banned = jnp.asarray(self.banned)
+    # Never predicted: special tokens and WordPiece continuations.
+    banned = jnp.asarray(words.special | words.continues)
 
+    # Built once: each epoch's call (regenerate="epoch") reuses the compile.
     @nnx.jit
     def predict(model, ids, types, attention, original):
       logits = model(ids, attention, types)  # [n, L, vocab]
@@ -345,6 +373,10 @@ class MaskedLM:
                          -jnp.inf, logits)
       return jnp.argmax(logits, -1)
 
+    self._predict = predict
+
+  def __call__(self, jobs):
+    """jobs: [(index, ids, types, where)] -> new ids per job."""
     width = max(len(ids) for _, ids, _, _ in jobs)
     out = []
     for s in range(0, len(jobs), self.batch_size):
@@ -357,31 +389,51 @@ class MaskedLM:
         ids[r, :len(i)], types[r, :len(i)], att[r, :len(i)] = i, t, 1
         where[r, :len(i)] = w
       masked = np.where(where, self.mask_id, ids)
-      pred = np.asarray(predict(self.model, masked, types, att, ids))
+      pred = np.asarray(self._predict(self.model, masked, types, att, ids))
       for r, (_, i, _, w) in enumerate(chunk):
         out.append(np.where(w, pred[r, :len(i)], i).astype(np.int32))
     return out
 
 
 def from_config(config, split, tokenizer, special):
-  """`config.augment` applied to the training split (itself when off); logs
-  the new size and a few augmented examples."""
+  """`config.augment` applied to the training split.
+
+  Every set made is logged: its size and a few examples (with its epoch).
+
+  Returns:
+    (split, split_at): the training split (itself when augmentation is off;
+    the augmented set with regenerate="once"; epoch 0's with "epoch"), and
+    with regenerate="epoch" `split_at(epoch)`, which makes that epoch's set
+    (for `data.EpochBatcher`), else None.
+  """
   a = config.augment
   if not a.copies:
-    return split
+    return split, None
   words = Words(tokenizer, special)
   mlm = (MaskedLM(a.mlm_model, words, a.mlm_batch_size)
          if "contextual" in a.ops else None)
-  out = augment(split, words, ops=tuple(a.ops), copies=a.copies,
-                rate=a.rate, seed=config.seed, mlm=mlm)
+
+  def split_at(epoch):
+    out = augment(split, words, ops=tuple(a.ops), copies=a.copies,
+                  rate=a.rate, seed=config.seed, epoch=epoch, mlm=mlm)
+    _log(split, out, tokenizer, a, epoch)
+    return out
+
+  if a.regenerate == "once":
+    return split_at(None), None
+  return split_at(0), split_at
+
+
+def _log(split, out, tokenizer, a, epoch):
+  """The set's size and its first `log_examples` examples with their copies."""
   log.info("config.augment: %d training examples -> %d (%d copies, ops %s, "
-           "rate %g)", len(split), len(out), a.copies, ", ".join(a.ops),
-           a.rate)
+           "rate %g; %s)", len(split), len(out), a.copies, ", ".join(a.ops),
+           a.rate, "made once" if epoch is None else f"epoch {epoch}'s copies")
   n = len(split)
   for i in range(min(a.log_examples, n)):
-    for c in range(a.copies + 1):
+    # The originals are the same every epoch: shown with the first set.
+    for c in range(0 if epoch in (None, 0) else 1, a.copies + 1):
       j = c * n + i
       text = tokenizer.decode(out.input_ids[out.offsets[j]:out.offsets[j + 1]])
       log.info("  %s %d: %s", "original" if c == 0 else f"copy {c} of", i,
                text)
-  return out

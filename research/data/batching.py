@@ -417,3 +417,57 @@ class Batcher:
     out["example_starts"] = starts.astype(np.int32)
     out["weights"] = np.ones(len(idx), np.float32)
     return out
+
+
+class EpochBatcher(Batcher):
+  """Training batches of a set that changes every epoch (`config.augment`).
+
+  Epoch e's split is `split_at(e)` (epoch 0's is `split`), with as many
+  examples as `split`, so the steps per epoch never change. A `Batcher` of
+  that split plans and assembles the epoch: its sampler orders that epoch's
+  lengths, as a function of (seed, epoch), and pads to the buckets chosen
+  for epoch 0, so every epoch has the same batch shapes and `batch_at(step)`
+  is the same after any restart, as long as `split_at` is a function of the
+  epoch. An epoch's split is made when first planned (`batch_at`,
+  `planned_widths`) and kept until `iterate` has moved past it.
+
+  Args:
+    split: epoch 0's split.
+    batch_size, buckets, **kwargs: as `Batcher`'s.
+    split_at: `epoch -> TokenizedSplit`, for epochs >= 1.
+  """
+
+  def __init__(self, split, batch_size, buckets, *, split_at, **kwargs):
+    super().__init__(split, batch_size, buckets, **kwargs)
+    self._split_at = split_at
+    self._args = (batch_size, kwargs)
+    self._epochs = {}  # epoch -> its Batcher
+
+  def at_epoch(self, epoch):
+    """The `Batcher` of epoch `epoch` (made on first use)."""
+    if epoch not in self._epochs:
+      split = self.split if epoch == 0 else self._split_at(epoch)
+      if len(split) != len(self.split):
+        raise DataError(f"epoch {epoch}'s training set has {len(split)} "
+                        f"examples; epoch 0's has {len(self.split)}: the "
+                        "steps per epoch must not change")
+      batch_size, kwargs = self._args
+      self._epochs[epoch] = Batcher(split, batch_size, self.buckets, **kwargs)
+    return self._epochs[epoch]
+
+  def _plan(self, epoch):
+    return self.at_epoch(epoch)._plan(epoch)  # pylint: disable=protected-access
+
+  def batch_at(self, step):
+    return self.at_epoch(int(step) // self.steps_per_epoch).batch_at(step)
+
+  def iterate(self, start_step=0, num_steps=None):
+    for step, batch in enumerate(super().iterate(start_step, num_steps),
+                                 start_step):
+      # Training never goes back: the epochs before this one are dropped.
+      for old in [e for e in self._epochs if e < step // self.steps_per_epoch]:
+        del self._epochs[old]
+      yield batch
+
+  def padding_efficiency(self, epoch=0):
+    return self.at_epoch(epoch).padding_efficiency(epoch)
