@@ -38,9 +38,10 @@ letter ("u.s.", "e.g.", initials) nor a title ("dr.", "mr."). Decimals
 ("3.5"), WikiText's "@.@" and a quote after the period are not boundaries
 (the next token starts with no letter, or is a piece of a word). It is a
 heuristic, as any sentence splitter is; where it finds nothing the row gets
-the random cut. BERT's own pipeline splits sentences in the text before
-tokenising (one sentence per line); a corpus built so has its boundaries
-where the lines ended, and this rule finds them.
+the random cut (on WikiText rows of 128 tokens, 62% of the rows hold a
+boundary; the rest are mostly headings). BERT's own pipeline splits the text
+into sentences before tokenising (input one sentence per line); this rule
+needs no such input.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ an MLM head (the packaged MiniLM) gets a new one, reported in the log.
 
 Loss: cross-entropy per masked token. Evaluated by the `token` evaluator:
 masked-token `accuracy` and `perplexity` (exp of the mean masked-token loss)
-on each held-out split.
+on each held-out split; with `next_sentence`, by the `pre_training`
+evaluator: the same and `nsp_accuracy`, `nsp_loss`.
 """
 
 from __future__ import annotations
