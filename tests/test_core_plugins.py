@@ -276,7 +276,8 @@ def test_configured_evaluators_and_logits(tmp_path, tiny_model_dir):
      "of research/methods/; did you mean 'bitfit'? (valid: adalora, adapters, bitfit"),
     ("evals", {"dev": {"type": "sequnce", "split": "validation"}},
      "config.evals.dev.type='sequnce' is not a module of research/evaluators/"
-     "; did you mean 'sequence'? (valid: robust, sequence, span, tagging, token"),
+     "; did you mean 'sequence'? (valid: pre_training, robust, sequence, span, "
+     "tagging, token"),
     ("evals", {"dev": {"type": "sequence", "split": "validation",
                        "metrix": ()}},
      "config.evals.dev.metrix is not an option of evaluator 'sequence'; did "

@@ -7,9 +7,11 @@ WikiText-2 lines; every run reads a corpus through grain as
 
 import json
 import pathlib
+import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -19,8 +21,12 @@ from research import bench, data, tasks, train
 from research.configs import ConfigError, validate
 from research.data import corpus as corpus_lib
 from research.data.corpus_batching import CorpusBatcher, CorpusSplit
-from research.data.corpus_batching import sentence_pairs
+from research.data import corpus_batching
+from research.data.corpus_batching import sentence_pairs, sentence_starts
+from research.data.corpus_batching import sentence_table
+from research.evaluators import pre_training
 from research.models import BertConfig, create_model, hf
+from research.tasks import masked_lm
 from research.training.checkpointing import Checkpointer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -152,6 +158,19 @@ def test_restored_iterator_gives_the_same_examples_and_masks(texts, tmp_path):
     key = jax.random.key(7)
     np.testing.assert_array_equal(task.transform(a, key)["labels"],
                                   task.transform(b, key)["labels"])
+  # NSP pairs too: the resumed iterator cuts and draws as the first did.
+  table = sentence_table(tokenizer)
+  nsp = CorpusBatcher(split, 8, seed=3, next_sentence=True,
+                      sentence_table=table)
+  straight_nsp = list(nsp.iterate(0, 8))
+  resumed_nsp = CorpusBatcher(split, 8, seed=3, next_sentence=True,
+                              sentence_table=table)
+  resumed_nsp.restore_state(nsp.state_at(5))
+  for a, b in zip(straight_nsp[5:], resumed_nsp.iterate(5, 3)):
+    for k in ("input_ids", "token_type_ids", "next_sentence_label"):
+      np.testing.assert_array_equal(a[k], b[k])
+  assert not np.array_equal(straight_nsp[5]["input_ids"],
+                            straight[5]["input_ids"])  # pairs were made
   # A position from another step is refused, naming the corpus.
   wrong = CorpusBatcher(split, 8, seed=3)
   wrong.restore_state(state)
@@ -166,14 +185,19 @@ def test_restored_iterator_gives_the_same_examples_and_masks(texts, tmp_path):
 
 
 def test_sentence_pairs_follow_bert(texts, tmp_path):
+  """WikiText rows: [CLS] A [SEP] B [SEP] with token types; A is cut at a
+  sentence end wherever the row has one; an IsNext B follows A."""
   tokenizer, corpus = _corpus(texts, tmp_path, packing="doc")
   rows = CorpusBatcher(CorpusSplit("train", corpus), 64,
                        seed=0).batch_at(0)["input_ids"]
   cls, sep, pad = (tokenizer.cls_token_id, tokenizer.sep_token_id,
                    tokenizer.pad_token_id)
+  table = sentence_table(tokenizer)
   ids, types, labels = sentence_pairs(rows, np.random.default_rng(0),
-                                      cls_id=cls, sep_id=sep, pad_id=pad)
+                                      cls_id=cls, sep_id=sep, pad_id=pad,
+                                      table=table)
   assert 0.3 < labels.mean() < 0.7
+  at_boundary = 0
   for row, new, tt, label in zip(rows, ids, types, labels):
     content = row[1:(row != pad).sum() - 1]
     n = int((new != pad).sum())
@@ -183,10 +207,137 @@ def test_sentence_pairs_follow_bert(texts, tmp_path):
     np.testing.assert_array_equal(tt[:seps[0] + 1], 0)
     np.testing.assert_array_equal(tt[seps[0] + 1:n], 1)
     assert len(a) and len(b)
+    if len(sentence_starts(content, table)):
+      assert table[a[-1]] & corpus_batching.END
+      at_boundary += 1
     if label == 0:  # B is the text that follows A in the row
       pair = np.concatenate([a, b])
       assert any(np.array_equal(pair, content[k:k + len(pair)])
                  for k in range(len(content) - len(pair) + 1))
+  assert at_boundary >= 16  # WikiText rows of 32 tokens: most hold one
+
+
+def _bpe_tokenizer():
+  """A small byte-level BPE (RoBERTa's kind) trained on WikiText lines."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  lines = (WIKI / "wiki.train.tokens").read_text().splitlines()[:2000]
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  bpe.train_from_iterator(lines + [_SENTENCES] * 5, vocab_size=2000,
+                          special_tokens=["<s>", "</s>", "<pad>", "<unk>"],
+                          show_progress=False)
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=bpe._tokenizer, cls_token="<s>", sep_token="</s>",  # pylint: disable=protected-access
+      pad_token="<pad>", unk_token="<unk>")
+
+
+_SENTENCES = ('Dr. Smith went to the U.S. in 3.5 days. He left! Then 1 @.@ 5 '
+              'km . "Yes." she said... ok?! Fine.')
+
+
+@pytest.mark.parametrize("vocab", ["wordpiece", "bpe"])
+def test_sentence_starts_from_token_ids(vocab):
+  """The same four sentence starts from WordPiece and byte-level BPE ids;
+  titles, initials, decimals, WikiText's "@.@" and a quoted period are not
+  boundaries."""
+  tokenizer = (data.load_tokenizer(str(hf.resolve("all-minilm-l6-v2")))
+               if vocab == "wordpiece" else _bpe_tokenizer())
+  ids = np.asarray(tokenizer(_SENTENCES, add_special_tokens=False)[
+      "input_ids"])
+  table = sentence_table(tokenizer)
+  starts = sentence_starts(ids, table)
+  words = [tokenizer.decode(ids[s:]).split()[0].lower() for s in starts]
+  assert words == ["he", "then", "ok?!", "fine."]
+  assert [tokenizer.decode(ids[s - 1:s]).strip() for s in starts] == [
+      ".", "!", ".", "!"]
+  assert not table[tokenizer.all_special_ids].any()
+
+
+def _rows(tokenizer, texts, width=32):
+  """[CLS] text [SEP] [PAD]... rows, int32 [len(texts), width]."""
+  out = np.full((len(texts), width), tokenizer.pad_token_id, np.int32)
+  for i, text in enumerate(texts):
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) <= width - 1  # A + B never truncated
+    out[i, :len(ids)] = ids
+  return out
+
+
+def test_sentence_pairs_cut_at_boundaries_or_at_random():
+  """Hand-made rows, 300 copies each: A is whole sentences and an IsNext B
+  exactly the sentences after them; a NotNext B starts at a sentence of
+  another row; a row without a boundary is cut anywhere; labels 1/2."""
+  tokenizer = data.load_tokenizer(str(hf.resolve("all-minilm-l6-v2")))
+  table = sentence_table(tokenizer)
+  texts = ["the cat sat on the mat. it was warm! dogs barked.",
+           "rain fell all day. the river rose. people left.",
+           "dr. smith went to the u.s. in 3.5 days"]  # no boundary
+  distinct = _rows(tokenizer, texts)
+  special = dict(cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id,
+                 pad_id=tokenizer.pad_token_id)
+  contents = [r[1:(r != special["pad_id"]).sum() - 1] for r in distinct]
+  starts = [sentence_starts(c, table) for c in contents]
+  assert [len(s) for s in starts] == [2, 2, 0]
+  copies = 300
+  rows = np.tile(distinct, (copies, 1))
+  ids, _, labels = sentence_pairs(rows, np.random.default_rng(0),
+                                  table=table, **special)
+  cuts = {0: set(), 1: set(), 2: set()}
+  for i, (new, label) in enumerate(zip(ids, labels)):
+    kind, content = i % 3, contents[i % 3]
+    n = int((new != special["pad_id"]).sum())
+    mid = int(np.flatnonzero(new == special["sep_id"])[0])
+    a, b = new[1:mid], new[mid + 1:n - 1]
+    cut = len(a)
+    np.testing.assert_array_equal(a, content[:cut])  # A: the row's start
+    cuts[kind].add(cut)
+    if kind < 2:
+      assert cut in starts[kind] and table[a[-1]] & corpus_batching.END
+    if label == 0:  # exactly the text that followed
+      np.testing.assert_array_equal(b, content[cut:])
+    else:  # another row's text, from a sentence start where it has one
+      assert any(np.array_equal(b, c[s:s + len(b)])
+                 for c, st in zip(contents, starts)
+                 for s in (st if len(st) else range(len(c))))
+  assert cuts[0] == set(starts[0]) and cuts[1] == set(starts[1])
+  # The fallback: random cuts, most of them inside a sentence.
+  assert len(cuts[2]) > len(contents[2]) // 2
+  # Labels: Bernoulli(1/2) per row; 4 binomial standard deviations
+  # (sqrt(0.25 / 900) = 0.017) is a bound a fair draw breaks once in 15000.
+  assert abs(labels.mean() - 0.5) < 4 * np.sqrt(0.25 / len(labels))
+  # Resume: the draws are a function of the generator's seed alone.
+  again = sentence_pairs(rows, np.random.default_rng(0), table=table,
+                         **special)
+  np.testing.assert_array_equal(again[0], ids)
+
+
+def test_nsp_accuracy_and_loss_on_a_hand_made_batch():
+  """nsp_sums per batch (padding rows out), summed by the evaluator."""
+  logits = np.array([[2., 1.], [0., 3.], [1., 0.], [5., -5.], [0., 2.]],
+                    np.float32)
+  labels = np.array([0, 1, 1, 1, 0])
+  weights = np.array([1., 1., 1., 0., 1.], np.float32)  # row 3: padding
+  # Rows 0, 1 right, 2 and 4 wrong: 2 of 4 real rows.
+  ce = [np.log1p(np.exp(-1.)), np.log1p(np.exp(-3.)), np.log1p(np.exp(1.)),
+        np.log1p(np.exp(2.))]
+  totals = []
+  for part in (slice(0, 2), slice(2, 5)):  # two evaluation batches
+    sums = masked_lm.nsp_sums(jnp.asarray(logits[part]),
+                              jnp.asarray(labels[part]),
+                              jnp.asarray(weights[part]))
+    totals.append({**jax.tree.map(np.asarray, sums), "loss": 6.0,
+                   "weight": 3.0})
+  config = ml_collections.ConfigDict({"metrics": ()})
+  make = lambda head: pre_training.Evaluator(  # pylint: disable=unnecessary-lambda-assignment
+      name="eval", task=types.SimpleNamespace(HEAD=head), split=None,
+      batcher=None, make_step=lambda logits: None, sharding=None,
+      config=config, metrics=("nsp_accuracy", "nsp_loss"))
+  scores = make("pre_training").scores([], [], totals)
+  assert scores["nsp_accuracy"] == 0.5
+  assert scores["nsp_loss"] == pytest.approx(np.mean(ce), rel=1e-6)
+  assert scores["loss"] == 2.0  # the masked-LM loss, as before
+  with pytest.raises(ConfigError, match="next_sentence=True"):
+    make("masked_lm")
 
 
 def test_nsp_head_matches_transformers(tmp_path):
@@ -255,14 +406,26 @@ def test_pod_recipe_on_fsdp_mesh_follows_one_device(texts, tmp_path):
     pretrain_bert_base.get_config("phase=2,files=a.txt")
   assert len(jax.devices()) == 8
   arg = f"tiny=1,files={texts[0]},eval={texts[1]},batch=16,warmup=1,lr=0.003"
-  losses = {}
+  losses, summaries = {}, {}
   for mesh in ("1x8x1", "1x1x1"):
     config = pretrain_bert_base.get_config(f"{arg},mesh={mesh}")
     config.wandb.mode = "disabled"
     config.model.hidden_dropout = config.model.attention_dropout = 0.0
     config.data.cache_dir = str(tmp_path / "cache")
-    train.train_and_evaluate(config, str(tmp_path / mesh))
+    summaries[mesh] = train.train_and_evaluate(config, str(tmp_path / mesh))
     losses[mesh] = _losses(tmp_path / mesh)
+  # Held-out NSP accuracy and loss, logged beside the masked-LM metrics.
+  logged = [json.loads(l) for l in (tmp_path / "1x1x1" / "metrics.jsonl"
+                                    ).read_text().splitlines()]
+  last = [r for r in logged if "eval/nsp_accuracy" in r][-1]
+  for mesh, summary in summaries.items():
+    assert summary["eval/nsp_accuracy"] == pytest.approx(
+        last["eval/nsp_accuracy"], abs=1e-6), mesh
+    assert 0.0 < summary["eval/nsp_accuracy"] < 1.0
+    # 4 steps from a uniform guess: still close to ln(2).
+    assert summary["eval/nsp_loss"] == pytest.approx(np.log(2), abs=0.2)
+    assert summary["eval/perplexity"] == pytest.approx(
+        np.exp(summary["eval/loss"]), rel=1e-6)
   assert len(losses["1x8x1"]) == 4
   # MLM + NSP (the recipe's default): ln(30522) + ln(2) at the start.
   assert losses["1x1x1"][1] == pytest.approx(np.log(30522) + np.log(2), abs=0.3)

@@ -45,6 +45,10 @@ class Evaluator(common.Evaluator):
     if not self.split.has_labels:
       return {}
     preds, labels, _, totals = self._collect(params, frozen)
+    return self.scores(preds, labels, totals)
+
+  def scores(self, preds, labels, totals) -> dict:
+    """{metric: value} from `_collect`'s per-example arrays and totals."""
     results = {"loss": common.loss(totals)}
     names = self.metric_names(self.config, self.options)
     if "perplexity" in names:

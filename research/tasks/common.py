@@ -254,19 +254,22 @@ class Task:
 
     def forward(params, frozen, batch):
       model = partition.merge(graphdef, params, frozen)
-      outputs = self.forward(model, batch)
-      losses, weights = self.loss(outputs, batch)
-      out = {"loss": (losses * weights).sum(), "weight": weights.sum(),
-             "predictions": self.predict(outputs, batch), "weights": weights,
-             "batch_weights": batch["weights"],
-             "lengths": batch["attention_mask"].sum(axis=-1)}
-      if "labels" in batch:
-        out["labels"] = batch["labels"]
-      if logits:
-        out["logits"] = outputs
-      return out
+      return self.eval_outputs(self.forward(model, batch), batch, logits)
 
     return forward
+
+  def eval_outputs(self, outputs, batch, logits=False) -> dict:
+    """The evaluation step's outputs from the model's (`eval_forward`)."""
+    losses, weights = self.loss(outputs, batch)
+    out = {"loss": (losses * weights).sum(), "weight": weights.sum(),
+           "predictions": self.predict(outputs, batch), "weights": weights,
+           "batch_weights": batch["weights"],
+           "lengths": batch["attention_mask"].sum(axis=-1)}
+    if "labels" in batch:
+      out["labels"] = batch["labels"]
+    if logits:
+      out["logits"] = outputs
+    return out
 
   # --- Evaluation ------------------------------------------------------------------
 

@@ -31,15 +31,19 @@ over hosts (`jax_threefry_partitionable`).
 
 `next_sentence=True` adds BERT's next-sentence prediction (head
 `pre_training`, `BertForPreTraining`'s `cls.seq_relationship`; pairs from
-`corpus_batching.sentence_pairs`); the loss is then MLM mean + NSP mean, as
-`BertForPreTraining`'s. `architecture` ("hidden_size=256,num_hidden_layers=4,
+`corpus_batching.sentence_pairs`: A and B cut at sentence boundaries, B the
+sentences that follow or another row's, 1/2 each); the loss is then MLM mean
++ NSP mean, as `BertForPreTraining`'s, and evaluation (the `pre_training`
+evaluator) adds `nsp_accuracy` and `nsp_loss` (mean NSP cross-entropy) over
+the held-out pairs. `architecture` ("hidden_size=256,num_hidden_layers=4,
 ...") initialises a model of that shape from scratch, with the tokenizer
 (and the rest of config.json) of `config.model.name`. A checkpoint without
 an MLM head (the packaged MiniLM) gets a new one, reported in the log.
 
 Loss: cross-entropy per masked token. Evaluated by the `token` evaluator:
 masked-token `accuracy` and `perplexity` (exp of the mean masked-token loss)
-on each held-out split.
+on each held-out split; with `next_sentence`, by the `pre_training`
+evaluator: the same and `nsp_accuracy`, `nsp_loss`.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from flax import nnx
 from research import parallelism
 from research.configs.plugins import ConfigError
 from research.data import corpus as corpus_lib
-from research.data import masking
+from research.data import corpus_batching, masking
 from research.data.corpus_batching import CorpusBatcher, CorpusSplit
 from research.data.errors import DataError
 from research.data.splits import TokenizedSplit, select, text_fields
@@ -246,9 +250,11 @@ class Task(common.Task):
         " / grad_accum_steps" if micro != config.batch_size else ""))
     parallelism.check_batch_size(config.eval_batch_size, mesh,
                                  "config.eval_batch_size")
+    nsp = self.options["next_sentence"]
     kw = dict(process_index=jax.process_index(),
-              process_count=jax.process_count(),
-              next_sentence=self.options["next_sentence"])
+              process_count=jax.process_count(), next_sentence=nsp,
+              sentence_table=(corpus_batching.sentence_table(self.tokenizer)
+                              if nsp else None))
     train = CorpusBatcher(train_split, micro, seed=config.seed, **kw)
     evals = {name: CorpusBatcher(split, config.eval_batch_size,
                                  seed=config.seed, shuffle=False, **kw)
@@ -284,14 +290,21 @@ class Task(common.Task):
       outputs = self.forward(model, batch, rngs=nnx.Rngs(dropout=key))
       losses, weights = self.loss(outputs, batch)
       total = weights.sum()
-      rows = batch["weights"]
-      nsp = optax.softmax_cross_entropy_with_integer_labels(
-          outputs[1], batch["next_sentence_label"])
+      nsp = nsp_sums(outputs[1], batch["next_sentence_label"],
+                     batch["weights"])
       return ((losses * weights).sum() / jnp.maximum(total, 1.0)
-              + (nsp * rows).sum() / jnp.maximum(rows.sum(), 1.0),
+              + nsp["nsp_loss"] / jnp.maximum(nsp["nsp_count"], 1.0),
               {"weight": total})
 
     return loss_fn
+
+  def eval_outputs(self, outputs, batch, logits=False):
+    """The MLM outputs; with `next_sentence`, plus the batch's `nsp_sums`."""
+    out = super().eval_outputs(outputs, batch, logits)
+    if self.options["next_sentence"]:
+      out.update(nsp_sums(outputs[1], batch["next_sentence_label"],
+                          batch["weights"]))
+    return out
 
   def predict(self, logits, batch):
     """The most likely token at every position [B, L]."""
@@ -305,6 +318,30 @@ class Task(common.Task):
       split_names = (["validation"] if self.options["eval_files"] else []) \
           if self.options["corpus"] in ("text", "jsonl") else \
           list(self.config.data.eval_splits)
+    if self.options["next_sentence"]:
+      return {name: {"type": "pre_training", "split": name, "metrics": (
+          "accuracy", "perplexity", "nsp_accuracy", "nsp_loss")}
+              for name in split_names}
     return {name: {"type": "token", "split": name,
                    "metrics": ("accuracy", "perplexity")}
             for name in split_names}
+
+
+def nsp_sums(logits, labels, weights):
+  """Next-sentence prediction sums over a batch's real rows; jittable.
+
+  Args:
+    logits: float [B, 2] (`seq_relationship`; class 0: B follows A).
+    labels: int [B] `next_sentence_label`.
+    weights: float [B], 0 for padding rows.
+
+  Returns:
+    {"nsp_loss": the cross-entropy sum, "nsp_correct": rows whose arg-max is
+    the label, "nsp_count": real rows}: float32 scalars.
+  """
+  logits = jnp.asarray(logits, jnp.float32)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  return {"nsp_loss": (loss * weights).sum(),
+          "nsp_correct": (correct * weights).sum(),
+          "nsp_count": weights.sum()}
