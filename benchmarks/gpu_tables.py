@@ -32,6 +32,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -54,7 +55,7 @@ TAPT = {"cola": ("glue_cola", "sentence", 64), "rte": ("glue_rte",
 TAPT_STEPS, TAPT_BATCH = 1000, 64
 DP_EPSILONS = (0.0, 8.0, 3.0, 1.0)
 ROBUST_METHODS = ("plain", "fgm", "pgd", "freelb", "augment")
-SMOKE_JOBS = ("peft/cola/full/lr2e-05/s0", "dp/cola/eps8/s0",
+SMOKE_JOBS = ("peft/cola/full/lr2e-05/s0", "dp/cola/full/eps8/s0",
               "robust/rte/freelb/s0", "scratch/wikitext")
 
 
@@ -253,7 +254,7 @@ def graft_pooler(hf_dir, base="all-minilm-l6-v2"):
   save_file(weights, path, metadata={"format": "pt"})
 
 
-def plan(work, groups, smoke):
+def plan(work, groups, smoke, dp_method="full"):
   chosen = {}
   jobs = []
   if "peft" in groups:
@@ -266,11 +267,12 @@ def plan(work, groups, smoke):
       for seed in SEEDS:
         for eps in DP_EPSILONS:
           task = "cola" if data == "glue" else data
-          tag = f"dp/{task}/eps{eps:g}/s{seed}"
+          tag = f"dp/{task}/{dp_method}/eps{eps:g}/s{seed}"
           jobs.append(Job(tag, "dp", f"experiments/dp_sgd.py:data={task},"
-                          f"epsilon={eps:g},seed={seed}",
+                          f"epsilon={eps:g},seed={seed},method={dp_method}",
                           os.path.join(work, tag),
-                          row={"task": task, "epsilon": eps, "seed": seed}))
+                          row={"task": task, "epsilon": eps, "seed": seed,
+                               "method": dp_method}))
     if "robust" in groups:
       for seed in SEEDS:
         for task in (PEFT_TASKS if data == "glue" else (data,)):
@@ -316,7 +318,7 @@ def tables(records):
     lines.append(f"| {group} | {task} | {method} | {lr:g} | "
                  f"{_mean_std([final_metric(r, task) for r in rs])} | "
                  f"{sorted(r['row']['seed'] for r in rs)} |")
-  for group, keys in (("dp", ("epsilon",)), ("robust", ("method",))):
+  for group, keys in (("dp", ("method", "epsilon")), ("robust", ("method",))):
     cells = collections.defaultdict(list)
     for r in ok:
       if r["group"] == group:
@@ -348,6 +350,10 @@ def main():
   parser.add_argument("--workers", type=int, default=4)
   parser.add_argument("--budget_s", type=float, default=520)
   parser.add_argument("--groups", default="peft,tapt,dp,robust,scratch")
+  parser.add_argument("--only", default="",
+                      help="a regular expression: only jobs whose name matches")
+  parser.add_argument("--dp_method", default="full", choices=("full", "bitfit"),
+                      help="experiments/dp_sgd.py's method= (bitfit: CPU-sized)")
   parser.add_argument("--smoke", action="store_true",
                       help="CPU check: 2 steps per run, one job per group")
   args = parser.parse_args()
@@ -358,11 +364,13 @@ def main():
   if args.smoke:
     extra = ["--config.total_steps=2", "--config.eval_every_steps=2"]
   queue = Queue(args.out, args.workers, args.budget_s, extra)
-  jobs = plan(args.work, groups, args.smoke)
+  jobs = plan(args.work, groups, args.smoke, args.dp_method)
   if args.smoke:  # one run per group, one learning rate (then TAPT)
     LR_GRID.update((k, v[:1]) for k, v in LR_GRID.items())
     jobs = [job for job in plan(args.work, groups, args.smoke)
             if job.name in SMOKE_JOBS]
+  if args.only:
+    jobs = [job for job in jobs if re.search(args.only, job.name)]
   for job in jobs:
     queue.add(job)
   queue.run()
