@@ -53,6 +53,7 @@ METRIC = {"cola": "matthews_corrcoef", "rte": "accuracy",
 TAPT = {"cola": ("glue_cola", "sentence", 64), "rte": ("glue_rte",
                                                        "sentence1;sentence2", 128)}
 TAPT_STEPS, TAPT_BATCH = 1000, 64
+PEFT_ARG = ""  # --peft_arg: more experiments/peft.py args (",pooler=true")
 DP_EPSILONS = (0.0, 8.0, 3.0, 1.0)
 ROBUST_METHODS = ("plain", "fgm", "pgd", "freelb", "augment")
 SMOKE_JOBS = ("peft/cola/full/lr2e-05/s0", "dp/cola/full/eps8/s0",
@@ -189,12 +190,13 @@ def peft_jobs(work, task, method, chosen):
 
 
 def _peft(work, task, method, lr, seed, then=None, model=None, group="peft"):
-  tag = f"{group}/{task}/{method}/lr{lr:g}/s{seed}"
+  tag = (f"{group}/{task}/{method}{PEFT_ARG.replace('=', '_').replace(',', '+')}"
+         f"/lr{lr:g}/s{seed}")
   extra = [f"--config.seed={seed}"]
   if model:
     extra.append(f"--config.model.name={model}")
   return Job(tag, group, f"experiments/peft.py:task={task},method={method},"
-             f"lr={lr:g}", os.path.join(work, tag), extra, then=then,
+             f"lr={lr:g}{PEFT_ARG}", os.path.join(work, tag), extra, then=then,
              row={"task": task, "method": method, "lr": lr, "seed": seed})
 
 
@@ -354,12 +356,23 @@ def main():
                       help="a regular expression: only jobs whose name matches")
   parser.add_argument("--dp_method", default="full", choices=("full", "bitfit"),
                       help="experiments/dp_sgd.py's method= (bitfit: CPU-sized)")
+  parser.add_argument("--peft_arg", default="",
+                      help='appended to experiments/peft.py args: "pooler=true"')
+  parser.add_argument("--lr_grid", default="",
+                      help='"bitfit=1e-3:5e-3,lora=1e-3": replaces LR_GRID '
+                      "entries (and drops the methods not named)")
   parser.add_argument("--smoke", action="store_true",
                       help="CPU check: 2 steps per run, one job per group")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   os.environ.setdefault("WANDB_MODE", "disabled")  # metrics.jsonl keeps all
   groups = set(args.groups.split(","))
+  global PEFT_ARG  # pylint: disable=global-statement
+  PEFT_ARG = "," + args.peft_arg if args.peft_arg else ""
+  if args.lr_grid:
+    grid = dict(item.split("=") for item in args.lr_grid.split(","))
+    LR_GRID.clear()
+    LR_GRID.update({m: tuple(map(float, v.split(":"))) for m, v in grid.items()})
   extra = []
   if args.smoke:
     extra = ["--config.total_steps=2", "--config.eval_every_steps=2"]

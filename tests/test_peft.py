@@ -161,6 +161,34 @@ def test_peft_loads_our_export_with_the_same_logits(tmp_path, tiny_model_dir, ki
   assert np.abs(_torch_logits(plain, ids, mask) - ours).max() > 1e-5
 
 
+def test_trained_pooler_goes_to_peft_and_back(tmp_path, tiny_model_dir):
+  """`pooler=True`: PEFT's modules_to_save gets "pooler"; both ways agree."""
+  peft_lib = pytest.importorskip("peft")
+  transformers = pytest.importorskip("transformers")
+  base_dir = hf.export(_load(tiny_model_dir), tmp_path / "base", TASK)
+  model = _load(tiny_model_dir, "lora")
+  _randomise(model, ("lora_b",))
+  pooler = model.bert.pooler.kernel
+  pooler[...] = pooler[...] + 0.5 * jax.random.normal(jax.random.key(3),
+                                                      pooler.shape)
+  adapter = hf_peft.export(model, tmp_path / "adapter", options={"pooler": True})
+  config = json.loads((adapter / "adapter_config.json").read_text())
+  assert "pooler" in config["modules_to_save"]
+  base = transformers.BertForSequenceClassification.from_pretrained(
+      str(base_dir)).eval()
+  theirs = peft_lib.PeftModel.from_pretrained(base, str(adapter)).eval()
+  ids, mask = _inputs()
+  ours = np.asarray(model(ids, mask))
+  np.testing.assert_allclose(_torch_logits(theirs, ids, mask), ours, atol=1e-4)
+  back, report = hf_peft.load(adapter, str(base_dir), TASK, LABELS)
+  assert "bert.pooler.dense.weight" in report.loaded
+  np.testing.assert_allclose(np.asarray(back(ids, mask)), ours, atol=1e-5)
+  # Without the option the pooler stays the base's: the logits differ.
+  plain = hf_peft.export(model, tmp_path / "plain")
+  again, _ = hf_peft.load(plain, str(base_dir), TASK, LABELS)
+  assert np.abs(np.asarray(again(ids, mask)) - ours).max() > 1e-3
+
+
 def test_peft_lora_directory_loads_onto_our_model(tmp_path, tiny_model_dir):
   peft_lib = pytest.importorskip("peft")
   transformers = pytest.importorskip("transformers")
@@ -244,6 +272,24 @@ def test_training_updates_only_the_method_and_head(tiny_model_dir, name):
                                        nnx.to_flat_state(state["params"]))
            if p[0] == "bert" and not np.array_equal(a[...], b[...])]
   assert moved, "no method weight was trained"
+
+
+@pytest.mark.parametrize("name", ["lora", "bitfit"])
+def test_pooler_option_trains_the_pooler(tiny_model_dir, name):
+  config = _tiny_config(tiny_model_dir, total_steps=2, methods=(name,))
+  with config.unlocked():
+    config.method_options[name] = {**METHODS.get(name, ({},))[0], "pooler": True}
+  run = train.build(config)
+  trained = {p for p, _ in nnx.to_flat_state(run.state["params"])}
+  assert ("bert", "pooler", "kernel") in trained
+  frozen = {p for p, _ in nnx.to_flat_state(run.frozen[0])}
+  assert ("bert", "pooler", "kernel") not in frozen
+  # The default leaves it frozen, as PEFT does.
+  with config.unlocked():
+    config.method_options[name] = dict(METHODS.get(name, ({},))[0])
+  run = train.build(config)
+  assert ("bert", "pooler", "kernel") in {
+      p for p, _ in nnx.to_flat_state(run.frozen[0])}
 
 
 def optax_mu(opt_state):

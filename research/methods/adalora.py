@@ -26,7 +26,7 @@ from research.methods import lora
 from research.peft import allocation, layers
 
 CONFIG = {"init_r": 12, "target_r": 8, "alpha": 8.0, "dropout": 0.0,
-          "target_modules": ("query", "value"), "head": True,
+          "target_modules": ("query", "value"), "head": True, "pooler": False,
           "tinit": 0, "tfinal": 0, "delta_t": 1, "total_step": 0,
           "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5}
 

@@ -23,7 +23,7 @@ from research.peft import layers
 # kind -> the dense layers (make_dense names) followed by an adapter.
 KINDS = {"houlsby": ("attention.output", "output"), "pfeiffer": ("output",)}
 CONFIG = {"kind": "houlsby", "reduction_factor": 16, "activation": "relu",
-          "layer_norm": True, "head": True}
+          "layer_norm": True, "head": True, "pooler": False}
 
 
 def _exact(name, targets):
@@ -62,4 +62,4 @@ class Method(methods.Method):
     o = self.options
     return peft.any_of(layers.AdapterParam,
                        is_layer_norm if o["layer_norm"] else None,
-                       peft.is_head if o["head"] else None)
+                       peft.saved_modules(o))

@@ -9,11 +9,12 @@ checkpoints hold about 0.1% of the encoder's parameters plus the head);
 export merges them back from the pre-trained checkpoint.
 """
 
-from research import methods
+from research import methods, peft
 
 # head: also train the task head (everything outside the encoder `bert`),
-# as the paper does; False: biases only.
-CONFIG = {"head": True}
+# as the paper does; False: biases only. pooler: also BERT's pooler weights
+# (research.peft.is_pooler says when that matters).
+CONFIG = {"head": True, "pooler": False}
 
 
 class Method(methods.Method):
@@ -21,10 +22,9 @@ class Method(methods.Method):
   CONFIG = CONFIG
 
   def trainable(self):
-    train_head = self.options["head"]
+    saved = peft.saved_modules(self.options)
 
     def is_trained(path, value):
-      del value
-      return path[-1] == "bias" or (train_head and path[0] != "bert")
+      return path[-1] == "bias" or saved(path, value)
 
     return is_trained

@@ -24,7 +24,7 @@ from research.configs.plugins import ConfigError
 from research.peft import layers
 
 CONFIG = {"r": 8, "alpha": 16.0, "dropout": 0.0,
-          "target_modules": ("query", "value"), "head": True}
+          "target_modules": ("query", "value"), "head": True, "pooler": False}
 
 
 def check_rank_options(options, name, rank_fields=("r",)):
@@ -64,7 +64,7 @@ class Method(methods.Method):
                                  **self.layer_options())
 
   def trainable(self):
-    return peft.any_of(nnx.LoRAParam, peft.is_head if self.options["head"] else None)
+    return peft.any_of(nnx.LoRAParam, peft.saved_modules(self.options))
 
   def wrap_loss(self, loss_fn):
     return peft.with_dropout(loss_fn) if self.options["dropout"] > 0 else loss_fn

@@ -22,7 +22,7 @@ from research.configs.plugins import ConfigError
 from research.peft import prefix
 
 CONFIG = {"length": 20, "projection": False, "projection_size": 512,
-          "head": True}
+          "head": True, "pooler": False}
 
 
 class Method(methods.Method):
@@ -48,4 +48,4 @@ class Method(methods.Method):
 
   def trainable(self):
     return peft.any_of(prefix.PrefixParam,
-                       peft.is_head if self.options["head"] else None)
+                       peft.saved_modules(self.options))

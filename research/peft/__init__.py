@@ -54,6 +54,25 @@ def is_head(path, value) -> bool:
   return path[0] != "bert"
 
 
+def is_pooler(path, value) -> bool:
+  """An nnx filter: BERT's pooler (dense + tanh on [CLS]).
+
+  PEFT leaves it frozen unless `modules_to_save` names it. A checkpoint whose
+  pooler was never trained (sentence-transformers models such as
+  all-MiniLM-L6-v2, trained on mean pooling) gives a frozen pooler's output
+  little of the sentence: train it with the head (`pooler=True`).
+  """
+  del value
+  return tuple(path[:2]) == ("bert", "pooler")
+
+
+def saved_modules(options):
+  """The filter of what a method trains whole besides its own weights:
+  the head (`options["head"]`) and the pooler (`options["pooler"]`)."""
+  return any_of(is_head if options["head"] else None,
+                is_pooler if options.get("pooler") else None)
+
+
 def with_dropout(loss_fn):
   """`loss_fn` with the step's key given to the layers' input dropout.
 

@@ -49,6 +49,24 @@ def _head_modules(model, task=None) -> list[str]:
   return sorted({k.split(".")[0] for k in hf.head_key_map(head, model.cfg)})
 
 
+def _pooler_keys(head, cfg, options) -> dict:
+  """BERT's pooler names, when the method trained it (`pooler=True`) and
+  the head does not already hold it (RoBERTa's `classifier.dense`)."""
+  if not (options or {}).get("pooler"):
+    return {}
+  own = hf.head_key_map(head, cfg)
+  return {k: v for k, v in hf.key_map(head, cfg).items()
+          if tuple(v[0][:2]) == ("bert", "pooler") and k not in own}
+
+
+def _saved_key_map(head, cfg, options) -> dict:
+  """HF name -> (our path, kind) of what PEFT's `modules_to_save` holds: the
+  head (outside the encoder) and, if trained, the pooler."""
+  return {**{k: v for k, v in hf.head_key_map(head, cfg).items()
+             if v[0][0] != "bert" or (options or {}).get("pooler")},
+          **_pooler_keys(head, cfg, options)}
+
+
 def _target_regex(modules) -> str:
   """A PEFT `target_modules` regex matching exactly these module names."""
   patterns = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.",
@@ -99,8 +117,8 @@ def export(model: nnx.Module, out_dir, *, task=None, options: dict | None = None
       tensors[key + ".lora_B.weight"] = np.asarray(layer.lora.lora_b[...]).T
   head = type(model) if task is None else head_class(task)
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  for hf_key, (path, kind) in hf.head_key_map(head, model.cfg).items():
-    if path in flat and path[0] != "bert":
+  for hf_key, (path, kind) in _saved_key_map(head, model.cfg, options).items():
+    if path in flat:
       tensors[PREFIX + hf_key] = hf._to_hf(kind, np.asarray(flat[path][...], np.float32))  # pylint: disable=protected-access
   tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
   rank = layers.low_rank_layers(model)[0][1]
@@ -109,7 +127,9 @@ def export(model: nnx.Module, out_dir, *, task=None, options: dict | None = None
       "task_type": TASK_TYPES.get(head.hf_architecture.replace("For", "", 1)),
       "base_model_name_or_path": base_model_name_or_path,
       "target_modules": _target_regex(modules),
-      "modules_to_save": _head_modules(model, task),
+      "modules_to_save": _head_modules(model, task)
+                         + (["pooler"] if _pooler_keys(head, model.cfg, options)
+                            else []),
       "lora_alpha": rank.alpha,
       "lora_dropout": float(options.get("dropout", 0.0)),
       "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
@@ -214,7 +234,9 @@ def load(adapter_dir, base: str, task="sequence_classification",
     else:
       names.update({m + ".lora_A.weight": (path + ("lora", "lora_a"), "linear"),
                     m + ".lora_B.weight": (path + ("lora", "lora_b"), "linear")})
-  names.update({k: v for k, v in hf.head_key_map(task, cfg).items()
+  # The head, and the pooler where the directory saved it.
+  names.update({k: v for k, v in {**hf.head_key_map(task, cfg),
+                                  **_pooler_keys(task, cfg, {"pooler": True})}.items()
                 if k in tensors})
   report = hf.assign(model, tensors, names, cfg, source)
   adapted = {tuple(p) for p, _ in layers.low_rank_layers(model)}
