@@ -252,7 +252,9 @@ def graft_pooler(hf_dir, base="all-minilm-l6-v2"):
   weights = load_file(path)
   base_weights = load_file(str(hf.resolve(base) / "model.safetensors"))
   for name in ("pooler.dense.weight", "pooler.dense.bias"):
-    weights["bert." + name] = np.ascontiguousarray(base_weights[name])
+    # A BertModel's names have no "bert." prefix; a BertFor*'s have it.
+    source = name if name in base_weights else "bert." + name
+    weights["bert." + name] = np.ascontiguousarray(base_weights[source])
   save_file(weights, path, metadata={"format": "pt"})
 
 
