@@ -224,9 +224,8 @@ def tapt_jobs(work, task, lr):
     job.workdir = os.path.join(pre, "export_log")
     def finetune(r, q):
       del q
-      if r["status"] != "ok":
+      if r["status"] != "ok":  # research.export kept the base's pooler
         return ()
-      graft_pooler(hf_dir)
       return [_peft(work, task, "full", lr, s, model=hf_dir, group="tapt")
               for s in SEEDS]
 
@@ -235,27 +234,6 @@ def tapt_jobs(work, task, lr):
 
   pretrain.then = export
   return [pretrain]
-
-
-def graft_pooler(hf_dir, base="all-minilm-l6-v2"):
-  """Copies the base checkpoint's pooler into an exported masked-LM model.
-
-  A masked-LM run neither uses nor keeps BERT's pooler (HF's BertForMaskedLM
-  has none either, and ignores one on load), so a classifier fine-tuned from
-  it would start from a fresh pooler while plain fine-tuning starts from the
-  base's: the comparison would measure the pooler, not TAPT.
-  """
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
-  from research.models import hf  # pylint: disable=import-outside-toplevel
-  path = os.path.join(hf_dir, "model.safetensors")
-  weights = load_file(path)
-  base_weights = load_file(str(hf.resolve(base) / "model.safetensors"))
-  for name in ("pooler.dense.weight", "pooler.dense.bias"):
-    # A BertModel's names have no "bert." prefix; a BertFor*'s have it.
-    source = name if name in base_weights else "bert." + name
-    weights["bert." + name] = np.ascontiguousarray(base_weights[source])
-  save_file(weights, path, metadata={"format": "pt"})
 
 
 def plan(work, groups, smoke, dp_method="full"):

@@ -12,6 +12,8 @@ a `transformers` BERT cannot hold: their export is refused.
 
 The directory (config.json, model.safetensors, tokenizer files, id2label)
 loads in `transformers`, e.g. `BertForSequenceClassification.from_pretrained`.
+A masked-LM run (DAPT / TAPT) keeps its base checkpoint's pooler in the
+export (`keep_base_pooler`), for the fine-tuning that follows.
 """
 
 from __future__ import annotations
@@ -64,11 +66,47 @@ def export_run(workdir: str, out_dir: str, which: str = "best",
     return out_dir
   layers.merge(model)  # LoRA / AdaLoRA: B A folded into the kernels
   label_names = data.load_label_names(os.path.join(workdir, "labels.json"))
-  hf.export(model, out_dir, restored.task.HEAD,
-            tokenizer_dir=hf.resolve(restored.config.model.name),
+  base = hf.resolve(restored.config.model.name)
+  hf.export(model, out_dir, restored.task.HEAD, tokenizer_dir=base,
             label_names=label_names or None)
+  from_scratch = (restored.config.get("task_options") or {}).get("architecture")
+  if getattr(getattr(model, "bert", None), "pooler", 0) is None and not from_scratch:
+    copied = keep_base_pooler(out_dir, base)
+    if copied:
+      print(f"kept the base checkpoint's pooler ({', '.join(copied)})")
   print(f"exported step {restored.step} ({restored.which}) to {out_dir}")
   return out_dir
+
+
+def keep_base_pooler(out_dir, base_dir) -> list[str]:
+  """Copies the base checkpoint's pooler into an exported poolerless model.
+
+  A masked-LM model has no pooler (nor has HF's BertForMaskedLM, which
+  ignores one on load). Without this, a classifier fine-tuned from a DAPT /
+  TAPT export would start from a fresh pooler where one fine-tuned from the
+  base starts from the base's: the comparison would measure the pooler.
+
+  Returns:
+    The names written ([] when the base has no pooler of the same shape).
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  source = os.path.join(str(base_dir), "model.safetensors")
+  target = os.path.join(str(out_dir), "model.safetensors")
+  if not os.path.exists(source):
+    return []
+  base, weights = load_file(source), load_file(target)
+  copied = []
+  for name in ("pooler.dense.weight", "pooler.dense.bias"):
+    # A BertModel's names have no "bert." prefix; a BertFor*'s have it.
+    found = next((k for k in (name, "bert." + name) if k in base), None)
+    embed = weights.get("bert.embeddings.word_embeddings.weight")
+    if found is None or embed is None or base[found].shape[-1] != embed.shape[-1]:
+      return []
+    weights["bert." + name] = np.ascontiguousarray(base[found])
+    copied.append("bert." + name)
+  save_file(weights, target, metadata={"format": "pt"})
+  return copied
 
 
 def main():

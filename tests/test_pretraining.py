@@ -478,3 +478,36 @@ def test_continue_pretraining_tapt_reads_a_table_column():
   validate(config)
   assert config.task_options.corpus == "" and config.data.text_fields == (
       "sentence",)
+
+
+def test_export_keeps_the_base_pooler(tmp_path, tiny_model_dir):
+  """A masked-LM export (no pooler) gets the base's, for fine-tuning."""
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  from research.export import keep_base_pooler  # pylint: disable=import-outside-toplevel
+  cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                   num_attention_heads=4, intermediate_size=64,
+                   max_position_embeddings=128)
+  mlm = hf.export(create_model("masked_lm", cfg, seed=1), tmp_path / "mlm",
+                  "masked_lm")
+  assert not any("pooler" in k for k in load_file(str(mlm / "model.safetensors")))
+  assert keep_base_pooler(mlm, tiny_model_dir) == [
+      "bert.pooler.dense.weight", "bert.pooler.dense.bias"]
+  grafted = load_file(str(mlm / "model.safetensors"))
+  base = load_file(str(tiny_model_dir / "model.safetensors"))
+  prefix = "bert." if "bert.pooler.dense.weight" in base else ""
+  np.testing.assert_array_equal(grafted["bert.pooler.dense.weight"],
+                                base[prefix + "pooler.dense.weight"])
+  model, report = hf.load_pretrained(str(mlm), "sequence_classification", 2)
+  assert not any("pooler" in k for k in report.missing)
+  # transformers' BertForMaskedLM has no pooler and ignores it on load.
+  transformers = pytest.importorskip("transformers")
+  _, info = transformers.BertForMaskedLM.from_pretrained(
+      str(mlm), output_loading_info=True)
+  assert info["missing_keys"] == set() or not info["missing_keys"]
+  # A base of another width (a model from scratch): nothing copied.
+  wide = BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=1,
+                    num_attention_heads=4, intermediate_size=64,
+                    max_position_embeddings=128)
+  other = hf.export(create_model("masked_lm", wide, seed=1), tmp_path / "w",
+                    "masked_lm")
+  assert keep_base_pooler(other, tiny_model_dir) == []
