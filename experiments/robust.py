@@ -22,8 +22,10 @@ are twice as long; the copies are new every epoch (config.augment's default;
 BENCHMARKS' row was measured with one set, `--config.augment.regenerate=once`).
 
 Every batch is padded to max_length (one compilation) and the dev metrics
-are those of the last step. Results (partial: one seed, quickstart):
-BENCHMARKS.md, "Robust fine-tuning".
+are those of the last step. Results (quickstart, 3 seeds; BENCHMARKS.md,
+"Robust fine-tuning on the quickstart set"): clean accuracy plain 0.913 +-
+0.021, FreeLB 0.903 +- 0.023 (the attack's loss 2.61 against 3.31), EDA
+0.893 +- 0.006; FGM and PGD at eps 0.3 collapse to 0.50 on every seed.
 """
 
 import os
