@@ -50,7 +50,8 @@ METHODS = {
 # Peak learning rates per task and method (BENCHMARKS.md). CoLA and RTE:
 # the best final dev metric of seed 0 over LR_GRID of
 # benchmarks/gpu_tables.py; CoLA's adalora and bitfit with pooler=true (with
-# the pooler frozen no value left the majority class).
+# the pooler frozen no value left the majority class); pfeiffer: houlsby's
+# (not measured).
 LEARNING_RATES = {
     # full: the quickstart's own; lora {2e-3, 5e-3}, adalora {2e-3, 1e-2},
     # bitfit {1e-2, 1e-3}: the best final dev accuracy of seed 0; the others
