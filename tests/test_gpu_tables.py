@@ -18,7 +18,7 @@ gpu_tables = importlib.import_module("gpu_tables")
 
 def test_every_planned_command_is_a_valid_config():
   jobs = gpu_tables.plan("/tmp/w", {"peft", "dp", "robust", "scratch"}, False)
-  assert len(jobs) == 108
+  assert len(jobs) == 102
   for config_arg in sorted({job.argv[4] for job in jobs}):
     module, _, arg = config_arg.partition(":")
     name = os.path.splitext(os.path.basename(module))[0]
@@ -55,3 +55,29 @@ def test_the_best_seed_0_learning_rate_gets_the_other_seeds_and_tapt():
   for job in jobs:
     queue.done[job.name] = {"name": job.name, "status": "rc=1", "row": job.row}
   assert not jobs[-1].then(queue.done[jobs[-1].name], queue)
+
+
+def test_the_dp_learning_rate_is_chosen_at_epsilon_8_then_every_epsilon_runs(
+    monkeypatch):
+  monkeypatch.setattr(gpu_tables, "DP_CHUNK", 32)
+  queue = _Queue()
+  jobs = gpu_tables.dp_lr_jobs("/tmp/w", "cola", "full")
+  assert [(j.row["lr"], j.row["epsilon"], j.row["seed"]) for j in jobs] == [
+      (lr, 8.0, 0) for lr in gpu_tables.DP_LR_GRID]
+  assert "--config.privacy.chunk_size=32" in jobs[0].argv
+  follow = ()
+  for job, value in zip(jobs, (0.0, 0.12, 0.05)):
+    queue.done[job.name] = _record(job, value)
+    follow = job.then(queue.done[job.name], queue)
+    if job is not jobs[-1]:
+      assert not follow
+  best = gpu_tables.DP_LR_GRID[1]
+  assert sorted((j.row["epsilon"], j.row["seed"]) for j in follow) == sorted(
+      (eps, seed) for eps in (8.0, 3.0, 1.0) for seed in (0, 1, 2)
+      if (eps, seed) != (8.0, 0))
+  assert all(j.row["lr"] == best and
+             f"--config.optimizer.learning_rate={best:g}" in j.argv
+             for j in follow)
+  # The non-private baseline keeps its own recipe and chunking is DP's.
+  plain = gpu_tables._dp("/tmp/w", "cola", "full", 0.0, 1)
+  assert not [a for a in plain.argv if a.startswith("--config.")]
