@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import os
 import re
@@ -79,12 +80,32 @@ class Job:
     self.proc = self.log = self.start = None
 
 
+def config_digest():
+  """sha256 of the config modules' text (experiments/, research/configs/)."""
+  digest = hashlib.sha256()
+  for folder in ("experiments", os.path.join("research", "configs")):
+    for name in sorted(os.listdir(os.path.join(ROOT, folder))):
+      if name.endswith(".py"):
+        with open(os.path.join(ROOT, folder, name), "rb") as f:
+          digest.update(name.encode() + b"\0" + f.read())
+  return digest.hexdigest()
+
+
 class Queue:
-  """Runs jobs `workers` at a time; a finished job may add follow-up jobs."""
+  """Runs jobs `workers` at a time; a finished job may add follow-up jobs.
+
+  A job's folder is stamped (STAMP) with its command and the config
+  modules' digest: a finished run there is reused, and a stopped one
+  resumes (research.train resumes from the folder's checkpoint), only while
+  both are unchanged; a folder of another command or config version is
+  moved aside (`<folder>.stale-<time>`), never resumed or reported.
+  """
+  STAMP = "gpu_tables.stamp"
 
   def __init__(self, out, workers, budget_s, extra):
     self.out, self.workers, self.extra = out, workers, list(extra)
     self.deadline = time.time() + budget_s
+    self.digest = config_digest()
     self.pending, self.running, self.done = [], [], {}
     self.results = open(os.path.join(out, "results.jsonl"), "a")
 
@@ -142,11 +163,18 @@ class Queue:
         return
       while self.pending and len(self.running) < self.workers:
         job = self.pending.pop(0)
-        if os.path.exists(os.path.join(job.workdir, "summary.json")):
+        stamp = " ".join(job.argv[1:]) + "\n" + self.digest + "\n"
+        path = os.path.join(job.workdir, self.STAMP)
+        same = os.path.exists(path) and open(path).read() == stamp
+        if same and os.path.exists(os.path.join(job.workdir, "summary.json")):
           job.start, job.proc = time.time(), None  # done by an earlier call
           self._finish(job, "ok")
           continue
+        if not same and os.path.exists(job.workdir):
+          os.rename(job.workdir, f"{job.workdir}.stale-{time.time_ns()}")
         os.makedirs(job.workdir, exist_ok=True)
+        with open(path, "w") as f:
+          f.write(stamp)
         job.log = os.path.join(job.workdir, "log.txt")
         job.start = time.time()
         with open(job.log, "w") as log:

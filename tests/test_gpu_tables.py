@@ -7,6 +7,7 @@ full fine-tuning).
 """
 
 import importlib
+import json
 import os
 import sys
 
@@ -81,3 +82,39 @@ def test_the_dp_learning_rate_is_chosen_at_epsilon_8_then_every_epsilon_runs(
   # The non-private baseline keeps its own recipe and chunking is DP's.
   plain = gpu_tables._dp("/tmp/w", "cola", "full", 0.0, 1)
   assert not [a for a in plain.argv if a.startswith("--config.")]
+
+
+def _write_summary_job(workdir, value):
+  job = gpu_tables.Job("t", "robust", "", str(workdir))
+  job.argv = [sys.executable, "-c", "import json, sys; json.dump({'v': "
+              f"{value}}}, open(sys.argv[1] + '/summary.json', 'w'))",
+              str(workdir)]
+  return job
+
+
+def _run(out, job):
+  queue = gpu_tables.Queue(str(out), 1, 60, [])
+  queue.add(job)
+  queue.run()
+  return queue.done["t"]["summary"]
+
+
+def test_a_finished_run_is_reused_only_for_the_same_command_and_configs(
+    tmp_path, monkeypatch):
+  work = tmp_path / "w"
+  work.mkdir()
+  (work / "summary.json").write_text(json.dumps({"v": 0}))  # unstamped
+  assert _run(tmp_path, _write_summary_job(work, 1)) == {"v": 1}
+  stale = list(tmp_path.glob("w.stale-*"))
+  assert [json.loads((d / "summary.json").read_text()) for d in stale] == [
+      {"v": 0}]
+  # The same command and configs: the finished run is read back, not rerun.
+  (work / "summary.json").write_text(json.dumps({"v": 5}))
+  assert _run(tmp_path, _write_summary_job(work, 1)) == {"v": 5}
+  # Another command in the same folder: moved aside, run afresh.
+  assert _run(tmp_path, _write_summary_job(work, 2)) == {"v": 2}
+  # The same command after a config module changed: run again.
+  (work / "summary.json").write_text(json.dumps({"v": 7}))
+  monkeypatch.setattr(gpu_tables, "config_digest", lambda: "edited")
+  assert _run(tmp_path, _write_summary_job(work, 2)) == {"v": 2}
+  assert len(list(tmp_path.glob("w.stale-*"))) == 3
