@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import time
 import warnings
 
 import jax.numpy as jnp
@@ -97,8 +98,15 @@ def test_wandb_offline_run(tmp_path, wandb_env):
     t.finish()
   runs = glob.glob(str(workdir / "wandb" / "offline-run-*"))
   assert len(runs) == 1
-  data = open(glob.glob(os.path.join(runs[0], "run-*.wandb"))[0], "rb").read()
-  assert b"train/loss" in data
+  (log,) = glob.glob(os.path.join(runs[0], "run-*.wandb"))
+  # run.finish() returns once wandb-core has handled the exit record; the
+  # core closes (and flushes) the transaction log a moment later, which on
+  # a loaded CI host was after this read (the file held only its 7-byte
+  # header). So wait for the flush, as `wandb sync` after exit would.
+  deadline = time.monotonic() + 60
+  while b"train/loss" not in open(log, "rb").read():
+    assert time.monotonic() < deadline, open(log, "rb").read()[:64]
+    time.sleep(0.1)
   assert (workdir / tracker.WANDB_RUN_ID_FILE).read_text().strip() in runs[0]
   assert tracker.read_jsonl(workdir / "metrics.jsonl") == [
       {"step": 3, "train/loss": 0.25}]
