@@ -64,6 +64,9 @@ DP_EPSILONS = (0.0, 8.0, 3.0, 1.0)
 DP_LR_GRID = (5e-4, 2e-4, 1e-4)
 DP_CHUNK = 0  # --dp_chunk: config.privacy.chunk_size (0: the library's)
 ROBUST_METHODS = ("plain", "fgm", "pgd", "freelb", "augment")
+# On CoLA and RTE the default training balls (0.1, FreeLB 0.3) collapse to a
+# constant prediction; these methods run again at a smaller ball.
+ROBUST_SMALL_EPS = {"fgm": 0.03, "pgd": 0.03}
 SMOKE_JOBS = ("peft/cola/full/lr2e-05/s0", "dp/cola/full/lr0.0005/eps8/s0",
               "robust/rte/freelb/s0", "scratch/wikitext")
 
@@ -336,12 +339,18 @@ def plan(work, groups, smoke, dp_method="full"):
     if group == "robust" and "robust" in groups:
       for seed in SEEDS:
         for task in (PEFT_TASKS if data == "glue" else (data,)):
-          for method in ROBUST_METHODS:
-            tag = f"robust/{task}/{method}/s{seed}"
+          variants = [(m, None) for m in ROBUST_METHODS]
+          if data == "glue":
+            variants += list(ROBUST_SMALL_EPS.items())
+          for method, eps in variants:
+            name = method if eps is None else f"{method}_eps{eps:g}"
+            tag = f"robust/{task}/{name}/s{seed}"
+            arg = "" if eps is None else f",eps={eps:g}"
             jobs.append(Job(tag, "robust", f"experiments/robust.py:data={task},"
-                            f"method={method},seed={seed}",
+                            f"method={method},seed={seed}{arg}",
                             os.path.join(work, tag),
-                            row={"task": task, "method": method, "seed": seed}))
+                            row={"task": task, "method": method, "eps": eps,
+                                 "seed": seed}))
   if "scratch" in groups:
     tag = "scratch/wikitext"
     arg = ("smoke=true" if smoke else
@@ -379,7 +388,7 @@ def tables(records):
                  f"{_mean_std([final_metric(r, task) for r in rs])} | "
                  f"{sorted(r['row']['seed'] for r in rs)} |")
   for group, keys in (("dp", ("method", "lr", "epsilon")),
-                      ("robust", ("method",))):
+                      ("robust", ("method", "eps"))):
     cells = collections.defaultdict(list)
     for r in ok:
       if r["group"] == group:
