@@ -63,7 +63,7 @@ DP_EPSILONS = (0.0, 8.0, 3.0, 1.0)
 # The search itself is not in the reported epsilon, as in the papers.
 DP_LR_GRID = (5e-4, 2e-4, 1e-4)
 DP_CHUNK = 0  # --dp_chunk: config.privacy.chunk_size (0: the library's)
-ROBUST_METHODS = ("plain", "fgm", "pgd", "freelb", "augment")
+ROBUST_METHODS = ("plain", "fgm", "pgd", "freelb", "augment", "smart")
 # On CoLA and RTE the default training balls (0.1, FreeLB 0.3) collapse to a
 # constant prediction; these methods run again at a smaller ball.
 ROBUST_SMALL_EPS = {"fgm": 0.03, "pgd": 0.03}

@@ -57,6 +57,10 @@ METHODS = {
                {}),
     "augment": ((), {}, {"ops": ("swap", "delete", "insert"), "copies": 1,
                          "rate": 0.1}),
+    # The smoothness regulariser alone (no label in its term): lambda_s 1,
+    # one ascent step to the 0.1 ball from N(0, 1e-5) noise.
+    "smart": (("smart",), {"smart": {"weight": 1.0, "epsilon": 0.1,
+                                     "step_size": 0.1, "steps": 1}}, {}),
 }
 DATA = ("quickstart", "cola", "rte")
 # The evaluations (research/evaluators/robust.py): `dev` attacks inside the

@@ -1,4 +1,4 @@
-"""Adversarial training (methods fgm, pgd, freelb) and the robust evaluator.
+"""Adversarial training (methods fgm, pgd, freelb, smart) and the robust evaluator.
 
 On the tiny BERT with MiniLM's tokenizer and the quickstart reviews: the
 perturbations are checked against their definitions, computed here
@@ -15,7 +15,7 @@ import pytest
 
 from research import train
 from research.configs import ConfigError
-from research.methods import fgm, freelb, pgd
+from research.methods import fgm, freelb, pgd, smart
 from research.training import adversarial
 from research.training.steps import value_and_grad
 from tests.test_train import _tiny_config
@@ -205,7 +205,7 @@ def test_freelb_averages_the_gradients_of_its_ascent_steps(built):
     np.testing.assert_allclose(a, (b + c) / 2, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["fgm", "pgd", "freelb"])
+@pytest.mark.parametrize("name", ["fgm", "pgd", "freelb", "smart"])
 def test_no_perturbation_reaches_padding_or_special_tokens(name, built):
   """Every perturbation any forward pass of the method sees, recorded."""
   config, run = built
@@ -218,17 +218,114 @@ def test_no_perturbation_reaches_padding_or_special_tokens(name, built):
                          batch_[adversarial.DELTA])
     return loss_fn(trainable, frozen_, batch_, key_)
 
-  method = {"fgm": fgm, "pgd": pgd, "freelb": freelb}[name].Method(
-      config, **({} if name == "fgm" else {"steps": 3}))
+  method = {"fgm": fgm, "pgd": pgd, "freelb": freelb, "smart": smart}[
+      name].Method(config, **({} if name == "fgm" else {"steps": 3}))
   jax.block_until_ready(jax.jit(method.grad_fn(value_and_grad)(spy))(
       params, frozen, batch, key))
   jax.effects_barrier()
   mask = _mask(batch)
   assert (np.asarray(batch["attention_mask"]) == 0).any()  # padding present
-  assert len(seen) >= {"fgm": 2, "pgd": 4, "freelb": 3}[name]
+  assert len(seen) >= {"fgm": 2, "pgd": 4, "freelb": 3, "smart": 4}[name]
   assert any(np.abs(d[mask]).max() > 0 for d in seen)
   for d in seen:
     assert not d[~mask].any()
+
+
+def _sym_kl(a, b):
+  """Symmetric KL between the softmaxes of a and b, per row, in numpy."""
+  def log_softmax(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+  la, lb = log_softmax(a), log_softmax(b)
+  pa, pb = np.exp(la), np.exp(lb)
+  return (pa * (la - lb)).sum(-1) + (pb * (lb - la)).sum(-1)
+
+
+def test_smart_divergence_is_the_weighted_symmetric_kl():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(2, 4, 3)).astype(np.float32)
+  weights = np.array([1.0, 0.0, 2.0, 1.0], np.float32)  # row 1: padding
+  batch = {"weights": weights, "attention_mask": np.ones((4, 5), np.int32)}
+  per = _sym_kl(a, b)
+  np.testing.assert_allclose(smart.divergence(a, b, batch),
+                             (per * weights).sum() / 4, rtol=1e-5)
+  assert float(smart.divergence(a, a, batch)) == 0
+  # Regression: the squared difference.
+  np.testing.assert_allclose(
+      smart.divergence(a[:, :1], b[:, :1], batch),
+      ((a[:, 0] - b[:, 0]) ** 2 * weights).sum() / 4, rtol=1e-5)
+  # Token outputs [B, L, C]: per real token of a real row.
+  a, b = rng.normal(size=(2, 4, 5, 3)).astype(np.float32)
+  mask = (np.arange(5)[None] < np.array([[5], [3], [1], [2]])).astype(np.int32)
+  batch["attention_mask"] = mask
+  w = weights[:, None] * mask
+  np.testing.assert_allclose(smart.divergence(a, b, batch),
+                             (_sym_kl(a, b) * w).sum() / w.sum(), rtol=1e-5)
+
+
+def test_smart_gradient_is_the_loss_plus_the_divergence_at_its_delta(built):
+  config, run = built
+  loss_fn, params, frozen, batch, key = _pieces(run)
+  method = smart.Method(config, weight=2.0, epsilon=0.3, step_size=0.5,
+                        noise=0.01)
+  delta = np.asarray(jax.jit(method.perturbation(loss_fn))(
+      params, frozen, batch, key))
+  mask = _mask(batch)
+  assert not delta[~mask].any()
+  # One step of 0.5 from small noise leaves the ball: on its boundary.
+  np.testing.assert_allclose(list(_per_example_norms(delta, batch).values()),
+                             0.3, rtol=1e-5)
+
+  # The step: from the noise along the gradient of the divergence from the
+  # clean logits (held constant), then back onto the ball.
+  def logits(d):
+    return jax.jit(loss_fn)(params, frozen,
+                            adversarial.with_delta(batch, d), key)[1]["outputs"]
+  clean = np.asarray(logits(jnp.zeros_like(delta)))
+  start = (np.asarray(jax.random.normal(
+      jax.random.fold_in(key, adversarial.INIT_STREAM), delta.shape)) * 0.01
+           * mask[..., None])
+  assert max(_per_example_norms(start, batch).values()) < 0.3
+  g = jax.grad(lambda d: smart.divergence(clean, logits(d), batch))(
+      jnp.asarray(start))
+  want = adversarial.ascend(jnp.asarray(start), g, batch,
+                            jnp.asarray(mask, jnp.float32), step_size=0.5,
+                            epsilon=0.3, norm="l2")
+  np.testing.assert_allclose(delta, want, atol=1e-6)
+  w = np.asarray(batch["weights"])
+
+  (loss, aux), grads = jax.jit(method.grad_fn(value_and_grad)(loss_fn))(
+      params, frozen, batch, key)
+
+  def expected(p):
+    clean_loss, clean_aux = loss_fn(p, frozen, batch, key)
+    adv = loss_fn(p, frozen, adversarial.with_delta(batch, delta), key)[1]
+    p_a = jax.nn.log_softmax(clean_aux["outputs"])
+    p_b = jax.nn.log_softmax(adv["outputs"])
+    per = jnp.sum((jnp.exp(p_a) - jnp.exp(p_b)) * (p_a - p_b), -1)
+    return clean_loss + 2.0 * jnp.sum(per * w) / w.sum()
+
+  value, want = jax.jit(jax.value_and_grad(expected))(params)
+  kl = np.sum(_sym_kl(clean, np.asarray(logits(delta))) * w) / w.sum()
+  assert kl > 0
+  np.testing.assert_allclose(loss, float(loss_fn(params, frozen, batch, key)[0])
+                             + 2.0 * kl, rtol=1e-4)
+  np.testing.assert_allclose(loss, value, rtol=1e-5)
+  assert float(aux["weight"]) == 16
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_smart_with_weight_zero_is_plain_training(built):
+  config, run = built
+  loss_fn, params, frozen, batch, key = _pieces(run)
+  (loss, _), grads = jax.jit(smart.Method(config, weight=0.0).grad_fn(
+      value_and_grad)(loss_fn))(params, frozen, batch, key)
+  (plain, _), want = _value_and_grad(loss_fn, params, frozen, batch, key)
+  np.testing.assert_allclose(loss, plain, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_bad_options_name_the_field(tiny_model_dir):
@@ -239,6 +336,15 @@ def test_bad_options_name_the_field(tiny_model_dir):
   config.method_options = {"pgd": {"steps": 0}}
   with pytest.raises(ConfigError, match=r"method_options\.pgd\.steps"):
     train.build(config)
+  config.methods = ("smart",)
+  config.method_options = {"smart": {"weight": -1.0}}
+  with pytest.raises(ConfigError, match=r"method_options\.smart\.weight"):
+    train.build(config)
+  config.method_options = {}
+  config.task = "question_answering"
+  with pytest.raises(ConfigError, match=r"config\.task='question_answering'"
+                     r"; valid: sequence_classification, token_class"):
+    smart.Method(config)
 
 
 POSITIVE, NEGATIVE = ("good", "great", "fine", "nice"), ("bad", "awful",

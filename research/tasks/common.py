@@ -228,7 +228,9 @@ class Task:
     """`(trainable, frozen, batch, key) -> (weighted mean loss, aux)`.
 
     The loss-function contract of `research.training.steps`: the weighted
-    mean over the batch given, `aux["weight"]` its total weight.
+    mean over the batch given, `aux["weight"]` its total weight; here also
+    `aux["outputs"]`, the model's raw outputs (SMART compares them; unused,
+    jit drops them).
     """
 
     def loss_fn(trainable, frozen, batch, key):
@@ -237,7 +239,7 @@ class Task:
       losses, weights = self.loss(outputs, batch)
       total = weights.sum()
       return ((losses * weights).sum() / jnp.maximum(total, 1.0),
-              {"weight": total})
+              {"weight": total, "outputs": outputs})
 
     return loss_fn
 

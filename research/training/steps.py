@@ -12,7 +12,8 @@ The loss-function contract:
 
 `loss` is the weighted mean over the batch it is given, `aux["weight"]` the
 total weight that mean divides by (examples, labelled tokens, masked
-positions). Under jit the batch is the global batch; under shard_map each
+positions); a task's `aux` may carry more (`outputs`, the model's raw
+outputs, which SMART compares). Under jit the batch is the global batch; under shard_map each
 device's share is re-weighted by `weight / global weight` before the psum, so
 every strategy gives the same gradient.
 
