@@ -15,8 +15,8 @@ the words, `eval/dev/typo_*`):
 (../shared/data/glue_*; BERT's recipe, 3 epochs of batch 32, at the
 learning rate chosen on dev for full fine-tuning, 1e-4; max length 64 on
 CoLA, 128 on RTE), method=plain (default) | fgm | pgd | freelb |
-augment, seed=N, eps=X (the training ball of fgm | pgd | freelb, their
-step sizes scaled with it). The methods' settings are below (METHODS):
+augment | smart, seed=N, eps=X (the training ball of fgm | pgd | freelb |
+smart, their step sizes scaled with it). The methods' settings are below (METHODS):
 training balls of 0.1 for FGM and PGD (at 0.3 and 1.0 both collapsed to a
 constant prediction on every quickstart seed; at 0.1 they train and make
 the attack costlier, BENCHMARKS.md), 0.3 for FreeLB with its paper's step
