@@ -7,8 +7,8 @@ by a perturbation delta:
 
     R = mean over examples of KL(p(x) || p(x + delta)) + KL(p(x + delta) || p(x))
 
-(per labelled token for token classification; squared difference for a
-regression output). R uses no labels: it asks the output to stay the same
+(per real token for token classification, since smoothness needs no
+label; squared difference for a regression output). R uses no labels: it asks the output to stay the same
 near each input, where FGM, PGD and FreeLB ask the label to.
 
 delta starts as Gaussian noise of std `noise` on the real tokens and takes
