@@ -66,7 +66,7 @@ DP_CHUNK = 0  # --dp_chunk: config.privacy.chunk_size (0: the library's)
 ROBUST_METHODS = ("plain", "fgm", "pgd", "freelb", "augment", "smart")
 # On CoLA and RTE the default training balls (0.1, FreeLB 0.3) collapse to a
 # constant prediction; these methods run again at a smaller ball.
-ROBUST_SMALL_EPS = {"fgm": 0.03, "pgd": 0.03}
+ROBUST_SMALL_EPS = {"fgm": 0.03, "pgd": 0.03, "freelb": 0.03}
 SMOKE_JOBS = ("peft/cola/full/lr2e-05/s0", "dp/cola/full/lr0.0005/eps8/s0",
               "robust/rte/freelb/s0", "scratch/wikitext")
 

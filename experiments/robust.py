@@ -16,7 +16,7 @@ the words, `eval/dev/typo_*`):
 learning rate chosen on dev for full fine-tuning, 1e-4; max length 64 on
 CoLA, 128 on RTE), method=plain (default) | fgm | pgd | freelb |
 augment | smart, seed=N, eps=X (the training ball of fgm | pgd | freelb |
-smart, their step sizes scaled with it). The methods' settings are below (METHODS):
+smart, their step sizes and FreeLB's initial noise scaled with it). The methods' settings are below (METHODS):
 training balls of 0.1 for FGM and PGD (at 0.3 and 1.0 both collapsed to a
 constant prediction on every quickstart seed; at 0.1 they train and make
 the attack costlier, BENCHMARKS.md), 0.3 for FreeLB with its paper's step
@@ -133,9 +133,10 @@ def get_config(arg=None):
   # The metrics of the last step (no checkpoint chosen on dev).
   config.eval_every_steps = 1_000_000
   methods, options, augment = METHODS[method]
-  if eps is not None and methods:  # the ball, with the steps in proportion
+  if eps is not None and methods:  # the ball, its steps and noise in proportion
     scale = eps / options[method]["epsilon"]
-    options = {method: {k: v * scale if k in ("epsilon", "step_size") else v
+    scaled = ("epsilon", "step_size", "init_magnitude")
+    options = {method: {k: v * scale if k in scaled else v
                         for k, v in options[method].items()}}
   config.methods = methods
   config.method_options = options

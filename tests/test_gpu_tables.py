@@ -19,7 +19,7 @@ gpu_tables = importlib.import_module("gpu_tables")
 
 def test_every_planned_command_is_a_valid_config():
   jobs = gpu_tables.plan("/tmp/w", {"peft", "dp", "robust", "scratch"}, False)
-  assert len(jobs) == 123
+  assert len(jobs) == 129
   configs = {}
   for config_arg in sorted({job.argv[4] for job in jobs}):
     module, _, arg = config_arg.partition(":")
@@ -27,13 +27,20 @@ def test_every_planned_command_is_a_valid_config():
     config = importlib.import_module(f"experiments.{name}").get_config(arg)
     assert config.model.name == "all-minilm-l6-v2", config_arg
     configs[config_arg] = config
-  # The small-ball rows reach the method (GLUE only: 2 tasks x 2 x 3 seeds).
+  # The small-ball rows reach the method (GLUE only: 2 tasks x 3 x 3 seeds).
   small = [job for job in jobs if "_eps0.03/" in job.name]
-  assert len(small) == 12 and all(job.row["eps"] == 0.03 for job in small)
+  assert len(small) == 18 and all(job.row["eps"] == 0.03 for job in small)
   config = configs[
       "experiments/robust.py:data=cola,method=pgd,seed=1,eps=0.03"]
   assert config.method_options.pgd.epsilon == 0.03
   assert abs(config.method_options.pgd.step_size - 0.015) < 1e-12
+  # FreeLB's initial noise shrinks with its ball (0.1 of 0.3 -> 0.01 of 0.03).
+  freelb = configs[
+      "experiments/robust.py:data=rte,method=freelb,seed=2,eps=0.03"]
+  assert abs(freelb.method_options.freelb.epsilon - 0.03) < 1e-12
+  assert abs(freelb.method_options.freelb.step_size - 0.01) < 1e-12
+  assert abs(freelb.method_options.freelb.init_magnitude - 0.01) < 1e-12
+  assert freelb.method_options.freelb.steps == 2
 
 
 class _Queue:
