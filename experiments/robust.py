@@ -16,8 +16,8 @@ the words, `eval/dev/typo_*`):
 learning rate chosen on dev for full fine-tuning, 1e-4; max length 64 on
 CoLA, 128 on RTE), method=plain (default) | fgm | pgd | freelb |
 augment | smart, seed=N, eps=X (the training ball of fgm | pgd | freelb |
-smart, their step sizes and FreeLB's initial noise scaled with it). The methods' settings are below (METHODS):
-training balls of 0.1 for FGM and PGD (at 0.3 and 1.0 both collapsed to a
+smart, their step sizes and FreeLB's initial noise scaled with it). The
+methods' settings are below (METHODS): training balls of 0.1 for FGM and PGD (at 0.3 and 1.0 both collapsed to a
 constant prediction on every quickstart seed; at 0.1 they train and make
 the attack costlier, BENCHMARKS.md), 0.3 for FreeLB with its paper's step
 0.1 (it trains at 0.3); `augment` adds
@@ -90,8 +90,19 @@ def _parse(arg):
   if values["method"] not in METHODS:
     raise ValueError(f"experiments/robust.py: method={values['method']!r}; "
                      f"valid: {', '.join(METHODS)}")
-  return (values["data"], values["method"], int(values["seed"]),
-          float(values["eps"]) if values["eps"] else None)
+  try:
+    seed = int(values["seed"])
+    eps = float(values["eps"]) if values["eps"] else None
+  except ValueError:
+    raise ValueError(f"experiments/robust.py:{arg}: seed= takes an integer, "
+                     "eps= a number") from None
+  balls = [name for name, (methods, _, _) in METHODS.items() if methods]
+  if eps is not None and values["method"] not in balls:
+    # Silently training without a ball would mislabel the run.
+    raise ValueError(f"experiments/robust.py: eps= with method="
+                     f"{values['method']!r}, which has no training ball; "
+                     f"valid: {', '.join(balls)}")
+  return values["data"], values["method"], seed, eps
 
 
 def _glue(name, text_fields, max_length):
@@ -135,7 +146,7 @@ def get_config(arg=None):
   # The metrics of the last step (no checkpoint chosen on dev).
   config.eval_every_steps = 1_000_000
   methods, options, augment = METHODS[method]
-  if eps is not None and methods:  # the ball, its steps and noise in proportion
+  if eps is not None:  # the ball, its steps and noise in proportion
     scale = eps / options[method]["epsilon"]
     scaled = ("epsilon", "step_size", "init_magnitude")
     options = {method: {k: v * scale if k in scaled else v

@@ -3,13 +3,17 @@
 No training here (the queue's runs are ordinary `research.train` runs, tested
 elsewhere): every planned command names a valid experiment config, and the
 sweep keeps the best seed-0 learning rate and adds seeds 1-2 (and TAPT after
-full fine-tuning).
+full fine-tuning). The robust queue's config, experiments/robust.py, names a
+bad argument.
 """
 
 import importlib
 import json
 import os
+import re
 import sys
+
+import pytest
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +45,19 @@ def test_every_planned_command_is_a_valid_config():
   assert abs(freelb.method_options.freelb.step_size - 0.01) < 1e-12
   assert abs(freelb.method_options.freelb.init_magnitude - 0.01) < 1e-12
   assert freelb.method_options.freelb.steps == 2
+
+
+@pytest.mark.parametrize("arg, named", [
+    ("method=plain,eps=0.03", "method='plain', which has no training ball"),
+    ("method=augment,eps=0.03", "valid: fgm, pgd, freelb, smart"),
+    ("method=fgm,eps=small", "eps= a number"),
+    ("seed=one", "seed= takes an integer"),
+    ("method=adv", "valid: plain, fgm"),
+])
+def test_robust_config_names_a_bad_argument(arg, named):
+  robust = importlib.import_module("experiments.robust")
+  with pytest.raises(ValueError, match=re.escape(named)):
+    robust.get_config(arg)
 
 
 class _Queue:

@@ -8,8 +8,9 @@ by a perturbation delta:
     R = mean over examples of KL(p(x) || p(x + delta)) + KL(p(x + delta) || p(x))
 
 (per real token for token classification, since smoothness needs no
-label; squared difference for a regression output). R uses no labels: it asks the output to stay the same
-near each input, where FGM, PGD and FreeLB ask the label to.
+label; squared difference for a regression output). R uses no labels: it
+asks the output to stay the same near each input, where FGM, PGD and
+FreeLB ask the label to.
 
 delta starts as Gaussian noise of std `noise` on the real tokens and takes
 `steps` projected ascent steps of size `step_size` on R (the clean output
