@@ -67,13 +67,13 @@ EXTRAS = {
     # pytorch_model.bin files (weights_only=True); accelerate for
     # `research.bench --compare_torch --torch_trainer` (transformers.Trainer).
     "torch": ["torch>=2.2,<3", "accelerate>=1.1,<2"],
-    # Differential privacy (research/privacy): accountants and per-example
+    # Differential privacy (research/methods/privacy): accountants and per-example
     # clipping. An extra because dp-accounting pins attrs<24 and jax-privacy
     # needs Python >= 3.11.
     "privacy": ["dp-accounting>=0.6,<0.7", "jax-privacy>=2.0,<3"],
     "notebooks": ["matplotlib>=3.8,<4", "nbclient>=0.10,<1", "nbformat>=5.9,<6",
                   "ipykernel>=6.29,<8"],
-    # Entity-level NER scores (research/evaluation/ner.py). seqeval ships an
+    # Entity-level NER scores (research/metrics/ner.py). seqeval ships an
     # sdist only, whose build fetches the newest setuptools-scm through
     # setup_requires; setuptools-scm 10 breaks that build (no module
     # vcs_versioning). Install with
@@ -81,7 +81,7 @@ EXTRAS = {
     # absolute path: the build runs elsewhere; the file holds
     # setuptools-scm<10) until seqeval publishes a fixed release.
     "ner": ["seqeval>=1.2.2,<2"],
-    # Hugging Face PEFT adapter directories (research/peft/hf_peft.py needs
+    # Hugging Face PEFT adapter directories (research/methods/peft/hf_peft.py needs
     # only safetensors; tests/test_peft.py loads them with the live peft).
     "peft": ["peft>=0.21,<0.22"],
 }
@@ -106,7 +106,7 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["research", "research.*"]),
-    package_data={"research.evaluation": ["references/*.csv"]},
+    package_data={"research": ["references/*.csv"]},
     python_requires=">=3.11",  # jax >= 0.7 has no Python 3.10 wheels
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -39,9 +39,9 @@ if ROOT not in sys.path:
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from research import bench, train  # pylint: disable=wrong-import-position
+from research import bench, cli, train  # pylint: disable=wrong-import-position
 from research.bench import BenchError  # pylint: disable=wrong-import-position
-from research.evaluation import metrics as metrics_lib  # pylint: disable=wrong-import-position
+from research.metrics import common as metrics_lib  # pylint: disable=wrong-import-position
 from research.tasks import common as task_common  # pylint: disable=wrong-import-position
 from research.training import host_memory, optimizers  # pylint: disable=wrong-import-position
 
@@ -404,7 +404,7 @@ def parse_flags(argv):
                        "the lean loop.")
   flags.DEFINE_integer("repeats", 1, "Alternate the runs this many times.")
   flags.DEFINE_string("json", "", "Also write every measurement here.")
-  return train.parse_or_exit(argv)
+  return cli.parse_or_exit(argv)
 
 
 if __name__ == "__main__":

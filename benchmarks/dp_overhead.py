@@ -5,7 +5,7 @@
         --steps 12 --warmup 3 --repeats 2
 
 `research.bench`'s table with two columns: the config's DP-SGD run ("ours
-(JAX)") and, as its baseline, the same config with `config.privacy` off
+(JAX)") and, as its baseline, the same config without the dp_sgd method
 (the same Poisson batches, model, optimiser and steps; one gradient of the
 batch mean instead of per-example gradients clipped in chunks). The runs
 alternate `--repeats` times; "speed-up" below 1 is the overhead (private /
@@ -24,13 +24,14 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from research import bench  # pylint: disable=wrong-import-position
-from research.configs import default  # pylint: disable=wrong-import-position
 
 
 def non_private(config):
-  """`config` with config.privacy at its defaults and the same batches."""
+  """`config` without the dp_sgd method, with the same batches."""
   plain = config.copy_and_resolve_references()
-  plain.privacy = default.get_config().privacy
+  plain.methods = tuple(m for m in plain.methods if m != "dp_sgd")
+  with plain.method_options.unlocked():
+    plain.method_options.pop("dp_sgd", None)
   plain.data.sampler = "poisson"  # the private run's order and padded shape
   return plain
 
@@ -50,8 +51,8 @@ def main(argv):
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
-  if not f.config.privacy.enabled:
-    print("error: the config does not enable config.privacy (e.g. "
+  if "dp_sgd" not in f.config.methods:
+    print("error: the config's methods have no dp_sgd (e.g. "
           "experiments/dp_sgd.py:epsilon=8)", file=sys.stderr)
     sys.exit(2)
   print(f"{time.strftime('%Y-%m-%d %H:%M')}, load average (1 min) at start "

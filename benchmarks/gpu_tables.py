@@ -44,6 +44,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
+
+
+def data_dir(task):
+  """The experiments' `data_dir=` of a GLUE task: the local TSVs in SHARED
+  (the device machine reaches no dataset server); "" for the shipped set."""
+  return "" if task == "quickstart" else \
+      f",data_dir={os.path.join(SHARED, 'glue_' + task)}"
 SEEDS = (0, 1, 2)
 PEFT_TASKS = ("cola", "rte")
 # Peak learning rates tried per method (seed 0, final dev metric decides).
@@ -62,7 +69,7 @@ DP_EPSILONS = (0.0, 8.0, 3.0, 1.0)
 # the best). Measured: all three end at the majority class (BENCHMARKS.md).
 # The search itself is not in the reported epsilon, as in the papers.
 DP_LR_GRID = (5e-4, 2e-4, 1e-4)
-DP_CHUNK = 0  # --dp_chunk: config.privacy.chunk_size (0: the library's)
+DP_CHUNK = 0  # --dp_chunk: the dp_sgd method's chunk_size (0: the library's)
 ROBUST_METHODS = ("plain", "fgm", "pgd", "freelb", "augment", "smart")
 # On CoLA and RTE the default training balls (0.1, FreeLB 0.3) collapse to a
 # constant prediction; these methods run again at a smaller ball.
@@ -243,7 +250,8 @@ def _peft(work, task, method, lr, seed, then=None, model=None, group="peft"):
   if model:
     extra.append(f"--config.model.name={model}")
   return Job(tag, group, f"experiments/peft.py:task={task},method={method},"
-             f"lr={lr:g}{PEFT_ARG}", os.path.join(work, tag), extra, then=then,
+             f"lr={lr:g}{PEFT_ARG}{data_dir(task)}", os.path.join(work, tag),
+             extra, then=then,
              row={"task": task, "method": method, "lr": lr, "seed": seed})
 
 
@@ -253,9 +261,10 @@ def _dp(work, task, method, eps, seed, lr=None, then=None):
       f"/eps{eps:g}/s{seed}"
   extra = [f"--config.optimizer.learning_rate={lr:g}"] if lr else []
   if eps and DP_CHUNK:
-    extra.append(f"--config.privacy.chunk_size={DP_CHUNK}")
+    extra.append(f"--config.method_options.dp_sgd.chunk_size={DP_CHUNK}")
   return Job(tag, "dp", f"experiments/dp_sgd.py:data={task},epsilon={eps:g},"
-             f"seed={seed},method={method}", os.path.join(work, tag), extra,
+             f"seed={seed},method={method}{data_dir(task)}",
+             os.path.join(work, tag), extra,
              then=then, row={"task": task, "epsilon": eps, "seed": seed,
                              "method": method, "lr": lr})
 
@@ -347,7 +356,8 @@ def plan(work, groups, smoke, dp_method="full"):
             tag = f"robust/{task}/{name}/s{seed}"
             arg = "" if eps is None else f",eps={eps:g}"
             jobs.append(Job(tag, "robust", f"experiments/robust.py:data={task},"
-                            f"method={method},seed={seed}{arg}",
+                            f"method={method},seed={seed}{arg}"
+                            f"{data_dir(task)}",
                             os.path.join(work, tag),
                             row={"task": task, "method": method, "eps": eps,
                                  "seed": seed}))
@@ -425,7 +435,7 @@ def main():
   parser.add_argument("--dp_method", default="full", choices=("full", "bitfit"),
                       help="experiments/dp_sgd.py's method= (bitfit: CPU-sized)")
   parser.add_argument("--dp_chunk", type=int, default=0,
-                      help="config.privacy.chunk_size of the DP runs (an "
+                      help="the dp_sgd method's chunk_size in the DP runs (an "
                       "accelerator wants more examples per chunk than a CPU)")
   parser.add_argument("--peft_arg", default="",
                       help='appended to experiments/peft.py args: "pooler=true"')

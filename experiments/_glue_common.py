@@ -8,12 +8,14 @@ columns, labels and metrics and takes the rest from here:
   first 10% of steps then linear decay, dropout 0.1, max length 128, gradient
   norm clipped at 1.0 (as the released BERT code), learning rate chosen on dev
   from {5e-5, 4e-5, 3e-5, 2e-5} (`get_sweep`);
-- `arg` parsing, big_vision style: "key=value,key=value" after the colon,
-  e.g. `experiments/glue_sst2.py:model=bert-large-cased,source=hf`.
+- `arg` parsing (`research.configs.args`, big_vision style):
+  "key=value,key=value" after the colon, e.g.
+  `experiments/glue_sst2.py:model=bert-large-cased,source=hf`.
 """
 
 import os
 
+from research.configs import args as args_lib
 from research.configs import default
 
 # `model=` -> what config.model.name gets: hub ids (downloaded on first use)
@@ -43,12 +45,15 @@ ARG_DEFAULTS = {
 def parse_arg(arg, experiment, defaults=None, choices=None):
   """Parses `arg` ("key=value,...") over `defaults` (ARG_DEFAULTS).
 
+  `research.configs.args.parse_arg`, plus what GLUE-style experiments
+  share: `model=` may also be a checkpoint directory, and `seeds` >= 1.
+
   Args:
     arg: the text after the colon in `--config experiments/x.py:arg`, or
       None.
     experiment: the config file, named in error messages.
-    defaults: {key: default} (the default's type is the value's: str or
-      int); None: ARG_DEFAULTS.
+    defaults: {key: default} (the default's type is the value's type);
+      None: ARG_DEFAULTS.
     choices: {key: valid values}; None: GLUE's model, source and grid.
 
   Returns:
@@ -61,30 +66,16 @@ def parse_arg(arg, experiment, defaults=None, choices=None):
   defaults = ARG_DEFAULTS if defaults is None else defaults
   if choices is None:
     choices = {"model": MODELS, "source": SOURCES, "grid": GRIDS}
-  values = dict(defaults)
-  valid_keys = ", ".join(f"{k}=" for k in defaults)
-  for item in (s.strip() for s in (arg or "").split(",")):
-    if not item:
-      continue
-    key, sep, value = (p.strip() for p in item.partition("="))
-    if not sep or key not in defaults:
-      raise ValueError(
-          f"{experiment}:{arg}: {item!r} is not a known key=value; valid "
-          f"keys: {valid_keys} (e.g. {experiment}:model=bert-large-cased)")
-    try:
-      values[key] = type(defaults[key])(value)
-    except ValueError:
-      raise ValueError(f"{experiment}:{arg}: {key}={value!r} is not an "
-                       "integer") from None  # the only non-str keys
-  for key, valid in choices.items():
-    if key == "model" and os.path.isfile(os.path.join(values[key],
-                                                      "config.json")):
-      continue  # a local checkpoint (e.g. continued pre-training's export)
-    if values[key] not in valid:
-      raise ValueError(f"{experiment}:{arg}: {key}={values[key]!r}; valid: "
-                       f"{', '.join(valid)}" + (
-                           " or a checkpoint directory (with config.json)"
-                           if key == "model" else ""))
+  models = choices.get("model")
+  values = args_lib.parse_arg(
+      arg, defaults, experiment,
+      {k: v for k, v in choices.items() if k != "model"}).to_dict()
+  # A local checkpoint (e.g. continued pre-training's export) is a model too.
+  if models is not None and values["model"] not in models and not \
+      os.path.isfile(os.path.join(values["model"], "config.json")):
+    raise ValueError(f"{experiment}:{arg}: model={values['model']!r}; valid: "
+                     f"{', '.join(models)} or a checkpoint directory (with "
+                     "config.json)")
   if values.get("seeds", 1) < 1:
     raise ValueError(f"{experiment}:{arg}: seeds={values['seeds']} must be "
                      ">= 1")

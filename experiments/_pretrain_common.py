@@ -10,6 +10,7 @@ import os
 
 import ml_collections
 
+from research.configs import args as args_lib
 from research.configs import default
 
 SHARED = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(
@@ -24,40 +25,11 @@ TINY = ("hidden_size=32,num_hidden_layers=2,num_attention_heads=2,"
 
 
 def parse_arg(arg, defaults, experiment):
-  """Parses "key=value,..." over `defaults` (each value takes its type).
-
-  Files are separated by ";" inside a value ("files=a.txt;b.txt").
-
-  Raises:
-    ValueError: an unknown key or a value of the wrong type, naming the valid
-      keys.
-  """
-  values = dict(defaults)
-  for item in (s.strip() for s in (arg or "").split(",")):
-    if not item:
-      continue
-    key, sep, value = (p.strip() for p in item.partition("="))
-    if not sep or key not in defaults:
-      raise ValueError(f"{experiment}:{arg}: {item!r} is not a known "
-                       f"key=value; valid keys: "
-                       f"{', '.join(f'{k}=' for k in defaults)}")
-    kind = type(defaults[key])
-    try:
-      if kind is bool:
-        if value.lower() not in ("true", "false", "1", "0"):
-          raise ValueError(value)
-        values[key] = value.lower() in ("true", "1")
-      else:
-        values[key] = kind(value)
-    except ValueError:
-      raise ValueError(f"{experiment}:{arg}: {key}={value!r} is not "
-                       f"{kind.__name__}") from None
-  return values
+  """`research.configs.args.parse_arg` as a dict (files: ";"-separated)."""
+  return args_lib.parse_arg(arg, defaults, experiment).to_dict()
 
 
-def files(value):
-  """"a.txt;b/*.txt" -> ("a.txt", "b/*.txt")."""
-  return tuple(p for p in (s.strip() for s in value.split(";")) if p)
+files = args_lib.split_list  # "a.txt;b/*.txt" -> ("a.txt", "b/*.txt")
 
 
 def corpus_config(*, model, train_files, eval_files=(), max_length=128,

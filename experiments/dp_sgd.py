@@ -6,7 +6,8 @@ r"""Differentially private fine-tuning (DP-SGD) of the packaged MiniLM.
         --workdir /tmp/dp/rte_eps3_s1
 
 `arg` ("key=value,..."): data=quickstart (the shipped review set, 320
-training sentences) | rte | cola (../shared/data/glue_*); epsilon=8 (> 0:
+training sentences) | rte | cola (TFDS glue/<task>, or data_dir= a folder of
+GLUE's train.tsv and dev.tsv, e.g. ../shared/data/glue_rte); epsilon=8 (> 0:
 DP-SGD at that target, delta = 1/N; 0: the data set's usual non-private
 recipe, the baseline); seed=0; method=full (every weight) | bitfit (biases,
 the head and BERT's pooler, research/methods/bitfit.py with pooler=True, at
@@ -31,7 +32,8 @@ Measured (BENCHMARKS.md "Differential privacy", 3 seeds each): on the
 quickstart set (2 CPU cores) method=bitfit reaches dev accuracy 0.693 +-
 0.021 at epsilon 8, 0.600 +- 0.036 at 3, 0.547 +- 0.021 at 1 (majority
 class 0.50; non-private full fine-tuning 0.917 +- 0.015). On CoLA (one
-NVIDIA H100; `--config.privacy.chunk_size=32`: a GPU wants bigger chunks
+NVIDIA H100; `--config.method_options.dp_sgd.chunk_size=32`: a GPU wants
+bigger chunks
 than the CPU default of 8) full fine-tuning under DP-SGD ends at the
 majority class (MCC 0) at epsilon 8, 3 and 1, every seed, and at lr 5e-4,
 2e-4 and 1e-4, against 0.290 +- 0.019 non-private. Its dev loss ends at
@@ -42,75 +44,39 @@ at 46-63 s per step (per-example gradients of all 22.7M weights).
 """
 
 import math
-import os
 
+from experiments import _glue_minilm as glue
 from experiments import quickstart
-from research.configs import default
+from research.configs.args import parse_arg
 
-SHARED = os.path.normpath(os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))
-
-ARG_DEFAULTS = {"data": "quickstart", "epsilon": 8.0, "seed": 0,
-                "method": "full"}
+ARGS = {"data": "quickstart", "epsilon": 8.0, "seed": 0, "method": "full",
+        "data_dir": ""}
+CHOICES = {"data": ("quickstart", "rte", "cola"), "method": ("full", "bitfit")}
 # method=bitfit: biases and the head only (research/methods/bitfit.py), at
 # BitFit's learning rate; per-example gradients of 27k weights, not 22.7M.
 BITFIT_LEARNING_RATE = 1e-2
-# Data set -> (folder of ../shared/data, text fields, metrics, max length).
-DATA = {
-    "rte": ("glue_rte", ("sentence1", "sentence2"), ("accuracy",), 128),
-    "cola": ("glue_cola", ("sentence",), ("matthews_corrcoef", "accuracy"), 64),
-}
+MAX_LENGTH = {"rte": 128, "cola": 64}
 # The private recipe per data set: (batch size, epochs).
 PRIVATE = {"quickstart": (64, 15.0), "rte": (256, 15.0), "cola": (512, 10.0)}
 
 
-def parse_arg(arg):
-  """`arg` ("key=value,...") over ARG_DEFAULTS; ValueError names bad keys."""
-  values = dict(ARG_DEFAULTS)
-  for item in (s.strip() for s in (arg or "").split(",")):
-    if not item:
-      continue
-    key, sep, value = (p.strip() for p in item.partition("="))
-    if not sep or key not in ARG_DEFAULTS:
-      raise ValueError(f"experiments/dp_sgd.py:{arg}: {item!r} is not a "
-                       f"known key=value; valid keys: "
-                       f"{', '.join(ARG_DEFAULTS)}")
-    values[key] = type(ARG_DEFAULTS[key])(value)
-  if values["method"] not in ("full", "bitfit"):
-    raise ValueError(f"experiments/dp_sgd.py:{arg}: method="
-                     f"{values['method']!r}; valid: full, bitfit")
-  if values["data"] not in ("quickstart", *DATA):
-    raise ValueError(f"experiments/dp_sgd.py:{arg}: data={values['data']!r}; "
-                     f"valid: quickstart, {', '.join(DATA)}")
-  return values
-
-
 def get_config(arg=None):
   """The non-private recipe (epsilon=0) or DP-SGD at `epsilon`."""
-  values = parse_arg(arg)
+  values = parse_arg(arg, ARGS, "experiments/dp_sgd.py", CHOICES)
   name = values["data"]
   if name == "quickstart":
     config = quickstart.get_config()
   else:
-    folder, fields, metrics, max_length = DATA[name]
-    config = default.get_config()
-    config.model.name = "all-minilm-l6-v2"
-    config.data.train_file = os.path.join(SHARED, folder, "train.tsv")
-    config.data.eval_file = os.path.join(SHARED, folder, "dev.tsv")
-    config.data.text_fields = fields
-    config.data.max_length = max_length
-    config.metrics = metrics
-    config.eval_metric = metrics[0]
-    config.batch_size = 32
-    config.num_epochs = 3.0
-    config.optimizer.learning_rate = 1e-4  # a small model
+    config = glue.get_config(name, values["data_dir"], MAX_LENGTH[name])
+    config.log_every_steps = 10
+    config.keep_checkpoints = 2
   config.seed = values["seed"]
   config.wandb.project = "research-bert-dp"
   if values["epsilon"] > 0:
     batch, epochs = PRIVATE[name]
-    config.privacy.enabled = True
-    config.privacy.target_epsilon = values["epsilon"]
-    config.privacy.clip_norm = 0.1
+    config.methods = ("dp_sgd",)
+    config.method_options = {"dp_sgd": {"target_epsilon": values["epsilon"],
+                                        "clip_norm": 0.1}}
     config.batch_size = batch
     config.num_epochs = epochs
     config.optimizer.learning_rate = 5e-4
@@ -121,8 +87,9 @@ def get_config(arg=None):
     # gradient).
     config.data.sampler_options = {
         "max_batch_size": 8 * math.ceil((batch + 4 * math.sqrt(batch)) / 8)}
-  if values["method"] == "bitfit":
-    config.methods = ("bitfit",)
-    config.method_options = {"bitfit": {"pooler": True}}
+  if values["method"] == "bitfit":  # before dp_sgd, which must come last
+    config.methods = ("bitfit",) + tuple(config.methods)
+    with config.method_options.unlocked():
+      config.method_options.bitfit = {"pooler": True}
     config.optimizer.learning_rate = BITFIT_LEARNING_RATE
   return config

@@ -6,9 +6,11 @@ r"""Parameter-efficient fine-tuning of the packaged MiniLM: one method, one task
         --config.seed=1 --workdir /tmp/peft/cola_adalora_s1
 
 `arg` (key=value, comma-separated):
-  task    quickstart (data/quickstart, 3 epochs), cola or rte (GLUE dev in
-          ../shared/data/glue_<task>, the BERT paper's recipe: batch 32, 3
-          epochs, linear decay, 10% warm-up);
+  task    quickstart (data/quickstart, 3 epochs), cola or rte (TFDS
+          glue/<task>, the BERT paper's recipe: batch 32, 3 epochs, linear
+          decay, 10% warm-up);
+  data_dir  cola / rte from a folder of GLUE's train.tsv and dev.tsv
+          instead (e.g. ../shared/data/glue_cola);
   method  full (every weight), lora (r=8, alpha=16, query and value),
           adalora (init_r=12 -> target_r=8 on query and value; tinit 10%,
           tfinal 30% of the run, a mask every 1% of it), houlsby, pfeiffer
@@ -28,13 +30,12 @@ runs.
 """
 
 import math
-import os
 
-from experiments import glue_cola, quickstart
+from experiments import _glue_minilm as glue
+from experiments import quickstart
+from research.configs.args import parse_arg
 
-SHARED = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(
-    __file__)), "..", "..", "shared", "data"))
-TRAIN_ROWS = {"quickstart": 320, "cola": 8551, "rte": 2490}
+TRAIN_ROWS = {"quickstart": 320, **glue.TRAIN_ROWS}
 
 # method -> (config.methods, method_options)
 METHODS = {
@@ -66,49 +67,23 @@ LEARNING_RATES = {
 }
 
 
-def _parse(arg):
-  values = {"task": "quickstart", "method": "lora", "lr": "", "pooler": "false"}
-  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
-    key, _, value = item.partition("=")
-    if key not in values:
-      raise ValueError(f"experiments/peft.py:{arg}: unknown key {key!r}; "
-                       f"valid: {', '.join(values)}")
-    values[key] = value
-  if values["task"] not in TRAIN_ROWS:
-    raise ValueError(f"experiments/peft.py: task={values['task']!r}; valid: "
-                     f"{', '.join(TRAIN_ROWS)}")
-  if values["pooler"] not in ("true", "false"):
-    raise ValueError(f"experiments/peft.py: pooler={values['pooler']!r}; "
-                     "valid: true, false")
-  if values["method"] not in METHODS:
-    raise ValueError(f"experiments/peft.py: method={values['method']!r}; "
-                     f"valid: {', '.join(METHODS)}")
-  return values
-
-
-def _glue(task):
-  """CoLA's or RTE's recipe on the MiniLM, local TSVs from ../shared/data."""
-  config = glue_cola.get_config()
-  config.model.name = "all-minilm-l6-v2"
-  config.data.source = "local"
-  config.data.name = ""
-  config.data.train_file = os.path.join(SHARED, f"glue_{task}", "train.tsv")
-  config.data.eval_file = os.path.join(SHARED, f"glue_{task}", "dev.tsv")
-  config.data.label_field = "label"
-  config.data.label_names = ()
-  if task == "rte":
-    config.data.text_fields = ("sentence1", "sentence2")
-    config.metrics = ("accuracy",)
-    config.eval_metric = "accuracy"
-  config.wandb.mode = "disabled"
-  return config
+ARGS = {"task": "quickstart", "method": "lora", "lr": 0.0, "pooler": False,
+        "data_dir": ""}
 
 
 def get_config(arg=None):
   """See the module docstring."""
-  args = _parse(arg)
-  task, method = args["task"], args["method"]
-  config = quickstart.get_config() if task == "quickstart" else _glue(task)
+  args = parse_arg(arg, ARGS, "experiments/peft.py",
+                   {"task": tuple(TRAIN_ROWS), "method": tuple(METHODS)})
+  task, method = args.task, args.method
+  if task == "quickstart":
+    config = quickstart.get_config()
+  else:
+    config = glue.get_config(task, args.data_dir)
+    config.eval_batch_size = 128
+    config.model.hidden_dropout = 0.1
+    config.model.attention_dropout = 0.1
+    config.wandb.mode = "disabled"
   names, options = METHODS[method]
   config.methods = names
   if names:
@@ -117,10 +92,10 @@ def get_config(arg=None):
       steps = math.floor(TRAIN_ROWS[task] / config.batch_size) * config.num_epochs
       options.update(tinit=int(0.1 * steps), tfinal=int(0.3 * steps),
                      delta_t=max(1, int(0.01 * steps)))
-    options["pooler"] = args["pooler"] == "true"
+    options["pooler"] = args.pooler
     with config.method_options.unlocked():
       config.method_options[names[0]] = options
-  config.optimizer.learning_rate = (float(args["lr"]) if args["lr"]
+  config.optimizer.learning_rate = (args.lr if args.lr > 0
                                     else LEARNING_RATES[task][method])
   config.keep_checkpoints = 1
   return config

@@ -22,6 +22,7 @@ Any TSV with `sentence` and `label` columns works by overrides alone:
 import os
 
 from research.configs import default
+from research.configs.args import parse_arg
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data",
                     "quickstart")
@@ -29,6 +30,7 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data",
 
 def get_config(arg=None):
   """`arg`: empty for the full run, "smoke" for a 12-step check."""
+  args = parse_arg(arg, {"smoke": False}, "experiments/quickstart.py")
   config = default.get_config()
   config.model.name = "all-minilm-l6-v2"
   config.task = "sequence_classification"
@@ -50,10 +52,7 @@ def get_config(arg=None):
   config.eval_metric = "accuracy"
   config.log_every_steps = 5
   config.wandb.project = "research-bert-quickstart"
-  if arg == "smoke":
+  if args.smoke:
     config.total_steps = 12
     config.eval_every_steps = 6
-  elif arg:
-    raise ValueError(f"experiments/quickstart.py:{arg}: unknown variant; "
-                     "valid: '' (full run), 'smoke'")
   return config

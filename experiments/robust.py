@@ -12,7 +12,8 @@ the words, `eval/dev/typo_*`):
         --workdir /tmp/robust/quickstart/freelb/0
 
 `arg` (key=value, comma-separated): data=quickstart (default) | cola | rte
-(../shared/data/glue_*; BERT's recipe, 3 epochs of batch 32, at the
+(TFDS glue/<task>, or data_dir= a folder of GLUE's train.tsv and dev.tsv,
+e.g. ../shared/data/glue_cola; BERT's recipe, 3 epochs of batch 32, at the
 learning rate chosen on dev for full fine-tuning, 1e-4; max length 64 on
 CoLA, 128 on RTE), method=plain (default) | fgm | pgd | freelb |
 augment | smart, seed=N, eps=X (the training ball of fgm | pgd | freelb |
@@ -22,7 +23,8 @@ constant prediction on every quickstart seed; at 0.1 they train and make
 the attack costlier, BENCHMARKS.md), 0.3 for FreeLB with its paper's step
 0.1 (it trains at 0.3); `augment` adds
 one EDA copy per example (swap, delete or insert, rate 0.1), so its epochs
-are twice as long; the copies are new every epoch (config.augment's default).
+are twice as long; the copies are new every epoch (the augment method's
+default).
 
 Every batch is padded to one length (CoLA: two) and the dev metrics are
 those of the last step. Results (3 seeds; BENCHMARKS.md, "Robust
@@ -42,30 +44,27 @@ train: FGM MCC 0.242 +- 0.038 and PGD 0.240 +- 0.039, attacked accuracy
 the quickstart set too.
 """
 
-import os
-
+from experiments import _glue_minilm as glue
 from experiments import quickstart
-from research.configs import default
+from research.configs.args import parse_arg
 
-SHARED = os.path.normpath(os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))
-
-# method -> (config.methods, config.method_options, config.augment).
+# method -> (config.methods, config.method_options).
 METHODS = {
-    "plain": ((), {}, {}),
-    "fgm": (("fgm",), {"fgm": {"epsilon": 0.1}}, {}),
+    "plain": ((), {}),
+    "fgm": (("fgm",), {"fgm": {"epsilon": 0.1}}),
     "pgd": (("pgd",), {"pgd": {"epsilon": 0.1, "step_size": 0.05,
-                               "steps": 3}}, {}),
+                               "steps": 3}}),
     "freelb": (("freelb",), {"freelb": {"epsilon": 0.3, "step_size": 0.1,
-                                        "steps": 2, "init_magnitude": 0.1}},
-               {}),
-    "augment": ((), {}, {"ops": ("swap", "delete", "insert"), "copies": 1,
-                         "rate": 0.1}),
+                                        "steps": 2, "init_magnitude": 0.1}}),
+    "augment": (("augment",), {"augment": {
+        "ops": ("swap", "delete", "insert"), "copies": 1, "rate": 0.1}}),
     # The smoothness regulariser alone (no label in its term): lambda_s 1,
     # one ascent step to the 0.1 ball from N(0, 1e-5) noise.
     "smart": (("smart",), {"smart": {"weight": 1.0, "epsilon": 0.1,
-                                     "step_size": 0.1, "steps": 1}}, {}),
+                                     "step_size": 0.1, "steps": 1}}),
 }
+# Methods with a training ball (eps= scales it).
+BALLS = ("fgm", "pgd", "freelb", "smart")
 DATA = ("quickstart", "cola", "rte")
 # The evaluations (research/evaluators/robust.py): `dev` attacks inside the
 # training ball of FGM and PGD (0.1; plain quickstart training keeps 0.65
@@ -76,68 +75,31 @@ ROBUST = {"type": "robust", "split": "validation", "epsilon": 0.1,
 STRONG = {**ROBUST, "epsilon": 1.0, "step_size": 0.5, "typo_rate": 0.0}
 
 
+ARGS = {"data": "quickstart", "method": "plain", "seed": 0, "eps": 0.0,
+        "data_dir": ""}
+
+
 def _parse(arg):
-  values = {"data": "quickstart", "method": "plain", "seed": "0", "eps": ""}
-  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
-    key, sep, value = item.partition("=")
-    if not sep or key not in values:
-      raise ValueError(f"experiments/robust.py:{arg}: {item!r}; valid keys: "
-                       "data=, method=, seed=, eps=")
-    values[key] = value
-  if values["data"] not in DATA:
-    raise ValueError(f"experiments/robust.py: data={values['data']!r}; "
-                     f"valid: {', '.join(DATA)}")
-  if values["method"] not in METHODS:
-    raise ValueError(f"experiments/robust.py: method={values['method']!r}; "
-                     f"valid: {', '.join(METHODS)}")
-  try:
-    seed = int(values["seed"])
-    eps = float(values["eps"]) if values["eps"] else None
-  except ValueError:
-    raise ValueError(f"experiments/robust.py:{arg}: seed= takes an integer, "
-                     "eps= a number") from None
-  balls = [name for name, (methods, _, _) in METHODS.items() if methods]
-  if eps is not None and values["method"] not in balls:
+  args = parse_arg(arg, ARGS, "experiments/robust.py",
+                   {"data": DATA, "method": tuple(METHODS)})
+  if args.eps and args.method not in BALLS:
     # Silently training without a ball would mislabel the run.
     raise ValueError(f"experiments/robust.py: eps= with method="
-                     f"{values['method']!r}, which has no training ball; "
-                     f"valid: {', '.join(balls)}")
-  return values["data"], values["method"], seed, eps
-
-
-def _glue(name, text_fields, max_length):
-  """BERT's GLUE recipe at full fine-tuning's learning rate as chosen on dev
-  for this MiniLM (experiments/peft.py LEARNING_RATES: 1e-4 on both)."""
-  config = default.get_config()
-  config.model.name = "all-minilm-l6-v2"
-  config.data.train_file = os.path.join(SHARED, f"glue_{name}", "train.tsv")
-  config.data.eval_file = os.path.join(SHARED, f"glue_{name}", "dev.tsv")
-  config.data.text_fields = text_fields
-  config.data.label_field = "label"
-  config.data.max_length = max_length
-  config.batch_size = 32
-  config.eval_batch_size = 64
-  config.num_epochs = 3.0
-  config.optimizer.learning_rate = 1e-4
-  config.optimizer.weight_decay = 0.01
-  config.optimizer.warmup_proportion = 0.1
-  config.log_every_steps = 50
-  config.keep_checkpoints = 1
-  return config
+                     f"{args.method!r}, which has no training ball; "
+                     f"valid: {', '.join(BALLS)}")
+  return args
 
 
 def get_config(arg=None):
   """`arg`: data=..., method=..., seed=... (see the module docstring)."""
-  data, method, seed, eps = _parse(arg)
+  args = _parse(arg)
+  data, method, eps = args.data, args.method, args.eps
   if data == "quickstart":
     config = quickstart.get_config()
-  elif data == "cola":
-    config = _glue("cola", ("sentence",), 64)
-    config.metrics = ("matthews_corrcoef", "accuracy")
   else:
-    config = _glue("rte", ("sentence1", "sentence2"), 128)
-    config.metrics = ("accuracy",)
-  config.seed = seed
+    config = glue.get_config(data, args.data_dir,
+                             max_length=64 if data == "cola" else 128)
+  config.seed = args.seed
   # Few padded lengths: every bucket is a compilation of the train step and
   # of the five eval steps. CoLA's sentences are short (most under 32
   # tokens), so two buckets there halve the work for one more compilation.
@@ -145,15 +107,14 @@ def get_config(arg=None):
                          else (config.data.max_length,))
   # The metrics of the last step (no checkpoint chosen on dev).
   config.eval_every_steps = 1_000_000
-  methods, options, augment = METHODS[method]
-  if eps is not None:  # the ball, its steps and noise in proportion
+  methods, options = METHODS[method]
+  if eps:  # the ball, its steps and noise in proportion
     scale = eps / options[method]["epsilon"]
     scaled = ("epsilon", "step_size", "init_magnitude")
     options = {method: {k: v * scale if k in scaled else v
                         for k, v in options[method].items()}}
   config.methods = methods
   config.method_options = options
-  config.augment.update(augment)
   config.evals = {"dev": dict(ROBUST), "strong": dict(STRONG)}
   config.eval_metric = config.metrics[0]
   config.wandb.mode = "disabled"

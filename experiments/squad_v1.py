@@ -3,7 +3,7 @@ r"""SQuAD v1.1: extractive question answering, BERT's recipe.
     python -m research.train --config experiments/squad_v1.py \
         --workdir /tmp/squad_v1
     python -m research.predict --workdir /tmp/squad_v1 --out /tmp/squad_v1_out
-    python -m research.evaluation.squad dev-v1.1.json \
+    python -m research.metrics.squad dev-v1.1.json \
         /tmp/squad_v1_out/validation/predictions.json
 
 `arg` (experiments/_squad_common.py): model=bert-base-uncased (default),

@@ -3,7 +3,7 @@ r"""SQuAD v2.0: extractive QA with unanswerable questions, BERT's recipe.
     python -m research.train --config experiments/squad_v2.py \
         --workdir /tmp/squad_v2
     python -m research.predict --workdir /tmp/squad_v2 --out /tmp/squad_v2_out
-    python -m research.evaluation.squad dev-v2.0.json \
+    python -m research.metrics.squad dev-v2.0.json \
         /tmp/squad_v2_out/validation/predictions.json \
         --null_odds /tmp/squad_v2_out/validation/null_odds.json
 
@@ -44,7 +44,7 @@ max_length=256,doc_stride=64 \
 at threshold 0 (HasAns EM 42.0 / F1 52.5) and EM 42.0 / F1 44.5 at the
 threshold chosen on dev, in 38 min on shared cores; baselines: always no
 answer EM / F1 40.7, first sentence F1 3.6 (HasAns F1 6.0)
-(`python -m research.evaluation.squad DEV.json --baseline null`).
+(`python -m research.metrics.squad DEV.json --baseline null`).
 """
 
 from experiments import _squad_common as common

@@ -42,27 +42,20 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from research import data, parallelism, tasks, train
+from research import cli, data, evaluators, parallelism, train
 from research.configs import ConfigError, validate
-from research.models import BertConfig, create_model, hf
-from research.training import host_memory, optimizers, partition, xla_flags
-from research.training.steps import make_train_step
+from research.models import BertConfig, hf
+from research.training import host_memory, partition, xla_flags
+from research.training.flops import (abstract_step_flops, batch_model_flops,
+                                      compiled_flops, detect_peak_tflops,
+                                      flops_per_token, matmul_params,
+                                      padded_batch_flops)
+from research.training.steps import precompile
 
 log = logging.getLogger("research.bench")
 
-# Dense bf16 peak per chip in TFLOP/s (REFERENCE_NUMBERS.md), matched as a
-# substring of the lower-cased `device_kind`; the first match wins, so the
-# more specific names come first ("TPU v5 lite" is v5e, "TPU v5" is v5p).
-PEAK_TFLOPS = (
-    ("h100", 989.0), ("h200", 989.0),
-    ("v6 lite", 918.0), ("v6e", 918.0),
-    ("v5 lite", 197.0), ("v5e", 197.0), ("v5p", 459.0), ("v5", 459.0),
-    ("v4", 275.0), ("v3", 123.0),
-)
 # jax.monitoring events of one compilation (jax/_src/dispatch.py).
 _TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
 _LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
@@ -71,159 +64,6 @@ _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 class BenchError(ValueError):
   """A benchmark setting that cannot work (named flag and valid values)."""
-
-
-# --- FLOPs ---------------------------------------------------------------------
-
-
-def flops_per_token(num_layers: int, hidden: int, seq_len: int,
-                    matmul_params: int) -> float:
-  """Training FLOPs per token (forward + backward) of the encoder.
-
-      6 * matmul_params + 12 * num_layers * hidden * seq_len
-
-  A weight of a dense layer does one multiply-add (2 FLOPs) per token in the
-  forward pass and two in the backward pass (input and weight gradients):
-  6 per weight. Attention scores (QK^T) and the weighted sum (probs @ V) are
-  2 * seq_len * hidden FLOPs each per token and layer forward, so
-  4 * seq_len * hidden, times 3 with the backward pass. For BERT
-  matmul_params = 12 * num_layers * hidden^2 (Q, K, V, output: 4 hidden^2;
-  the MLP: 2 * hidden * 4 hidden), e.g. bert-base at 128: 0.524 GFLOP.
-
-  Args:
-    num_layers: transformer layers.
-    hidden: hidden size.
-    seq_len: the (padded) sequence length attention runs over.
-    matmul_params: the non-embedding matmul weights applied to every token
-      (`matmul_params`); embeddings are gathers, not matmuls.
-  """
-  return 6.0 * matmul_params + 12.0 * num_layers * hidden * seq_len
-
-
-def matmul_params(model) -> tuple[int, int]:
-  """(per-token, per-sequence) matmul weights of a model, from its kernels.
-
-  Per token: every kernel of the encoder layers. Per sequence: the kernels
-  that see only [CLS] (pooler, classifier); token-level heads' kernels count
-  per token.
-  """
-  per_token = per_sequence = 0
-  for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    if path[-1] != "kernel":
-      continue
-    size = int(np.prod(value.shape))
-    if "layers" in path or (path[0] != "bert" and not _sequence_level(model)):
-      per_token += size
-    else:
-      per_sequence += size
-  # A tied MLM decoder is the embedding table used as a matmul on every token.
-  per_token += getattr(model, "tied_matmul_params", lambda: 0)()
-  return per_token, per_sequence
-
-
-def _sequence_level(model) -> bool:
-  return bool(getattr(model, "uses_pooler", False))
-
-
-def batch_model_flops(lengths, per_token_params: int, per_sequence_params: int,
-                      num_layers: int, hidden: int) -> float:
-  """Training FLOPs of sequences of these lengths, each attending to itself.
-
-  sum_i (6 * P_token + 12 * L * H * len_i) * len_i + 6 * P_sequence per row:
-  with real lengths this is the model's work (MFU's numerator); with every
-  row at the padded width it is what the compiled program computes.
-  """
-  lengths = np.asarray(lengths, np.float64)
-  per_tok = 6.0 * per_token_params + 12.0 * num_layers * hidden * lengths
-  return float((per_tok * lengths).sum() + 6.0 * per_sequence_params * len(lengths))
-
-
-def padded_batch_flops(batch, per_token_params: int, per_sequence_params: int,
-                       num_layers: int, hidden: int) -> float:
-  """Training FLOPs the compiled step does for a (host) batch, padding included.
-
-  Every row at the padded width (a packed row's tokens attend over all of
-  it), the sentence head once per example slot.
-  """
-  rows, width = batch["attention_mask"].shape
-  return (batch_model_flops([width] * rows, per_token_params, 0, num_layers,
-                            hidden)
-          + 6.0 * per_sequence_params * len(batch["weights"]))
-
-
-def detect_peak_tflops(device_kind: str) -> float | None:
-  """Dense bf16 peak TFLOP/s of one chip from `device.device_kind`, or None."""
-  kind = device_kind.lower()
-  if "cpu" in kind:
-    return None
-  for name, peak in PEAK_TFLOPS:
-    if name in kind:
-      return peak
-  return None
-
-
-def compiled_flops(jitted, *args, compile: bool = True) -> float:  # pylint: disable=redefined-builtin
-  """FLOPs XLA counts for the program of `jitted(*args)`.
-
-  With `compile`, of the optimised executable (a cache hit, hence free, when
-  the function already ran on these shapes); without, of the lowered HLO as
-  traced (fast: no compilation).
-  """
-  lowered = jitted.lower(*args)
-  cost = (lowered.compile() if compile else lowered).cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older JAX: one dict per device program
-    cost = cost[0]
-  return float(cost["flops"])
-
-
-def abstract_step_flops(cfg: BertConfig, batch_size: int, seq_len: int,
-                        num_labels: int = 2, opt_config=None,
-                        compile: bool = True, **model_kw) -> dict:  # pylint: disable=redefined-builtin
-  """Compiled vs analytic FLOPs of one training step, with no weights.
-
-  The model is built abstractly (`nnx.eval_shape`), so bert-base needs no
-  checkpoint; the step is `research.training.steps.make_train_step` over the
-  sequence-classification task's loss, on one device, lowered and compiled
-  for one [batch_size, seq_len] batch (dropout as in `cfg`).
-  `compile=False` counts the lowered HLO instead (no compilation).
-  `model_kw` goes to `create_model` (e.g. `remat=True`, `dtype="bfloat16"`).
-
-  Returns:
-    {"compiled": FLOPs from cost_analysis, "analytic": `batch_model_flops`
-    at seq_len for every row, "ratio": compiled / analytic}.
-  """
-  from research.configs import default  # pylint: disable=import-outside-toplevel
-  model = nnx.eval_shape(lambda: create_model("sequence_classification", cfg,
-                                              num_labels, **model_kw))
-  per_token, per_seq = matmul_params(model)
-  graphdef, params, *frozen = partition.split_model(model)
-  config = default.get_config()
-  config.num_labels = num_labels
-  task = tasks.load(config)
-  opt_config = opt_config or config.optimizer
-  tx = optimizers.build_optimizer(opt_config, 100)
-  state = {"params": params, "opt_state": jax.eval_shape(tx.init, params)}
-  parallel = config.parallelism
-  parallel.mesh_shape = (1, 1, 1)
-  mesh = parallelism.make_mesh(parallel)
-  sharding, frozen_sharding = (
-      parallelism.state_shardings(x, mesh, parallel.logical_axis_rules)
-      for x in (state, tuple(frozen)))
-  step = make_train_step(
-      tx, task.loss_fn(graphdef), seed=0, mesh=mesh, strategy="jit",
-      state_sharding=sharding, frozen_sharding=frozen_sharding)
-  ints = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-  labels = jax.ShapeDtypeStruct(
-      (batch_size,), jnp.float32 if num_labels == 1 else jnp.int32)
-  batch = {"input_ids": ints, "attention_mask": ints, "token_type_ids": ints,
-           "labels": labels,
-           "weights": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
-  compiled = compiled_flops(step, state, tuple(frozen), batch, 0,
-                            compile=compile)
-  analytic = batch_model_flops([seq_len] * batch_size, per_token, per_seq,
-                               cfg.num_hidden_layers, cfg.hidden_size)
-  return {"compiled": compiled, "analytic": analytic,
-          "ratio": compiled / analytic}
 
 
 # --- Measurement helpers ---------------------------------------------------------
@@ -360,7 +200,7 @@ def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
   start = time.perf_counter()
   with CompileLog() as compiles:
     # As `research.train` does: every width of the run compiled up front.
-    precompiled = (train.precompile(train_step, state, frozen,
+    precompiled = (precompile(train_step, state, frozen,
                                     s.train_batches, batch_sharding, 0,
                                     steps * accum)
                    if config.precompile else 0)
@@ -368,12 +208,13 @@ def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
     # here it finishes first, so that no compile event of its lands in a
     # timed step (they are counted process-wide).
     if config.precompile and evaluate and s.evaluators:
-      train.precompile_evaluators(s.evaluators, state["params"], frozen).join()
+      evaluators.precompile_async(s.evaluators, state["params"], frozen).join()
     precompile_events, precompile_seconds = compiles.count, compiles.seconds
-  batches = parallelism.prefetch(s.train_batches.iterate(0, steps * accum),
-                                 batch_sharding, config.parallelism.prefetch)
   first_step_end = None
   profile_end = min(steps, warmup + profile_steps) if profile_dir else -1
+  # The training loop's own update generator (`train.train_steps`); each
+  # step timed from asking for its batches to `block_until_ready`.
+  updates = train.train_steps(s, state, 0, steps)
   with CompileLog() as compiles:
     for step in range(steps):
       if step == warmup and profile_dir:
@@ -381,21 +222,7 @@ def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
       t0 = time.perf_counter()
       cache_before = train_step._cache_size()  # pylint: disable=protected-access
       compiles_before = compiles.count
-      ex = real = padded = mflops = pflops = 0
-      for micro in range(accum):
-        host, batch = next(batches)
-        state, metrics = train_step(state, frozen, batch, step * accum + micro)
-        # Host-side counts (the numpy copy): reading device arrays would wait.
-        lens = data.example_lengths(host)  # packed rows: per example
-        ex += len(lens) * procs
-        real += int(lens.sum()) * procs
-        padded += host["attention_mask"].size * procs
-        width = host["attention_mask"].shape[1]
-        mflops += procs * batch_model_flops(lens, per_token, per_seq,
-                                            cfg.num_hidden_layers, cfg.hidden_size)
-        pflops += procs * padded_batch_flops(host, per_token, per_seq,
-                                             cfg.num_hidden_layers,
-                                             cfg.hidden_size)
+      _, state, metrics, hosts = next(updates)
       jax.block_until_ready((state, metrics))
       rec["step_times"].append(time.perf_counter() - t0)
       first_step_end = first_step_end or time.perf_counter()
@@ -405,9 +232,21 @@ def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
       # untimed either way.
       rec["new_shape"].append(train_step._cache_size() > cache_before)  # pylint: disable=protected-access
       rec["compiled"].append(compiles.count > compiles_before)
+      ex = real = padded = mflops = pflops = 0
+      for host in hosts:  # host-side counts of the numpy copies
+        lens = data.example_lengths(host)  # packed rows: per example
+        ex += len(lens) * procs
+        real += int(lens.sum()) * procs
+        padded += host["attention_mask"].size * procs
+        mflops += procs * batch_model_flops(lens, per_token, per_seq,
+                                            cfg.num_hidden_layers, cfg.hidden_size)
+        pflops += procs * padded_batch_flops(host, per_token, per_seq,
+                                             cfg.num_hidden_layers,
+                                             cfg.hidden_size)
       for key, value in (("examples", ex), ("real_tokens", real),
                          ("padded_tokens", padded), ("model_flops", mflops),
-                         ("padded_flops", pflops), ("width", width)):
+                         ("padded_flops", pflops),
+                         ("width", hosts[-1]["attention_mask"].shape[1])):
         rec[key].append(value)
     train_seconds = time.perf_counter() - start
     train_compiles, compile_seconds = compiles.count, compiles.seconds
@@ -792,7 +631,7 @@ def parse_flags(argv):
                        "analytic FLOPs of an abstract bert-base train step "
                        "at this sequence length (no checkpoint, no config).")
   flags.DEFINE_integer("abstract_batch", 8, "Batch size of --abstract_flops.")
-  return train.parse_or_exit(argv)
+  return cli.parse_or_exit(argv)
 
 
 if __name__ == "__main__":

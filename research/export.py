@@ -21,7 +21,8 @@ from __future__ import annotations
 import os
 import sys
 
-from research import data, train
+from research import methods as methods_lib
+from research import restore
 from research.models import hf
 
 
@@ -30,45 +31,38 @@ def export_run(workdir: str, out_dir: str, which: str = "best",
   """Restores the run's best (or latest) model and writes it out.
 
   The model is the run's trained parameters merged with its frozen ones
-  (`train.restore`: a BitFit or LoRA run exports the whole model).
+  (`restore.restore_run`: a BitFit or LoRA run exports the whole model),
+  then made ready by each method (`Method.export_model`: LoRA folds its
+  updates in; a method whose layers the format cannot hold refuses).
 
   Args:
     workdir: a finished or running `research.train` workdir.
     out_dir: the Hugging Face directory to write.
     which: "best" (by config.eval_metric) or "latest".
-    peft_dir: write the LoRA/AdaLoRA adapters as a PEFT directory instead.
+    peft_dir: write the trained adapters alone, through the method that can
+      (`Method.export_adapters`: LoRA/AdaLoRA as a PEFT directory).
 
   Returns:
     The output directory.
   """
-  from research.peft import hf_peft, layers  # pylint: disable=import-outside-toplevel
-  restored = train.restore(workdir, which)
+  restored = restore.restore_run(workdir, which)
   model = restored.model
-  structural = {n for n in ("adapters", "prefix_tuning")
-                if n in tuple(restored.config.get("methods", ()))}
-  if structural:
-    raise ValueError(f"{workdir}: methods {sorted(structural)} add layers a "
-                     "transformers BERT does not have; use the run's "
-                     "checkpoints (research.train.restore)")
   if peft_dir:
-    name = next((n for n in ("lora", "adalora")
-                 if n in tuple(restored.config.methods)), None)
-    if name is None:
-      raise ValueError(f"{workdir}: --peft needs a lora or adalora run; "
-                       f"config.methods={tuple(restored.config.methods)}")
-    options = dict(restored.config.method_options.get(name, {}) or {})
-    options.setdefault("total_step", restored.config.get("total_steps", 0)
-                       or restored.step)
-    hf_peft.export(model, out_dir, task=restored.task.HEAD, options=options,
-                   base_model_name_or_path=restored.config.model.name)
-    print(f"exported the {name} adapters of step {restored.step} "
-          f"({restored.which}) to {out_dir}")
+    able = [m for m in restored.methods if m.export_adapters is not None]
+    if not able:
+      raise ValueError(
+          f"{workdir}: --peft needs a method that exports its adapters alone "
+          f"(lora, adalora); config.methods="
+          f"{tuple(restored.config.get('methods', ()))}")
+    what = able[0].export_adapters(model, out_dir, restored.context,
+                                   restored.step)
+    print(f"exported {what} of step {restored.step} ({restored.which}) to "
+          f"{out_dir}")
     return out_dir
-  layers.merge(model)  # LoRA / AdaLoRA: B A folded into the kernels
-  label_names = data.load_label_names(os.path.join(workdir, "labels.json"))
-  base = hf.resolve(restored.config.model.name)
+  model = methods_lib.export_model(restored.methods, model)
+  base = restored.context.model_dir
   hf.export(model, out_dir, restored.task.HEAD, tokenizer_dir=base,
-            label_names=label_names or None)
+            label_names=list(restored.label_names) or None)
   from_scratch = (restored.config.get("task_options") or {}).get("architecture")
   if getattr(getattr(model, "bert", None), "pooler", 0) is None and not from_scratch:
     copied = keep_base_pooler(out_dir, base)

@@ -36,7 +36,6 @@ predicted` per word (words, not sub-tokens).
 from __future__ import annotations
 
 import collections
-import inspect
 import json
 import logging
 import os
@@ -45,55 +44,18 @@ import sys
 import ml_collections
 import numpy as np
 
-from research import data, parallelism, train
-from research.evaluation import glue
-from research.evaluators import sequence
+from research import data, glue, restore
 from research.models import hf
 
 log = logging.getLogger("research.predict")
 
 
-def make_evaluator(restored, cls=sequence.Evaluator):
-  """`(split, batch_size, buckets, name=, **options) -> Evaluator` of `cls`
-  over a restored run's model.
-
-  Through the run's own pieces: the task's evaluation forward in the
-  evaluation step (`steps.make_eval_step`), on one device.
-  """
-  import jax  # pylint: disable=import-outside-toplevel
-  from research.training.steps import make_eval_step  # pylint: disable=import-outside-toplevel
-  config = restored.config
-  parallel = config.parallelism
-  mesh = parallelism.make_mesh(parallel, jax.devices()[:1])
-  rules = parallel.logical_axis_rules
-  params_sharding, frozen_sharding = (
-      parallelism.state_shardings(x, mesh, rules)
-      for x in (restored.params, restored.frozen))
-  step = make_eval_step(restored.task.eval_forward(restored.graphdef),
-                        seed=config.seed, mesh=mesh,
-                        params_sharding=params_sharding,
-                        frozen_sharding=frozen_sharding,
-                        transform=restored.task.transform)
-
-  def evaluator(split, batch_size, buckets=(), name=None, cls=cls,
-                **options):
-    return cls(name=name or split.name, task=restored.task, split=split,
-               batcher=data.Batcher(split, batch_size, buckets,
-                                    shuffle=False),
-               make_step=lambda logits: step,
-               sharding=parallelism.batch_sharding(mesh), config=config,
-               **options)
-
-  return evaluator
-
-
 def make_predictor(restored):
   """`(split, batch_size, buckets) -> predictions` of a restored run, by a
-  `sequence` evaluator (`make_evaluator`)."""
-  evaluator = make_evaluator(restored)
+  `sequence` evaluator over the run's own evaluation step."""
 
   def predict(split, batch_size, buckets=()):
-    return evaluator(split, batch_size, buckets).predict(
+    return restored.make_evaluator(split, batch_size, buckets).predict(
         restored.params, restored.frozen)["predictions"]
 
   return predict
@@ -175,18 +137,8 @@ def write_predictions(path, ids, rows, predictions, formatter):
   return len(missing)
 
 
-def _last_metric(workdir, suffix):
-  """The run's summary.json value of the first key ending in `suffix`."""
-  path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    summary = json.load(f)
-  return next((v for k, v in summary.items() if k.endswith(suffix)), None)
-
-
 def write_run(workdir, out_dir, which="best", batch_size=0, eval_file="",
-              null_threshold=None):
+              **write_options):
   """Writes each evaluator's predictions of a (non-GLUE) run.
 
   Args:
@@ -196,19 +148,20 @@ def write_run(workdir, out_dir, which="best", batch_size=0, eval_file="",
     batch_size: examples per forward pass; 0: the run's eval_batch_size.
     eval_file: predict this local file (the run's format) instead of the
       run's evaluation splits; it is the split "validation".
-    null_threshold: SQuAD v2.0's; None: see the module docstring.
+    **write_options: options of the evaluators' `write` (those each type
+      declares in `WRITE_OPTIONS`, e.g. the span evaluator's
+      `null_threshold`); None values are left out.
 
   Returns:
     {evaluator name: what its `write` returned (paths, scores)}.
 
   Raises:
-    ValueError: an evaluator type that cannot write predictions.
+    ValueError: an evaluator type that cannot write predictions, or an
+      option none of the run's evaluators takes.
   """
   from research import evaluators  # pylint: disable=import-outside-toplevel
-  config = train.read_config(workdir)
-  label_names = data.load_label_names(os.path.join(workdir, "labels.json"))
-  tokenizer = data.load_tokenizer(str(hf.resolve(config.model.name)))
-  restored = train.restore(workdir, which, tokenizer)
+  restored = restore.restore_run(workdir, which)
+  config = restored.config
   log.info("%s: %s checkpoint, step %d", workdir, restored.which,
            restored.step)
   cfg = ml_collections.ConfigDict(config.to_dict())
@@ -216,13 +169,13 @@ def write_run(workdir, out_dir, which="best", batch_size=0, eval_file="",
   if eval_file:
     cfg.data.source, cfg.data.eval_file = "local", eval_file
     cfg.data.format = "auto"  # by the file: its extension (and layout)
-  # Unlabeled data gets the threshold the run chose on its dev split.
-  chosen = _last_metric(workdir, "best_null_threshold")
   _, splits, _, _ = data.load_splits(
-      cfg, tokenizer, cache_dir=os.path.join(workdir, "cache"),
-      label_names=label_names, task=restored.task)
-  make = make_evaluator(restored)
-  written = {}
+      cfg, restored.tokenizer, cache_dir=os.path.join(workdir, "cache"),
+      label_names=list(restored.label_names) or None, task=restored.task)
+  # The run's summary: what it chose on its dev split (e.g. a threshold).
+  summary = restore.read_summary(workdir)
+  given = {k: v for k, v in write_options.items() if v is not None}
+  written, takers = {}, set()
   for name, ecfg in evaluators.configs(cfg, restored.task).items():
     options = evaluators.options(name, ecfg)
     split = splits[options.pop("split")]
@@ -230,17 +183,19 @@ def write_run(workdir, out_dir, which="best", batch_size=0, eval_file="",
     if not hasattr(cls, "write"):
       raise ValueError(f"evaluator {name!r} (type {ecfg['type']!r}) cannot "
                        "write predictions; types that can: span, tagging")
-    evaluator = make(split, batch_size or config.eval_batch_size,
-                     tuple(config.data.buckets), name=name, cls=cls,
-                     **options)
-    threshold = null_threshold if null_threshold is not None else (
-        None if split.has_labels else chosen)
-    kwargs = ({"null_threshold": threshold} if threshold is not None and
-              "null_threshold" in inspect.signature(cls.write).parameters
-              else {})
+    evaluator = restored.make_evaluator(
+        split, batch_size or config.eval_batch_size,
+        tuple(config.data.buckets), name=name, cls=cls, **options)
+    mine = {k: v for k, v in given.items() if k in cls.WRITE_OPTIONS}
+    takers.update(mine)
     written[name] = evaluator.write(restored.params, restored.frozen,
-                                    os.path.join(out_dir, name), **kwargs)
+                                    os.path.join(out_dir, name),
+                                    summary=summary, **mine)
     print(f"{name}: {json.dumps(written[name])}")
+  unused = sorted(set(given) - takers)
+  if unused:
+    raise ValueError(f"--{unused[0]} is not an option of this run's "
+                     "evaluators")
   return written
 
 
@@ -261,7 +216,7 @@ def predict_run(workdir, out_dir, which="best", batch_size=0):
       here), or its labels are not GLUE's.
     FileNotFoundError: no config or checkpoint in `workdir`.
   """
-  config = train.read_config(workdir)
+  config = restore.read_config(workdir)
   task = glue.task_of(config)
   if task is None:
     raise ValueError(
@@ -277,8 +232,8 @@ def predict_run(workdir, out_dir, which="best", batch_size=0):
   else:
     cells = glue.submission_labels(task, label_names)
     formatter = lambda i: cells[int(i)]  # pylint: disable=unnecessary-lambda-assignment
-  tokenizer = data.load_tokenizer(str(hf.resolve(config.model.name)))
-  restored = train.restore(workdir, which, tokenizer)
+  restored = restore.restore_run(workdir, which)
+  tokenizer = restored.tokenizer
   log.info("%s: %s checkpoint, step %d", workdir, restored.which,
            restored.step)
   predictor = make_predictor(restored)
@@ -326,9 +281,9 @@ def main():
       logging.getLogger(noisy).setLevel(logging.WARNING)
     f = flags.FLAGS
     try:
-      if glue.task_of(train.read_config(f.workdir)) is None:
+      if glue.task_of(restore.read_config(f.workdir)) is None:
         write_run(f.workdir, f.out, f.which, f.batch_size, f.eval_file,
-                  f.null_threshold)
+                  null_threshold=f.null_threshold)
       else:
         predict_run(f.workdir, f.out, f.which, f.batch_size)
     except (FileNotFoundError, ValueError, hf.CheckpointError,

@@ -387,13 +387,13 @@ def main(argv):
 def parse_flags(argv):
   """research.train's flags (--config, --config.*, --workdir) and hosts."""
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from research import train  # pylint: disable=import-outside-toplevel
+  from research import cli  # pylint: disable=import-outside-toplevel
   flags.DEFINE_integer("host_index", -1, "This host's index among "
                        "--num_hosts independent sweep processes.")
   flags.DEFINE_integer("num_hosts", -1, "Independent sweep processes sharing "
                        "the runs (default: one; a multi-process jax.distributed "
                        "launch runs every run on all processes).")
-  return train.parse_flags(argv)
+  return cli.parse_flags(argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""research.privacy.accounting against dp-accounting and the analytic Gaussian."""
+"""research.methods.privacy.accounting against dp-accounting and the analytic Gaussian."""
 
 import logging
 import math
@@ -9,7 +9,7 @@ import pytest
 from dp_accounting import pld, rdp
 from scipy import optimize, stats
 
-from research.privacy import accounting
+from research.methods.privacy import accounting
 
 
 def _direct(accountant, q, sigma, steps, delta):

@@ -2,7 +2,7 @@
 
 On the tiny BERT with MiniLM's tokenizer and the quickstart reviews: the
 perturbations are checked against their definitions, computed here
-independently of `research.training.adversarial` ([CLS]=101, [SEP]=102,
+independently of `research.methods.adversarial.embeddings` ([CLS]=101, [SEP]=102,
 [PAD]=0, [MASK]=103 never move).
 """
 
@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research import train
-from research.configs import ConfigError
+from research import tasks, train
+from research.configs import ConfigError, validate
 from research.methods import fgm, freelb, pgd, smart
-from research.training import adversarial
+from research.methods.adversarial import embeddings as adversarial
+from research.tasks import common as task_common
 from research.training.steps import value_and_grad
 from tests.test_train import _tiny_config
 
@@ -47,6 +48,12 @@ def built(tiny_model_dir):
 def packed(tiny_model_dir):
   return _build(tiny_model_dir, **{"data.examples_per_row": 4,
                                    "data.buckets": (128,)})
+
+
+def _made(method, run):
+  """A method set up with the run's context, as `train.build` does."""
+  method.setup(run.context)
+  return method
 
 
 def _pieces(run, step=0):
@@ -90,7 +97,7 @@ def test_fgm_perturbation_is_epsilon_times_normalised_gradient(
   loss_fn, params, frozen, batch, key = _pieces(run)
   assert ("segment_ids" in batch) == (layout == "packed")
   eps = 0.7
-  delta, _ = jax.jit(fgm.Method(config, epsilon=eps, norm="l2").perturbation(
+  delta, _ = jax.jit(_made(fgm.Method(config, epsilon=eps, norm="l2"), run).perturbation(
       loss_fn))(params, frozen, batch, key)
   hidden = run.model_cfg.hidden_size
   g = np.asarray(_grad_at(loss_fn, params, frozen, batch, key,
@@ -113,7 +120,7 @@ def test_fgm_perturbation_is_epsilon_times_normalised_gradient(
 def test_fgm_linf_is_epsilon_times_sign(built):
   config, run = built
   loss_fn, params, frozen, batch, key = _pieces(run)
-  delta, _ = jax.jit(fgm.Method(config, epsilon=0.01, norm="linf")
+  delta, _ = jax.jit(_made(fgm.Method(config, epsilon=0.01, norm="linf"), run)
                      .perturbation(loss_fn))(params, frozen, batch, key)
   g = _grad_at(loss_fn, params, frozen, batch, key,
                adversarial.zeros(batch, run.model_cfg.hidden_size))
@@ -124,7 +131,7 @@ def test_fgm_linf_is_epsilon_times_sign(built):
 def test_fgm_gradient_is_clean_plus_adversarial(built):
   config, run = built
   loss_fn, params, frozen, batch, key = _pieces(run)
-  method = fgm.Method(config, epsilon=0.5)
+  method = _made(fgm.Method(config, epsilon=0.5), run)
   (loss, aux), grads = jax.jit(method.grad_fn(value_and_grad)(loss_fn))(
       params, frozen, batch, key)
   delta, _ = jax.jit(method.perturbation(loss_fn))(params, frozen, batch, key)
@@ -146,8 +153,8 @@ def test_pgd_stays_in_the_epsilon_ball_and_raises_the_loss(norm, built):
   eps = 0.5 if norm == "l2" else 0.02
   # Steps of twice the radius: every step leaves the ball, the projection
   # must bring it back.
-  method = pgd.Method(config, epsilon=eps, step_size=2 * eps, steps=4,
-                      norm=norm)
+  method = _made(pgd.Method(config, epsilon=eps, step_size=2 * eps, steps=4,
+                      norm=norm), run)
   delta, ((clean, _), _) = jax.jit(method.perturbation(loss_fn))(
       params, frozen, batch, key)
   delta = np.asarray(delta)
@@ -184,8 +191,8 @@ def test_freelb_one_step_epsilon_zero_is_plain_training(tiny_model_dir):
 def test_freelb_averages_the_gradients_of_its_ascent_steps(built):
   config, run = built
   loss_fn, params, frozen, batch, key = _pieces(run)
-  method = freelb.Method(config, epsilon=0.3, step_size=0.2, steps=2,
-                         init_magnitude=0.5)
+  method = _made(freelb.Method(config, epsilon=0.3, step_size=0.2, steps=2,
+                         init_magnitude=0.5), run)
   (loss, _), grads = jax.jit(method.grad_fn(value_and_grad)(loss_fn))(
       params, frozen, batch, key)
   hidden = run.model_cfg.hidden_size
@@ -218,8 +225,8 @@ def test_no_perturbation_reaches_padding_or_special_tokens(name, built):
                          batch_[adversarial.DELTA])
     return loss_fn(trainable, frozen_, batch_, key_)
 
-  method = {"fgm": fgm, "pgd": pgd, "freelb": freelb, "smart": smart}[
-      name].Method(config, **({} if name == "fgm" else {"steps": 3}))
+  method = _made({"fgm": fgm, "pgd": pgd, "freelb": freelb, "smart": smart}[
+      name].Method(config, **({} if name == "fgm" else {"steps": 3})), run)
   jax.block_until_ready(jax.jit(method.grad_fn(value_and_grad)(spy))(
       params, frozen, batch, key))
   jax.effects_barrier()
@@ -246,29 +253,43 @@ def test_smart_divergence_is_the_weighted_symmetric_kl():
   rng = np.random.default_rng(0)
   a, b = rng.normal(size=(2, 4, 3)).astype(np.float32)
   weights = np.array([1.0, 0.0, 2.0, 1.0], np.float32)  # row 1: padding
-  batch = {"weights": weights, "attention_mask": np.ones((4, 5), np.int32)}
   per = _sym_kl(a, b)
-  np.testing.assert_allclose(smart.divergence(a, b, batch),
+  np.testing.assert_allclose(smart.divergence(a, b, weights),
                              (per * weights).sum() / 4, rtol=1e-5)
-  assert float(smart.divergence(a, a, batch)) == 0
+  assert float(smart.divergence(a, a, weights)) == 0
   # Regression: the squared difference.
   np.testing.assert_allclose(
-      smart.divergence(a[:, :1], b[:, :1], batch),
+      smart.divergence(a[:, :1], b[:, :1], weights),
       ((a[:, 0] - b[:, 0]) ** 2 * weights).sum() / 4, rtol=1e-5)
-  # Token outputs [B, L, C]: per real token of a real row.
+  # Token outputs [B, L, C]: per real token of a real row, as the token
+  # tasks weight them (`Task.distributions`).
   a, b = rng.normal(size=(2, 4, 5, 3)).astype(np.float32)
   mask = (np.arange(5)[None] < np.array([[5], [3], [1], [2]])).astype(np.int32)
-  batch["attention_mask"] = mask
+  batch = {"weights": weights, "attention_mask": mask}
   w = weights[:, None] * mask
-  np.testing.assert_allclose(smart.divergence(a, b, batch),
+  config = _tiny_config("unused", task="token_classification")
+  task = tasks.load(config)
+  (dist, got_w), = task.distributions(jnp.asarray(a), batch)
+  np.testing.assert_array_equal(got_w, w)
+  np.testing.assert_allclose(smart.total_divergence(task, a, b, batch),
                              (_sym_kl(a, b) * w).sum() / w.sum(), rtol=1e-5)
+  # Question answering: the start and the end distributions, summed.
+  config.task = "question_answering"
+  task = tasks.load(config)
+  starts, ends = rng.normal(size=(2, 2, 4, 5)).astype(np.float32)
+  got = smart.total_divergence(task, (starts[0], ends[0]),
+                               (starts[1], ends[1]), batch)
+  masked = lambda x: np.where(mask > 0, x, np.finfo(np.float32).min)  # pylint: disable=unnecessary-lambda-assignment
+  want = sum((_sym_kl(masked(x[0]), masked(x[1])) * weights).sum()
+             / weights.sum() for x in (starts, ends))
+  np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
 def test_smart_gradient_is_the_loss_plus_the_divergence_at_its_delta(built):
   config, run = built
   loss_fn, params, frozen, batch, key = _pieces(run)
-  method = smart.Method(config, weight=2.0, epsilon=0.3, step_size=0.5,
-                        noise=0.01)
+  method = _made(smart.Method(config, weight=2.0, epsilon=0.3, step_size=0.5,
+                        noise=0.01), run)
   delta = np.asarray(jax.jit(method.perturbation(loss_fn))(
       params, frozen, batch, key))
   mask = _mask(batch)
@@ -287,7 +308,8 @@ def test_smart_gradient_is_the_loss_plus_the_divergence_at_its_delta(built):
       jax.random.fold_in(key, adversarial.INIT_STREAM), delta.shape)) * 0.01
            * mask[..., None])
   assert max(_per_example_norms(start, batch).values()) < 0.3
-  g = jax.grad(lambda d: smart.divergence(clean, logits(d), batch))(
+  g = jax.grad(lambda d: smart.divergence(clean, logits(d),
+                                          batch["weights"]))(
       jnp.asarray(start))
   want = adversarial.ascend(jnp.asarray(start), g, batch,
                             jnp.asarray(mask, jnp.float32), step_size=0.5,
@@ -320,7 +342,7 @@ def test_smart_gradient_is_the_loss_plus_the_divergence_at_its_delta(built):
 def test_smart_with_weight_zero_is_plain_training(built):
   config, run = built
   loss_fn, params, frozen, batch, key = _pieces(run)
-  (loss, _), grads = jax.jit(smart.Method(config, weight=0.0).grad_fn(
+  (loss, _), grads = jax.jit(_made(smart.Method(config, weight=0.0), run).grad_fn(
       value_and_grad)(loss_fn))(params, frozen, batch, key)
   (plain, _), want = _value_and_grad(loss_fn, params, frozen, batch, key)
   np.testing.assert_allclose(loss, plain, rtol=1e-6)
@@ -341,10 +363,23 @@ def test_bad_options_name_the_field(tiny_model_dir):
   with pytest.raises(ConfigError, match=r"method_options\.smart\.weight"):
     train.build(config)
   config.method_options = {}
-  config.task = "question_answering"
-  with pytest.raises(ConfigError, match=r"config\.task='question_answering'"
-                     r"; valid: sequence_classification, token_class"):
-    smart.Method(config)
+  config.task = __name__  # a task without output distributions (below)
+  with pytest.raises(ConfigError, match=r"'smart'.*config\.task='tests\."
+                     r"test_adversarial' defines no Task\.distributions"):
+    validate(config)
+
+
+class Task(task_common.Task):
+  """A task module's Task without `distributions` (SMART must refuse it)."""
+
+  def finish(self, name, enc, names, training):
+    raise AssertionError("never reached")
+
+  def loss(self, outputs, batch):
+    raise AssertionError("never reached")
+
+  def predict(self, outputs, batch):
+    raise AssertionError("never reached")
 
 
 POSITIVE, NEGATIVE = ("good", "great", "fine", "nice"), ("bad", "awful",

@@ -1,4 +1,4 @@
-"""Training-text augmentation (config.augment) and typo noise, research/data/augment.py.
+"""Training-text augmentation (the augment method) and typo noise, research/data/augment.py.
 
 MiniLM's WordPiece tokenizer; the contextual operation with a small
 masked-LM built here (the packaged MiniLM has none, and is refused). Each
@@ -20,7 +20,7 @@ from research.configs import ConfigError
 from research.data import augment, tokenize
 from research.data.splits import TokenizedSplit
 from research.models import BertConfig, create_model, hf
-from research.training import adversarial
+from research.methods.adversarial import embeddings as adversarial
 from tests import test_reliability as rel
 from tests.test_reliability import compile_cache  # pylint: disable=unused-import
 from tests.test_train import _tiny_config
@@ -206,18 +206,24 @@ def test_typos_are_deterministic_and_change_words(tokenizer, words):
   np.testing.assert_array_equal(same.input_ids, split.input_ids)
 
 
+def _augmented(model_dir, methods=(), overrides=None, **options):
+  """A tiny run with the augment method (`options`) before `methods`."""
+  config = _tiny_config(model_dir, **(overrides or {}))
+  config.methods = ("augment",) + tuple(methods)
+  config.method_options = {"augment": options}
+  return config
+
+
 def test_config_errors_name_the_field(tiny_model_dir):
-  config = _tiny_config(tiny_model_dir, **{"augment.ops": ("synonym",),
-                                           "augment.copies": 1})
-  with pytest.raises(ConfigError, match=r"config.augment.ops.*swap, delete"):
+  config = _augmented(tiny_model_dir, ops=("synonym",))
+  with pytest.raises(ConfigError, match=r"config.method_options.augment.ops "
+                     r"has 'synonym'; valid: swap, delete"):
     train.build(config)
-  config = _tiny_config(tiny_model_dir, **{"augment.ops": ("contextual",),
-                                           "augment.copies": 1})
-  with pytest.raises(ConfigError, match="config.augment.mlm_model"):
+  config = _augmented(tiny_model_dir, ops=("contextual",))
+  with pytest.raises(ConfigError,
+                     match="config.method_options.augment.mlm_model"):
     train.build(config)
-  config = _tiny_config(tiny_model_dir, **{"augment.ops": ("swap",),
-                                           "augment.copies": 1,
-                                           "augment.regenerate": "twice"})
+  config = _augmented(tiny_model_dir, ops=("swap",), regenerate="twice")
   with pytest.raises(ConfigError,
                      match=r"augment.regenerate='twice'; valid: epoch .*once"):
     train.build(config)
@@ -225,9 +231,8 @@ def test_config_errors_name_the_field(tiny_model_dir):
 
 def test_build_grows_the_training_set_and_logs_examples(tiny_model_dir,
                                                         caplog):
-  config = _tiny_config(tiny_model_dir, **{"augment.ops": ("swap", "delete"),
-                                           "augment.copies": 2,
-                                           "augment.log_examples": 1})
+  config = _augmented(tiny_model_dir, ops=("swap", "delete"), copies=2,
+                      log_examples=1)
   with caplog.at_level(logging.INFO, logger="research.data.augment"):
     run = train.build(config)
   assert len(run.train_split) == 3 * 320
@@ -251,9 +256,8 @@ def test_each_epoch_trains_on_new_copies_and_a_rebuild_on_the_same(
     tiny_model_dir, caplog):
   """320 sentences + 1 copy each, batch 16: 40 steps an epoch, nothing
   dropped; the originals in every epoch, the copies new in epoch 1."""
-  overrides = {"augment.ops": ("swap", "delete", "insert"),
-               "augment.copies": 1, "augment.rate": 0.3}
-  run = train.build(_tiny_config(tiny_model_dir, **overrides))
+  options = {"ops": ("swap", "delete", "insert"), "copies": 1, "rate": 0.3}
+  run = train.build(_augmented(tiny_model_dir, **options))
   originals = collections.Counter(
       tuple(ids) for ids, _ in _examples(run.train_split)[:320])
   first, second = (_epoch_examples(run.train_batches, e) for e in (0, 1))
@@ -264,7 +268,7 @@ def test_each_epoch_trains_on_new_copies_and_a_rebuild_on_the_same(
   # A fresh build asked for epoch 1 first (as a run resumed there is)
   # gives its batches again: the copies are a function of (seed, epoch).
   with caplog.at_level(logging.INFO, logger="research.data.augment"):
-    rebuilt = train.build(_tiny_config(tiny_model_dir, **overrides))
+    rebuilt = train.build(_augmented(tiny_model_dir, **options))
     steps = range(40, 80, 7)
     for step in steps:
       a, b = run.train_batches.batch_at(step), rebuilt.train_batches.batch_at(
@@ -273,8 +277,8 @@ def test_each_epoch_trains_on_new_copies_and_a_rebuild_on_the_same(
         np.testing.assert_array_equal(a[key], b[key])
   assert "epoch 1's copies" in caplog.text
   # "once" (Wei & Zou's EDA): the same set every epoch.
-  once = train.build(_tiny_config(tiny_model_dir, **overrides,
-                                  **{"augment.regenerate": "once"}))
+  once = train.build(_augmented(tiny_model_dir, **options,
+                                regenerate="once"))
   assert type(once.train_batches) is data.Batcher  # pylint: disable=unidiomatic-typecheck
   assert (_epoch_examples(once.train_batches, 0)
           == _epoch_examples(once.train_batches, 1))
@@ -283,16 +287,17 @@ def test_each_epoch_trains_on_new_copies_and_a_rebuild_on_the_same(
 # --- resume -------------------------------------------------------------------
 
 # 640 examples in batches of 32: 20 steps an epoch, 3 epochs.
-RESUME = {"augment.ops": "('swap','delete','insert')", "augment.copies": 1,
-          "methods": "('freelb',)", "batch_size": 32}
+RESUME = {"methods": "('augment','freelb')", "batch_size": 32,
+          "method_options": "{'augment': {'ops': ('swap','delete','insert'), "
+                            "'copies': 1}}"}
 
 
 def test_killed_run_with_augmentation_and_freelb_resumes_exactly(
     tmp_path, tiny_model_dir, compile_cache):  # pylint: disable=redefined-outer-name
   straight = tmp_path / "straight"
-  config = rel._config(tiny_model_dir, **{  # pylint: disable=protected-access
-      "augment.ops": ("swap", "delete", "insert"), "augment.copies": 1,
-      "methods": ("freelb",), "batch_size": 32})
+  config = _augmented(tiny_model_dir, ("freelb",), {
+      **rel.BASE, "batch_size": 32}, ops=("swap", "delete", "insert"),
+      copies=1)
   train.train_and_evaluate(config, str(straight))
   workdir, log_path = tmp_path / "run", tmp_path / "killed.log"
   args = rel._cli(tiny_model_dir, workdir, **RESUME)  # pylint: disable=protected-access

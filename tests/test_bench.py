@@ -15,6 +15,7 @@ from flax import nnx
 
 from experiments import quickstart
 from research import bench
+from research.training import flops as flops_lib
 from research.models import BertConfig, create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,23 +177,23 @@ def test_flops_formula_against_a_hand_count():
   """bert-base at 128 tokens: 6 x 12 layers x 12 x 768^2 + 12 x 12 x 768 x 128."""
   model = nnx.eval_shape(lambda: create_model("sequence_classification",
                                               BertConfig(), 2))
-  per_token, per_sequence = bench.matmul_params(model)
+  per_token, per_sequence = flops_lib.matmul_params(model)
   assert per_token == 12 * (4 * 768 * 768 + 2 * 768 * 3072) == 84_934_656
   assert per_sequence == 768 * 768 + 768 * 2  # pooler, classifier
-  flops = bench.flops_per_token(12, 768, 128, per_token)
+  flops = flops_lib.flops_per_token(12, 768, 128, per_token)
   assert flops == 509_607_936 + 14_155_776 == 523_763_712  # ~0.524 GFLOP
   # Real lengths count each sequence's own attention span.
-  assert bench.batch_model_flops([128, 64], per_token, 0, 12, 768) == (
-      128 * flops + 64 * bench.flops_per_token(12, 768, 64, per_token))
+  assert flops_lib.batch_model_flops([128, 64], per_token, 0, 12, 768) == (
+      128 * flops + 64 * flops_lib.flops_per_token(12, 768, 64, per_token))
 
 
 def test_compiled_flops_match_the_analytic_count(optimised):
   del optimised
-  counted = bench.abstract_step_flops(SMALL, batch_size=4, seq_len=128)
+  counted = flops_lib.abstract_step_flops(SMALL, batch_size=4, seq_len=128)
   assert counted["ratio"] == pytest.approx(1.0, abs=0.1), counted
   # The check catches recomputation: remat runs each layer's forward twice
   # (counted on the lowered program: no second compilation).
-  remat = bench.abstract_step_flops(SMALL, batch_size=4, seq_len=128,
+  remat = flops_lib.abstract_step_flops(SMALL, batch_size=4, seq_len=128,
                                     remat=True, compile=False)
   assert remat["ratio"] > 1.2, remat
 
@@ -203,7 +204,7 @@ def test_compiled_flops_match_the_analytic_count(optimised):
     ("TPU v5e", 197.0), ("TPU v5p", 459.0), ("TPU v6 lite", 918.0),
     ("cpu", None), ("Tesla T4", None)])
 def test_peak_detected_from_device_kind(kind, peak):
-  assert bench.detect_peak_tflops(kind) == peak
+  assert flops_lib.detect_peak_tflops(kind) == peak
 
 
 def test_mfu_uses_the_given_peak(result):

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from experiments import quickstart
-from research import export, methods, parallelism, train
+from research import export, methods, parallelism, restore, train
 from research.configs import ConfigError, validate
 from research.data.errors import DataError
 from research.data.splits import TokenizedSplit, select
@@ -71,8 +71,8 @@ class Task(sequence_classification.Task):
         rows=rows, max_length=self.config.data.max_length, has_labels=True,
         label_names=names), {}
 
-  def load_model(self, model_dir):
-    model = super().load_model(model_dir)
+  def load_model(self, model_dir, methods=()):
+    model = super().load_model(model_dir, methods)
     model.temperature = nnx.Variable(jnp.asarray(0.5))
     return model
 
@@ -258,7 +258,7 @@ def test_configured_evaluators_and_logits(tmp_path, tiny_model_dir):
       "eval/dev_f1/loss", "eval/dev_f1/f1", "eval/dev_acc/loss",
       "eval/dev_acc/accuracy"}
   assert "best/eval/dev_f1/f1" in summary
-  restored = train.restore(str(tmp_path / "run"))
+  restored = restore.restore_run(str(tmp_path / "run"))
   run = train.build(config)
   out = run.evaluators["dev_acc"].predict(restored.params, restored.frozen)
   assert out["logits"].shape == (100, 2)

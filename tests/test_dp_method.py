@@ -5,6 +5,7 @@ gradient function through `make_train_step` with plain SGD at learning rate
 1, so `params - new params` is exactly the gradient the step applied.
 """
 
+import dataclasses
 import json
 import pathlib
 import signal
@@ -34,12 +35,21 @@ pytestmark = pytest.mark.usefixtures("compilation_cache")
 BASE = {"total_steps": 6, "log_every_steps": 2, "eval_every_steps": 6,
         "data.max_length": 32, "data.buckets": (32,),
         "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0,
-        "privacy.enabled": True, "privacy.noise_multiplier": 1.0}
+        "dp.noise_multiplier": 1.0}
 N, B = 320, 16
 
 
 def _config(model_dir, **overrides):
-  return _tiny_config(model_dir, **{**BASE, **overrides})
+  """A tiny run with the dp_sgd method; "dp.<option>" keys are its options
+  ("dp.enabled": False leaves the method out)."""
+  merged = {**BASE, **overrides}
+  dp = {k[3:]: merged.pop(k) for k in list(merged) if k.startswith("dp.")}
+  private = dp.pop("enabled", True)
+  config = _tiny_config(model_dir, **merged)
+  if private:
+    config.methods = tuple(config.methods) + ("dp_sgd",)
+    config.method_options = {**config.method_options.to_dict(), "dp_sgd": dp}
+  return config
 
 
 def _direct_epsilon(q, sigma, steps, delta):
@@ -102,13 +112,13 @@ def _batch(run, real=B):
 def plain(tiny_model_dir):
   """The non-private run on the same (Poisson) batches."""
   return train.build(_config(tiny_model_dir, **{
-      "privacy.enabled": False, "privacy.noise_multiplier": -1.0,
+      "dp.enabled": False, "dp.noise_multiplier": -1.0,
       "data.sampler": "poisson"}))
 
 
 def test_huge_clip_no_noise_is_the_non_private_update(tiny_model_dir, plain):
   private = train.build(_config(tiny_model_dir, **{
-      "privacy.noise_multiplier": 0.0, "privacy.clip_norm": 1e9}))
+      "dp.noise_multiplier": 0.0, "dp.clip_norm": 1e9}))
   batch = _batch(plain)
   assert len(batch["weights"]) == 32  # 16 + 4 sqrt(16) rows, weights 0 after B
   want = Stepper(plain).grads([batch])
@@ -120,11 +130,11 @@ def test_huge_clip_no_noise_is_the_non_private_update(tiny_model_dir, plain):
 @pytest.fixture(scope="module")
 def noisy(tiny_model_dir):
   """sigma 1.3, C 0.05 (most examples clipped) and its sigma-0 twin."""
-  kw = {"privacy.clip_norm": 0.05}
+  kw = {"dp.clip_norm": 0.05}
   return (train.build(_config(tiny_model_dir, **{
-      **kw, "privacy.noise_multiplier": 1.3})),
+      **kw, "dp.noise_multiplier": 1.3})),
           train.build(_config(tiny_model_dir, **{
-              **kw, "privacy.noise_multiplier": 0.0})))
+              **kw, "dp.noise_multiplier": 0.0})))
 
 
 def test_noise_std_is_sigma_c_over_expected_batch(noisy):
@@ -153,7 +163,7 @@ def test_eight_devices_add_the_noise_once(tiny_model_dir, noisy, strategy):
   batch = _batch(run, real=13)
   one = Stepper(run).grads([batch], micro_step=3)
   eight = train.build(_config(tiny_model_dir, **{
-      "privacy.clip_norm": 0.05, "privacy.noise_multiplier": 1.3,
+      "dp.clip_norm": 0.05, "dp.noise_multiplier": 1.3,
       "parallelism.mesh_shape": (8, 1, 1),
       "parallelism.strategy": strategy}))
   assert eight.mesh.devices.size == 8
@@ -169,7 +179,7 @@ def test_accumulation_adds_the_noise_once_per_logical_batch(noisy,
   batch = _batch(run, real=14)
   whole = Stepper(run).grads([batch])
   accum = train.build(_config(tiny_model_dir, **{
-      "privacy.clip_norm": 0.05, "privacy.noise_multiplier": 1.3,
+      "dp.clip_norm": 0.05, "dp.noise_multiplier": 1.3,
       "optimizer.grad_accum_steps": 2}))
   halves = [{k: v[s] for k, v in batch.items()}
             for s in (slice(0, 16), slice(16, 32))]
@@ -191,8 +201,8 @@ def test_accumulation_adds_the_noise_once_per_logical_batch(noisy,
 
 def test_epsilon_logged_and_in_summary_equal_dp_accounting(tmp_path,
                                                            tiny_model_dir):
-  config = _config(tiny_model_dir, **{"privacy.noise_multiplier": -1.0,
-                                      "privacy.target_epsilon": 2.0})
+  config = _config(tiny_model_dir, **{"dp.noise_multiplier": -1.0,
+                                      "dp.target_epsilon": 2.0})
   summary = train.train_and_evaluate(config, str(tmp_path))
   sigma = summary["privacy/noise_multiplier"]
   assert summary["privacy/delta"] == 1 / N
@@ -209,7 +219,7 @@ def test_epsilon_logged_and_in_summary_equal_dp_accounting(tmp_path,
   with open(tmp_path / "summary.json") as f:
     assert json.load(f)["privacy/epsilon"] == summary["privacy/epsilon"]
   # A resumed run must keep the privacy settings of privacy.json.
-  config.privacy.clip_norm = 2.0
+  config.method_options.dp_sgd.clip_norm = 2.0
   with pytest.raises(ConfigError, match="privacy.json: this workdir's run "
                      "has privacy settings"):
     train.build(config, str(tmp_path))
@@ -218,7 +228,7 @@ def test_epsilon_logged_and_in_summary_equal_dp_accounting(tmp_path,
 def test_run_stops_before_exceeding_its_budget(tmp_path, tiny_model_dir):
   # sigma 0.8 at q = 0.05 affords 7 steps of epsilon 1.6 (RDP, delta 1/N).
   config = _config(tiny_model_dir, **{
-      "privacy.noise_multiplier": 0.8, "privacy.target_epsilon": 1.6,
+      "dp.noise_multiplier": 0.8, "dp.target_epsilon": 1.6,
       "total_steps": 12})
   assert _direct_epsilon(B / N, 0.8, 7, 1 / N) <= 1.6 < _direct_epsilon(
       B / N, 0.8, 8, 1 / N)
@@ -226,7 +236,7 @@ def test_run_stops_before_exceeding_its_budget(tmp_path, tiny_model_dir):
   assert summary["final_step"] == summary["privacy/steps"] == 7
   assert summary["privacy/epsilon"] <= 1.6
   assert "step 8 would spend epsilon 1.603" in summary["stopped"]
-  assert "config.privacy.target_epsilon=1.6" in summary["stopped"]
+  assert "config.method_options.dp_sgd.target_epsilon=1.6" in summary["stopped"]
 
 
 # --- Refused configurations --------------------------------------------------
@@ -240,49 +250,65 @@ class Method(methods_lib.Method):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"privacy.enabled": False, "privacy.noise_multiplier": 1.0},
-     r"config.privacy.noise_multiplier=1.0 is set but "
-     r"config.privacy.enabled=False"),
+    ({"methods": ("dp_sgd", "bitfit")},
+     r"config.methods=\('dp_sgd', 'bitfit'\): 'dp_sgd' must come last"),
     ({"data.sampler": "bucketed"},
-     r"config.data.sampler='bucketed' with config.privacy.sampling="
-     r"'poisson': length-bucketed"),
-    ({"data.examples_per_row": 4, "privacy.sampling": "shuffle"},
-     r"config.data.examples_per_row=4 with config.privacy: packed rows"),
-    ({"privacy.noise_multiplier": -1.0},
-     r"set config.privacy.target_epsilon > 0"),
-    ({"privacy.noise_multiplier": 0.0, "privacy.target_epsilon": 1.0},
+     r"config.data.sampler='bucketed' with config.method_options.dp_sgd."
+     r"sampling='poisson': length-bucketed"),
+    ({"data.examples_per_row": 4, "dp.sampling": "shuffle"},
+     r"config.data.examples_per_row=4 with DP-SGD: packed rows"),
+    ({"dp.noise_multiplier": -1.0},
+     r"config.method_options.dp_sgd: set target_epsilon > 0"),
+    ({"dp.noise_multiplier": 0.0, "dp.target_epsilon": 1.0},
      r"no noise spends an infinite epsilon"),
-    ({"privacy.clip_norm": 0.0}, r"config.privacy.clip_norm=0.0 must be > 0"),
-    ({"privacy.sampling": "random"}, r"config.privacy.sampling='random'; "
-     r"valid: poisson, shuffle"),
-    ({"privacy.accountant": "gdp"}, r"valid: rdp, pld"),
+    ({"dp.clip_norm": 0.0},
+     r"config.method_options.dp_sgd.clip_norm=0.0 must be > 0"),
+    ({"dp.sampling": "random"},
+     r"config.method_options.dp_sgd.sampling='random'; valid: poisson, "
+     r"shuffle"),
+    ({"dp.accountant": "gdp"}, r"valid: rdp, pld"),
     ({"data.sampler_options": {"micro_batches": 3},
       "optimizer.grad_accum_steps": 2},
      r"micro_batches=3 must equal config.optimizer.grad_accum_steps=2"),
 ])
 def test_refused_before_anything_loads(tiny_model_dir, overrides, message):
+  methods = overrides.pop("methods", None)
+  config = _config(tiny_model_dir, **overrides)
+  if methods:
+    config.methods = methods
   with pytest.raises(ConfigError, match=message):
-    validate(_config(tiny_model_dir, **overrides))
+    validate(config)
+
+
+def test_options_of_an_unlisted_method_are_refused(tiny_model_dir):
+  config = _config(tiny_model_dir, **{"dp.enabled": False})
+  config.method_options = {"dp_sgd": {"noise_multiplier": 1.0}}
+  with pytest.raises(ConfigError, match=r"config.method_options.dp_sgd is "
+                     r"set but config.methods=\(\) does not list 'dp_sgd'"):
+    validate(config)
 
 
 def test_refused_at_build(tiny_model_dir):
-  with pytest.raises(ConfigError, match=r"config.privacy.delta = 0.01 must "
+  with pytest.raises(ConfigError, match=r"config.method_options.dp_sgd.delta "
+                     r"= 0.01 must "
                      r"be in \(0, 1/N\] = \(0, 0.00313\] for N = 320"):
-    train.build(_config(tiny_model_dir, **{"privacy.delta": 0.01}))
+    train.build(_config(tiny_model_dir, **{"dp.delta": 0.01}))
   config = _config(tiny_model_dir)
-  config.methods = ("tests.test_dp_method",)
+  config.methods = ("tests.test_dp_method", "dp_sgd")
   with pytest.raises(ConfigError, match="replaces the gradient function"):
     train.build(config)
   # Several features of one example (question answering's windows).
-  method = dp_method.Method(_config(tiny_model_dir))
-  split = train.build(_config(tiny_model_dir)).train_split
+  run = train.build(_config(tiny_model_dir))
+  method = dp_method.Method(run.config, **run.config.method_options.dp_sgd)
+  split = run.train_split
   split.rows[1] = split.rows[0]
   with pytest.raises(ConfigError, match="320 features from 319 examples"):
-    method.prepare(train_split=split, total_steps=6, workdir=None)
+    method.setup(dataclasses.replace(run.context, train_split=split,
+                                     workdir=None))
 
 
 def test_shuffle_is_accounted_with_its_caveat(tiny_model_dir):
-  run = train.build(_config(tiny_model_dir, **{"privacy.sampling": "shuffle"}))
+  run = train.build(_config(tiny_model_dir, **{"dp.sampling": "shuffle"}))
   assert isinstance(run.train_batches.sampler,
                     samplers.module("shuffle").Sampler)
   summary = methods_lib.metrics(run.methods, 6, summary=True)
@@ -292,7 +318,8 @@ def test_shuffle_is_accounted_with_its_caveat(tiny_model_dir):
 
 # --- Exact resume after SIGKILL ------------------------------------------------
 
-RESUME = {"privacy.enabled": True, "privacy.target_epsilon": 8.0,
+RESUME = {"methods": ("dp_sgd",),
+          "method_options": {"dp_sgd": {"target_epsilon": 8.0}},
           "total_steps": 12, "log_every_steps": 2, "eval_every_steps": 4,
           "checkpoint_every_steps": 4}
 

@@ -1,4 +1,4 @@
-"""research.privacy.dp_sgd: clipping, noise, chunking, 8 simulated devices."""
+"""research.methods.privacy.clipping: clipping, noise, chunking, 8 simulated devices."""
 
 import math
 
@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from research.models import hf
-from research.privacy import dp_sgd
+from research.methods.privacy import clipping
 
 DIM, CLASSES, BATCH, REAL = 24, 3, 16, 13  # rows REAL.. are padding
 
@@ -55,7 +55,7 @@ def test_each_clipped_gradient_has_norm_at_most_c(problem):
   raw_norms = np.sqrt(sum(np.sum(np.asarray(g).reshape(BATCH, -1) ** 2, 1)
                           for g in jax.tree.leaves(raw)))
   clip = float(np.median(raw_norms[:REAL]))  # about half get clipped
-  fn = jax.jit(dp_sgd.clip_and_sum(_loss, clip_norm=clip))
+  fn = jax.jit(clipping.clip_and_sum(_loss, clip_norm=clip))
   key = jax.random.key(0)
   total, stats = fn(params, batch, key)
   np.testing.assert_allclose(stats["grad_norms"][:REAL], raw_norms[:REAL],
@@ -79,7 +79,7 @@ def test_each_clipped_gradient_has_norm_at_most_c(problem):
 
 def test_large_clip_no_noise_is_the_mean_gradient(problem):
   params, batch = problem
-  fn = dp_sgd.dp_value_and_grad(_loss, clip_norm=1e9, noise_multiplier=0.0,
+  fn = clipping.dp_value_and_grad(_loss, clip_norm=1e9, noise_multiplier=0.0,
                                 expected_batch_size=REAL)
   loss, grads, aux = jax.jit(fn)(params, batch, jax.random.key(3))
   real = {k: v[:REAL] for k, v in batch.items()}
@@ -102,8 +102,8 @@ def test_chunked_equals_unchunked(problem, chunk_size):
   params, batch = problem
   kw = dict(clip_norm=1.0, noise_multiplier=0.7, expected_batch_size=10.0)
   key = jax.random.key(5)
-  whole = jax.jit(dp_sgd.dp_value_and_grad(_loss, **kw))(params, batch, key)
-  chunked = jax.jit(dp_sgd.dp_value_and_grad(_loss, chunk_size=chunk_size,
+  whole = jax.jit(clipping.dp_value_and_grad(_loss, **kw))(params, batch, key)
+  chunked = jax.jit(clipping.dp_value_and_grad(_loss, chunk_size=chunk_size,
                                              **kw))(params, batch, key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-6),
@@ -122,9 +122,9 @@ def test_noise_std_is_sigma_c_over_b(problem):
   params, batch = problem
   sigma, clip, b = 1.3, 0.5, 10.0
   kw = dict(clip_norm=clip, expected_batch_size=b)
-  clean = jax.jit(dp_sgd.dp_value_and_grad(_loss, noise_multiplier=0.0,
+  clean = jax.jit(clipping.dp_value_and_grad(_loss, noise_multiplier=0.0,
                                            **kw))
-  noisy = jax.jit(dp_sgd.dp_value_and_grad(_loss, noise_multiplier=sigma,
+  noisy = jax.jit(clipping.dp_value_and_grad(_loss, noise_multiplier=sigma,
                                            **kw))
   keys = jax.random.split(jax.random.key(7), 200)
   _, base, _ = clean(params, batch, keys[0])
@@ -147,7 +147,7 @@ def test_noise_std_is_sigma_c_over_b(problem):
 def test_add_noise_on_many_draws():
   # 40 000 draws of one large leaf: a tight check of the std itself.
   zeros = {"a": jnp.zeros((200, 200)), "b": jnp.zeros(7, jnp.bfloat16)}
-  out = dp_sgd.add_noise(zeros, jax.random.key(1), clip_norm=2.0,
+  out = clipping.add_noise(zeros, jax.random.key(1), clip_norm=2.0,
                          noise_multiplier=0.8, expected_batch_size=4.0)
   assert out["b"].dtype == jnp.bfloat16
   _noise_std_check(out["a"], 0.8 * 2.0 / 4.0)
@@ -155,27 +155,27 @@ def test_add_noise_on_many_draws():
 
 def test_refuses_what_breaks_the_guarantee(problem):
   params, batch = problem
-  fn = dp_sgd.clip_and_sum(_loss, clip_norm=1.0, chunk_size=5)
+  fn = clipping.clip_and_sum(_loss, clip_norm=1.0, chunk_size=5)
   with pytest.raises(ValueError, match=r"config\.privacy\.chunk_size = 5 "
                      r"must divide the per-device batch of 16 rows"):
     fn(params, batch, jax.random.key(0))
   packed = dict(batch, segment_ids=jnp.zeros((BATCH, 4), jnp.int32))
   with pytest.raises(ValueError, match=r"packed rows.*"
                      r"config\.data\.examples_per_row = 1"):
-    dp_sgd.clip_and_sum(_loss, clip_norm=1.0)(params, packed,
+    clipping.clip_and_sum(_loss, clip_norm=1.0)(params, packed,
                                               jax.random.key(0))
   no_weights = {k: v for k, v in batch.items() if k != "weights"}
   with pytest.raises(ValueError, match=r"batch\['weights'\]"):
-    dp_sgd.clip_and_sum(_loss, clip_norm=1.0)(params, no_weights,
+    clipping.clip_and_sum(_loss, clip_norm=1.0)(params, no_weights,
                                               jax.random.key(0))
   with pytest.raises(ValueError, match=r"config\.privacy\.clip_norm = 0"):
-    dp_sgd.clip_and_sum(_loss, clip_norm=0)
+    clipping.clip_and_sum(_loss, clip_norm=0)
   with pytest.raises(ValueError, match=r"config\.privacy\.noise_multiplier"):
-    dp_sgd.dp_value_and_grad(_loss, clip_norm=1.0, noise_multiplier=-1.0,
+    clipping.dp_value_and_grad(_loss, clip_norm=1.0, noise_multiplier=-1.0,
                              expected_batch_size=4)
   with pytest.raises(ValueError,
                      match=r"config\.privacy\.expected_batch_size"):
-    dp_sgd.dp_value_and_grad(_loss, clip_norm=1.0, noise_multiplier=1.0,
+    clipping.dp_value_and_grad(_loss, clip_norm=1.0, noise_multiplier=1.0,
                              expected_batch_size=0)
 
 
@@ -185,13 +185,13 @@ def test_gradient_accumulation_adds_noise_once(problem):
   params, batch = problem
   kw = dict(clip_norm=0.4, noise_multiplier=0.9, expected_batch_size=12.0)
   key = jax.random.key(9)
-  _, whole, _ = jax.jit(dp_sgd.dp_value_and_grad(_loss, **kw))(params, batch,
+  _, whole, _ = jax.jit(clipping.dp_value_and_grad(_loss, **kw))(params, batch,
                                                                key)
-  clip = dp_sgd.clip_and_sum(_loss, clip_norm=kw["clip_norm"])
+  clip = clipping.clip_and_sum(_loss, clip_norm=kw["clip_norm"])
   halves = [clip(params, {k: v[s] for k, v in batch.items()}, key)[0]
             for s in (slice(0, 8), slice(8, BATCH))]
   noise_key, _ = jax.random.split(key)  # dp_value_and_grad's noise key
-  accumulated = dp_sgd.add_noise(jax.tree.map(jnp.add, *halves), noise_key,
+  accumulated = clipping.add_noise(jax.tree.map(jnp.add, *halves), noise_key,
                                  **kw)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-6),
@@ -225,11 +225,11 @@ def test_data_parallel_adds_noise_once(check_vma):
            "weights": jnp.asarray(np.arange(rows) < 27, jnp.float32)}
   sigma, clip, b = 1.1, 0.3, 24.0
   kw = dict(clip_norm=clip, expected_batch_size=b, chunk_size=2)
-  single = jax.jit(dp_sgd.dp_value_and_grad(_loss, noise_multiplier=sigma,
+  single = jax.jit(clipping.dp_value_and_grad(_loss, noise_multiplier=sigma,
                                             **kw))
-  multi = _sharded(dp_sgd.dp_value_and_grad(
+  multi = _sharded(clipping.dp_value_and_grad(
       _loss, noise_multiplier=sigma, axis_name="data", **kw), mesh, check_vma)
-  clean = _sharded(dp_sgd.dp_value_and_grad(
+  clean = _sharded(clipping.dp_value_and_grad(
       _loss, noise_multiplier=0.0, axis_name="data", **kw), mesh, check_vma)
   key = jax.random.key(11)
   one, eight = single(params, batch, key), multi(params, batch, key)
@@ -278,7 +278,7 @@ def test_tiny_bert(tiny_bert_dir):
   clip = float(np.median(norms))
   scale = np.minimum(1.0, clip / norms)
   ref = jax.tree.map(lambda g: np.tensordot(scale, g, 1) / 6, raw)
-  loss, grads, aux = jax.jit(dp_sgd.dp_value_and_grad(
+  loss, grads, aux = jax.jit(clipping.dp_value_and_grad(
       per_example_loss, clip_norm=clip, noise_multiplier=0.0,
       expected_batch_size=6, chunk_size=2))(params, batch, jax.random.key(0))
   np.testing.assert_allclose(aux["grad_norms"][:6], norms, rtol=1e-4)

@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from research import data, predict, train
 from research.configs import validate
-from research.evaluation import glue
+from research import glue, results
 
 TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
 # The eval metrics each config must log; the first one selects checkpoints.
@@ -156,8 +156,8 @@ def test_mock_glue_texts_tokenize(tiny_model_dir):
 
 
 def test_glue_metric_keys_and_submission_formats():
-  assert glue.metric_key("eval/accuracy") == "accuracy"
-  assert glue.metric_key("eval/validation_mismatched/accuracy") == \
+  assert results.metric_key("eval/accuracy") == "accuracy"
+  assert results.metric_key("eval/validation_mismatched/accuracy") == \
       "mismatched/accuracy"
   # Entailment tasks are written as label names, the others as GLUE ids,
   # whatever order the run numbered its labels in.

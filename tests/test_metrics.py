@@ -1,11 +1,11 @@
-"""Tests for research.evaluation.metrics against scikit-learn and scipy."""
+"""Tests for research.metrics.common against scikit-learn and scipy."""
 
 import numpy as np
 import pytest
 import scipy.stats
 from sklearn import metrics as skm
 
-from research.evaluation import metrics
+from research.metrics import common as metrics
 
 N = 200
 

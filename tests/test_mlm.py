@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from research.evaluation import mlm
+from research.metrics import mlm
 
 
 def _case(seed, batch=6, length=20, vocab=50):

@@ -1,4 +1,4 @@
-"""Tests of research/evaluation/ner.py against seqeval and a conlleval oracle.
+"""Tests of research/metrics/ner.py against seqeval and a conlleval oracle.
 
 `conlleval_entities` below is an independent transcription of the chunk
 rules of the CoNLL shared task's conlleval script (startOfChunk /
@@ -13,7 +13,7 @@ from seqeval import metrics
 from seqeval import scheme
 
 from research.data import conll
-from research.evaluation import ner
+from research.metrics import ner
 
 VALID = (pathlib.Path(__file__).parents[1] / ".." / "shared" / "data" /
          "conll2003" / "valid.txt")

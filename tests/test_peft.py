@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from research import parallelism, peft, train
+from research import parallelism, restore, train
+from research.methods import peft
 from research.models import create_model, hf, make_dense
-from research.peft import allocation, hf_peft, layers
-from research.peft.prefix import PrefixEncoder
+from research.methods.peft import allocation, hf_peft, layers
+from research.methods.peft.prefix import PrefixEncoder
 from research.training.checkpointing import Checkpointer
 from tests.test_train import _restore_latest, _tiny_config
 
@@ -393,7 +394,7 @@ def test_lora_run_exports_merged_and_as_peft(tmp_path, tiny_model_dir):
   workdir = str(tmp_path / "run")
   summary = train.train_and_evaluate(config, workdir)
   assert 0 < summary["params/trainable"] < 0.01 * summary["params/total"]
-  restored = train.restore(workdir, "latest")
+  restored = restore.restore_run(workdir, "latest")
   ids, mask = _inputs()
   trained = np.asarray(restored.model(ids, mask))
   merged_dir = export.export_run(workdir, str(tmp_path / "merged"), "latest")

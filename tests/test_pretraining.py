@@ -17,7 +17,7 @@ import pytest
 
 from experiments import _pretrain_common as common
 from experiments import continue_pretraining, pretrain_bert_base
-from research import bench, data, tasks, train
+from research import bench, data, restore, tasks, train
 from research.configs import ConfigError, validate
 from research.data import corpus as corpus_lib
 from research.data.corpus_batching import CorpusBatcher, CorpusSplit
@@ -28,6 +28,7 @@ from research.evaluators import pre_training
 from research.models import BertConfig, create_model, hf
 from research.tasks import masked_lm
 from research.training.checkpointing import Checkpointer
+from research.models import heads
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WIKI = REPO.parent / "shared" / "data" / "wikitext"
@@ -332,12 +333,12 @@ def test_nsp_accuracy_and_loss_on_a_hand_made_batch():
       name="eval", task=types.SimpleNamespace(HEAD=head), split=None,
       batcher=None, make_step=lambda logits: None, sharding=None,
       config=config, metrics=("nsp_accuracy", "nsp_loss"))
-  scores = make("pre_training").scores([], [], totals)
+  scores = make(heads.PreTraining).scores([], [], totals)
   assert scores["nsp_accuracy"] == 0.5
   assert scores["nsp_loss"] == pytest.approx(np.mean(ce), rel=1e-6)
   assert scores["loss"] == 2.0  # the masked-LM loss, as before
   with pytest.raises(ConfigError, match="next_sentence=True"):
-    make("masked_lm")
+    make(heads.MaskedLM)
 
 
 def test_nsp_head_matches_transformers(tmp_path):
@@ -429,7 +430,7 @@ def test_pod_recipe_on_fsdp_mesh_follows_one_device(texts, tmp_path):
   assert len(losses["1x8x1"]) == 4
   # MLM + NSP (the recipe's default): ln(30522) + ln(2) at the start.
   assert losses["1x1x1"][1] == pytest.approx(np.log(30522) + np.log(2), abs=0.3)
-  assert train.restore(str(tmp_path / "1x1x1")).task.HEAD == "pre_training"
+  assert restore.restore_run(str(tmp_path / "1x1x1")).task.HEAD is heads.PreTraining
   np.testing.assert_allclose(list(losses["1x8x1"].values()),
                              list(losses["1x1x1"].values()), rtol=2e-5)
 

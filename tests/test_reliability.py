@@ -33,7 +33,7 @@ from orbax.checkpoint._src.path import atomicity
 import pytest
 
 from research import data
-from research import train
+from research import cli, train
 from research.configs import ConfigError
 from research.parallelism import ParallelismError
 from research.training import tracker
@@ -346,7 +346,7 @@ def test_all_labels_overflowing_stop_the_cli_with_exit_2(
   config = _regression_config(
       tiny_model_dir, _regression_tsv(tmp_path / "train.tsv", label="1e20"),
       checkpoint_every_steps=1, max_bad_steps=2)
-  assert train.run(config, str(tmp_path / "run")) == 2
+  assert cli.run(config, str(tmp_path / "run")) == 2
   err = capsys.readouterr().err
   assert "error: step 2: 2 consecutive non-finite losses (steps 1-2; " \
       "config.max_bad_steps=2)" in err
@@ -432,7 +432,7 @@ def test_bad_config_fails_before_compiling_naming_the_field(
   for fragment in fragments:
     assert fragment.lower() in str(e.value).lower(), str(e.value)
   # The command line prints the same message, without a traceback.
-  assert train.run(config, str(tmp_path / "cli")) == 2
+  assert cli.run(config, str(tmp_path / "cli")) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and fragments[0] in err
   assert "Traceback" not in err
@@ -546,7 +546,7 @@ def test_failed_saves_stop_with_message_keep_last_good_and_resume(
   sigterm_handler = signal.getsignal(signal.SIGTERM)
   for fail_step in (20, 60):
     full_at.add(fail_step)
-    assert train.run(config, str(workdir)) == 2
+    assert cli.run(config, str(workdir)) == 2
     # Shut down in full despite the error: the SIGTERM handler is put back.
     assert signal.getsignal(signal.SIGTERM) is sigterm_handler
     err = capsys.readouterr().err

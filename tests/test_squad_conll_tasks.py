@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from experiments import squad_v2
-from research import data, parallelism, predict, train
+from research import data, parallelism, predict, restore, train
 from research.data import conll
-from research.evaluation import ner, squad
+from research.metrics import ner, squad
 from research.evaluators import span
 from research.export import export_run
 from tests import test_reliability as reliability
@@ -317,7 +317,7 @@ def test_exported_models_in_transformers_agree(qa_run, ner_run, tmp_path):
   # Question answering: the best span of each question (one window each;
   # the pipeline ranks windows by probability, BERT's code by logits).
   workdir = str(qa_run[0])
-  restored = train.restore(workdir)
+  restored = restore.restore_run(workdir)
   config = restored.config
   tokenizer = data.load_tokenizer(config.model.name)
   _, splits, _, _ = data.load_splits(config, tokenizer, task=restored.task)

@@ -1,12 +1,12 @@
-"""Tests of research/evaluation/squad_decoding.py on hand-built logits."""
+"""Tests of research/metrics/squad_decoding.py on hand-built logits."""
 
 import numpy as np
 import pytest
 
 from research import data
 from research.data import squad
-from research.evaluation import squad as squad_eval
-from research.evaluation import squad_decoding
+from research.metrics import squad as squad_eval
+from research.metrics import squad_decoding
 
 # One window: [CLS] q q [SEP] alpha beta gamma delta [SEP] pad pad
 CONTEXT = "alpha beta gamma delta"

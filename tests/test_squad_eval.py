@@ -1,4 +1,4 @@
-"""Tests of research/evaluation/squad.py: the official SQuAD v1.1 / v2.0 logic.
+"""Tests of research/metrics/squad.py: the official SQuAD v1.1 / v2.0 logic.
 
 Every expected number is derived by hand in the comments, following the
 official scripts (evaluate-v1.1.py, evaluate-v2.0.py).
@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from research.evaluation import squad
+from research.metrics import squad
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -11,7 +11,7 @@ import pytest
 
 from research import sweep, train
 from research.configs import default
-from research.evaluation import glue
+from research import glue, results
 from research.training.checkpointing import Checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,11 +215,11 @@ def test_sweep_restarts_without_redoing_runs_and_tabulates(
   assert [l for l in lines if l.startswith("| tiny_sweep |")] == expected
   with open(tmp_path / "table.csv") as f:
     header_csv = f.readline().strip().split(",")
-  assert header_csv == list(glue.COLUMNS)
+  assert header_csv == list(results.COLUMNS)
 
 
 def _result(path, task, metrics, lr, seed):
-  return glue.RunResult(
+  return results.RunResult(
       path=path, task=task, group="", config={
           "optimizer.learning_rate": lr, "seed": seed, "wandb.name": path},
       metrics=metrics, selection=next(iter(metrics)), mode="max", step=10)
@@ -237,7 +237,7 @@ def test_table_groups_seeds_and_adds_the_published_references():
                             "mismatched/accuracy": 0.76}, 5e-5, 1),
       _result("e", "sst2", {"accuracy": 0.92}, 3e-5, 0),
   ]
-  rows = glue.summarize(runs)
+  rows = results.summarize(runs)
   assert [(r["task"], r["metric"]) for r in rows] == [
       ("sst2", "accuracy"), ("mnli", "matched/accuracy"),
       ("mnli", "mismatched/accuracy")]
@@ -256,7 +256,7 @@ def test_table_groups_seeds_and_adds_the_published_references():
   assert (mismatched["paper_test_base"], mismatched["hf_dev_pytorch"]) == (
       83.4, 84.10)
   assert sst2["std"] is None and sst2["n"] == 1
-  text = glue.markdown(rows, "x")
+  text = results.markdown(rows, "x")
   assert ("| mnli | matched/accuracy \\* | 4 | c | 85.00 | lr=2e-05 "
           "| 82.00 ± 2.83 (n=2) | 83.80 ± 0.16 | 84.6 | 86.7 |") in text
   assert ("| sst2 | accuracy \\* | 1 | e | 92.00 | (one setting) "

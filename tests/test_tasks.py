@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research import data, tasks, train
+from research import data, restore, tasks, train
 from research.configs import ConfigError, default, validate
-from research.evaluation import ner, squad
+from research.metrics import ner, squad
 from research.models import hf
 from research.training import tracker
 from research.training.checkpointing import Checkpointer
@@ -223,7 +223,7 @@ def test_token_classification_trains_end_to_end(tmp_path, tiny_model_dir):
   assert summary["eval/entity_f1"] > 0.8
   # Per-example predictions over evaluation batches of different widths.
   run = train.build(config)
-  restored = train.restore(str(tmp_path / "run"))
+  restored = restore.restore_run(str(tmp_path / "run"))
   evaluator = run.evaluators["validation"]
   widths = {b["input_ids"].shape[1] for b in evaluator.batcher.eval_batches()}
   assert len(widths) > 1
@@ -325,7 +325,7 @@ def test_question_answering_trains_end_to_end(tmp_path, tiny_model_dir):
   # Chance: one of ~30 context tokens; a colour word at random: 0.25.
   assert summary["eval/exact_match"] > 0.8 and summary["eval/f1"] > 0.8
   run = train.build(config)  # its evaluator, on the trained parameters
-  restored = train.restore(str(tmp_path / "run"))
+  restored = restore.restore_run(str(tmp_path / "run"))
   answers = run.evaluators["validation"].predict(restored.params,
                                                  restored.frozen)["answers"]
   gold = [r["answers"]["text"][0] for r in _qa_rows(64, 1)]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from experiments import quickstart
-from research import train
+from research import evaluators, train
+from research.data import loaders
 from research.configs import ConfigError, validate
 from research.training import tracker
 from research.training.checkpointing import Checkpointer
@@ -231,7 +232,7 @@ def test_evaluation_compiles_ahead_in_the_background(tmp_path, tiny_model_dir):
   config.data.buckets = (20, 36)  # this test's own shapes: nothing cached
   run = train.build(config, str(tmp_path))
   params, frozen = run.state["params"], run.frozen
-  train.precompile_evaluators(run.evaluators, params, frozen).join()
+  evaluators.precompile_async(run.evaluators, params, frozen).join()
   with bench.CompileLog() as compiles:
     metrics = run.evaluators["validation"].run(params, frozen)
   assert compiles.count == 0
@@ -247,8 +248,8 @@ def test_automatic_buckets_per_platform():
         [types.SimpleNamespace(platform=platform)], dtype=object))
 
   config = quickstart.get_config()
-  assert train.num_buckets(config, mesh("cpu")) == 8
-  assert train.num_buckets(config, mesh("gpu")) == 2
-  assert train.num_buckets(config, mesh("tpu")) == 2
+  assert loaders.num_buckets(config, mesh("cpu")) == 8
+  assert loaders.num_buckets(config, mesh("gpu")) == 2
+  assert loaders.num_buckets(config, mesh("tpu")) == 2
   config.data.num_buckets = 5
-  assert train.num_buckets(config, mesh("gpu")) == 5
+  assert loaders.num_buckets(config, mesh("gpu")) == 5

@@ -10,6 +10,7 @@ each against its module's `CONFIG` (`plugins.options`).
 from __future__ import annotations
 
 import difflib
+from typing import NamedTuple
 
 import ml_collections
 
@@ -33,8 +34,6 @@ CHOICES = {
     "parallelism.strategy": ("jit", "pmap"),
     "parallelism.distributed": ("auto", "on", "off"),
     "cpu_malloc": ("auto", "retain", "default"),
-    "privacy.sampling": ("poisson", "shuffle"),
-    "privacy.accountant": ("rdp", "pld"),
 }
 
 # Sub-configs whose keys their plug-in checks, not the schema.
@@ -58,8 +57,14 @@ def _flatten(d, prefix=""):
   return out
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks names, types and choices against `default.get_config()`.
+def validate(config: ml_collections.ConfigDict):
+  """Checks names, types and choices against `default.get_config()`, then
+  each plug-in's own options.
+
+  Returns:
+    `Plugins(task, methods)`: the run's methods, built once here
+    (`research.train.build` keeps these instances), and its task (without a
+    tokenizer).
 
   Raises:
     ConfigError: naming the field and the nearest valid name or the valid
@@ -106,33 +111,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.source in ("tfds", "hf") and not config.data.name:
     raise ConfigError(f"config.data.source={config.data.source!r} needs "
                       "config.data.name (e.g. 'glue/sst2')")
-  _check_privacy_off(config, schema, given)
-  _validate_plugins(config)
+  return _validate_plugins(config)
 
 
-def _check_privacy_off(config, schema, given) -> None:
-  """A privacy setting without config.privacy.enabled would train in the clear."""
-  privacy = config.get("privacy")
-  if privacy is None or privacy.enabled:
-    return
-  changed = [k for k in given if k.startswith("privacy.")
-             and k != "privacy.enabled" and given[k] != schema[k]]
-  if changed:
-    raise ConfigError(
-        f"config.{changed[0]}={given[changed[0]]!r} is set but "
-        "config.privacy.enabled=False: the run would not be private; set "
-        "config.privacy.enabled=True (or leave config.privacy at its defaults)")
+class Plugins(NamedTuple):
+  task: object
+  methods: list
 
 
-def _validate_plugins(config) -> None:
+def _validate_plugins(config) -> Plugins:
   """Each plug-in checks its own name and sub-config (imports them)."""
   # pylint: disable=import-outside-toplevel
   from research import evaluators, methods, tasks
-  from research.data import augment
   from research.data import samplers
   task = tasks.load(config)
-  loaded = methods.load(config)
-  augment.check(config)
+  loaded = methods.load(config, task)
   evaluators.validate(config, task)
   sampler, sampler_options = methods.sampler(loaded, config.data.sampler,
                                              config.data.sampler_options)
@@ -141,3 +134,4 @@ def _validate_plugins(config) -> None:
   plugins.options(sampler_options,
                   getattr(samplers.module(sampler), "CONFIG", {}),
                   "config.data.sampler_options", f"sampler {sampler!r}")
+  return Plugins(task, loaded)

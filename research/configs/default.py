@@ -44,19 +44,6 @@ def get_config():
   # split, options...}. Empty: the task's defaults, one evaluator per eval
   # split (metrics below).
   c.evals = ml_collections.ConfigDict()
-  # Augmented copies of the training examples (research/data/augment.py):
-  # ops of swap | delete | insert (EDA) | contextual (a masked LM's top
-  # predictions; mlm_model: a checkpoint with its MLM head and the training
-  # vocabulary). copies = 0: off. regenerate: epoch (new copies every epoch,
-  # from (seed, epoch)) | once (one set from the seed, Wei & Zou's EDA).
-  c.augment = ml_collections.ConfigDict()
-  c.augment.ops = ()
-  c.augment.copies = 0
-  c.augment.regenerate = "epoch"
-  c.augment.rate = 0.1
-  c.augment.mlm_model = ""
-  c.augment.mlm_batch_size = 64
-  c.augment.log_examples = 3
 
   # --- Data --------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
@@ -125,7 +112,7 @@ def get_config():
   # --- Loop, evaluation, checkpoints -------------------------------------------
   c.log_every_steps = 10
   c.eval_every_steps = -1            # <= 0: once per epoch
-  # Metrics computed on every eval split (research/evaluation/metrics.py);
+  # Metrics computed on every eval split (research/metrics/common.py);
   # eval/loss is always logged.
   c.metrics = ("accuracy",)
   # Selects the best checkpoint: a metric (or "loss") of the first evaluator,
@@ -137,30 +124,7 @@ def get_config():
   c.keep_checkpoints = 2             # most recent kept, besides the best
   c.max_bad_steps = 10               # consecutive non-finite losses before stop
 
-  # --- Differential privacy (research/methods/dp_sgd.py) ------------------------
-  # DP-SGD (Abadi et al. 2016): per-example gradients clipped to clip_norm,
-  # Gaussian noise of std noise_multiplier * clip_norm once per logical
-  # batch, divided by the expected batch size config.batch_size (under
-  # Poisson sampling the mean size of a batch). README "Differential privacy".
-  c.privacy = ml_collections.ConfigDict()
-  c.privacy.enabled = False          # True: adds the dp_sgd method (last)
-  # The run's budget at delta. With noise_multiplier < 0 the noise is
-  # calibrated before training so the planned steps spend at most this; a
-  # run that would exceed it (more steps than planned) stops before it does.
-  c.privacy.target_epsilon = -1.0    # <= 0: none (noise_multiplier given)
-  c.privacy.noise_multiplier = -1.0  # sigma; < 0: calibrated from target_epsilon
-  c.privacy.delta = -1.0             # <= 0: 1/N (N training examples); at most 1/N
-  c.privacy.clip_norm = 1.0          # C, the bound on each example's gradient norm
-  # poisson: each example joins each logical batch independently (the
-  # accountant's assumption; data.sampler "poisson"). shuffle: fixed-size
-  # shuffled batches accounted as Poisson, with a caveat in every result.
-  c.privacy.sampling = "poisson"
-  c.privacy.accountant = "rdp"       # rdp | pld (tighter, seconds per evaluation)
-  # Per-example gradients held in memory at once (a divisor of the device's
-  # micro-batch); 0: the largest divisor <= 8.
-  c.privacy.chunk_size = 0
-
-  # --- Parallelism (research/parallelism) --------------------------------------
+  # --- Parallelism (research/parallelism.py) -----------------------------------
   c.parallelism = ml_collections.ConfigDict()
   # jit: one program over the mesh, parameters sharded by logical axis names
   # (data parallel, FSDP, tensor parallel by mesh shape alone).

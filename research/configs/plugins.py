@@ -41,7 +41,9 @@ def available(package: str) -> list[str]:
   """The plug-in modules of a package (`research.tasks`): public, sorted."""
   pkg = importlib.import_module(package)
   return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)
-                if not m.name.startswith("_") and m.name != "common")
+                # A subpackage holds a family's support code (methods/peft/).
+                if not m.ispkg and not m.name.startswith("_")
+                and m.name != "common")
 
 
 def module(package: str, name: str, field: str, attribute: str):

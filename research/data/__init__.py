@@ -22,7 +22,7 @@ token or per feature, dtype, pad value) are gathered and padded by the
 Batcher with no per-task code. `data.buckets` empty means `auto_buckets` of
 the training lengths; `data.examples_per_row` > 1 packs training batches
 (`Batcher`, `pack_rows`); the epoch order is a sampler (`samplers`).
-`EpochBatcher` serves a training set made anew each epoch (`config.augment`).
+`EpochBatcher` serves a training set made anew each epoch (the `augment` method).
 """
 
 from research.data.batching import Batcher

@@ -6,7 +6,9 @@ word is a token and its WordPiece continuations (`##...`); special tokens
 ([CLS], [SEP]) stay where they are, and each text of a pair is edited on its
 own. No text is re-read and nothing leaves `data.max_length`.
 
-`config.augment` (training, `augment(...)`): each example gets `copies`
+Training (`augment(...)`, the `augment` method: `config.methods =
+("augment",)`, options in `config.method_options.augment`, see
+research/methods/augment.py): each example gets `copies`
 augmented copies (the split grows to (1 + copies) x N); copy c of example i
 applies one operation of `ops`, drawn as below (`regenerate`), with `rate`:
 
@@ -28,7 +30,7 @@ When the copies are made (`regenerate`):
   once   Wei & Zou's (2019) EDA: one set, from `(seed, c, i)`, made before
          training and used by every epoch (the behaviour before issue 21).
 
-Per-epoch copies are made lazily: `from_config` makes epoch 0's (the run
+Per-epoch copies are made lazily: `from_options` makes epoch 0's (the run
 needs its size and lengths before training: the steps per epoch, the length
 buckets) and returns `split_at(epoch)`, which `data.EpochBatcher` calls when
 an epoch is first planned and drops once training has moved past it. The
@@ -67,28 +69,25 @@ SEQUENCE_FIELDS = {"input_ids", "token_type_ids", "labels"}
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def check(config) -> None:
-  """Raises ConfigError for a bad `config.augment`."""
-  a = config.augment
+def check(a, where="config.method_options.augment") -> None:
+  """Raises ConfigError for bad augmentation options `a` (attribute access)."""
   for op in a.ops:
     if op not in OPS:
-      raise ConfigError(f"config.augment.ops has {op!r}; valid: "
-                        f"{', '.join(OPS)}")
-  if a.copies < 0:
-    raise ConfigError(f"config.augment.copies={a.copies} must be >= 0")
-  if a.copies and not a.ops:
-    raise ConfigError("config.augment.copies > 0 needs config.augment.ops "
-                      f"(any of {', '.join(OPS)})")
+      raise ConfigError(f"{where}.ops has {op!r}; valid: {', '.join(OPS)}")
+  if a.copies < 1:
+    raise ConfigError(f"{where}.copies={a.copies} must be >= 1")
+  if not a.ops:
+    raise ConfigError(f"{where}.ops is empty: list any of {', '.join(OPS)}")
   if a.regenerate not in REGENERATE:
     raise ConfigError(
-        f"config.augment.regenerate={a.regenerate!r}; valid: epoch (new "
+        f"{where}.regenerate={a.regenerate!r}; valid: epoch (new "
         "copies every epoch, from (seed, epoch)), once (one set before "
         "training: Wei & Zou's EDA)")
   if not 0 < a.rate <= 1:
-    raise ConfigError(f"config.augment.rate={a.rate} must be in (0, 1]")
-  if a.copies and "contextual" in a.ops and not a.mlm_model:
+    raise ConfigError(f"{where}.rate={a.rate} must be in (0, 1]")
+  if "contextual" in a.ops and not a.mlm_model:
     raise ConfigError(
-        "config.augment.ops has 'contextual': set config.augment.mlm_model "
+        f"{where}.ops has 'contextual': set {where}.mlm_model "
         "to a checkpoint with its masked-LM head and the training model's "
         "vocabulary (e.g. a BertForMaskedLM directory); the packaged "
         "all-minilm-l6-v2 has no MLM head")
@@ -242,7 +241,7 @@ def augment(split, words, *, ops, copies, rate, seed, epoch=None, mlm=None):
     A `TokenizedSplit` of (1 + copies) x N examples: the originals, then
     copy 1 of each, ...
   """
-  _check_fields(split, "config.augment")
+  _check_fields(split, "the augment method")
   fns = {"swap": swap, "delete": delete, "insert": insert}
   originals = list(_examples(split))
   out = list(originals)
@@ -342,18 +341,18 @@ class MaskedLM:
   """
 
   def __init__(self, model_name, words, batch_size=64):
-    from research.models import hf  # pylint: disable=import-outside-toplevel
-    model, report = hf.load_pretrained(model_name, "masked_lm")
+    from research.models import heads, hf  # pylint: disable=import-outside-toplevel
+    model, report = hf.load_pretrained(model_name, heads.MaskedLM)
     head = [k for k in report.missing if not k.startswith("bert.")]
     if head:
       raise ConfigError(
-          f"config.augment.mlm_model={model_name!r} has no masked-LM head "
+          f"config.method_options.augment.mlm_model={model_name!r} has no masked-LM head "
           f"(newly initialised: {', '.join(head)}); its predictions would be "
           "noise. Use a checkpoint saved with its MLM head (a "
           "BertForMaskedLM / RobertaForMaskedLM directory)")
     if model.cfg.vocab_size != len(words.continues):
       raise ConfigError(
-          f"config.augment.mlm_model={model_name!r} has a vocabulary of "
+          f"config.method_options.augment.mlm_model={model_name!r} has a vocabulary of "
           f"{model.cfg.vocab_size}; the training tokenizer's has "
           f"{len(words.continues)}: the MLM must share the tokenizer")
     self.model, self.words, self.batch_size = model, words, batch_size
@@ -395,27 +394,23 @@ class MaskedLM:
     return out
 
 
-def from_config(config, split, tokenizer, special):
-  """`config.augment` applied to the training split.
+def from_options(a, seed, split, tokenizer, special):
+  """Augmentation options `a` applied to the training split.
 
   Every set made is logged: its size and a few examples (with its epoch).
 
   Returns:
-    (split, split_at): the training split (itself when augmentation is off;
-    the augmented set with regenerate="once"; epoch 0's with "epoch"), and
-    with regenerate="epoch" `split_at(epoch)`, which makes that epoch's set
-    (for `data.EpochBatcher`), else None.
+    (split, split_at): the augmented set with regenerate="once", epoch 0's
+    with "epoch"; and with regenerate="epoch" `split_at(epoch)`, which makes
+    that epoch's set (for `data.EpochBatcher`), else None.
   """
-  a = config.augment
-  if not a.copies:
-    return split, None
   words = Words(tokenizer, special)
   mlm = (MaskedLM(a.mlm_model, words, a.mlm_batch_size)
          if "contextual" in a.ops else None)
 
   def split_at(epoch):
     out = augment(split, words, ops=tuple(a.ops), copies=a.copies,
-                  rate=a.rate, seed=config.seed, epoch=epoch, mlm=mlm)
+                  rate=a.rate, seed=seed, epoch=epoch, mlm=mlm)
     _log(split, out, tokenizer, a, epoch)
     return out
 
@@ -426,7 +421,7 @@ def from_config(config, split, tokenizer, special):
 
 def _log(split, out, tokenizer, a, epoch):
   """The set's size and its first `log_examples` examples with their copies."""
-  log.info("config.augment: %d training examples -> %d (%d copies, ops %s, "
+  log.info("augment: %d training examples -> %d (%d copies, ops %s, "
            "rate %g; %s)", len(split), len(out), a.copies, ", ".join(a.ops),
            a.rate, "made once" if epoch is None else f"epoch {epoch}'s copies")
   n = len(split)

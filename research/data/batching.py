@@ -420,7 +420,7 @@ class Batcher:
 
 
 class EpochBatcher(Batcher):
-  """Training batches of a set that changes every epoch (`config.augment`).
+  """Training batches of a set that changes every epoch (the `augment` method).
 
   Epoch e's split is `split_at(e)` (epoch 0's is `split`), with as many
   examples as `split`, so the steps per epoch never change. A `Batcher` of

@@ -81,7 +81,7 @@ class SquadData:
 
 
 def gold_answers(examples) -> dict:
-  """{question id: gold answer texts} for `research.evaluation.squad`."""
+  """{question id: gold answer texts} for `research.metrics.squad`."""
   return {ex.id: list(ex.answers) for ex in examples}
 
 

@@ -19,12 +19,17 @@ Evaluators run in the order of `config.evals`' keys, which a ConfigDict
 sorts by name.
 """
 
+import logging
+import threading
+
+import jax
 import ml_collections
 
 from research.configs import plugins
 from research.configs.plugins import ConfigError
 
 PACKAGE = "research.evaluators"
+log = logging.getLogger(__name__)
 
 
 def module(type_name, name="?"):
@@ -109,7 +114,8 @@ def validate(config, task) -> None:
           f"valid: {', '.join(valid)} (config.metrics lists them)")
 
 
-def build(config, task, splits, batchers, make_step, sharding) -> dict:
+def build(config, task, splits, batchers, make_step, sharding,
+          context=None) -> dict:
   """The run's evaluators, {name: Evaluator}, in config order.
 
   Args:
@@ -119,6 +125,7 @@ def build(config, task, splits, batchers, make_step, sharding) -> dict:
     batchers: {split name: Batcher} of the same.
     make_step: `(logits: bool) -> eval step` (`research.train` shares one).
     sharding: the batch sharding.
+    context: the run's `methods.Context`, given to every evaluator.
   """
   from research.evaluators import common  # pylint: disable=import-outside-toplevel
   out = {}
@@ -135,5 +142,35 @@ def build(config, task, splits, batchers, make_step, sharding) -> dict:
                               f"config.evals.{name}.type", cfg["type"])
     out[name] = cls(
         name=name, task=task, split=splits[split], batcher=batchers[split],
-        make_step=make_step, sharding=sharding, config=config, **opts)
+        make_step=make_step, sharding=sharding, config=config,
+        context=context, **opts)
   return out
+
+
+def precompile_async(evaluators, params, frozen) -> threading.Thread:
+  """Compiles every evaluator's eval step in a background thread.
+
+  Started before step 1, so the first evaluation finds its programs
+  compiled instead of stalling the run by their compile (on an H200 the
+  eval of 872 sentences took 9.3 s with its compile, the Trainer's 2.0 s).
+  The thread sees abstract values only (the training step donates the
+  buffers); XLA compiles outside the GIL, beside the training steps.
+  """
+  abstract = lambda tree: jax.tree.map(  # pylint: disable=unnecessary-lambda-assignment
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+      if isinstance(x, jax.Array) else x, tree)
+  params, frozen = abstract(params), abstract(frozen)
+
+  def compile_all():
+    try:
+      for evaluator in evaluators.values():
+        evaluator.precompile(params, frozen)
+    except Exception as e:  # pylint: disable=broad-except
+      # The evaluation compiles on first use instead; nothing is lost.
+      log.warning("compiling the evaluation ahead failed (%s: %s); it will "
+                  "compile at the first evaluation", type(e).__name__, e)
+
+  thread = threading.Thread(target=compile_all, name="eval-precompile",
+                            daemon=True)
+  thread.start()
+  return thread

@@ -14,7 +14,7 @@ from jax.experimental import multihost_utils
 
 from research import parallelism
 from research.configs.plugins import ConfigError
-from research.evaluation import metrics as metrics_lib
+from research.metrics import common as metrics_lib
 
 
 class Evaluator:
@@ -29,18 +29,24 @@ class Evaluator:
       outputs` (shared between evaluators).
     sharding: the batch sharding (`parallelism.batch_sharding(mesh)`).
     config: the run config.
+    context: the run's `methods.Context` (tokenizer, model config, ...), or
+      None for an evaluator built outside a run.
     **options: this type's options (`CONFIG`).
   """
   # Options and defaults; `split` names the evaluation split. `logits`:
   # `predict` also returns the model's raw outputs (for ensembles).
   # `metrics`: what `run` computes besides loss; empty: config.metrics.
   CONFIG = {"split": "", "logits": False, "metrics": ()}
-  # The metric names `run` knows; None: any of research.evaluation.metrics.
+  # The metric names `run` knows; None: any of research.metrics.common.
   METRICS = None
 
+  # Options `write` takes from `research.predict`'s command line.
+  WRITE_OPTIONS = ()
+
   def __init__(self, *, name, task, split, batcher, make_step, sharding,
-               config, **options):
+               config, context=None, **options):
     self.name = name
+    self.context = context
     self.task = task
     self.split = split
     self.batcher = batcher

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from research.configs.plugins import ConfigError
 from research.evaluators import token
+from research.models import heads
 
 NSP_METRICS = ("nsp_accuracy", "nsp_loss")
 
@@ -23,7 +24,7 @@ class Evaluator(token.Evaluator):
     super().__init__(**kwargs)
     names = self.metric_names(self.config, self.options)
     self.nsp = [n for n in NSP_METRICS if n in names]
-    if self.nsp and self.task.HEAD != "pre_training":
+    if self.nsp and self.task.HEAD is not heads.PreTraining:
       raise ConfigError(
           f"config.evals.{self.name}.metrics: {', '.join(self.nsp)} need the "
           "NSP head (task masked_lm with config.task_options.next_sentence="

@@ -7,7 +7,7 @@ One evaluator reports, over its split, the sequence evaluator's metrics
                   projected ascent steps of size `step_size` on the loss,
                   inside a ball of radius `epsilon` (`norm` l2 | linf)
                   around the word embeddings of its real tokens
-                  (`research.training.adversarial`); epsilon 0: skipped;
+                  (`research.methods.adversarial.embeddings`); epsilon 0: skipped;
   typo_<metric>   on the split with character typos (a word of letters gets,
                   with probability `typo_rate`, two adjacent characters
                   swapped, one dropped or a letter inserted;
@@ -27,7 +27,7 @@ import jax
 from research import data
 from research.evaluators import common, sequence
 from research.data import augment
-from research.training import adversarial
+from research.methods.adversarial import embeddings as adversarial
 
 
 class Evaluator(common.Evaluator):
@@ -40,7 +40,9 @@ class Evaluator(common.Evaluator):
     o = self.options
     self.clean = sequence.Evaluator(make_step=make_step, **kw)
     adversarial.check_options(o, f"config.evals.{self.name}")
-    self.hidden, self.special = adversarial.model_facts(self.config)
+    # The run's own facts: its model's width and its tokenizer's specials.
+    self.hidden = self.context.model_cfg.hidden_size
+    self.special = adversarial.special_ids(self.task.tokenizer)
     self.attacked = None
     if o["epsilon"] > 0:
       self.attacked = sequence.Evaluator(make_step=lambda logits: make_step(

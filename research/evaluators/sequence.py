@@ -1,6 +1,6 @@
 """One prediction per example against its label: classification, regression.
 
-Metrics are `research.evaluation.metrics` functions by name (`metrics`
+Metrics are `research.metrics.common` functions by name (`metrics`
 option; empty: `config.metrics`), on the task's predictions (class ids,
 values, or one row per example such as multi-hot labels) weighted by the
 task's example weights (broadcast over a row).
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from research.evaluation import metrics as metrics_lib
+from research.metrics import common as metrics_lib
 from research.evaluators import common
 
 

@@ -1,6 +1,6 @@
 """Extractive QA: answers from start/end logits, scored as the SQuAD scripts.
 
-Post-processing is `research.evaluation.squad_decoding.decode`, as BERT's
+Post-processing is `research.metrics.squad_decoding.decode`, as BERT's
 `run_squad.py`: for every question, over all its windows, the `n_best`
 highest start and end logits among context tokens pair into spans of at most
 `max_answer_length` tokens, ranked by start + end logit. With the task's
@@ -9,7 +9,7 @@ answered "" when `null_odds = null score - best span score` exceeds the
 threshold. Windows are kept per question, never joined across batch widths.
 
 Metrics (`metrics` option; empty: `config.metrics`), fractions in [0, 1],
-from `research.evaluation.squad` (the official scripts' logic):
+from `research.metrics.squad` (the official scripts' logic):
 `exact_match`, `f1`; v2.0 also `has_ans_exact_match`, `has_ans_f1`,
 `no_ans_exact_match`, `no_ans_f1` at `null_threshold` (option, default 0.0)
 and `best_exact_match`, `best_f1` with `best_null_threshold`, the
@@ -25,8 +25,8 @@ import os
 
 import numpy as np
 
-from research.evaluation import squad
-from research.evaluation import squad_decoding
+from research.metrics import squad
+from research.metrics import squad_decoding
 from research.evaluators import common
 
 METRICS = ("exact_match", "f1", "has_ans_exact_match", "has_ans_f1",
@@ -47,6 +47,7 @@ class Evaluator(common.Evaluator):
   CONFIG = {**common.Evaluator.CONFIG, "n_best": 20, "max_answer_length": 30,
             "null_threshold": 0.0}
   METRICS = METRICS
+  WRITE_OPTIONS = ("null_threshold",)
 
   @property
   def version_2(self) -> bool:
@@ -133,14 +134,19 @@ class Evaluator(common.Evaluator):
     return {"answers": [answers[q] for q in ids], "ids": ids,
             "null_odds": decoded.null_odds}
 
-  def write(self, params, frozen, out_dir, null_threshold=None) -> dict:
+  def write(self, params, frozen, out_dir, *, summary=None,
+            null_threshold=None) -> dict:
     """Writes predictions.json (and null_odds.json for v2.0) in `out_dir`.
 
     Args:
       params, frozen: the model's parts.
       out_dir: the directory (created).
+      summary: the run's summary.json, if any: an unlabeled split takes the
+        threshold the run last chose on its dev split (its
+        `best_null_threshold`).
       null_threshold: v2.0's threshold; None: the best on this split when it
-        is labeled (choose on dev), else the `null_threshold` option.
+        is labeled (choose on dev), else the run's, else the
+        `null_threshold` option.
 
     Returns:
       {"predictions": path, "null_odds": path or None, "null_threshold":
@@ -148,6 +154,9 @@ class Evaluator(common.Evaluator):
     """
     decoded, _ = self.decode(params, frozen)
     scores = self.scores(decoded) if self.split.has_labels else {}
+    if null_threshold is None and not self.split.has_labels:
+      null_threshold = next((v for k, v in (summary or {}).items()
+                             if k.endswith("best_null_threshold")), None)
     if null_threshold is None:
       null_threshold = scores.get("best_null_threshold",
                                   self.options["null_threshold"])

@@ -3,7 +3,7 @@
 For splits of `research.tasks.token_classification`: each word's predicted
 tag is its first sub-token's (`conll.word_predictions`; a word cut off by
 `data.max_length` is "O"), scored against the words' gold tags at the
-entity level as conlleval does (`research.evaluation.ner`, seqeval):
+entity level as conlleval does (`research.metrics.ner`, seqeval):
 `entity_f1`, `entity_precision`, `entity_recall`, and the word `accuracy`
 (`metrics` option; empty: `config.metrics`). `write` puts the words with
 their gold and predicted tags in a CoNLL file (`token gold predicted`).
@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from research.data import conll
-from research.evaluation import ner
+from research.metrics import ner
 from research.evaluators import common
 from research.evaluators import token
 
@@ -68,15 +68,16 @@ class Evaluator(token.Evaluator):
     out = {"tags": self.word_tags(preds), "words": words}
     return {**out, **({"logits": logits} if logits else {})}
 
-  def write(self, params, frozen, out_dir) -> dict:
+  def write(self, params, frozen, out_dir, *, summary=None) -> dict:
     """Writes <out_dir>/predictions.conll: `token gold predicted` lines
     (`token predicted` when the split is unlabeled), one word a line and a
-    blank line after each sentence.
+    blank line after each sentence. (`summary`, the run's, is not needed.)
 
     Returns:
       {"predictions": the path, "sentences": their number, and the scores
       when the split is labeled}.
     """
+    del summary
     preds, _, _, _ = self._collect(params, frozen, keep_all=True)
     words, gold = self.sentences()
     tags = self.word_tags(preds)

@@ -6,7 +6,7 @@ anything is joined, so batches of different widths never meet in one
 array. Metrics (`metrics` option; empty: `config.metrics`): `accuracy`
 (over labelled tokens), `perplexity` (exp of the loss: masked LM), and the
 entity-level `entity_f1`, `entity_precision`, `entity_recall` of the tags
-named by the split's label names (`research.evaluation.ner`: seqeval, CoNLL's
+named by the split's label names (`research.metrics.ner`: seqeval, CoNLL's
 rules).
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from research.evaluation import metrics as metrics_lib
-from research.evaluation import ner
+from research.metrics import common as metrics_lib
+from research.metrics import ner
 from research.evaluators import common
 
 METRICS = ("accuracy", "entity_f1", "entity_precision", "entity_recall",
@@ -58,7 +58,7 @@ class Evaluator(common.Evaluator):
                                                  np.concatenate(labels))
     if any(n.startswith("entity_") for n in names):
       tags = np.asarray(self.split.label_names, dtype=object)
-      # seqeval with conlleval's rules (research.evaluation.ner).
+      # seqeval with conlleval's rules (research.metrics.ner).
       scores = ner.entity_scores([list(tags[t]) for t in labels],
                                  [list(tags[p]) for p in preds])
       results.update({n: scores[n[len("entity_"):]] for n in names

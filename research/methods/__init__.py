@@ -1,11 +1,26 @@
 """Training methods: one module per method, applied in `config.methods` order.
 
 `config.methods = ("bitfit",)` is `research/methods/bitfit.py`; a dotted
-name is a module path (a method defined in a test or a project folder). The
-module's `Method(config, **options)` (options: `config.method_options.<name>`,
-for a dotted name its last part, checked against `Method.CONFIG`) changes the
-run through these seams, each optional:
+name is a module path (a method defined in a test or a project folder). A
+family's support code sits beside its methods in a subpackage
+(`peft/`, `privacy/`, `adversarial/`), which is not a plug-in.
 
+A run builds each method once (`load`), `Method(config, **options)` with
+its options from `config.method_options.<name>` (for a dotted name its last
+part) checked against `Method.CONFIG`; that one instance serves the whole
+run: building the model, the update step, evaluation, export, prediction
+and serving. It changes the run through these seams, each optional:
+
+  setup(context)       called once the run is assembled (`Context`: config,
+                       tokenizer, task, model config, the loaded model,
+                       mesh, data facts, planned steps); returns the
+                       method's own state (a teacher's weights, the weights
+                       the run started from, a Fisher diagonal) or None.
+                       That state travels beside the frozen weights
+                       (`frozen.methods[method.name]`): sharded by the mesh,
+                       never donated, never checkpointed. Weights a method
+                       trains belong to the model (`adapt_model`) and are
+                       selected by `trainable()`, so they are checkpointed.
   trainable()          an nnx filter of the weights to train (intersected
                        over methods and with nnx.Param): the rest is frozen,
                        gets no optimiser state and is not checkpointed
@@ -17,42 +32,105 @@ run through these seams, each optional:
                        clipping and noise for DP-SGD);
   dense_factory(f)     the factory that builds every dense layer of the model
                        (`research.models.bert.make_dense`): LoRA, AdaLoRA,
-                       adapters (`Task.load_model` applies it and
-                       `adapt_model`);
+                       adapters;
   adapt_model(model)   the loaded model, changed (prefix tuning attaches its
                        prefixes); the same for training, export and predict;
   optimizer(tx, total_steps)  the optax transformation, wrapped (AdaLoRA's
                        rank allocation keeps its state in the optimiser's, so
-                       it is checkpointed and resumes exactly).
-
-and, for a method that governs the whole run (DP-SGD, `dp_sgd.py`, which
-`config.privacy.enabled` adds last to the methods):
-
-  sampler(name, options)  the training order `(config.data.sampler, its
-                       options)`, possibly replaced (Poisson sampling);
-  prepare(train_split=, total_steps=, workdir=)  called by `train.build`
-                       once the data and the planned steps are known, before
-                       the update step is built (noise calibration);
+                       it is checkpointed and resumes exactly);
+  training_split(split, tokenizer)  the training examples, changed
+                       (augmentation): `(split, split_at)`, `split_at(epoch)`
+                       making each epoch's set, or None;
+  sampler(name, options)  the training order (Poisson sampling);
   step_limit()         `(steps, reason)`: the run stops after `steps`
                        (a privacy budget), or None;
   metrics(step)        scalars logged with the training metrics (epsilon
-                       spent); summary(step): what summary.json gets.
+                       spent); summary(step): what summary.json gets;
+  export_model(model)  the merged model made ready for a Hugging Face
+                       directory (LoRA folds its updates in), or a
+                       ValueError when the format cannot hold it (adapters);
+  export_adapters(model, out_dir, context)  a method that can write its
+                       trained part alone (LoRA: a PEFT adapter directory).
+
+`LAST = True` marks a method that must come last (DP-SGD computes
+per-example gradients of the loss every other method made).
 """
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 from flax import nnx
 
 from research.configs import plugins
+from research.configs.plugins import ConfigError
+from research.training import partition
 
 PACKAGE = "research.methods"
+
+
+@dataclasses.dataclass
+class Context:
+  """The run as its methods see it, built once (`research.train.build`, or
+  `research.restore` for export, prediction and serving). Nothing in it is
+  read from disk again.
+
+  Attributes:
+    config: the run's config.
+    tokenizer: its Hugging Face tokenizer.
+    task: its task (`research.tasks`).
+    model_dir: the pre-trained checkpoint directory.
+    model_cfg: the encoder's `BertConfig`.
+    graphdef, params, frozen: the loaded model split as the run trains it
+      (the trainable part, then a `partition.Frozen` without method state).
+    mesh: the device mesh.
+    training: False when a finished run is restored (a method then loads
+      nothing that only training needs, e.g. a teacher).
+    workdir: the run directory, or None.
+    train_split: the training `TokenizedSplit` (training only).
+    label_names: label names in id order.
+    total_steps, steps_per_epoch: the planned updates (training only).
+  """
+  config: Any
+  tokenizer: Any
+  task: Any
+  model_dir: str
+  model_cfg: Any
+  graphdef: Any
+  params: Any
+  frozen: Any
+  mesh: Any
+  training: bool = True
+  workdir: str | None = None
+  train_split: Any = None
+  label_names: tuple = ()
+  total_steps: int = 0
+  steps_per_epoch: int = 0
+
+  @property
+  def num_train_examples(self) -> int:
+    return 0 if self.train_split is None else len(self.train_split)
+
+  @property
+  def model(self):
+    """The loaded model (trainable and frozen parts merged)."""
+    return partition.merge(self.graphdef, self.params, self.frozen)
 
 
 class Method:
   """Base of the methods: changes nothing. Subclasses override a seam."""
   CONFIG = {}
+  LAST = False
 
   def __init__(self, config, **options):
     self.config = config
     self.options = options
+    self.name = type(self).__module__.rsplit(".", 1)[-1]
+
+  def setup(self, context: Context):
+    """The method's own state (a pytree of arrays), or None."""
+    del context
 
   def trainable(self):
     """An nnx filter of the weights to train."""
@@ -64,11 +142,12 @@ class Method:
   def grad_fn(self, grad_fn):
     return grad_fn
 
+  def training_split(self, split, tokenizer):
+    del tokenizer
+    return split, None
+
   def sampler(self, name, options):
     return name, options
-
-  def prepare(self, *, train_split, total_steps, workdir):
-    del train_split, total_steps, workdir
 
   def step_limit(self):
     return None
@@ -90,38 +169,65 @@ class Method:
     del total_steps
     return tx
 
+  def export_model(self, model):
+    return model
+
+  export_adapters = None  # (model, out_dir, context) -> description
+
 
 def option_key(name):
   """A method's key in config.method_options: its name, or a path's last part."""
   return name.rsplit(".", 1)[-1]
 
 
-# Added last to the methods by `config.privacy.enabled`; its options are
-# config.privacy (a property of the whole run, not of one method).
-PRIVACY_METHOD = "dp_sgd"
+def load(config, task=None):
+  """The run's methods, in config order, each built once.
 
+  Args:
+    config: the run config.
+    task: the run's task, when known: each method may refuse it
+      (`Method.check_task`, a ConfigError naming both).
 
-def names(config):
-  """config.methods, then PRIVACY_METHOD when config.privacy.enabled."""
-  out = tuple(config.get("methods", ()))
-  privacy = config.get("privacy")
-  if privacy is not None and privacy.enabled and PRIVACY_METHOD not in out:
-    out += (PRIVACY_METHOD,)
-  return out
-
-
-def load(config):
-  """The run's methods, in config order (ConfigError for bad names/options)."""
+  Raises:
+    ConfigError: a bad name or option, a method that must come last and
+      does not, or a task a method cannot work with.
+  """
   out = []
   given = config.get("method_options")
-  for i, name in enumerate(names(config)):
+  names = tuple(config.get("methods", ()))
+  for i, name in enumerate(names):
     mod = plugins.module(PACKAGE, name, f"config.methods[{i}]", "Method")
     key = option_key(name)
     opts = plugins.options(
         given.get(key) if given is not None else None, mod.Method.CONFIG,
         f"config.method_options.{key}", f"method {name!r}")
-    out.append(mod.Method(config, **opts))
+    method = mod.Method(config, **opts)
+    method.name = key
+    if method.LAST and i != len(names) - 1:
+      raise ConfigError(
+          f"config.methods={names!r}: {name!r} must come last (it computes "
+          "the gradient of the loss the other methods make)")
+    if task is not None and hasattr(method, "check_task"):
+      method.check_task(task)
+    out.append(method)
+  if given is not None:
+    unused = sorted(set(given) - {option_key(n) for n in names})
+    if unused:
+      raise ConfigError(
+          f"config.method_options.{unused[0]} is set but config.methods="
+          f"{names!r} does not list {unused[0]!r}: its options would be "
+          "ignored")
   return out
+
+
+def setup(methods, context: Context) -> dict:
+  """Calls each method's `setup` once; {name: state} of those that own state."""
+  states = {}
+  for m in methods:
+    state = m.setup(context)
+    if state is not None:
+      states[m.name] = state
+  return states
 
 
 def _thread(methods, seam, value, *args):
@@ -144,6 +250,16 @@ def wrap_loss(methods, loss_fn):
 def grad_fn(methods, grad_fn):
   """`grad_fn` replaced by each method in order."""
   return _thread(methods, "grad_fn", grad_fn)
+
+
+def training_split(methods, split, tokenizer):
+  """The training split after each method's; `split_at` of the last that
+  makes one per epoch (or None)."""
+  split_at = None
+  for m in methods:
+    split, made = m.training_split(split, tokenizer)
+    split_at = made or split_at
+  return split, split_at
 
 
 def sampler(methods, name, options):
@@ -180,3 +296,8 @@ def adapt_model(methods, model):
 def optimizer(methods, tx, total_steps):
   """`tx` wrapped by each method in order."""
   return _thread(methods, "optimizer", tx, total_steps)
+
+
+def export_model(methods, model):
+  """The merged model made ready for a Hugging Face directory by each method."""
+  return _thread(methods, "export_model", model)

@@ -3,11 +3,11 @@
 Zhang et al. (2023), "Adaptive Budget Allocation for Parameter-Efficient
 Fine-Tuning", as Hugging Face PEFT's `AdaLoraConfig` defines it. Each target
 layer computes `W x + alpha / (r + 1e-5) * ((x P) * lambda) Q` with P [in, r],
-lambda [r], Q [r, out] trained (`research.peft.layers.AdaLoRADense`); the
+lambda [r], Q [r, out] trained (`research.methods.peft.layers.AdaLoRADense`); the
 loss gains `orth_reg_weight` times the mean of ||P^T P - I||_F and
 ||Q Q^T - I||_F; and after each update the least important triplets get
 lambda = 0 until `target_r * layers` remain, on PEFT's cubic budget schedule
-(`research.peft.allocation`). The task head is trained whole.
+(`research.methods.peft.allocation`). The task head is trained whole.
 
     config.methods = ("adalora",)
     config.method_options.adalora = dict(init_r=12, target_r=8, tinit=200,
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from research.configs.plugins import ConfigError
 from research.methods import lora
-from research.peft import allocation, layers
+from research.methods.peft import allocation, layers
 
 CONFIG = {"init_r": 12, "target_r": 8, "alpha": 8.0, "dropout": 0.0,
           "target_modules": ("query", "value"), "head": True, "pooler": False,

@@ -2,7 +2,7 @@
 
 A small MLP `y + up(act(down(y)))` (width hidden / reduction_factor) after a
 sub-layer's output projection, before its dropout, residual add and
-LayerNorm (`research.peft.layers.AdapterDense`); `up` starts at zero, so the
+LayerNorm (`research.methods.peft.layers.AdapterDense`); `up` starts at zero, so the
 model starts as the pre-trained one. "houlsby" puts one after the attention
 output and one after the feed-forward output; "pfeiffer" only after the
 feed-forward output. Trained: the adapters, the LayerNorms (as Houlsby et
@@ -16,9 +16,10 @@ its adapters in its checkpoints only (`research.export` refuses a plain
 Hugging Face directory for it).
 """
 
-from research import methods, peft
+from research import methods
+from research.methods import peft
 from research.configs.plugins import ConfigError
-from research.peft import layers
+from research.methods.peft import layers
 
 # kind -> the dense layers (make_dense names) followed by an adapter.
 KINDS = {"houlsby": ("attention.output", "output"), "pfeiffer": ("output",)}
@@ -57,6 +58,11 @@ class Method(methods.Method):
     return peft.targeted_factory(
         factory, KINDS[o["kind"]], layers.AdapterDense, match=_exact,
         reduction_factor=int(o["reduction_factor"]), activation=o["activation"])
+
+  def export_model(self, model):
+    raise ValueError(f"method {self.name!r} adds layers a transformers BERT "
+                     "does not have: a Hugging Face directory cannot hold "
+                     "this run; use its checkpoints (research.restore)")
 
   def trainable(self):
     o = self.options

@@ -9,11 +9,12 @@ checkpoints hold about 0.1% of the encoder's parameters plus the head);
 export merges them back from the pre-trained checkpoint.
 """
 
-from research import methods, peft
+from research import methods
+from research.methods import peft
 
 # head: also train the task head (everything outside the encoder `bert`),
 # as the paper does; False: biases only. pooler: also BERT's pooler weights
-# (research.peft.is_pooler says when that matters).
+# (research.methods.peft.is_pooler says when that matters).
 CONFIG = {"head": True, "pooler": False}
 
 

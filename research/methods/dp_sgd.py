@@ -1,26 +1,28 @@
-"""DP-SGD: differentially private fine-tuning, switched on by `config.privacy`.
+"""DP-SGD: differentially private fine-tuning.
 
-`config.privacy.enabled = True` adds this method last to `config.methods`;
-its options are the fields of `config.privacy` (research/configs/default.py).
+    config.methods = ("dp_sgd",)          # last, after any other method
+    config.method_options.dp_sgd = dict(target_epsilon=8.0, clip_norm=1.0)
+
 Each update (Abadi et al. 2016) takes a logical batch drawn by Poisson
 sampling (each of the N training examples independently with probability
 q = config.batch_size / N), clips every example's gradient to norm C, sums
 them, adds Gaussian noise of std sigma * C once and divides by the expected
-batch size config.batch_size (`research.privacy.dp_sgd`). The privacy
-accountant (`research.privacy.accounting`, dp-accounting's RDP or PLD) turns
+batch size config.batch_size (`research.methods.privacy.clipping`). The privacy
+accountant (`research.methods.privacy.accounting`, dp-accounting's RDP or PLD) turns
 (q, sigma, steps, delta) into the epsilon spent.
 
 How it plugs into the one training core:
 
-- `sampler`: the training order is `config.privacy.sampling` ("poisson",
+- `sampler`: the training order is the `sampling` option ("poisson",
   with one draw per logical batch under gradient accumulation; or
   "shuffle", accounted as Poisson with `accounting.SHUFFLE_CAVEAT` in every
   result). Length-bucketed batches (the default sampler) are refused: which
   examples share a batch would depend on their lengths.
-- `prepare`: with `target_epsilon` and no `noise_multiplier`, sigma is
+- `setup`: with `target_epsilon` and no `noise_multiplier`, sigma is
   calibrated for the planned steps before anything compiles. The plan is
   saved as `<workdir>/privacy.json`; a resumed run reuses its sigma (and
-  refuses changed privacy settings), so its epsilon continues.
+  refuses changed privacy settings), so its epsilon continues. A restored
+  run (export, predict) plans nothing.
 - `grad_fn`: per-example gradients of the (method-wrapped) task loss in
   chunks of `chunk_size` examples, clipped and summed on each device, summed
   over devices, then the noise, whose key is a function of (seed, logical
@@ -33,7 +35,7 @@ How it plugs into the one training core:
 
 Refused because they break the guarantee: packed rows (several examples
 share a row: `data.examples_per_row` > 1), samplers other than
-`config.privacy.sampling`, tasks that make several features of one example
+the `sampling` option, tasks that make several features of one example
 (question answering's windows), and another method that replaces the
 gradient function. Losses are computed one example at a time (a vmap over
 single-example batches), so no statistic can cross examples.
@@ -53,16 +55,17 @@ import math
 import os
 
 import jax
+import ml_collections
 
 from research import methods
 from research.configs.plugins import ConfigError
 from research.training import steps as steps_lib
 
 try:
-  from research.privacy import accounting  # pylint: disable=g-import-not-at-top
-  from research.privacy import dp_sgd  # pylint: disable=g-import-not-at-top
+  from research.methods.privacy import accounting  # pylint: disable=g-import-not-at-top
+  from research.methods.privacy import clipping  # pylint: disable=g-import-not-at-top
 except ModuleNotFoundError as e:  # the optional extra
-  raise ConfigError(f"config.privacy.enabled needs {e.name}: pip install "
+  raise ConfigError(f"config.methods 'dp_sgd' needs {e.name}: pip install "
                     "-e '.[privacy]' (dp-accounting, jax-privacy)") from e
 
 log = logging.getLogger("research.methods.dp_sgd")
@@ -81,41 +84,54 @@ def auto_chunk(rows: int, most: int = MAX_AUTO_CHUNK) -> int:
 
 
 class Method(methods.Method):
-  """See the module docstring; options: `config.privacy`."""
-  CONFIG = {}  # its options are config.privacy, checked here
+  """See the module docstring."""
+  # target_epsilon: the run's budget at delta (<= 0: none; noise_multiplier
+  # given); with noise_multiplier < 0 the noise is calibrated before training
+  # so the planned steps spend at most this, and a run that would exceed it
+  # stops before it does. delta <= 0: 1/N (at most 1/N). clip_norm: C.
+  # sampling: poisson (each example joins each logical batch independently:
+  # the accountant's assumption) | shuffle (fixed-size shuffled batches,
+  # accounted as Poisson with a caveat in every result). accountant: rdp |
+  # pld (tighter, seconds per evaluation). chunk_size: per-example gradients
+  # in memory at once (a divisor of the device's micro-batch; 0: the
+  # largest divisor <= 8).
+  CONFIG = {"target_epsilon": -1.0, "noise_multiplier": -1.0, "delta": -1.0,
+            "clip_norm": 1.0, "sampling": "poisson", "accountant": "rdp",
+            "chunk_size": 0}
+  LAST = True  # per-example gradients of the loss the other methods made
 
   def __init__(self, config, **options):
     super().__init__(config, **options)
-    p = config.privacy
-    if not p.enabled:
-      raise ConfigError(
-          "config.methods lists 'dp_sgd' but config.privacy.enabled=False: "
-          "set config.privacy.enabled=True instead (its settings are "
-          "config.privacy)")
+    where = "config.method_options.dp_sgd"
+    p = ml_collections.ConfigDict(options)
+    for field, valid in (("sampling", accounting.SAMPLINGS),
+                         ("accountant", tuple(accounting.ACCOUNTANTS))):
+      if p[field] not in valid:
+        raise ConfigError(f"{where}.{field}={p[field]!r}; valid: "
+                          f"{', '.join(valid)}")
     if config.data.examples_per_row > 1:
       raise ConfigError(
           f"config.data.examples_per_row={config.data.examples_per_row} with "
-          "config.privacy: packed rows put several examples in one row, so "
+          "DP-SGD: packed rows put several examples in one row, so "
           "clipping a row's gradient does not bound one example's influence; "
           "set config.data.examples_per_row=1")
     if p.clip_norm <= 0:
-      raise ConfigError(f"config.privacy.clip_norm={p.clip_norm} must be > 0")
+      raise ConfigError(f"{where}.clip_norm={p.clip_norm} must be > 0")
     if p.chunk_size < 0:
-      raise ConfigError(f"config.privacy.chunk_size={p.chunk_size} must be "
+      raise ConfigError(f"{where}.chunk_size={p.chunk_size} must be "
                         ">= 0 (0: automatic)")
     if p.target_epsilon <= 0 and p.noise_multiplier < 0:
       raise ConfigError(
-          "config.privacy: set config.privacy.target_epsilon > 0 (the noise "
-          "multiplier is then calibrated) or config.privacy.noise_multiplier "
-          ">= 0")
+          f"{where}: set target_epsilon > 0 (the noise multiplier is then "
+          "calibrated) or noise_multiplier >= 0")
     if p.target_epsilon > 0 and p.noise_multiplier == 0:
       raise ConfigError(
-          f"config.privacy.target_epsilon={p.target_epsilon} with "
-          "config.privacy.noise_multiplier=0: no noise spends an infinite "
-          "epsilon at the first step")
+          f"{where}.target_epsilon={p.target_epsilon} with "
+          "noise_multiplier=0: no noise spends an infinite epsilon at the "
+          "first step")
     self.privacy = p
     self.accum = config.optimizer.grad_accum_steps
-    self.account = None  # accounting.DpSgdAccount, set by prepare
+    self.account = None  # accounting.DpSgdAccount, set by setup
     self.limit = None
 
   # --- Data order --------------------------------------------------------------------
@@ -126,10 +142,10 @@ class Method(methods.Method):
       why = {"bucketed": "length-bucketed batches group examples by length, "
                          "so which examples share a batch is not random"}
       raise ConfigError(
-          f"config.data.sampler={name!r} with config.privacy.sampling="
-          f"{want!r}: {why.get(name, 'the batches are not what the accountant assumes')}"
-          "; leave config.data.sampler='auto' (config.privacy.sampling "
-          "chooses the sampler)")
+          f"config.data.sampler={name!r} with config.method_options.dp_sgd."
+          f"sampling={want!r}: {why.get(name, 'the batches are not what the accountant assumes')}"
+          "; leave config.data.sampler='auto' (the sampling option chooses "
+          "the sampler)")
     options = dict(options.to_dict() if hasattr(options, "to_dict")
                    else options or {})
     if want == "poisson":
@@ -146,15 +162,19 @@ class Method(methods.Method):
 
   def _settings(self, num_examples):
     """What fixes a run's accounting (a resumed run must keep it)."""
-    return {"privacy": self.privacy.to_dict(), "num_examples": num_examples,
+    return {"privacy": dict(self.options), "num_examples": num_examples,
             "batch_size": self.config.batch_size}
 
-  def prepare(self, *, train_split, total_steps, workdir):
+  def setup(self, context):
+    if not context.training:
+      return None  # a restored run: nothing to plan
+    train_split, total_steps, workdir = (
+        context.train_split, context.total_steps, context.workdir)
     n = len(train_split)
     sources = len(set(train_split.rows.tolist()))
     if sources < n:
       raise ConfigError(
-          f"config.privacy: the training split has {n} features from "
+          f"DP-SGD: the training split has {n} features from "
           f"{sources} examples (e.g. question answering's windows over a long "
           "context): an example's influence spans several clipped gradients; "
           "DP-SGD here needs one feature per example (raise "
@@ -170,8 +190,8 @@ class Method(methods.Method):
         raise ConfigError(
             f"{path}: this workdir's run has privacy settings "
             f"{saved['settings']}, the config {settings}; a resumed run must "
-            "keep config.privacy, config.batch_size and the training data "
-            "(use a new workdir)")
+            "keep config.method_options.dp_sgd, config.batch_size and the "
+            "training data (use a new workdir)")
     try:
       if saved is not None:
         self.account = accounting.DpSgdAccount(**saved["account"])
@@ -198,7 +218,7 @@ class Method(methods.Method):
                    "account": dataclasses.asdict(self.account)}, f, indent=2)
     a = self.account
     if a.noise_multiplier == 0:
-      log.warning("DP-SGD with config.privacy.noise_multiplier=0: clipped "
+      log.warning("DP-SGD with noise_multiplier=0: clipped "
                   "per-example gradients, no noise, no privacy (epsilon inf)")
     self.limit = None
     if a.target_epsilon is not None:
@@ -206,7 +226,8 @@ class Method(methods.Method):
       if budget < total_steps:
         self.limit = (budget, (
             f"step {budget + 1} would spend epsilon "
-            f"{a.epsilon(budget + 1):.4g} > config.privacy.target_epsilon="
+            f"{a.epsilon(budget + 1):.4g} > config.method_options.dp_sgd."
+            f"target_epsilon="
             f"{a.target_epsilon} at delta={a.delta:.3g} (noise multiplier "
             f"{a.noise_multiplier:.4g}, q={a.sampling_rate:.4g})"))
     log.info("DP-SGD: N=%d, q=%.4g, noise multiplier %.4f%s, C=%g, delta=%.3g, "
@@ -247,7 +268,7 @@ class Method(methods.Method):
   def grad_fn(self, grad_fn):
     if grad_fn is not steps_lib.value_and_grad:
       raise ConfigError(
-          "config.privacy: another method in config.methods replaces the "
+          "DP-SGD: another method in config.methods replaces the "
           "gradient function; DP-SGD computes per-example gradients of the "
           "loss itself and cannot compose with it (wrap_loss methods work)")
     return self._grad_fn
@@ -255,7 +276,7 @@ class Method(methods.Method):
   def _grad_fn(self, loss_fn):
     """`loss_fn -> StepGradFn`: per-example clipping, noise once per batch."""
     if self.account is None:
-      raise RuntimeError("dp_sgd.Method.prepare must run before the step "
+      raise RuntimeError("dp_sgd.Method.setup must run before the step "
                          "is built (train.build calls it)")
     p, a, accum = self.privacy, self.account, self.accum
     noise_base = jax.random.fold_in(jax.random.key(self.config.seed),
@@ -267,7 +288,7 @@ class Method(methods.Method):
       def per_example(trainable, example, example_key):
         return loss_fn(trainable, frozen, example, example_key)[0]
 
-      value_and_grads = dp_sgd.dp_value_and_grad(
+      value_and_grads = clipping.dp_value_and_grad(
           per_example, clip_norm=p.clip_norm,
           noise_multiplier=a.noise_multiplier,
           # MultiSteps averages the accum micro-batch gradients: each is

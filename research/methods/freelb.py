@@ -1,7 +1,7 @@
 """FreeLB: free large-batch adversarial training (Zhu et al. 2020).
 
 `steps` (K) ascent steps on a perturbation of the word embeddings (real
-tokens only, see `research.training.adversarial`), starting from uniform
+tokens only, see `research.methods.adversarial.embeddings`), starting from uniform
 noise of size `init_magnitude` inside the epsilon ball. Every step's
 forward and backward pass gives the parameter gradient at the current
 perturbation, which is accumulated, and the ascent direction; the update
@@ -23,7 +23,7 @@ every ascent step of a step, as in the paper.
 import jax
 
 from research import methods
-from research.training import adversarial
+from research.methods.adversarial import embeddings as adversarial
 
 
 class Method(methods.Method):
@@ -35,8 +35,12 @@ class Method(methods.Method):
     super().__init__(config, **{**self.CONFIG, **options})
     adversarial.check_options(self.options, "config.method_options.freelb")
 
+  def setup(self, context):
+    # The embedding width and the tokens never perturbed, from the run.
+    self.hidden, self.special = adversarial.model_facts(context)
+
   def grad_fn(self, grad_fn):
-    hidden, special = adversarial.model_facts(self.config)
+    hidden, special = self.hidden, self.special
     o = self.options
     steps = o["steps"]
 

@@ -5,8 +5,8 @@ target dense layer computes `W x + (alpha / r) B A x` with W frozen, A [in, r]
 and B [r, out] trained and B starting at zero (the model starts as the
 pre-trained one). The task head is trained whole (PEFT's
 `modules_to_save`). Checkpoints hold A, B, the head and their optimiser
-state; `research.peft.layers.merge` folds B A into W for inference and
-`research.peft.hf_peft.export` writes a directory Hugging Face PEFT loads.
+state; `research.methods.peft.layers.merge` folds B A into W for inference and
+`research.methods.peft.hf_peft.export` writes a directory Hugging Face PEFT loads.
 
     config.methods = ("lora",)
     config.method_options.lora = dict(r=8, alpha=16, target_modules=("query", "value"))
@@ -19,9 +19,10 @@ names of `research.models.bert.make_dense` or their last part, or
 
 from flax import nnx
 
-from research import methods, peft
+from research import methods
+from research.methods import peft
 from research.configs.plugins import ConfigError
-from research.peft import layers
+from research.methods.peft import layers
 
 CONFIG = {"r": 8, "alpha": 16.0, "dropout": 0.0,
           "target_modules": ("query", "value"), "head": True, "pooler": False}
@@ -68,3 +69,17 @@ class Method(methods.Method):
 
   def wrap_loss(self, loss_fn):
     return peft.with_dropout(loss_fn) if self.options["dropout"] > 0 else loss_fn
+
+  def export_model(self, model):
+    """B A folded into each target kernel: a plain BERT again."""
+    return layers.merge(model)
+
+  def export_adapters(self, model, out_dir, context, step):
+    """The adapters and head as a Hugging Face PEFT directory."""
+    from research.methods.peft import hf_peft  # pylint: disable=import-outside-toplevel
+    options = dict(self.options)
+    options.setdefault("total_step", context.config.get("total_steps", 0)
+                       or step)
+    hf_peft.export(model, out_dir, task=context.task.HEAD, options=options,
+                   base_model_name_or_path=context.config.model.name)
+    return f"the {self.name} adapters"

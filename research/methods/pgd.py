@@ -1,7 +1,7 @@
 """PGD adversarial training on the word embeddings (Madry et al. 2018).
 
 Each step trains on the clean batch and on the batch whose word embeddings
-(real tokens only, see `research.training.adversarial`) are moved by the
+(real tokens only, see `research.methods.adversarial.embeddings`) are moved by the
 perturbation found with `steps` projected ascent steps of size `step_size`
 inside a per-example ball of radius `epsilon` (L2 or L-infinity), starting
 from zero. The loss is clean + adversarial, as in Miyato et al. (2017) and
@@ -23,7 +23,7 @@ masks in every pass of a step, as FreeLB keeps them).
 import jax
 
 from research import methods
-from research.training import adversarial
+from research.methods.adversarial import embeddings as adversarial
 from research.training import steps
 
 
@@ -36,6 +36,10 @@ class Method(methods.Method):
   def __init__(self, config, **options):
     super().__init__(config, **{**self.CONFIG, **options})
     adversarial.check_options(self.options, self.where)
+
+  def setup(self, context):
+    # The embedding width and the tokens never perturbed, from the run.
+    self.hidden, self.special = adversarial.model_facts(context)
 
   @property
   def where(self):
@@ -53,7 +57,7 @@ class Method(methods.Method):
     clean pass's loss and parameter gradients (computed together with the
     first ascent direction).
     """
-    hidden, special = adversarial.model_facts(self.config)
+    hidden, special = self.hidden, self.special
     num_steps, step_size, epsilon, norm = self.attack()
     joint = grad_fn(adversarial.joint(loss_fn))
 

@@ -2,7 +2,7 @@
 
 Li and Liang (2021), "Prefix-Tuning: Optimizing Continuous Prompts for
 Generation": every layer's attention also attends to `length` trained keys
-and values (`research.peft.prefix.PrefixEncoder`, through the model's
+and values (`research.methods.peft.prefix.PrefixEncoder`, through the model's
 `prefix_kv` hook), optionally re-parameterised by an MLP during training
 (`projection`, PEFT's `prefix_projection`). The encoder's weights are
 frozen; the prefixes and the task head are trained.
@@ -17,9 +17,10 @@ a run's prefixes live in its checkpoints only.
 
 from flax import nnx
 
-from research import methods, peft
+from research import methods
+from research.methods import peft
 from research.configs.plugins import ConfigError
-from research.peft import prefix
+from research.methods.peft import prefix
 
 CONFIG = {"length": 20, "projection": False, "projection_size": 512,
           "head": True, "pooler": False}
@@ -45,6 +46,11 @@ class Method(methods.Method):
         projection_size=int(o["projection_size"]),
         rngs=nnx.Rngs(params=self.config.seed + 1))
     return model
+
+  def export_model(self, model):
+    raise ValueError(f"method {self.name!r} adds layers a transformers BERT "
+                     "does not have: a Hugging Face directory cannot hold "
+                     "this run; use its checkpoints (research.restore)")
 
   def trainable(self):
     return peft.any_of(prefix.PrefixParam,

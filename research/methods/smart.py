@@ -2,13 +2,16 @@
 
 The loss is the task loss plus `weight` times R, the symmetric divergence
 between the model's outputs on the clean batch and on the batch whose word
-embeddings (real tokens only, see `research.training.adversarial`) are moved
+embeddings (real tokens only, see `research.methods.adversarial.embeddings`) are moved
 by a perturbation delta:
 
     R = mean over examples of KL(p(x) || p(x + delta)) + KL(p(x + delta) || p(x))
 
-(per real token for token classification, since smoothness needs no
-label; squared difference for a regression output). R uses no labels: it
+(per weighted example or token of each of the task's output distributions,
+`Task.distributions`: one per example for sequence classification, one per
+real token for token classification and masked LM, the start and end
+distributions of question answering; squared difference for a regression
+output). R uses no labels: it
 asks the output to stay the same near each input, where FGM, PGD and
 FreeLB ask the label to.
 
@@ -32,8 +35,8 @@ embedding by 1e-3 in its largest coordinate; a MiniLM word embedding has
 coordinates of about 0.05, so over a sentence of 20 words that is an L2
 ball of about 0.1, the default here.
 
-Tasks: sequence classification and regression, and token classification
-(one logits array per example or token). Deterministic: the noise is drawn
+Tasks: any whose `Task.distributions` gives its outputs' distributions
+(a task without them is refused, naming it). Deterministic: the noise is drawn
 from `fold_in(key, INIT_STREAM)` of the step's key; every pass of a step
 uses the same dropout masks.
 """
@@ -43,21 +46,18 @@ import jax.numpy as jnp
 
 from research import methods
 from research.configs.plugins import ConfigError
-from research.training import adversarial
+from research.methods.adversarial import embeddings as adversarial
+from research.tasks import common as task_common
 
-TASKS = ("sequence_classification", "token_classification")
-
-
-def divergence(a, b, batch):
+def divergence(a, b, weights):
   """Weighted mean symmetric divergence between two logits arrays.
 
   Args:
-    a, b: logits [B, C] (C = 1: a regression output) or [B, L, C].
-    batch: gives the weights: `weights` per row (0 on a padding row), times
-      `attention_mask` for token outputs.
+    a, b: logits [..., C] (C = 1: a regression output).
+    weights: [...], how much each distribution counts (0 on padding).
 
   Returns:
-    The scalar mean over the weighted examples (or tokens) of
+    The scalar mean over the weighted distributions of
     KL(p_a || p_b) + KL(p_b || p_a) = sum_c (p_a - p_b)(log p_a - log p_b),
     or of (a - b)^2 for one output.
   """
@@ -66,10 +66,15 @@ def divergence(a, b, batch):
   else:
     la, lb = jax.nn.log_softmax(a, -1), jax.nn.log_softmax(b, -1)
     per = jnp.sum((jnp.exp(la) - jnp.exp(lb)) * (la - lb), axis=-1)
-  w = batch["weights"].astype(per.dtype)
-  if per.ndim == 2:
-    w = w[:, None] * batch["attention_mask"].astype(per.dtype)
+  w = weights.astype(per.dtype)
   return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def total_divergence(task, clean, perturbed, batch):
+  """Sum of `divergence` over the task's output distributions."""
+  pairs = zip(task.distributions(clean, batch),
+              task.distributions(perturbed, batch))
+  return sum(divergence(a, b, w) for (a, w), (b, _) in pairs)
 
 
 class Method(methods.Method):
@@ -87,15 +92,22 @@ class Method(methods.Method):
     for name in ("weight", "noise"):
       if self.options[name] < 0:
         raise ConfigError(f"{where}.{name}={self.options[name]!r} must be >= 0")
-    if config.task not in TASKS:
+
+  def check_task(self, task):
+    """SMART compares output distributions: the task must expose them."""
+    if type(task).distributions is task_common.Task.distributions:
       raise ConfigError(
-          f"config.methods has 'smart', whose divergence needs one logits "
-          f"array per example or token; config.task={config.task!r}; valid: "
-          f"{', '.join(TASKS)}")
+          f"config.methods has 'smart', whose divergence compares the "
+          f"model's output distributions; config.task={self.config.task!r} "
+          "defines no Task.distributions (research/tasks/common.py)")
+
+  def setup(self, context):
+    self.task = context.task
+    self.hidden, self.special = adversarial.model_facts(context)
 
   def perturbation(self, loss_fn):
     """`(params, frozen, batch, key) -> delta` [B, L, hidden] (no gradient)."""
-    hidden, special = adversarial.model_facts(self.config)
+    hidden, special, task = self.hidden, self.special, self.task
     o = self.options
 
     def perturb(params, frozen, batch, key):
@@ -110,7 +122,7 @@ class Method(methods.Method):
 
       def r(d):
         adv = loss_fn(params, frozen, adversarial.with_delta(batch, d), key)
-        return divergence(clean, adv[1]["outputs"], batch)
+        return total_divergence(task, clean, adv[1]["outputs"], batch)
 
       def step(_, d):
         return adversarial.ascend(d, jax.grad(r)(d), batch, mask,
@@ -124,14 +136,14 @@ class Method(methods.Method):
 
   def objective(self, loss_fn, delta):
     """The regularised loss at the perturbation `delta`."""
-    weight = self.options["weight"]
+    weight, task = self.options["weight"], self.task
 
     def objective(params, frozen, batch, key):
       loss, aux = loss_fn(params, frozen, batch, key)
       _, adv = loss_fn(params, frozen, adversarial.with_delta(batch, delta),
                        key)
-      return loss + weight * divergence(aux["outputs"], adv["outputs"],
-                                        batch), aux
+      return loss + weight * total_divergence(task, aux["outputs"],
+                                              adv["outputs"], batch), aux
 
     return objective
 

@@ -136,7 +136,7 @@ def make_dense(in_features, out_features, *, kernel_axes, name: str,
     dtype, param_dtype: compute and parameter dtypes.
     rngs: initialisation randomness.
     layer: the class built (a subclass of `nnx.LinearGeneral` that adds
-      weights, e.g. `research.peft.layers.LoRADense`), with
+      weights, e.g. `research.methods.peft.layers.LoRADense`), with
       `layer_options` as its extra keyword arguments.
 
   Returns:

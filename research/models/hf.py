@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from research.models import create_model, head_class
+from research.models import create_model, head_class, heads
 from research.models.bert import SUPPORTED_MODEL_TYPES, BertConfig, BertModel
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ class LoadReport:
     return "\n".join(lines)
 
 
-def load_pretrained(name: str, task="sequence_classification",
+def load_pretrained(name: str, task=heads.SequenceClassification,
                     num_labels: int = 2, *, dtype="float32",
                     param_dtype="float32", attention_impl=None, remat=False,
                     dense_factory=None,

@@ -3,7 +3,7 @@
 A task module's `Task(config, tokenizer=None)` answers, for the trainer, the
 benchmark, prediction and export alike:
 
-  model     HEAD (a class of `research.models.heads`, snake_case, loaded by
+  model     HEAD (a class of `research.models.heads`, loaded by
             `hf.load_pretrained`), `num_outputs()`, `forward(model, batch,
             rngs)`;
   data      `columns()` to read, `featurize(raw, tokenizer, max_length,
@@ -25,13 +25,17 @@ defaults, `config.task_options` their values (`self.options`).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
+from research import methods as methods_lib
 from research.configs import plugins
 from research.configs.plugins import ConfigError
 from research.data import labels as labels_lib
+from research.models import heads
 from research.data import tokenize
 from research.training import partition
 
@@ -51,7 +55,7 @@ def dropout_overrides(model_config) -> dict:
 
 class Task:
   """Base of the tasks; see the module docstring."""
-  HEAD = "sequence_classification"
+  HEAD = heads.SequenceClassification  # the model class (research/models/heads.py)
   CONFIG = {}             # this task's options and their defaults
   EVALUATOR = "sequence"  # the evaluator type of `default_evals`
   PACKING = False         # trains on packed rows (data.examples_per_row > 1)
@@ -60,7 +64,7 @@ class Task:
   # `(batch, key) -> batch` run in the step before the loss, or None.
   transform = None
   # A task with its own input (masked_lm's pre-training corpus): a function
-  # like `data.load_splits` and one like `train.make_batchers` for the
+  # like `data.load_splits` and one like `data.loaders.make_batchers` for the
   # splits it returns. None: config.data's rows and `data.Batcher`.
   load_data = None
   make_batchers = None
@@ -90,26 +94,33 @@ class Task:
     """The head's output size (`hf.load_pretrained`'s num_labels)."""
     return self.config.num_labels
 
-  def load_model(self, model_dir):
+  def load_model(self, model_dir, methods=()):
     """The head's model with the checkpoint's weights, as config.model says.
 
     The dtypes, attention implementation, remat and dropout rates
     (`dropout_overrides`) of `config.model`; `config.seed` initialises what
-    the checkpoint lacks (the head). The methods of `config.methods` may
-    change the dense layers (`Method.dense_factory`: LoRA, adapters) and the
-    loaded model (`Method.adapt_model`: prefixes).
+    the checkpoint lacks (the head). The run's `methods` may change the
+    dense layers (`Method.dense_factory`: LoRA, adapters) and the loaded
+    model (`Method.adapt_model`: prefixes); a task that builds its model
+    another way (`masked_lm` from scratch) applies both too.
     """
-    from research import methods as methods_lib  # pylint: disable=import-outside-toplevel
-    from research.models import hf, make_dense  # pylint: disable=import-outside-toplevel
+    from research.models import hf  # pylint: disable=import-outside-toplevel
     c = self.config
-    methods = methods_lib.load(c)
     model, _ = hf.load_pretrained(
-        str(model_dir), self.HEAD, self.num_outputs(), dtype=c.model.dtype,
-        param_dtype=c.model.param_dtype,
-        attention_impl=c.model.attention_impl, remat=c.model.remat,
-        dense_factory=methods_lib.dense_factory(methods, make_dense),
-        config_overrides=dropout_overrides(c.model), seed=c.seed)
+        str(model_dir), self.HEAD, self.num_outputs(),
+        config_overrides=dropout_overrides(c.model),
+        **self.model_options(methods))
     return methods_lib.adapt_model(methods, model)
+
+  def model_options(self, methods=()) -> dict:
+    """`create_model` / `hf.load_pretrained` keywords from `config.model`,
+    with the methods' dense-layer factory."""
+    from research.models import make_dense  # pylint: disable=import-outside-toplevel
+    c = self.config
+    return dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype,
+                attention_impl=c.model.attention_impl, remat=c.model.remat,
+                dense_factory=methods_lib.dense_factory(methods, make_dense),
+                seed=c.seed)
 
   def model_inputs(self, batch) -> dict:
     """The model's keyword arguments from a batch (packed rows included)."""
@@ -122,7 +133,7 @@ class Task:
   def forward(self, model, batch, rngs=None):
     """The model's outputs; `rngs=None` is evaluation (no dropout).
 
-    A batch with `embeds_delta` [B, L, hidden] (`research.training.adversarial`)
+    A batch with `embeds_delta` [B, L, hidden] (`research.methods.adversarial.embeddings`)
     runs on the word embeddings plus that perturbation (`inputs_embeds`).
     """
     inputs = self.model_inputs(batch)
@@ -216,6 +227,17 @@ class Task:
     """Predictions (an array or a dict of arrays), as evaluators take them."""
     raise NotImplementedError
 
+  def distributions(self, outputs, batch):
+    """The model's output distributions: a list of `(logits, weights)`.
+
+    Each `logits` [..., C] holds one categorical distribution per example
+    or token (C = 1: a regression output), `weights` [...] how much each
+    counts (0 on padding). Methods that compare outputs (SMART's smoothness)
+    use them; a task without them returns None and such methods refuse it.
+    """
+    del outputs, batch
+    return None
+
   @staticmethod
   def token_cross_entropy(logits, batch, ignore=-100):
     """Cross-entropy per token [B, L]; weight 0 where the label is `ignore`."""
@@ -271,6 +293,24 @@ class Task:
       out["labels"] = batch["labels"]
     if logits:
       out["logits"] = outputs
+    return out
+
+  def label_fields(self) -> tuple:
+    """The `Field`s a training batch carries besides the text and weights
+    (here one label per example: an id, or a score for regression)."""
+    from research.data.splits import Field  # pylint: disable=import-outside-toplevel
+    dtype = np.float32 if self.config.num_labels == 1 else np.int32
+    return (Field("labels", False, dtype, 0),)
+
+  def abstract_batch(self, batch_size, length) -> dict:
+    """One training batch as `jax.ShapeDtypeStruct`s: what an abstract step
+    is compiled for (`research.bench --abstract_flops`), with no data."""
+    ints = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+    out = {"input_ids": ints, "attention_mask": ints, "token_type_ids": ints,
+           "weights": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+    for f in self.label_fields():
+      shape = (batch_size, length) if f.per_token else (batch_size,)
+      out[f.name] = jax.ShapeDtypeStruct(shape, f.dtype)
     return out
 
   # --- Evaluation ------------------------------------------------------------------

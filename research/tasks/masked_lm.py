@@ -67,6 +67,7 @@ from research.data.errors import DataError
 from research.data.splits import TokenizedSplit, select, text_fields
 from research.tasks import common
 from research.training import partition
+from research.models import heads
 
 IGNORE = masking.IGNORE
 CORPORA = ("", "text", "jsonl", "tfds", "hf")
@@ -95,7 +96,7 @@ def parse_architecture(text):
 
 class Task(common.Task):
   """See the module docstring."""
-  HEAD = "masked_lm"
+  HEAD = heads.MaskedLM
   EVALUATOR = "token"
   CONFIG = {
       "mask_probability": 0.15,
@@ -133,7 +134,7 @@ class Task(common.Task):
                         "(config.task_options.corpus)")
     self.architecture = parse_architecture(o["architecture"])
     if o["next_sentence"]:
-      self.HEAD = "pre_training"  # pylint: disable=invalid-name
+      self.HEAD = heads.PreTraining  # pylint: disable=invalid-name
     self._transform = None
 
   # --- Model -------------------------------------------------------------------
@@ -141,11 +142,14 @@ class Task(common.Task):
   def num_outputs(self):
     return 0  # the head's outputs are the vocabulary
 
-  def load_model(self, model_dir):
+  def load_model(self, model_dir, methods=()):
     """The checkpoint's model (a new MLM head if it has none, reported), or
-    with `architecture` a new model of that shape."""
+    with `architecture` a new model of that shape. Either way the methods'
+    dense layers and adaptations apply (LoRA on a model from scratch trains
+    low-rank updates of its random weights, as asked)."""
     if not self.architecture:
-      return super().load_model(model_dir)
+      return super().load_model(model_dir, methods)
+    from research import methods as methods_lib  # pylint: disable=import-outside-toplevel
     from research.models import create_model, hf  # pylint: disable=import-outside-toplevel
     c = self.config
     try:
@@ -156,10 +160,8 @@ class Task(common.Task):
                         f"{self.options['architecture']!r}: {e}") from e
     log.info("initialised from scratch (config.task_options.architecture): "
              "%s", cfg)
-    return create_model(self.HEAD, cfg, 0, dtype=c.model.dtype,
-                        param_dtype=c.model.param_dtype,
-                        attention_impl=c.model.attention_impl,
-                        remat=c.model.remat, seed=c.seed)
+    model = create_model(self.HEAD, cfg, 0, **self.model_options(methods))
+    return methods_lib.adapt_model(methods, model)
 
   # --- Data: config.data rows --------------------------------------------------
 
@@ -184,7 +186,7 @@ class Task(common.Task):
 
   @property
   def make_batchers(self):
-    """`train.make_batchers`' stand-in for a corpus (None: the trainer's)."""
+    """`data.loaders.make_batchers`' stand-in for a corpus (None: the trainer's)."""
     return self._corpus_batchers if self.options["corpus"] else None
 
   def _files(self, field):
@@ -274,6 +276,10 @@ class Task(common.Task):
           whole_word=self.options["whole_word"])
     return self._transform(batch, key)
 
+  def label_fields(self):
+    """None: the transform masks the batch and makes its labels."""
+    return ()
+
   def loss(self, logits, batch):
     """Cross-entropy per masked token [B, L] (weight 0 elsewhere)."""
     if isinstance(logits, tuple):  # (MLM, NSP): the MLM part
@@ -294,7 +300,7 @@ class Task(common.Task):
                      batch["weights"])
       return ((losses * weights).sum() / jnp.maximum(total, 1.0)
               + nsp["nsp_loss"] / jnp.maximum(nsp["nsp_count"], 1.0),
-              {"weight": total})
+              {"weight": total, "outputs": outputs})
 
     return loss_fn
 
@@ -312,6 +318,14 @@ class Task(common.Task):
     if isinstance(logits, tuple):
       logits = logits[0]
     return jnp.argmax(logits, axis=-1)
+
+  def distributions(self, logits, batch):
+    """The vocabulary distribution at every real token [B, L, V] (with
+    next-sentence prediction, also its [B, 2])."""
+    tokens = batch["weights"][:, None] * batch["attention_mask"]
+    if isinstance(logits, tuple):
+      return [(logits[0], tokens), (logits[1], batch["weights"])]
+    return [(logits, tokens)]
 
   def default_evals(self, split_names):
     if self.options["corpus"]:  # the corpus's held-out splits

@@ -23,7 +23,7 @@ question is an error).
 Loss: the mean of the start and end cross-entropies per window, over its
 real tokens. Predictions: the start and end logits, turned into answers per
 question over all its windows by the `span` evaluator
-(`research.evaluation.squad_decoding`), scored with the official metrics.
+(`research.metrics.squad_decoding`), scored with the official metrics.
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ from research.data import squad
 from research.data import tokenize
 from research.data.splits import Field, TokenizedSplit, text_fields
 from research.tasks import common
+from research.models import heads
 
 
 class Task(common.Task):
   """See the module docstring."""
-  HEAD = "question_answering"
+  HEAD = heads.QuestionAnswering
   EVALUATOR = "span"
   LABEL_JSON = True
   # doc_stride: tokens shared by consecutive windows of a long context (-1:
@@ -143,6 +144,10 @@ class Task(common.Task):
     return jnp.where(batch["attention_mask"] > 0, logits,
                      jnp.finfo(jnp.float32).min)
 
+  def label_fields(self):
+    return (Field("start_positions", False, np.int32, 0),
+            Field("end_positions", False, np.int32, 0))
+
   def loss(self, outputs, batch):
     """(start + end cross-entropy) / 2 per feature [B]."""
     start, end = (self._masked(x, batch) for x in outputs)
@@ -159,3 +164,7 @@ class Task(common.Task):
             "cls_index": batch["cls_index"],
             "offset_start": batch["offset_start"],
             "offset_end": batch["offset_end"]}
+
+  def distributions(self, outputs, batch):
+    """The start and end distributions over each feature's positions [B, L]."""
+    return [(self._masked(x, batch), batch["weights"]) for x in outputs]

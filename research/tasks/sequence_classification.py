@@ -16,11 +16,12 @@ from research.data import labels as labels_lib
 from research.data.errors import DataError, RowPolicy
 from research.data.splits import TokenizedSplit, select
 from research.tasks import common
+from research.models import heads
 
 
 class Task(common.Task):
   """See the module docstring."""
-  HEAD = "sequence_classification"
+  HEAD = heads.SequenceClassification
   EVALUATOR = "sequence"
   PACKING = True
 
@@ -71,3 +72,7 @@ class Task(common.Task):
     """Class ids [B], or the regression output [B]."""
     del batch
     return logits[:, 0] if self.regression else jnp.argmax(logits, axis=-1)
+
+  def distributions(self, logits, batch):
+    """One distribution per example [B, C] (a regression output: C = 1)."""
+    return [(logits, batch["weights"])]

@@ -44,6 +44,7 @@ from research.data.errors import RowPolicy
 from research.data.sources import label_str
 from research.data.splits import Field, TokenizedSplit, select, text_fields
 from research.tasks import common
+from research.models import heads
 
 IGNORE = -100
 SCHEMES = ("auto", "iob2", "none")
@@ -53,7 +54,7 @@ CONLL_EXTENSIONS = (".txt", ".conll", ".iob", ".iob2")
 
 class Task(common.Task):
   """See the module docstring."""
-  HEAD = "token_classification"
+  HEAD = heads.TokenClassification
   EVALUATOR = "tagging"
   WORDS = True
   LABEL_JSON = True
@@ -183,6 +184,9 @@ class Task(common.Task):
         examples=examples)
     return split, self.skipped(enc, policy)
 
+  def label_fields(self):
+    return (Field("labels", True, np.int32, IGNORE),)
+
   def loss(self, logits, batch):
     """Cross-entropy per labelled token [B, L] (weight 0 elsewhere)."""
     return self.token_cross_entropy(logits, batch, IGNORE)
@@ -191,3 +195,7 @@ class Task(common.Task):
     """A class id per token [B, L]."""
     del batch
     return jnp.argmax(logits, axis=-1)
+
+  def distributions(self, logits, batch):
+    """One distribution per real token [B, L, C]."""
+    return [(logits, batch["weights"][:, None] * batch["attention_mask"])]

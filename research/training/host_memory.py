@@ -32,6 +32,8 @@ import logging
 import os
 import platform
 
+from research.configs.plugins import ConfigError
+
 log = logging.getLogger(__name__)
 
 # mallopt parameters, from glibc's <malloc.h>.
@@ -100,8 +102,8 @@ def configure(mode: str) -> bool:
     Whether the retaining settings are in effect.
   """
   if mode not in MODES:
-    raise ValueError(f"config.cpu_malloc={mode!r}; valid choices: "
-                     f"{', '.join(MODES)}")
+    raise ConfigError(f"config.cpu_malloc={mode!r}; valid choices: "
+                      f"{', '.join(MODES)}")
   if mode == "retain" or (mode == "auto" and not accelerator_runtime_installed()):
     return retain_freed_memory()
   return False

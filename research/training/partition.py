@@ -10,15 +10,35 @@ three states:
   rest       every other `nnx.Variable` (a pruning mask, a quantisation
              scale): constants of the run, travelling with `frozen`.
 
-`frozen` and `rest` go to the step as one non-donated argument, `(frozen,
-rest)`; `merge` puts a model back together. Full fine-tuning is the filter
-`nnx.Param` (the default): `frozen` is then empty and costs nothing.
+`frozen` and `rest` go to the step as one non-donated argument, a
+`Frozen(params, rest, methods)`, beside the state the methods own
+(`methods`: {method name: pytree}, e.g. a teacher's weights or the weights a
+run started from; `research.methods.Method.setup`). `merge` puts a model
+back together. Full fine-tuning is the filter `nnx.Param` (the default):
+`frozen` is then empty and costs nothing.
 """
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 from flax import nnx
+
+
+class Frozen(NamedTuple):
+  """What the step reads but never updates, donates nor checkpoints.
+
+  Attributes:
+    params: the model's frozen `nnx.Param`s (a LoRA base, BitFit's weights).
+    rest: the model's other variables (constants of the run).
+    methods: {method name: its own state} (`Method.setup`'s return: a
+      teacher's weights, a Fisher diagonal); sharded by the mesh like the
+      rest, by the logical axis names its `nnx.Variable`s carry.
+  """
+  params: Any
+  rest: Any
+  methods: dict = {}
 
 
 def split_model(model: nnx.Module, trainable=nnx.Param):
@@ -38,8 +58,9 @@ def split_model(model: nnx.Module, trainable=nnx.Param):
 
 
 def merge(graphdef, trainable, frozen):
-  """The model from `split_model`'s pieces; `frozen` is `(frozen, rest)`."""
-  return nnx.merge(graphdef, trainable, *frozen)
+  """The model from `split_model`'s pieces; `frozen` is a `Frozen` (or a
+  `(frozen params, rest)` pair)."""
+  return nnx.merge(graphdef, trainable, frozen[0], frozen[1])
 
 
 def count(state) -> int:

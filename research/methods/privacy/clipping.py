@@ -74,7 +74,7 @@ def check_batch(batch: dict, chunk_size: int | None) -> int:
   size = batch["weights"].shape[0]
   if chunk_size is not None and (chunk_size < 1 or size % chunk_size):
     raise ValueError(
-        f"config.privacy.chunk_size = {chunk_size} must divide the per-device "
+        f"config.method_options.dp_sgd.chunk_size = {chunk_size} must divide the per-device "
         f"batch of {size} rows (choose a divisor of {size}, or None for all "
         "rows at once)")
   return size
@@ -101,7 +101,7 @@ def clip_and_sum(per_example_loss_fn: Callable[..., jax.Array], *,
     0 on padding rows).
   """
   if not clip_norm > 0:
-    raise ValueError(f"config.privacy.clip_norm = {clip_norm} must be > 0")
+    raise ValueError(f"config.method_options.dp_sgd.clip_norm = {clip_norm} must be > 0")
 
   def weighted_loss(params, example, key):
     # The weight scales the gradient *before* clipping: 0 removes a padding
@@ -195,10 +195,10 @@ def dp_value_and_grad(per_example_loss_fn: Callable[..., jax.Array], *,
     `num_examples` (global).
   """
   if noise_multiplier < 0:
-    raise ValueError(f"config.privacy.noise_multiplier = {noise_multiplier} "
+    raise ValueError(f"config.method_options.dp_sgd.noise_multiplier = {noise_multiplier} "
                      "must be >= 0")
   if not expected_batch_size > 0:
-    raise ValueError(f"config.privacy.expected_batch_size = "
+    raise ValueError(f"config.batch_size (the expected batch size) = "
                      f"{expected_batch_size} must be > 0")
   clipped = clip_and_sum(per_example_loss_fn, clip_norm=clip_norm,
                          chunk_size=chunk_size)

@@ -21,9 +21,10 @@ import re
 import numpy as np
 from flax import nnx
 
-from research import peft
+from research.methods import peft
 from research.models import hf, head_class, make_dense
-from research.peft import layers
+from research.methods.peft import layers
+from research.models import heads
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -182,7 +183,7 @@ def read_config(adapter_dir) -> dict:
   return config
 
 
-def load(adapter_dir, base: str, task="sequence_classification",
+def load(adapter_dir, base: str, task=heads.SequenceClassification,
          num_labels: int = 2, **load_kw):
   """Our model with a PEFT LoRA/AdaLoRA directory's adapters and head.
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from research.peft import layers
+from research.methods.peft import layers
 
 # The key stream of the adapters' input dropout, apart from the model's.
 DROPOUT_STREAM = 0x7FFFFFFD

@@ -22,7 +22,7 @@ fixed-size batches is accounted as if it were Poisson (`sampling='shuffle'`):
 common practice, but not a proven bound (Chua et al. 2024 show shuffling can
 be much weaker); every result of such a run carries `SHUFFLE_CAVEAT`.
 
-The config fields named in errors are those of `config.privacy` (issue 20):
+The config fields named in errors are those of `config.method_options.dp_sgd`:
 `target_epsilon`, `noise_multiplier`, `delta`, `expected_batch_size`,
 `sampling`, `accountant`.
 """
@@ -45,7 +45,7 @@ SHUFFLE_CAVEAT = ("shuffled batches accounted as Poisson sampling: "
 def make_accountant(name: str) -> dp_accounting.PrivacyAccountant:
   """A fresh `dp_accounting` accountant: 'rdp' or 'pld'."""
   if name not in ACCOUNTANTS:
-    raise ValueError(f"config.privacy.accountant = {name!r}; valid choices: "
+    raise ValueError(f"config.method_options.dp_sgd.accountant = {name!r}; valid choices: "
                      f"{sorted(ACCOUNTANTS)}")
   return ACCOUNTANTS[name]()
 
@@ -60,7 +60,7 @@ def dpsgd_event(sampling_rate: float, noise_multiplier: float,
 
 
 def resolve_delta(delta: float | None, num_examples: int) -> float:
-  """`config.privacy.delta`, defaulting to 1/N; refused above 1/N.
+  """`config.method_options.dp_sgd.delta`, defaulting to 1/N; refused above 1/N.
 
   delta is the probability that the epsilon guarantee fails outright; above
   1/N a mechanism that publishes one random example verbatim would qualify.
@@ -82,9 +82,9 @@ def resolve_delta(delta: float | None, num_examples: int) -> float:
   # not be refused for its last bit.
   if not 0 < delta or delta * num_examples > 1 + 1e-9:
     raise ValueError(
-        f"config.privacy.delta = {delta} must be in (0, 1/N] = (0, "
+        f"config.method_options.dp_sgd.delta = {delta} must be in (0, 1/N] = (0, "
         f"{1 / num_examples:.3g}] for N = {num_examples} training examples; "
-        "leave it unset (None; config.privacy.delta <= 0) for 1/N or choose "
+        "leave it unset (None; config.method_options.dp_sgd.delta <= 0) for 1/N or choose "
         "a smaller value")
   return float(delta)
 
@@ -95,17 +95,17 @@ def _check(sampling_rate, noise_multiplier=None, steps=None, delta=None,
   if not 0 < sampling_rate <= 1:
     raise ValueError(
         f"sampling rate q = {sampling_rate} must be in (0, 1]: "
-        "config.privacy.expected_batch_size must be between 1 and the number "
+        "config.batch_size (the expected batch size) must be between 1 and the number "
         "of training examples")
   if noise_multiplier is not None and not noise_multiplier > 0:
-    raise ValueError(f"config.privacy.noise_multiplier = {noise_multiplier} "
+    raise ValueError(f"config.method_options.dp_sgd.noise_multiplier = {noise_multiplier} "
                      "must be > 0 (0 gives no privacy: epsilon is infinite)")
   if steps is not None and (int(steps) != steps or steps < 0):
     raise ValueError(f"steps = {steps} must be a non-negative integer")
   if delta is not None and not 0 < delta < 1:
-    raise ValueError(f"config.privacy.delta = {delta} must be in (0, 1)")
+    raise ValueError(f"config.method_options.dp_sgd.delta = {delta} must be in (0, 1)")
   if target_epsilon is not None and not target_epsilon > 0:
-    raise ValueError(f"config.privacy.target_epsilon = {target_epsilon} must "
+    raise ValueError(f"config.method_options.dp_sgd.target_epsilon = {target_epsilon} must "
                      "be > 0")
 
 
@@ -186,7 +186,7 @@ def calibrate_noise_multiplier(*, target_epsilon: float, sampling_rate: float,
     hi *= 2
     if hi > 1e6:
       raise ValueError(
-          f"config.privacy.target_epsilon = {target_epsilon} cannot be met "
+          f"config.method_options.dp_sgd.target_epsilon = {target_epsilon} cannot be met "
           f"with sigma <= 1e6 over {steps} steps at q = {sampling_rate}")
   lo = hi * shrink
   # Below sigma ~ 0.1 the PLD accountant takes minutes per evaluation and no
@@ -194,10 +194,10 @@ def calibrate_noise_multiplier(*, target_epsilon: float, sampling_rate: float,
   while gap(lo) <= 0:
     if lo < 0.1:
       raise ValueError(
-          f"config.privacy.target_epsilon = {target_epsilon} is met with "
+          f"config.method_options.dp_sgd.target_epsilon = {target_epsilon} is met with "
           f"noise_multiplier < 0.1 over {steps} steps at q = "
           f"{sampling_rate}: that epsilon is too large to be meaningful; "
-          "set config.privacy.noise_multiplier directly instead")
+          "set config.method_options.dp_sgd.noise_multiplier directly instead")
     hi, lo = lo, lo * shrink
   return float(_solve(lambda s: dpsgd_event(sampling_rate, s, steps), lo, hi,
                       target_epsilon=target_epsilon, delta=delta,
@@ -234,7 +234,7 @@ def max_steps(*, target_epsilon: float, sampling_rate: float,
   while eps(hi) <= target_epsilon:
     lo, hi = hi, 2 * hi
     if hi > 2**40:
-      raise ValueError(f"config.privacy.target_epsilon = {target_epsilon} "
+      raise ValueError(f"config.method_options.dp_sgd.target_epsilon = {target_epsilon} "
                        "allows more than 2**40 steps")
   n = int(_solve(lambda n: dpsgd_event(sampling_rate, noise_multiplier, n),
                  lo, hi, target_epsilon=target_epsilon, delta=delta,
@@ -292,7 +292,7 @@ def plan(*, num_examples: int, expected_batch_size: int, steps: int,
          target_epsilon: float | None = None,
          noise_multiplier: float | None = None, delta: float | None = None,
          accountant: str = "rdp", sampling: str = "poisson") -> DpSgdAccount:
-  """A run's `DpSgdAccount` from `config.privacy`-style fields.
+  """A run's `DpSgdAccount` from `config.method_options.dp_sgd`-style fields.
 
   Exactly one of `target_epsilon` (sigma is calibrated for `steps`) and
   `noise_multiplier` is given.
@@ -302,29 +302,29 @@ def plan(*, num_examples: int, expected_batch_size: int, steps: int,
     expected_batch_size: the mean logical batch size (q * N).
     steps: planned logical-batch steps.
     target_epsilon, noise_multiplier, delta, accountant, sampling: the
-      `config.privacy` fields of the same names.
+      `config.method_options.dp_sgd` fields of the same names.
 
   Returns:
     The account; for 'shuffle' sampling its `caveat` is logged as a warning.
   """
   if sampling not in SAMPLINGS:
-    raise ValueError(f"config.privacy.sampling = {sampling!r}; valid "
+    raise ValueError(f"config.method_options.dp_sgd.sampling = {sampling!r}; valid "
                      f"choices: {list(SAMPLINGS)}")
   make_accountant(accountant)
   if (target_epsilon is None) == (noise_multiplier is None):
     raise ValueError(
-        "config.privacy: set exactly one of target_epsilon (the noise "
+        "config.method_options.dp_sgd: set exactly one of target_epsilon (the noise "
         "multiplier is then calibrated) and noise_multiplier; got "
         f"target_epsilon = {target_epsilon}, noise_multiplier = "
         f"{noise_multiplier}")
   if not 1 <= expected_batch_size <= num_examples:
     raise ValueError(
-        f"config.privacy.expected_batch_size = {expected_batch_size} must be "
+        f"config.batch_size (the expected batch size) = {expected_batch_size} must be "
         f"in [1, N = {num_examples}]")
   delta = resolve_delta(delta, num_examples)
   q = expected_batch_size / num_examples
   if sampling == "shuffle":
-    logging.warning("DP-SGD: %s (config.privacy.sampling = 'shuffle'; use "
+    logging.warning("DP-SGD: %s (config.method_options.dp_sgd.sampling = 'shuffle'; use "
                     "'poisson' for the guarantee)", SHUFFLE_CAVEAT)
   if noise_multiplier is None:
     noise_multiplier = calibrate_noise_multiplier(

@@ -49,18 +49,10 @@ def check_options(options, where) -> None:
     raise ConfigError(f"{where}.steps={options['steps']!r} must be >= 1")
 
 
-@functools.lru_cache(maxsize=None)
-def _model_facts(model_name: str):
-  from research import data  # pylint: disable=import-outside-toplevel
-  from research.models import hf  # pylint: disable=import-outside-toplevel
-  model_dir = hf.resolve(model_name)
-  hidden = hf.read_config(model_dir).hidden_size
-  return hidden, special_ids(data.load_tokenizer(str(model_dir)))
-
-
-def model_facts(config):
-  """(hidden size, special token ids) of `config.model.name`'s checkpoint."""
-  return _model_facts(str(config.model.name))
+def model_facts(context):
+  """(hidden size, special token ids) of a run (`methods.Context`): what an
+  embedding perturbation needs, from what the run already holds."""
+  return context.model_cfg.hidden_size, special_ids(context.tokenizer)
 
 
 def special_ids(tokenizer) -> tuple:

@@ -26,9 +26,9 @@ from the SQuAD site) is written out here, quirks included:
 
 Command line, the same as the official scripts (prints their JSON):
 
-    python -m research.evaluation.squad dev-v2.0.json predictions.json \
+    python -m research.metrics.squad dev-v2.0.json predictions.json \
         --null_odds null_odds.json
-    python -m research.evaluation.squad dev-v2.0.json --baseline null
+    python -m research.metrics.squad dev-v2.0.json --baseline null
 
 `--baseline` scores a trivial baseline (`baseline_predictions`): "null"
 (always no answer) or "first_sentence" (the context's first sentence).

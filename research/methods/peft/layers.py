@@ -192,7 +192,7 @@ class AdaLoRADense(_LowRankDense):
   (Q^T, [r, out]); update `(x A * E) B * alpha / (r + 1e-5)`, r the initial
   rank (PEFT's `ranknum`). E starts at zero (the base model), A and B as
   normal(0, 0.02). Rank allocation zeroes entries of E
-  (`research.peft.adalora_allocation`).
+  (`research.methods.peft.adalora_allocation`).
   """
 
   def __init__(self, *args, lora_rank: int, lora_alpha: float,

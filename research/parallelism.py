@@ -49,6 +49,9 @@ def initialize_distributed(mode: str = "auto") -> None:
   (TPU_WORKER_HOSTNAMES lists more than one host), where JAX finds the
   coordinator itself.
   """
+  if mode not in ("auto", "on", "off"):
+    raise ParallelismError(f"config.parallelism.distributed={mode!r}; valid: "
+                           "auto, on, off")
   if mode == "off":
     return
   env = os.environ
