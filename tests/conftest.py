@@ -14,6 +14,19 @@ import pathlib  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 TESTDATA = pathlib.Path(__file__).parent / "testdata"
+# The real data sets beside the repository (../shared/data/SOURCES.md): CI and
+# this project's machines have them, a fresh clone does not.
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_data(*parts) -> pathlib.Path:
+  """A path under ../shared/data; the calling test (or fixture) skips,
+  naming the file, where it is absent."""
+  path = SHARED_DATA.joinpath(*parts)
+  if not path.exists():
+    pytest.skip(f"needs {path}: the real data sets of ../shared/data, "
+                "absent on a fresh clone")
+  return path
 
 
 @pytest.fixture(scope="session")

@@ -177,7 +177,8 @@ def test_freelb_one_step_epsilon_zero_is_plain_training(tiny_model_dir):
   for methods in [(), ("freelb",)]:
     config, run = _build(tiny_model_dir, methods=methods,
                          method_options={"freelb": {"epsilon": 0.0,
-                                                    "steps": 1}})
+                                                    "steps": 1}}
+                         if methods else {})
     state = run.state
     for step in range(3):
       batch = jax.tree.map(jnp.asarray, run.train_batches.batch_at(step))
@@ -275,6 +276,7 @@ def test_smart_divergence_is_the_weighted_symmetric_kl():
                              (_sym_kl(a, b) * w).sum() / w.sum(), rtol=1e-5)
   # Question answering: the start and the end distributions, summed.
   config.task = "question_answering"
+  config.data.text_fields = ("question", "context")
   task = tasks.load(config)
   starts, ends = rng.normal(size=(2, 2, 4, 5)).astype(np.float32)
   got = smart.total_divergence(task, (starts[0], ends[0]),

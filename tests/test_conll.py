@@ -13,15 +13,15 @@ import pytest
 from research import data
 from research.data import conll
 from research.data.errors import DataError
+from tests.conftest import shared_data
 
-VALID = (pathlib.Path(__file__).parents[1] / ".." / "shared" / "data" /
-         "conll2003" / "valid.txt")
 NAMES = conll.CONLL2003_TAGS
 
 
 @pytest.fixture(scope="module")
 def valid():
-  return conll.read_conll(str(VALID), scheme="iob2")
+  return conll.read_conll(str(shared_data("conll2003", "valid.txt")),
+                          scheme="iob2")
 
 
 @pytest.fixture(scope="module")

@@ -273,7 +273,8 @@ def test_configured_evaluators_and_logits(tmp_path, tiny_model_dir):
      "'sequence_classification'? (valid: masked_lm, question_answering, "
      "sequence_classification, token_classification"),
     ("methods", ("bitfitt",), "config.methods[0]='bitfitt' is not a module "
-     "of research/methods/; did you mean 'bitfit'? (valid: adalora, adapters, bitfit"),
+     "of research/methods/; did you mean 'bitfit'? (valid: adalora, adapters, "
+     "augment, bitfit"),
     ("evals", {"dev": {"type": "sequnce", "split": "validation"}},
      "config.evals.dev.type='sequnce' is not a module of research/evaluators/"
      "; did you mean 'sequence'? (valid: pre_training, robust, sequence, span, "

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import tracemalloc
 
 import numpy as np
@@ -11,9 +10,12 @@ import pytest
 from research import data
 from research.data import corpus
 from research.data.errors import DataError
+from tests.conftest import shared_data
 
-WIKI_VALID = (pathlib.Path(__file__).parent.parent.parent / "shared" / "data" /
-              "wikitext" / "wiki.valid.tokens")
+
+
+def _wiki_valid():
+  return shared_data("wikitext", "wiki.valid.tokens")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,7 @@ def tokenizer(minilm_dir):
 def wiki(tmp_path_factory, tokenizer):
   """WikiText-2 valid in 128-token FULL-SENTENCES rows."""
   out = tmp_path_factory.mktemp("wiki") / "rows"
-  info = corpus.build_corpus(corpus.TextFiles(str(WIKI_VALID)), tokenizer,
+  info = corpus.build_corpus(corpus.TextFiles(str(_wiki_valid())), tokenizer,
                              str(out), seq_len=128)
   return info, corpus.Corpus(str(out))
 
@@ -57,7 +59,7 @@ def _write(path, text, mode="w"):
 
 def test_wikitext_valid_rows_lose_no_token(wiki, tokenizer):
   info, c = wiki
-  lines = [l for l in WIKI_VALID.read_text(encoding="utf-8").splitlines()
+  lines = [l for l in _wiki_valid().read_text(encoding="utf-8").splitlines()
            if l.strip()]
   expected = [_ids(tokenizer, l) for l in lines]
   stream = np.concatenate([np.asarray(e) for e in expected])

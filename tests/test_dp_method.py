@@ -22,7 +22,6 @@ from research import methods as methods_lib
 from research import parallelism, train
 from research.configs import ConfigError, validate
 from research.data import samplers
-from research.methods import dp_sgd as dp_method
 from research.training import steps as steps_lib
 from tests import test_reliability as rel
 from tests.test_dp_sgd import _noise_std_check
@@ -299,7 +298,7 @@ def test_refused_at_build(tiny_model_dir):
     train.build(config)
   # Several features of one example (question answering's windows).
   run = train.build(_config(tiny_model_dir))
-  method = dp_method.Method(run.config, **run.config.method_options.dp_sgd)
+  method = run.methods[-1]  # the run's own instance
   split = run.train_split
   split.rows[1] = split.rows[0]
   with pytest.raises(ConfigError, match="320 features from 319 examples"):

@@ -1,6 +1,5 @@
 """BERT masking: rates, 80/10/10, specials, whole words, keys, sharding."""
 
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +8,8 @@ import pytest
 
 from research import data
 from research.data import masking
+from tests.conftest import shared_data
 
-WIKI_VALID = (pathlib.Path(__file__).parent.parent.parent / "shared" / "data" /
-              "wikitext" / "wiki.valid.tokens")
 DRAWS = 40
 
 
@@ -23,7 +21,7 @@ def tokenizer(minilm_dir):
 @pytest.fixture(scope="module")
 def batch(tokenizer):
   """64 padded WikiText-2 rows of 128 tokens (real sub-word structure)."""
-  lines = [l for l in WIKI_VALID.read_text(encoding="utf-8").splitlines()
+  lines = [l for l in shared_data("wikitext", "wiki.valid.tokens").read_text(encoding="utf-8").splitlines()
            if len(l.split()) > 8][:64]
   enc = tokenizer(lines, padding="max_length", truncation=True,
                   max_length=128, return_tensors="np")

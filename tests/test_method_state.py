@@ -73,10 +73,9 @@ def teacher_dir(tmp_path_factory, minilm_dir):
 
 
 def _config(model_dir, teacher, **overrides):
-  config = _tiny_config(model_dir, total_steps=8, log_every_steps=1,
-                        eval_every_steps=4, **{
-                            "data.max_length": 32, "data.buckets": (32,),
-                            **overrides})
+  config = _tiny_config(model_dir, **{
+      "total_steps": 8, "log_every_steps": 1, "eval_every_steps": 4,
+      "data.max_length": 32, "data.buckets": (32,), **overrides})
   config.parallelism.mesh_shape = (2, 1, 1)  # two simulated devices
   config.methods = (__name__,)
   config.method_options = {"test_method_state": {"teacher": teacher,

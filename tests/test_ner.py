@@ -5,7 +5,6 @@ rules of the CoNLL shared task's conlleval script (startOfChunk /
 endOfChunk), used only as a test oracle for seqeval's default mode.
 """
 
-import pathlib
 import random
 
 import pytest
@@ -14,9 +13,8 @@ from seqeval import scheme
 
 from research.data import conll
 from research.metrics import ner
+from tests.conftest import shared_data
 
-VALID = (pathlib.Path(__file__).parents[1] / ".." / "shared" / "data" /
-         "conll2003" / "valid.txt")
 
 
 def _split(tag):
@@ -176,7 +174,7 @@ def test_seqeval_matches_the_oracles_on_random_sequences():
 
 
 def test_conll2003_valid_gold_and_corrupted():
-  split = conll.read_conll(str(VALID))
+  split = conll.read_conll(str(shared_data("conll2003", "valid.txt")))
   gold = split.tags
   perfect = ner.entity_scores(gold, gold)
   assert perfect["num_gold"] == 5942 and perfect["f1"] == 1.0

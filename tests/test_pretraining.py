@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
 from experiments import _pretrain_common as common
 from experiments import continue_pretraining, pretrain_bert_base
@@ -29,9 +30,9 @@ from research.models import BertConfig, create_model, hf
 from research.tasks import masked_lm
 from research.training.checkpointing import Checkpointer
 from research.models import heads
+from tests.conftest import SHARED_DATA, shared_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-WIKI = REPO.parent / "shared" / "data" / "wikitext"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,7 +46,7 @@ def texts(tmp_path_factory):
   out = tmp_path_factory.mktemp("texts")
   paths = []
   for name, lines in (("wiki.train.tokens", 300), ("wiki.valid.tokens", 60)):
-    rows = [l for l in (WIKI / name).read_text().splitlines() if l.strip()]
+    rows = [l for l in shared_data("wikitext", name).read_text().splitlines() if l.strip()]
     path = out / name
     path.write_text("\n".join(rows[:lines]) + "\n")
     paths.append(str(path))
@@ -222,7 +223,7 @@ def _bpe_tokenizer():
   """A small byte-level BPE (RoBERTa's kind) trained on WikiText lines."""
   import tokenizers  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-  lines = (WIKI / "wiki.train.tokens").read_text().splitlines()[:2000]
+  lines = shared_data("wikitext", "wiki.train.tokens").read_text().splitlines()[:2000]
   bpe = tokenizers.ByteLevelBPETokenizer()
   bpe.train_from_iterator(lines + [_SENTENCES] * 5, vocab_size=2000,
                           special_tokens=["<s>", "</s>", "<pad>", "<unk>"],
@@ -474,8 +475,8 @@ def test_bench_counts_the_tied_decoder(texts, tmp_path):
 
 def test_continue_pretraining_tapt_reads_a_table_column():
   config = continue_pretraining.get_config(
-      f"table={WIKI.parent / 'glue_cola' / 'train.tsv'},"
-      f"eval={WIKI.parent / 'glue_cola' / 'dev.tsv'},columns=sentence")
+      f"table={SHARED_DATA / 'glue_cola' / 'train.tsv'},"
+      f"eval={SHARED_DATA / 'glue_cola' / 'dev.tsv'},columns=sentence")
   validate(config)
   assert config.task_options.corpus == "" and config.data.text_fields == (
       "sentence",)
@@ -512,3 +513,51 @@ def test_export_keeps_the_base_pooler(tmp_path, tiny_model_dir):
   other = hf.export(create_model("masked_lm", wide, seed=1), tmp_path / "w",
                     "masked_lm")
   assert keep_base_pooler(other, tiny_model_dir) == []
+
+
+_WORDS = ("the cat sat on the mat and the dog ran in the park while a bird "
+          "sang over the river near the old town").split()
+
+
+def _synthetic_texts(tmp_path):
+  """(train, valid) text files of random sentences over a small vocabulary."""
+  rng = np.random.default_rng(0)
+  paths = []
+  for name, lines in (("train.txt", 200), ("valid.txt", 40)):
+    path = tmp_path / name
+    path.write_text("\n".join(" ".join(rng.choice(_WORDS, 24))
+                              for _ in range(lines)) + "\n")
+    paths.append(str(path))
+  return paths
+
+
+def test_lora_on_a_model_from_scratch_trains_its_low_rank_updates(tmp_path):
+  """Every method seam applies on the from-scratch path too (LoRA's dense
+  factory): the encoder's kernels stay frozen, the updates and head train."""
+  config = _config(_synthetic_texts(tmp_path), total_steps=12)
+  config.data.cache_dir = str(tmp_path / "cache")
+  config.methods = ("lora",)
+  config.method_options = {"lora": {"r": 4}}
+  run = train.build(config)
+  trained = [p for p, _ in nnx.to_flat_state(run.state["params"])]
+  frozen = [p for p, _ in nnx.to_flat_state(run.frozen.params)]
+  assert any("lora_a" in p for p in trained)
+  assert all("lora" in p or p[0] != "bert" for p in trained), trained
+  assert any(p[-1] == "kernel" and "query" in p for p in frozen)
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  losses = _losses(tmp_path / "run")
+  assert losses[12] < losses[1] - 1.0, losses
+  assert summary["params/trainable"] < 0.5 * summary["params/total"]
+
+
+@pytest.mark.parametrize("method,options", [
+    ("augment", {"ops": ("swap",)}), ("dp_sgd", {"noise_multiplier": 1.0})])
+def test_a_method_that_changes_the_data_refuses_a_corpus(tmp_path, method,
+                                                         options):
+  config = _config(_synthetic_texts(tmp_path))
+  config.methods = (method,)
+  config.method_options = {method: options}
+  with pytest.raises(ConfigError, match=f"config.methods has '{method}', "
+                     r"which changes the training data .*config.task="
+                     "'masked_lm' streams its own input"):
+    validate(config)

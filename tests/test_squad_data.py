@@ -8,7 +8,6 @@ paragraphs; see ../shared/data/SOURCES.md).
 import collections
 import json
 import math
-import pathlib
 
 import numpy as np
 import pytest
@@ -16,9 +15,8 @@ import pytest
 from research import data
 from research.data import squad
 from research.data.errors import DataError
+from tests.conftest import shared_data
 
-SQUAD_FILE = (pathlib.Path(__file__).parents[1] / ".." / "shared" / "data" /
-              "squad" / "train-v2.0_first10articles.json")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +26,8 @@ def tokenizer(minilm_dir):
 
 @pytest.fixture(scope="module")
 def real():
-  return squad.read_squad(str(SQUAD_FILE))
+  return squad.read_squad(str(shared_data(
+      "squad", "train-v2.0_first10articles.json")))
 
 
 @pytest.fixture(scope="module")

@@ -126,6 +126,7 @@ def _validate_plugins(config) -> Plugins:
   from research.data import samplers
   task = tasks.load(config)
   loaded = methods.load(config, task)
+  methods.check_data_seams(loaded, task)
   evaluators.validate(config, task)
   sampler, sampler_options = methods.sampler(loaded, config.data.sampler,
                                              config.data.sampler_options)

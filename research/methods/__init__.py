@@ -220,6 +220,27 @@ def load(config, task=None):
   return out
 
 
+# Seams that change the training examples or their order: a task with its
+# own input (a streamed pre-training corpus) has no split they could change.
+DATA_SEAMS = ("training_split", "sampler")
+
+
+def check_data_seams(methods, task) -> None:
+  """ConfigError naming the method and the task when a method changes the
+  training data of a task that reads its own (`Task.make_batchers`)."""
+  if not task.make_batchers:
+    return
+  for m in methods:
+    used = [s for s in DATA_SEAMS
+            if getattr(type(m), s) is not getattr(Method, s)]
+    if used:
+      raise ConfigError(
+          f"config.methods has {m.name!r}, which changes the training data "
+          f"({used[0]}), but config.task={task.config.task!r} streams its "
+          "own input (a pre-training corpus); use the task's config.data "
+          "rows (task_options.corpus='') or leave the method out")
+
+
 def setup(methods, context: Context) -> dict:
   """Calls each method's `setup` once; {name: state} of those that own state."""
   states = {}
