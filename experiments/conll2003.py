@@ -29,7 +29,7 @@ accuracy; entity F1 selects the best checkpoint.
 Expected: the paper's numbers (published, not measured here): dev F1 96.4
 (BERT-BASE), 96.6 (BERT-LARGE), test F1 92.4 / 92.8 (Devlin et al. 2018,
 Table 7; the paper fine-tunes with document context). Measured here (2
-shared CPU cores, BENCHMARKS.md "SQuAD and CoNLL-2003"): all-minilm-l6-v2,
+shared CPU cores, BENCHMARKS.md "CoNLL-2003 NER"): all-minilm-l6-v2,
 the offline command above (lr 1e-4, seed 0), stopped after epoch 1 of 3:
 valid.txt entity F1 0.8764 (precision 0.8716, recall 0.8812), 13.5 min of
 training, about 23 min to the evaluation.

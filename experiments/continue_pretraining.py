@@ -25,12 +25,12 @@ tokens, batch 16, AdamW lr 3e-4 with 6% warmup and linear decay, 40 steps
 (a CPU budget: Gururangan et al. train far longer), masked-LM accuracy and
 perplexity on the first 128 held-out rows every 10 steps.
 
-Expected result (BENCHMARKS.md, "Pre-training"; measured on 2 shared CPU
+Expected result (BENCHMARKS.md, "Pre-training and task-adaptive pre-training"; measured on 2 shared CPU
 cores, ~12 min): held-out masked-token accuracy 0.000 before (the fresh
 head) and 0.180 after 40 steps; loss 10.96 -> 5.91 nats (perplexity 57,641
 -> 367), still falling.
 
-TAPT measured (BENCHMARKS.md, "Task-adaptive pre-training"; one H200, 3
+TAPT measured (BENCHMARKS.md, "Pre-training and task-adaptive pre-training"; one H200, 3
 seeds): `table=` CoLA's or RTE's train.tsv, steps=1000, batch=64, then
 `experiments/peft.py:task=...,method=full,lr=1e-4` with
 `--config.model.name=<the export>`: RTE dev accuracy 0.573 +- 0.025 (plain)

@@ -28,7 +28,7 @@ assumption), RDP accountant, noise calibrated before training for the
 planned steps. Global gradient clipping after the noise would only rescale
 Adam's input, so it is off; the warmup stays (10% of the steps).
 
-Measured (BENCHMARKS.md "Differential privacy", 3 seeds each): on the
+Measured (BENCHMARKS.md "Differential privacy (DP-SGD)", 3 seeds each): on the
 quickstart set (2 CPU cores) method=bitfit reaches dev accuracy 0.693 +-
 0.021 at epsilon 8, 0.600 +- 0.036 at 3, 0.547 +- 0.021 at 1 (majority
 class 0.50; non-private full fine-tuning 0.917 +- 0.015). On CoLA (one
@@ -47,6 +47,7 @@ import math
 
 from experiments import _glue_minilm as glue
 from experiments import quickstart
+from research import methods
 from research.configs.args import parse_arg
 
 ARGS = {"data": "quickstart", "epsilon": 8.0, "seed": 0, "method": "full",
@@ -75,8 +76,8 @@ def get_config(arg=None):
   if values["epsilon"] > 0:
     batch, epochs = PRIVATE[name]
     config.methods = ("dp_sgd",)
-    config.method_options = {"dp_sgd": {"target_epsilon": values["epsilon"],
-                                        "clip_norm": 0.1}}
+    config.method_options = {"dp_sgd": methods.with_defaults(
+        "dp_sgd", target_epsilon=values["epsilon"], clip_norm=0.1)}
     config.batch_size = batch
     config.num_epochs = epochs
     config.optimizer.learning_rate = 5e-4
@@ -90,6 +91,7 @@ def get_config(arg=None):
   if values["method"] == "bitfit":  # before dp_sgd, which must come last
     config.methods = ("bitfit",) + tuple(config.methods)
     with config.method_options.unlocked():
-      config.method_options.bitfit = {"pooler": True}
+      config.method_options.bitfit = methods.with_defaults("bitfit",
+                                                           pooler=True)
     config.optimizer.learning_rate = BITFIT_LEARNING_RATE
   return config

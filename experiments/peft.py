@@ -33,6 +33,7 @@ import math
 
 from experiments import _glue_minilm as glue
 from experiments import quickstart
+from research import methods
 from research.configs.args import parse_arg
 
 TRAIN_ROWS = {"quickstart": 320, **glue.TRAIN_ROWS}
@@ -94,7 +95,8 @@ def get_config(arg=None):
                      delta_t=max(1, int(0.01 * steps)))
     options["pooler"] = args.pooler
     with config.method_options.unlocked():
-      config.method_options[names[0]] = options
+      config.method_options[names[0]] = methods.with_defaults(names[0],
+                                                              **options)
   config.optimizer.learning_rate = (args.lr if args.lr > 0
                                     else LEARNING_RATES[task][method])
   config.keep_checkpoints = 1

@@ -11,7 +11,7 @@ takes all-MiniLM-L6-v2's uncased WordPiece tokenizer (30,522 tokens) and a new
 4-layer, 256-wide encoder (BERT-mini's shape); AdamW, lr 2e-3, 5% warmup,
 linear decay, batch 16, 120 steps.
 
-Expected result (BENCHMARKS.md, "Pre-training"; measured on 2 shared CPU
+Expected result (BENCHMARKS.md, "Pre-training and task-adaptive pre-training"; measured on 2 shared CPU
 cores, ~20 min): the held-out loss falls at every evaluation, from 10.39 nats
 at initialisation (perplexity 32,485) to 6.64 (perplexity 764) at step 120;
 masked-token accuracy 0.057: in this budget the model learns the token

@@ -46,6 +46,7 @@ the quickstart set too.
 
 from experiments import _glue_minilm as glue
 from experiments import quickstart
+from research import methods
 from research.configs.args import parse_arg
 
 # method -> (config.methods, config.method_options).
@@ -107,14 +108,15 @@ def get_config(arg=None):
                          else (config.data.max_length,))
   # The metrics of the last step (no checkpoint chosen on dev).
   config.eval_every_steps = 1_000_000
-  methods, options = METHODS[method]
+  names, options = METHODS[method]
   if eps:  # the ball, its steps and noise in proportion
     scale = eps / options[method]["epsilon"]
     scaled = ("epsilon", "step_size", "init_magnitude")
     options = {method: {k: v * scale if k in scaled else v
                         for k, v in options[method].items()}}
-  config.methods = methods
-  config.method_options = options
+  config.methods = names
+  config.method_options = {name: methods.with_defaults(name, **opts)
+                           for name, opts in options.items()}
   config.evals = {"dev": dict(ROBUST), "strong": dict(STRONG)}
   config.eval_metric = config.metrics[0]
   config.wandb.mode = "disabled"

@@ -23,7 +23,7 @@ best_exact / best_f1 (fractions); best_f1 selects the best checkpoint.
 
 Expected: the paper's number (published, not measured here): BERT-LARGE
 test EM 80.0 / F1 83.1 (Devlin et al. 2018, Table 3). Measured here (2
-shared CPU cores; BENCHMARKS.md "SQuAD and CoNLL-2003"): all-minilm-l6-v2 on
+shared CPU cores; BENCHMARKS.md "SQuAD"): all-minilm-l6-v2 on
 the shared 10-article subset, split by article: dev = article 5
 (Spectre_(2015_film): 462 questions, 188 unanswerable), train = the other 9
 (4,257 questions, 160 unanswerable):

@@ -70,7 +70,7 @@ def get_config():
   # How many buckets auto_buckets may choose. <= 0: by platform: 8 on CPU
   # (padding is what costs there), 2 on GPU/TPU, where a bert-base shape
   # compiles in 20-40 s and the step's fixed part dwarfs the padding
-  # (BENCHMARKS.md, "GPU").
+  # (BENCHMARKS.md, "GPU: step, compile and MFU").
   c.data.num_buckets = -1
   # Sequence packing for training: K > 1 puts K examples back to back in each
   # row (block-diagonal attention, positions restart per example; batch_size

@@ -175,6 +175,23 @@ class Method:
   export_adapters = None  # (model, out_dir, context) -> description
 
 
+def with_defaults(name, **given) -> dict:
+  """Every option of method `name` at its default, updated by `given`.
+
+  An experiment sets `config.method_options.<name>` to this, so that each
+  option exists in the config and can be overridden on the command line
+  (`--config.method_options.dp_sgd.chunk_size=32`; a field the config does
+  not hold cannot be).
+
+  Raises:
+    ConfigError: an unknown method or option.
+  """
+  mod = plugins.module(PACKAGE, name, "config.methods", "Method")
+  return plugins.options(given, mod.Method.CONFIG,
+                         f"config.method_options.{option_key(name)}",
+                         f"method {name!r}")
+
+
 def option_key(name):
   """A method's key in config.method_options: its name, or a path's last part."""
   return name.rsplit(".", 1)[-1]
