@@ -201,9 +201,9 @@ def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
   with CompileLog() as compiles:
     # As `research.train` does: every width of the run compiled up front.
     precompiled = (precompile(train_step, state, frozen,
-                                    s.train_batches, batch_sharding, 0,
-                                    steps * accum)
-                   if config.precompile else 0)
+                              s.train_batches, batch_sharding, 0,
+                              steps * accum)
+                   if config.precompile else {})
     # Training compiles the evaluation in a background thread meanwhile;
     # here it finishes first, so that no compile event of its lands in a
     # timed step (they are counted process-wide).

@@ -418,12 +418,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if start_step >= total_steps:
     log.info("run already finished at step %d", start_step)
   elif config.precompile:
-    t0 = time.perf_counter()
-    shapes = precompile(run.train_step, state, frozen, run.train_batches,
-                        run.batch_sharding, start_step * accum,
-                        (total_steps - start_step) * accum)
-    log.info("compiled the update for the run's %d batch shapes in %.1f s",
-             shapes, time.perf_counter() - t0)
+    done = precompile(run.train_step, state, frozen, run.train_batches,
+                      run.batch_sharding, start_step * accum,
+                      (total_steps - start_step) * accum)
+    log.info("compiled the update for the run's %d batch shapes: traced in "
+             "%.1f s, compiled in %.1f s", done["shapes"],
+             done["trace_seconds"], done["compile_seconds"])
     eval_compiles.append(evaluators.precompile_async(
         run.evaluators, state["params"], frozen))
   previous = None  # (step, metrics) of the last step, read one step late (no stall)

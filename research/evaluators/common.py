@@ -74,18 +74,18 @@ class Evaluator:
 
     `params` and `frozen` may be `jax.ShapeDtypeStruct`s (with shardings):
     lowering reads shapes and shardings only, so this can run while the
-    training step donates the real buffers. A later call of the step finds
-    the executable in JAX's cache. Returns the number of widths compiled.
+    training step donates the real buffers. Later calls of the step run the
+    executables (`steps.AheadOfTime`). Returns the number of widths
+    compiled now.
     """
-    widths = set()
+    calls, widths = [], set()
     for index, host in enumerate(self.batcher.eval_batches()):
       width = host["input_ids"].shape[1]
-      if width in widths:
-        continue
-      widths.add(width)
-      batch = parallelism.shard_batch(host, self.sharding)
-      self.step.lower(params, frozen, batch, index).compile()
-    return len(widths)
+      if width not in widths:
+        widths.add(width)
+        calls.append((params, frozen,
+                      parallelism.shard_batch(host, self.sharding), index))
+    return self.step.compile_ahead(calls)["shapes"]
 
   def outputs(self, params, frozen):
     """Yields (host batch, step outputs as numpy) for each batch in order."""

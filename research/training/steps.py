@@ -27,7 +27,11 @@ Python pipeline is what must keep up with it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
+import threading
+import time
 from collections.abc import Callable
 
 import jax
@@ -159,9 +163,10 @@ def make_train_step(tx, loss_fn, *, seed, mesh, strategy, state_sharding,
     step = jax.shard_map(per_device, mesh=mesh,
                          in_specs=(jax.P(), jax.P(), jax.P(axes), jax.P()),
                          out_specs=(jax.P(), jax.P()), check_vma=False)
-  return jax.jit(step, in_shardings=(state_sharding, frozen_sharding,
-                                     batch_sharding, None),
-                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+  return AheadOfTime(jax.jit(
+      step, in_shardings=(state_sharding, frozen_sharding, batch_sharding,
+                          None),
+      out_shardings=(state_sharding, replicated), donate_argnums=0))
 
 
 def make_eval_step(forward, *, seed, mesh, params_sharding, frozen_sharding,
@@ -188,9 +193,70 @@ def make_eval_step(forward, *, seed, mesh, params_sharding, frozen_sharding,
       batch = transform(batch, jax.random.fold_in(base_key, index))
     return forward(params, frozen, batch)
 
-  return jax.jit(step, in_shardings=(params_sharding, frozen_sharding,
-                                     parallelism.batch_sharding(mesh), None),
-                 out_shardings=parallelism.replicated(mesh))
+  return AheadOfTime(jax.jit(
+      step, in_shardings=(params_sharding, frozen_sharding,
+                          parallelism.batch_sharding(mesh), None),
+      out_shardings=parallelism.replicated(mesh)))
+
+
+class AheadOfTime:
+  """A jitted step and the executables compiled ahead for batch shapes.
+
+  `compile_ahead` traces and lowers each batch shape once and compiles them
+  on a pool of threads (XLA compiles outside the GIL, so shapes compile in
+  parallel on as many cores as there are). A call whose batch has a
+  compiled shape runs that executable directly: no second trace, which a
+  plain `jax.jit` call after `.lower().compile()` would do. Other shapes
+  fall back to the jitted function.
+  """
+
+  def __init__(self, jitted):
+    self.jitted = jitted
+    self.executables = {}
+    self.lock = threading.Lock()
+
+  @staticmethod
+  def shape_key(batch):
+    return tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+
+  def __call__(self, first, frozen, batch, index):
+    executable = self.executables.get(self.shape_key(batch))
+    if executable is None:
+      return self.jitted(first, frozen, batch, index)
+    return executable(first, frozen, batch, index)
+
+  def lower(self, *args):
+    return self.jitted.lower(*args)
+
+  def compile_ahead(self, calls, workers=None) -> dict:
+    """Compiles the step for each `(first, frozen, batch, index)` of `calls`
+    whose batch shape has no executable yet. Tracing and lowering run one
+    after the other (Python), the XLA compilations on `workers` threads
+    (default: one per core).
+
+    Returns:
+      {"shapes": compiled now, "trace_seconds": tracing and lowering,
+      "compile_seconds": wall time of the compilations}.
+    """
+    t0 = time.perf_counter()
+    lowered = {}
+    for args in calls:
+      key = self.shape_key(args[2])
+      if key not in self.executables and key not in lowered:
+        lowered[key] = self.jitted.lower(*args)
+    t1 = time.perf_counter()
+    workers = workers or max(1, min(len(lowered), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      done = dict(zip(lowered, pool.map(lambda low: low.compile(),
+                                        lowered.values())))
+    with self.lock:
+      self.executables.update(done)
+    return {"shapes": len(done), "trace_seconds": t1 - t0,
+            "compile_seconds": time.perf_counter() - t1}
+
+  def _cache_size(self) -> int:
+    """Batch shapes met: compiled ahead or traced by the jitted function."""
+    return len(self.executables) + self.jitted._cache_size()  # pylint: disable=protected-access
 
 
 def precompile(train_step, state, frozen, batcher, batch_sharding, start,
@@ -199,15 +265,16 @@ def precompile(train_step, state, frozen, batcher, batch_sharding, start,
 
   The widths come from the data plan (`Batcher.planned_widths`), so a bucket
   first met late in the run (a rare long batch, packed rows) does not stall
-  every host with a compile there; the jitted call later finds the
-  executable in JAX's in-memory cache and only re-traces. Lowering reads the
-  arguments' shapes and shardings only: `state` is not donated here.
+  every host with a compile there; the widths compile in parallel
+  (`AheadOfTime.compile_ahead`), and the steps later run those executables
+  without tracing again. Lowering reads the arguments' shapes and shardings
+  only: `state` is not donated here.
 
   Returns:
-    The number of widths compiled.
+    `compile_ahead`'s {"shapes", "trace_seconds", "compile_seconds"}.
   """
   widths = batcher.planned_widths(start, count)
-  for micro_step in widths.values():
-    batch = parallelism.shard_batch(batcher.batch_at(micro_step), batch_sharding)
-    train_step.lower(state, frozen, batch, micro_step).compile()
-  return len(widths)
+  calls = [(state, frozen, parallelism.shard_batch(batcher.batch_at(step),
+                                                   batch_sharding), step)
+           for step in widths.values()]
+  return train_step.compile_ahead(calls)
