@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -460,3 +461,45 @@ def test_cudnn_attention_gets_lengths_for_a_padding_mask(monkeypatch):
   np.testing.assert_array_equal(seen["key_value_seq_lengths"], [3, 5])
   expected = real(q, k, v, mask=mask, implementation="xla")
   np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_scanned_and_unrolled_layers_compute_the_same():
+  """`scan_layers` changes how the layers run, not what they compute: equal
+  logits, and equal losses over 20 training steps with dropout on (each
+  layer's dropout key is the same in both)."""
+  cfg = BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=3,
+                   num_attention_heads=4, intermediate_size=64,
+                   max_position_embeddings=64)
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(5, 500, (8, 16)))
+  mask = jnp.asarray((np.arange(16)[None] < rng.integers(4, 17, (8, 1)))
+                     .astype(np.int32))
+  labels = jnp.asarray(rng.integers(0, 3, 8))
+  losses = {}
+  for scan in (False, True):
+    model = create_model("sequence_classification", cfg, 3, seed=1,
+                         scan_layers=scan)
+    assert model.bert.scan_layers is scan
+    graphdef, params = nnx.split(model)
+    logits = nnx.merge(graphdef, params)(ids, mask)
+    losses[scan, "logits"] = np.asarray(logits)
+
+    def loss_fn(p, key):
+      out = nnx.merge(graphdef, p)(ids, mask, rngs=nnx.Rngs(dropout=key))
+      return optax.softmax_cross_entropy_with_integer_labels(out, labels).mean()
+
+    @jax.jit
+    def step(p, key):
+      loss, grads = jax.value_and_grad(loss_fn)(p, key)
+      return jax.tree.map(lambda w, g: w - 0.1 * g, p, grads), loss
+
+    trace = []
+    for i in range(20):
+      params, loss = step(params, jax.random.key(i))
+      trace.append(float(loss))
+    losses[scan, "train"] = np.asarray(trace)
+  np.testing.assert_allclose(losses[True, "logits"], losses[False, "logits"],
+                             atol=1e-6)
+  np.testing.assert_allclose(losses[True, "train"], losses[False, "train"],
+                             atol=1e-5)
+  assert losses[False, "train"][-1] < losses[False, "train"][0]

@@ -26,6 +26,13 @@ def get_config():
   c.model.hidden_dropout = -1.0     # < 0: keep the checkpoint's config.json
   c.model.attention_dropout = -1.0  # < 0: keep the checkpoint's config.json
   c.model.remat = False             # rematerialise each layer in backward
+  # How the layers run (research/models/bert.py, BertModel.encode): scan (one
+  # jax.lax.scan over their weights stacked at call time: one layer traced
+  # instead of all) | unrolled | auto: scan on GPUs and TPUs, unrolled on
+  # CPUs, where XLA compiled the scanned bert-base step no faster (7x less
+  # tracing, twice the compile; BENCHMARKS.md). Unrolled wherever the layers
+  # differ (pruned heads) or attention is sown.
+  c.model.layers = "auto"
 
   # --- Task, methods, evaluators ------------------------------------------------
   # A module of research/tasks/ (a dotted name: any module path):

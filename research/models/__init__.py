@@ -32,7 +32,8 @@ def head_class(task) -> type[nnx.Module]:
 
 def create_model(task, cfg: BertConfig, num_labels: int = 2, *,
                  dtype="float32", param_dtype="float32", attention_impl=None,
-                 remat=False, dense_factory: DenseFactory | None = make_dense,
+                 remat=False, scan_layers=False,
+                 dense_factory: DenseFactory | None = make_dense,
                  seed: int = 0) -> nnx.Module:
   """Builds a randomly initialised model with the head for `task`.
 
@@ -44,6 +45,7 @@ def create_model(task, cfg: BertConfig, num_labels: int = 2, *,
     param_dtype: parameter dtype name (keep "float32" for master weights).
     attention_impl: `jax.nn.dot_product_attention` implementation.
     remat: rematerialise each layer in the backward pass.
+    scan_layers: run the layers as one scan (`BertModel.encode`).
     dense_factory: builds every dense layer (None or
       `research.models.bert.make_dense`: the default; LoRA or quantised
       layers pass their own).
@@ -55,5 +57,6 @@ def create_model(task, cfg: BertConfig, num_labels: int = 2, *,
   return head_class(task)(cfg, num_labels, dtype=DTYPES[dtype],
                           param_dtype=DTYPES[param_dtype],
                           attention_impl=attention_impl, remat=remat,
+                          scan_layers=scan_layers,
                           dense_factory=dense_factory or make_dense,
                           rngs=nnx.Rngs(params=seed))

@@ -373,6 +373,20 @@ class Layer(nnx.Module):
     return self.output_layer_norm(x + drop(h))
 
 
+def _layer_keys(rngs, count):
+  """One dropout key per layer, `fold_in(k, i)` of one draw `k`: the same in
+  the unrolled loop and the scan, so both give the same dropout masks."""
+  if rngs is None:
+    return [None] * count
+  base = rngs.dropout()
+  return [jax.random.fold_in(base, i) for i in range(count)]
+
+
+def _call_layer(layer, x, mask, prefix, key, sow_attention):
+  return layer(x, mask, prefix=prefix, sow_attention=sow_attention,
+               rngs=None if key is None else nnx.Rngs(dropout=key))
+
+
 class BertModel(nnx.Module):
   """Embeddings, `num_hidden_layers` layers and the pooler (tanh on [CLS]).
 
@@ -397,10 +411,11 @@ class BertModel(nnx.Module):
 
   def __init__(self, cfg: BertConfig, *, dtype=jnp.float32,
                param_dtype=jnp.float32, attention_impl=None, remat=False,
-               add_pooler=True, dense_factory: DenseFactory = make_dense,
-               rngs: nnx.Rngs):
+               scan_layers=False, add_pooler=True,
+               dense_factory: DenseFactory = make_dense, rngs: nnx.Rngs):
     self.cfg = cfg
     self.remat = remat
+    self.scan_layers = scan_layers
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embeddings = Embeddings(cfg, **kw)
     self.layers = nnx.List([
@@ -409,6 +424,46 @@ class BertModel(nnx.Module):
     self.pooler = (dense_builder(cfg, dense_factory, **kw)(
         cfg.hidden_size, cfg.hidden_size, kernel_axes=("embed", None),
         name="pooler") if add_pooler else None)
+
+  def encode(self, x, mask, prefixes, *, sow_attention=False, rngs=None):
+    """The layers over the embedded input x [batch, length, hidden].
+
+    With `scan_layers` the layers run as one `jax.lax.scan` over their
+    weights stacked at call time: XLA traces and compiles one layer instead
+    of `num_hidden_layers` (compile time divided by about the depth), while
+    the weights keep their per-layer names (Hugging Face I/O, PEFT,
+    checkpoints unchanged); the stacking costs one copy of the layers'
+    weights per step (and of their gradients). Unrolled otherwise, and
+    whenever the layers differ (pruned heads) or their attention is sown
+    (interpretability). Both draw each layer's dropout from the same key.
+    """
+    keys = _layer_keys(rngs, len(self.layers))
+    call = functools.partial(_call_layer, sow_attention=sow_attention)
+    if self.remat:  # each layer's activations recomputed in the backward
+      call = nnx.remat(call)
+    split = [nnx.split(layer) for layer in self.layers]
+    same = all(g == split[0][0] for g, _ in split[1:])
+    if not (self.scan_layers and same and not sow_attention):
+      for layer, prefix, key in zip(self.layers, prefixes, keys):
+        x = call(layer, x, mask, prefix, key)
+      return x
+    graphdef = split[0][0]
+    stack = lambda *xs: jnp.stack(xs)  # pylint: disable=unnecessary-lambda-assignment
+    weights = jax.tree.map(stack, *[state for _, state in split])
+    xs = {"weights": weights,
+          "key": None if rngs is None else jnp.stack(keys),
+          "prefix": (None if prefixes[0] is None
+                     else jax.tree.map(stack, *prefixes))}
+
+    def body(h, step):
+      layer = nnx.merge(graphdef, step["weights"])
+      return _call_layer(layer, h, mask, step["prefix"], step["key"],
+                         False), None
+
+    if self.remat:
+      body = jax.checkpoint(body)
+    x, _ = jax.lax.scan(body, x, xs)
+    return x
 
   @classmethod
   def hf_key_map(cls, cfg: BertConfig) -> HfKeyMap:
@@ -511,14 +566,7 @@ class BertModel(nnx.Module):
       # Every query sees the prefix: [batch, 1, 1 | q, prefix_len + kv].
       mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (prefix_len,), bool),
                               mask], axis=-1)
-    for layer, prefix in zip(self.layers, prefixes):
-      if self.remat:
-        x = nnx.remat(lambda lyr, h, m, p, r: lyr(
-            h, m, prefix=p, sow_attention=sow_attention, rngs=r))(
-                layer, x, mask, prefix, rngs)
-      else:
-        x = layer(x, mask, prefix=prefix, sow_attention=sow_attention,
-                  rngs=rngs)
+    x = self.encode(x, mask, prefixes, sow_attention=sow_attention, rngs=rngs)
     if self.pooler is None:
       return x, None
     if example_starts is None:

@@ -56,11 +56,13 @@ class Head(nnx.Module):
 
   def __init__(self, cfg: BertConfig, num_labels: int, *, dtype=jnp.float32,
                param_dtype=jnp.float32, attention_impl=None, remat=False,
-               dense_factory: DenseFactory = make_dense, rngs: nnx.Rngs):
+               scan_layers=False, dense_factory: DenseFactory = make_dense,
+               rngs: nnx.Rngs):
     self.cfg = cfg
     self.num_labels = num_labels
     self.bert = BertModel(cfg, dtype=dtype, param_dtype=param_dtype,
                           attention_impl=attention_impl, remat=remat,
+                          scan_layers=scan_layers,
                           add_pooler=self.uses_pooler,
                           dense_factory=dense_factory, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)

@@ -276,6 +276,7 @@ class LoadReport:
 def load_pretrained(name: str, task=heads.SequenceClassification,
                     num_labels: int = 2, *, dtype="float32",
                     param_dtype="float32", attention_impl=None, remat=False,
+                    scan_layers=False,
                     dense_factory=None,
                     config_overrides: dict | None = None, seed: int = 0,
                     strict: bool = False):
@@ -285,7 +286,7 @@ def load_pretrained(name: str, task=heads.SequenceClassification,
     name: alias, local directory or hub name (see `resolve`).
     task: a task from `research.models.heads.TASKS`, or a head class.
     num_labels: classes (1 = regression) for classification heads.
-    dtype, param_dtype, attention_impl, remat, dense_factory: see
+    dtype, param_dtype, attention_impl, remat, scan_layers, dense_factory: see
       `create_model`.
     config_overrides: `BertConfig` fields to change (e.g. dropout rates).
     seed: initialisation seed for weights the checkpoint lacks (the head).
@@ -300,7 +301,8 @@ def load_pretrained(name: str, task=heads.SequenceClassification,
   tensors = _normalise_names(tensors)
   model = create_model(task, cfg, num_labels, dtype=dtype,
                        param_dtype=param_dtype, attention_impl=attention_impl,
-                       remat=remat, dense_factory=dense_factory, seed=seed)
+                       remat=remat, scan_layers=scan_layers,
+                       dense_factory=dense_factory, seed=seed)
   report = assign(model, tensors, key_map(task, cfg, _detect_prefix(tensors, cfg)),
                   cfg, source, ignored=getattr(type(model), "hf_ignored", ()))
   encoder_missing = [k for k in report.missing if k.startswith("bert.")

@@ -53,6 +53,14 @@ def dropout_overrides(model_config) -> dict:
   return overrides
 
 
+def scan_layers(mode) -> bool:
+  """`config.model.layers` as `BertModel`'s flag: auto scans on GPUs and
+  TPUs (compile time), not on CPUs (measured: no faster to compile)."""
+  if mode == "auto":
+    return jax.default_backend() != "cpu"
+  return mode == "scan"
+
+
 class Task:
   """Base of the tasks; see the module docstring."""
   HEAD = heads.SequenceClassification  # the model class (research/models/heads.py)
@@ -119,6 +127,7 @@ class Task:
     c = self.config
     return dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype,
                 attention_impl=c.model.attention_impl, remat=c.model.remat,
+                scan_layers=scan_layers(c.model.layers),
                 dense_factory=methods_lib.dense_factory(methods, make_dense),
                 seed=c.seed)
 
