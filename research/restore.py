@@ -29,7 +29,7 @@ from research import tasks, train
 from research.configs import validate
 from research.evaluators import sequence
 from research.models import hf
-from research.training import partition
+from research.training import partition, steps
 from research.training.checkpointing import Checkpointer, abstract_like
 
 
@@ -151,7 +151,7 @@ def restore_run(workdir: str, which: str = "best", tokenizer=None,
   params = jax.device_put(state["params"], params_sharding)
   frozen = jax.device_put(frozen, frozen_sharding)
   make_step = train.eval_step_factory(
-      task, graphdef, seed=config.seed, mesh=mesh,
+      task, graphdef, seed=steps.root_key(config), mesh=mesh,
       params_sharding=params_sharding, frozen_sharding=frozen_sharding)
   return Restored(workdir, config, context, methods, params, frozen, step,
                   "best" if best else "latest", make_step)

@@ -45,7 +45,8 @@ from research.models import hf
 from research.training import optimizers
 from research.training import partition
 from research.training.checkpointing import Checkpointer, abstract_like
-from research.training.steps import make_eval_step, make_train_step, precompile, value_and_grad
+from research.training.steps import (make_eval_step, make_train_step,
+                                     precompile, root_key, value_and_grad)
 from research.training.tracker import create_tracker
 
 log = logging.getLogger("research.train")
@@ -112,23 +113,12 @@ def eval_step_factory(task, graphdef, *, seed, mesh, params_sharding,
 class Run:
   """A run's pieces, from `build`; `state` is donated by the first step.
 
-  Attributes:
-    config: the validated config; workdir: the run directory, or None.
-    context: the `methods.Context` its methods were set up with (task,
-      tokenizer, model config, the loaded model, mesh, data facts).
-    methods: the run's methods, each built once.
-    skipped: {split: {reason: rows}} dropped under data.bad_rows="skip".
-    eval_splits: the evaluation `TokenizedSplit`s.
-    batch_sharding: the mesh's batch sharding.
-    train_batches, eval_batches: the `Batcher`s.
-    tx, schedule: the optax transformation and learning-rate schedule.
-    state: `{"params": trainable, "opt_state": ...}`, placed and sharded.
-    frozen: a `partition.Frozen` (frozen weights, other variables, the
-      methods' own state), placed, never donated.
-    state_sharding, frozen_sharding: their shardings.
-    train_step: `(state, frozen, batch, micro_step) -> (state, metrics)`.
-    eval_step: the evaluators' shared `(params, frozen, batch, index)` step.
-    evaluators: {name: Evaluator}, in config order.
+  `context` is the `methods.Context` the methods were set up with (task,
+  tokenizer, model config, the loaded model, mesh, data facts); `frozen` a
+  `partition.Frozen` (frozen weights, other variables, the methods' own
+  state), never donated; `train_step(state, frozen, batch, micro_step) ->
+  (state, metrics)`; `eval_step` the evaluators' shared step; `skipped`
+  {split: {reason: rows}} dropped under data.bad_rows="skip".
   """
   config: ml_collections.ConfigDict
   workdir: str | None
@@ -265,11 +255,11 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
   train_step = make_train_step(
       tx, methods_lib.wrap_loss(methods, task.loss_fn(graphdef)),
       grad_fn=methods_lib.grad_fn(methods, value_and_grad),
-      transform=task.transform, seed=config.seed, mesh=mesh,
+      transform=task.transform, seed=root_key(config), mesh=mesh,
       strategy=strategy, state_sharding=state_sharding,
       frozen_sharding=frozen_sharding)
   make_step = eval_step_factory(
-      task, graphdef, seed=config.seed, mesh=mesh,
+      task, graphdef, seed=root_key(config), mesh=mesh,
       params_sharding=state_sharding["params"],
       frozen_sharding=frozen_sharding)
   batch_sharding = parallelism.batch_sharding(mesh)

@@ -24,6 +24,7 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention_impl": ("xla", "cudnn"),
     "model.layers": ("auto", "scan", "unrolled"),
+    "prng_impl": ("threefry", "rbg", "unsafe_rbg"),
     "data.source": ("local", "tfds", "hf"),
     # conll, squad: CoNLL column files, official SQuAD JSON (their tasks).
     "data.format": ("auto", "csv", "tsv", "jsonl", "conll", "squad"),

@@ -13,6 +13,10 @@ def get_config():
   """Returns the default config (a locked `ml_collections.ConfigDict`)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # The PRNG of dropout, masking and noise keys: threefry | rbg | unsafe_rbg
+  # (research/training/steps.py root_key). Every key is a function of
+  # (seed, step) under each, so resume stays exact.
+  c.prng_impl = "threefry"
 
   # --- Model -------------------------------------------------------------------
   # `name`: a Hugging Face model directory, a hub name (needs internet), or a

@@ -3,20 +3,25 @@
 `make_batchers` gives the training loader (micro-batches in the sampler's
 order, length-bucketed or packed) and one evaluation loader per split,
 checked against the mesh; `check_data_files` fails fast on a missing file;
-`num_buckets` is the platform's default bucket count.
+`choose_buckets` the number of length buckets that minimises compile time
+plus padded compute.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import jax
+import numpy as np
 
 from research import parallelism
 from research.configs.plugins import ConfigError
 from research.data import batching
 from research.data.splits import parse_eval_files
+
+log = logging.getLogger(__name__)
 
 
 def check_data_files(config) -> None:
@@ -37,23 +42,67 @@ def check_data_files(config) -> None:
                         (f" {path!r}" if path != value else ""))
 
 
-# Automatic buckets per platform (config.data.num_buckets <= 0): each is a
-# compilation, 20-40 s for bert-base on an H200 against ~10 s on this CPU,
-# where padding is what costs (BENCHMARKS.md).
+# The most buckets an automatic choice considers per platform
+# (config.data.num_buckets <= 0): each is a compilation, 20-40 s for
+# bert-base on an H200 against ~10 s for the MiniLM on 2 CPU cores, where
+# padding is what costs (BENCHMARKS.md).
 AUTO_NUM_BUCKETS = {"cpu": 8}
 ACCELERATOR_NUM_BUCKETS = 2
+# What a batch shape costs, per platform, for `choose_buckets`: seconds to
+# compile one layer of the train and eval steps, and the FLOP/s a step
+# reaches (estimates: the MiniLM on 2 CPU cores compiled 8 shapes in 70 s
+# and trained at ~1.8e11 FLOP/s; bert-base on an H200 compiled a shape in
+# 20-40 s). Rough on purpose: they decide between 2 and 8 shapes, not 5 and 6.
+COMPILE_SECONDS_PER_LAYER = {"cpu": 1.5, "gpu": 2.5, "tpu": 1.5}
+FLOPS_PER_SECOND = {"cpu": 9e10, "gpu": 1e14, "tpu": 1e14}  # cpu: per core
 
 
 def num_buckets(config, mesh) -> int:
-  """`config.data.num_buckets`, or the platform's default when <= 0."""
+  """`config.data.num_buckets`, or the platform's most when <= 0."""
   if config.data.num_buckets > 0:
     return config.data.num_buckets
   platform = mesh.devices.flat[0].platform
   return AUTO_NUM_BUCKETS.get(platform, ACCELERATOR_NUM_BUCKETS)
 
 
+def choose_buckets(lengths, max_length, examples, model_cfg, platform,
+                   most=8, cores=None) -> tuple[tuple, dict]:
+  """The buckets that minimise compile time plus padded compute of a run.
+
+  For k = 1..most buckets (`batching.auto_buckets`: the least padding for
+  k), the estimate is k compilations plus the training FLOPs of `examples`
+  examples, each padded to its bucket (6 FLOPs per matmul weight and token,
+  plus attention's 12 x layers x hidden x width), at the platform's rate.
+  A 250-step run of short texts then compiles 2-3 shapes, a long one all 8.
+
+  Returns:
+    (buckets, {"buckets", "compile_s", "compute_s", "total_s"} of the
+    choice, and "total_s_most" of `most` buckets, for the log).
+  """
+  lengths = np.minimum(np.asarray(lengths, np.int64), max_length)
+  layers, hidden = model_cfg.num_hidden_layers, model_cfg.hidden_size
+  per_token = 6.0 * layers * (4 * hidden ** 2
+                              + 2 * hidden * model_cfg.intermediate_size)
+  rate = FLOPS_PER_SECOND.get(platform, FLOPS_PER_SECOND["gpu"])
+  if platform == "cpu":
+    rate *= cores or len(os.sched_getaffinity(0))
+  compile_s = COMPILE_SECONDS_PER_LAYER.get(platform, 2.5) * layers
+  scale = examples / max(1, len(lengths))  # epochs of the data plan
+  options = []
+  for k in range(1, most + 1):
+    buckets = batching.auto_buckets(lengths, max_length, k)
+    padded = np.asarray(buckets)[np.searchsorted(buckets, lengths)]
+    flops = np.sum(padded * (per_token + 12.0 * layers * hidden * padded))
+    options.append({"buckets": tuple(buckets), "compile_s": k * compile_s,
+                    "compute_s": scale * flops / rate})
+  for o in options:
+    o["total_s"] = o["compile_s"] + o["compute_s"]
+  best = min(options, key=lambda o: o["total_s"])
+  return best["buckets"], {**best, "total_s_most": options[-1]["total_s"]}
+
+
 def make_batchers(config, train_split, eval_splits, mesh, sampler=None,
-                  split_at=None):
+                  split_at=None, model_cfg=None):
   """The training loader and one eval loader per split, checked against the mesh.
 
   The training loader yields micro-batches (`batch_size / grad_accum_steps`
@@ -64,6 +113,9 @@ def make_batchers(config, train_split, eval_splits, mesh, sampler=None,
   training buckets are row lengths, and evaluation (never packed) chooses
   its own. With `split_at` (`epoch -> training split`, a method's set made
   anew each epoch) the training loader is a `batching.EpochBatcher`.
+  Without configured buckets, `choose_buckets` picks as many as pay for
+  their compilation (`model_cfg`: the encoder's, read from the checkpoint
+  when not given).
 
   Returns:
     (train Batcher, {split name: eval Batcher}).
@@ -87,8 +139,23 @@ def make_batchers(config, train_split, eval_splits, mesh, sampler=None,
                                          config.data.sampler_options)
   batcher = (batching.Batcher if split_at is None else
              functools.partial(batching.EpochBatcher, split_at=split_at))
+  buckets = tuple(config.data.buckets)
+  if not buckets and per_row == 1 and config.data.num_buckets <= 0:
+    # As many shapes as pay for their compilation in this run.
+    from research.models import hf  # pylint: disable=import-outside-toplevel
+    examples = (config.total_steps * config.batch_size
+                if config.total_steps > 0
+                else config.num_epochs * len(train_split))
+    buckets, estimate = choose_buckets(
+        np.diff(train_split.offsets), train_split.max_length, examples,
+        model_cfg or hf.read_config(hf.resolve(config.model.name)),
+        mesh.devices.flat[0].platform, most=num_buckets(config, mesh))
+    log.info("buckets %s: estimated %.0f s to compile and %.0f s to train "
+             "(%.0f s with %d buckets)", list(buckets), estimate["compile_s"],
+             estimate["compute_s"], estimate["total_s_most"],
+             num_buckets(config, mesh))
   train_batches = batcher(
-      train_split, config.batch_size // accum, config.data.buckets,
+      train_split, config.batch_size // accum, buckets,
       seed=config.seed, shuffle=True, examples_per_row=per_row,
       sampler=sampler, sampler_options=sampler_options,
       num_buckets=num_buckets(config, mesh), **hosts)

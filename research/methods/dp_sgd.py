@@ -279,7 +279,7 @@ class Method(methods.Method):
       raise RuntimeError("dp_sgd.Method.setup must run before the step "
                          "is built (train.build calls it)")
     p, a, accum = self.privacy, self.account, self.accum
-    noise_base = jax.random.fold_in(jax.random.key(self.config.seed),
+    noise_base = jax.random.fold_in(steps_lib.root_key(self.config),
                                     NOISE_STREAM)
 
     def fn(params, frozen, batch, key, *, micro_step, axis_name):
