@@ -57,7 +57,9 @@ def root_key(config):
   rbg and unsafe_rbg draw dropout masks faster on accelerators, as T5X and
   MaxText use them). Every key of a step is folded from it, so a resumed run
   draws the same masks under any of them."""
-  return jax.random.key(config.seed, impl=config.get("prng_impl", "threefry"))
+  impl = config.get("prng_impl", "threefry")
+  return jax.random.key(config.seed, impl={"threefry": "threefry2x32"}.get(
+      impl, impl))
 
 
 def _key(seed):
