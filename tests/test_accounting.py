@@ -117,10 +117,10 @@ def test_delta_default_and_refusal():
   assert accounting.resolve_delta(None, 2490) == 1 / 2490
   assert accounting.resolve_delta(0.0004, 2500) == 0.0004  # exactly 1/N
   assert accounting.resolve_delta(1e-6, 2500) == 1e-6
-  with pytest.raises(ValueError, match=r"config\.privacy\.delta = 0\.001 "
+  with pytest.raises(ValueError, match=r"config\.method_options\.dp_sgd\.delta = 0\.001 "
                      r"must be in \(0, 1/N\].*N = 2500"):
     accounting.resolve_delta(1e-3, 2500)
-  with pytest.raises(ValueError, match=r"config\.privacy\.delta"):
+  with pytest.raises(ValueError, match=r"config\.method_options\.dp_sgd\.delta"):
     accounting.resolve_delta(0.0, 2500)
 
 
@@ -147,21 +147,22 @@ def test_plan_shuffle_is_labelled(caplog):
                               sampling="shuffle")
   assert account.caveat == accounting.SHUFFLE_CAVEAT
   assert "accounted as Poisson" in caplog.text
-  assert "config.privacy.sampling" in caplog.text
+  assert "config.method_options.dp_sgd.sampling" in caplog.text
 
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(target_epsilon=1.0, noise_multiplier=1.0), "exactly one of"),
     (dict(), "exactly one of"),
     (dict(noise_multiplier=1.0, sampling="bucketed"),
-     r"config\.privacy\.sampling = 'bucketed'; valid choices: "
+     r"config\.method_options\.dp_sgd\.sampling = 'bucketed'; valid choices: "
      r"\['poisson', 'shuffle'\]"),
     (dict(noise_multiplier=1.0, accountant="gdp"),
-     r"config\.privacy\.accountant = 'gdp'; valid choices: \['pld', 'rdp'\]"),
+     r"config\.method_options\.dp_sgd\.accountant = 'gdp'; valid choices: \['pld', 'rdp'\]"),
     (dict(noise_multiplier=1.0, expected_batch_size=5000),
-     r"config\.privacy\.expected_batch_size = 5000 must be in \[1, N = 1000\]"),
-    (dict(noise_multiplier=0.0), r"config\.privacy\.noise_multiplier = 0\.0"),
-    (dict(target_epsilon=-1.0), r"config\.privacy\.target_epsilon = -1\.0"),
+     r"config\.batch_size \(the expected batch size\) = 5000 "
+     r"must be in \[1, N = 1000\]"),
+    (dict(noise_multiplier=0.0), r"config\.method_options\.dp_sgd\.noise_multiplier = 0\.0"),
+    (dict(target_epsilon=-1.0), r"config\.method_options\.dp_sgd\.target_epsilon = -1\.0"),
     (dict(target_epsilon=1e4), "too large to be meaningful"),
 ])
 def test_plan_refuses_bad_fields(kwargs, message):

@@ -156,7 +156,7 @@ def test_add_noise_on_many_draws():
 def test_refuses_what_breaks_the_guarantee(problem):
   params, batch = problem
   fn = clipping.clip_and_sum(_loss, clip_norm=1.0, chunk_size=5)
-  with pytest.raises(ValueError, match=r"config\.privacy\.chunk_size = 5 "
+  with pytest.raises(ValueError, match=r"config\.method_options\.dp_sgd\.chunk_size = 5 "
                      r"must divide the per-device batch of 16 rows"):
     fn(params, batch, jax.random.key(0))
   packed = dict(batch, segment_ids=jnp.zeros((BATCH, 4), jnp.int32))
@@ -168,13 +168,13 @@ def test_refuses_what_breaks_the_guarantee(problem):
   with pytest.raises(ValueError, match=r"batch\['weights'\]"):
     clipping.clip_and_sum(_loss, clip_norm=1.0)(params, no_weights,
                                               jax.random.key(0))
-  with pytest.raises(ValueError, match=r"config\.privacy\.clip_norm = 0"):
+  with pytest.raises(ValueError, match=r"config\.method_options\.dp_sgd\.clip_norm = 0"):
     clipping.clip_and_sum(_loss, clip_norm=0)
-  with pytest.raises(ValueError, match=r"config\.privacy\.noise_multiplier"):
+  with pytest.raises(ValueError, match=r"config\.method_options\.dp_sgd\.noise_multiplier"):
     clipping.dp_value_and_grad(_loss, clip_norm=1.0, noise_multiplier=-1.0,
                              expected_batch_size=4)
   with pytest.raises(ValueError,
-                     match=r"config\.privacy\.expected_batch_size"):
+                     match=r"config\.batch_size \(the expected batch size\)"):
     clipping.dp_value_and_grad(_loss, clip_norm=1.0, noise_multiplier=1.0,
                              expected_batch_size=0)
 

@@ -146,8 +146,8 @@ def test_sweep_restarts_without_redoing_runs_and_tabulates(
   monkeypatch.setattr(Checkpointer, "reached_preemption", real)
   trained.clear()
   caplog.set_level(logging.INFO, logger="research.train")
-  results = sweep.run_sweep(config, grid, workdir, train_fn=counting_train)
-  assert [(r.name, status) for r, status in results] == [
+  outcome = sweep.run_sweep(config, grid, workdir, train_fn=counting_train)
+  assert [(r.name, status) for r, status in outcome] == [
       (RUNS[0], "skipped"), (RUNS[1], "trained"), (RUNS[2], "trained"),
       (RUNS[3], "trained")]
   assert trained == RUNS[1:]

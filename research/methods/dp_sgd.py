@@ -210,7 +210,7 @@ class Method(methods.Method):
             account, target_epsilon=target,
             noise_multiplier=account.noise_multiplier if sigma is None
             else sigma)
-    except ValueError as e:  # accounting names the config.privacy field
+    except ValueError as e:  # accounting names the config.method_options.dp_sgd field
       raise ConfigError(str(e)) from e
     if path and saved is None and jax.process_index() == 0:
       with open(path, "w", encoding="utf-8") as f:

@@ -438,7 +438,8 @@ class BertModel(nnx.Module):
     (interpretability). Both draw each layer's dropout from the same key.
     """
     keys = _layer_keys(rngs, len(self.layers))
-    call = functools.partial(_call_layer, sow_attention=sow_attention)
+    def call(layer, x, mask, prefix, key):  # positional only: nnx.remat
+      return _call_layer(layer, x, mask, prefix, key, sow_attention)
     if self.remat:  # each layer's activations recomputed in the backward
       call = nnx.remat(call)
     split = [nnx.split(layer) for layer in self.layers]
