@@ -126,7 +126,7 @@ def test_no_compilation_in_the_steps(result):
   assert raw["precompiled"] == len(widths) >= 1
   assert col["train_compilations_after_epoch_1"] == 0
   assert not any(raw["compiled"])
-  # Each width's first step re-traces (jit's dispatch cache) and is untimed.
+  # Each width's first step (its executable's first run) is untimed.
   assert sum(raw["new_shape"]) == col["train_compilations"] == len(widths)
   first = {w: raw["width"].index(w) for w in widths}
   assert sorted(np.flatnonzero(raw["new_shape"])) == sorted(first.values())
