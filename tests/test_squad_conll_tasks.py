@@ -323,8 +323,8 @@ def test_exported_models_in_transformers_agree(qa_run, ner_run, tmp_path):
   _, splits, _, _ = data.load_splits(config, tokenizer, task=restored.task)
   split = splits["validation"]
   assert len(split) == len(split.examples["id"])  # one window per question
-  evaluator = predict.make_evaluator(restored, span.Evaluator)(
-      split, 16, (64,), n_best=64)
+  evaluator = restored.make_evaluator(split, 16, (64,), cls=span.Evaluator,
+                                      n_best=64)
   decoded, _ = evaluator.decode(restored.params, restored.frozen)
   # transformers 5 removed the question-answering pipeline: the exported
   # model runs in transformers' BertForQuestionAnswering (PyTorch) and the
