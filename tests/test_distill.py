@@ -226,3 +226,187 @@ def test_fresh_student_has_the_shape_asked(narrow_dir):
                                                                        30522)
   _, report = hf.load_pretrained(narrow_dir, "sequence_classification", 2)
   assert [k for k in report.missing if k.startswith("bert.")] == []
+
+
+# --- Hidden states, attention, export ------------------------------------------------
+
+
+def test_hidden_and_attention_terms_train_and_export_drops_the_projection(
+    tmp_path, narrow_dir, teacher_dir, monkeypatch, compile_cache):
+  """A 16-wide student learns the 32-wide teacher's hidden states (through
+  the trained projection) and attention; the export is a plain BERT that
+  transformers reads with the same logits, made without the teacher."""
+  from transformers import BertForSequenceClassification  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from research import restore  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "run")
+  config = _config(narrow_dir, teacher_dir, {
+      "total_steps": 40, "eval_every_steps": 40,
+      "optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 0},
+                   soft=0.0, hidden=1.0, attention=1.0,
+                   attention_layers="all")
+  summary = train.train_and_evaluate(config, workdir)
+  losses_logged = [r["train/loss"] for r in _metrics(workdir)
+                   if "train/loss" in r]
+  # Measured when written: 1.00 -> 0.57.
+  assert losses_logged[-1] < 0.7 * losses_logged[0], losses_logged
+  # The projection (W_h and W_e: 16 -> 32) trained and is checkpointed.
+  _, saved, _ = _restore(workdir)
+  flat = dict(nnx.to_flat_state(nnx.State(saved["params"])))
+  projection = [p for p in flat if "distill_projection" in p]
+  assert len(projection) == 4, projection
+  assert summary["params/trainable"] == summary["params/total"]
+
+  loads = []
+  monkeypatch.setattr(teacher_lib, "load",
+                      lambda *a, **k: loads.append(a) or 1 / 0)
+  out = export_run(workdir, str(tmp_path / "hf"))
+  assert loads == []  # export never loads the teacher
+  weights, _ = hf.read_weights(out)
+  assert not [k for k in weights if "distill" in k]
+  restored = restore.restore_run(workdir)
+  sentences = ["a gripping, funny film", "dull and far too long",
+               "i would not watch it again"]
+  enc = restored.tokenizer(sentences, padding=True, return_tensors="np")
+  ours = np.asarray(restored.model(
+      jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]),
+      jnp.asarray(enc["token_type_ids"])))
+  theirs = BertForSequenceClassification.from_pretrained(out).eval()
+  with torch.no_grad():
+    logits = theirs(**{k: torch.tensor(v) for k, v in enc.items()}).logits
+  np.testing.assert_allclose(logits.numpy(), ours, atol=1e-4)
+  assert np.abs(ours).max() > 1e-3  # not a trivially zero comparison
+
+
+@pytest.mark.parametrize("student_fixture,options", [
+    ("narrow_dir", {"hidden": 1.0, "attention": 1.0, "hard": 0.5}),
+    ("layers_dir", {"teacher_logits": "cache", "temperature": 2.0})],
+                         ids=["fly-hidden-attention", "cache"])
+def test_a_stopped_distillation_resumes_to_the_same_bits(
+    request, tmp_path, teacher_dir, student_fixture, options, monkeypatch,
+    compile_cache):
+  config = _config(request.getfixturevalue(student_fixture), teacher_dir,
+                   **options)
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train_and_evaluate(config, straight)
+  real = Checkpointer.reached_preemption
+  monkeypatch.setattr(Checkpointer, "reached_preemption",
+                      lambda self, step: step == 4 or real(self, step))
+  with pytest.raises(train.Preempted, match="saved step 4"):
+    train.train_and_evaluate(config, resumed)
+  monkeypatch.setattr(Checkpointer, "reached_preemption", real)
+  train.train_and_evaluate(config, resumed)
+  step_a, state_a, extras_a = _restore(straight)
+  step_b, state_b, extras_b = _restore(resumed)
+  assert step_a == step_b == 8 and extras_a == extras_b
+  _assert_trees_equal(state_a, state_b)
+  assert _metrics(straight) == _metrics(resumed)
+
+
+# --- Transfer data: augmented copies, unlabelled text ------------------------------
+
+
+def test_augmented_copies_are_taught_by_the_teacher(layers_dir, teacher_dir):
+  """TinyBERT's augmentation: the augment method's copies in the training
+  set, each with the teacher's targets (on the fly, or cached when the
+  copies are made once)."""
+  config = _config(layers_dir, teacher_dir, NO_DROPOUT,
+                   methods=("augment", "distill"))
+  config.method_options.augment = methods_lib.with_defaults(
+      "augment", copies=1, rate=0.3)
+  run = train.build(config)
+  split, n = run.train_split, 320
+  assert len(split) == 2 * n
+  differ = sum(not np.array_equal(
+      split.input_ids[split.offsets[i]:split.offsets[i + 1]],
+      split.input_ids[split.offsets[n + i]:split.offsets[n + i + 1]])
+               for i in range(n))
+  assert differ > 0.8 * n
+  teacher, _ = hf.load_pretrained(teacher_dir, run.task.HEAD, 2)
+  student_model = partition.merge(run.graphdef, run.state["params"],
+                                  run.frozen)
+  batch = run.train_batches.batch_at(0)
+  expected = _ce(_logits(student_model, run.task, batch),
+                 _softmax(_logits(teacher, run.task, batch)),
+                 batch["weights"])
+  assert _loss(run, batch) == pytest.approx(expected, rel=1e-5)
+
+  # Copies made once: cached per example, the copies' targets included.
+  config.method_options.augment.regenerate = "once"
+  config.method_options.distill.teacher_logits = "cache"
+  run = train.build(config)
+  cached = np.asarray(run.frozen.methods["distill"]["outputs"][0])
+  assert cached.shape == (2 * n, 2)
+  for i in (0, n + 5, 2 * n - 1):
+    a, b = run.train_split.offsets[i], run.train_split.offsets[i + 1]
+    ids = jnp.asarray(run.train_split.input_ids[None, a:b])
+    np.testing.assert_allclose(
+        np.asarray(teacher(ids, jnp.ones_like(ids)))[0], cached[i],
+        rtol=1e-5, atol=1e-5)
+  # Copies made anew each epoch cannot be cached by index.
+  config.method_options.augment.regenerate = "epoch"
+  with pytest.raises(ConfigError, match="same training set every epoch"):
+    train.build(config)
+
+
+def test_unlabelled_text_adds_to_the_distillation_terms_only(
+    tmp_path, layers_dir, teacher_dir):
+  path = tmp_path / "unlabelled.tsv"
+  path.write_text("sentence\n" + "".join(
+      f"an unlabelled review number {i}, {'good' if i % 2 else 'bad'}\n"
+      for i in range(40)))
+  run = train.build(_config(layers_dir, teacher_dir, NO_DROPOUT,
+                            unlabelled_file=str(path), hard=1.0, soft=1.0))
+  split = run.train_split
+  assert len(split) == 360
+  np.testing.assert_array_equal(split.arrays["distill_labelled"],
+                                [1.0] * 320 + [0.0] * 40)
+  batcher = run.train_batches.__class__(split, 24, (32,), shuffle=False)
+  batch = batcher.batch_at(13)  # examples 312..335: 8 labelled, 16 not
+  labelled = batch["distill_labelled"]
+  assert labelled.sum() == 8
+  teacher, _ = hf.load_pretrained(teacher_dir, run.task.HEAD, 2)
+  s = _logits(partition.merge(run.graphdef, run.state["params"], run.frozen),
+              run.task, batch)
+  t = _logits(teacher, run.task, batch)
+  hard = _ce(s, np.eye(2)[np.maximum(batch["labels"], 0)], labelled)
+  soft = _ce(s, _softmax(t), batch["weights"])
+  assert _loss(run, batch) == pytest.approx(hard + soft, rel=1e-5)
+
+
+# --- Bad settings --------------------------------------------------------------------
+
+
+def test_bad_settings_name_the_option(tmp_path, layers_dir, teacher_dir,
+                                      minilm_dir):
+  with pytest.raises(ConfigError, match="distill.teacher is empty"):
+    train.build(_config(layers_dir, ""))
+  with pytest.raises(ConfigError, match="keeps the teacher's outputs only"):
+    train.build(_config(layers_dir, teacher_dir, teacher_logits="cache",
+                        hidden=1.0))
+  with pytest.raises(ConfigError, match="layer_map='1-2'"):
+    train.build(_config(layers_dir, teacher_dir, layer_map="1-2"))
+  with pytest.raises(ConfigError, match="pair 3:2 names a layer past"):
+    train.build(_config(layers_dir, teacher_dir, hidden=1.0,
+                        layer_map="0:0,3:2"))
+  with pytest.raises(ConfigError, match="attention_layers='7'"):
+    train.build(_config(layers_dir, teacher_dir, attention=1.0,
+                        attention_layers="7"))
+  with pytest.raises(ConfigError, match="no trained SequenceClassification"):
+    train.build(_config(layers_dir, str(minilm_dir)))
+  other = create_model("sequence_classification", TEACHER, 2, seed=1)
+  hf.export(other, tmp_path / "renamed", tokenizer_dir=minilm_dir,
+            label_names=["positive", "negative"])
+  with pytest.raises(ConfigError, match="labels .*'positive', 'negative'.* "
+                     "are not the run's"):
+    train.build(_config(layers_dir, str(tmp_path / "renamed")))
+  two_heads = student.fresh(teacher_dir, tmp_path / "two_heads", {
+      "num_hidden_layers": 2, "num_attention_heads": 2})
+  with pytest.raises(ConfigError, match="teacher has 4 heads, the student 2"):
+    train.build(_config(str(two_heads), teacher_dir, attention=1.0))
+  with pytest.raises(ConfigError, match="'lora' changes the loss before"):
+    config = _config(layers_dir, teacher_dir, methods=("lora", "distill"),
+                     hidden=1.0)
+    config.method_options.lora = methods_lib.with_defaults("lora",
+                                                           dropout=0.1)
+    train.build(config)
