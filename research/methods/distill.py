@@ -251,7 +251,7 @@ class Method(methods.Method):
     if self.cache:
       outputs = []
       for kind, array in zip(self.kinds, state["outputs"]):
-        index = batch[teacher_lib.EXAMPLE if kind == "example"
+        index = batch[teacher_lib.EXAMPLE if kind == "per_example"
                       else teacher_lib.TOKEN]
         outputs.append(array[jnp.maximum(index, 0)])
       return outputs, None

@@ -160,7 +160,7 @@ def cache_outputs(model, task, split, batch_size: int, where: str):
 
   Returns:
     (arrays, kinds): per distribution of `task.distributions`, a float32
-    array [examples, C] (kind "example") or [tokens, C] (kind "token").
+    array [examples, C] (kind "per_example") or [tokens, C] ("per_token").
 
   Raises:
     ConfigError: a distribution that is neither one fixed-size row per
@@ -178,12 +178,12 @@ def cache_outputs(model, task, split, batch_size: int, where: str):
   for batch in batcher.eval_batches():
     outs = jax.device_get(forward(state, batch))
     if arrays is None:
-      kinds = tuple("example" if w.ndim == 1 else "token" for _, w in outs)
-      arrays = [np.zeros((len(split) if k == "example" else len(
+      kinds = tuple("per_example" if w.ndim == 1 else "per_token" for _, w in outs)
+      arrays = [np.zeros((len(split) if k == "per_example" else len(
           split.input_ids), logits.shape[-1]), np.float32)
                 for k, (logits, _) in zip(kinds, outs)]
     for kind, array, (logits, w) in zip(kinds, arrays, outs):
-      index = batch[EXAMPLE if kind == "example" else TOKEN]
+      index = batch[EXAMPLE if kind == "per_example" else TOKEN]
       if logits.shape[:-1] != index.shape or logits.shape[-1] != \
           array.shape[-1]:
         raise ConfigError(
