@@ -278,15 +278,16 @@ def test_hidden_and_attention_terms_train_and_export_drops_the_projection(
   assert np.abs(ours).max() > 1e-3  # not a trivially zero comparison
 
 
-@pytest.mark.parametrize("student_fixture,options", [
-    ("narrow_dir", {"hidden": 1.0, "attention": 1.0, "hard": 0.5}),
-    ("layers_dir", {"teacher_logits": "cache", "temperature": 2.0})],
-                         ids=["fly-hidden-attention", "cache"])
+@pytest.mark.parametrize("student_fixture,mesh,options", [
+    ("narrow_dir", (1, 1, 1), {"hidden": 1.0, "attention": 1.0, "hard": 0.5}),
+    ("layers_dir", (2, 1, 1), {"teacher_logits": "cache",
+                               "temperature": 2.0})],
+                         ids=["fly-hidden-attention", "cache-2-devices"])
 def test_a_stopped_distillation_resumes_to_the_same_bits(
-    request, tmp_path, teacher_dir, student_fixture, options, monkeypatch,
-    compile_cache):
+    request, tmp_path, teacher_dir, student_fixture, mesh, options,
+    monkeypatch, compile_cache):
   config = _config(request.getfixturevalue(student_fixture), teacher_dir,
-                   **options)
+                   {"parallelism.mesh_shape": mesh}, **options)
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   train.train_and_evaluate(config, straight)
   real = Checkpointer.reached_preemption
