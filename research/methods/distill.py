@@ -229,7 +229,8 @@ class Method(methods.Method):
             "change the training examples in config.methods")
       arrays, self.kinds = teacher_lib.cache_outputs(
           teacher.model, self.task, context.train_split,
-          o["teacher_batch_size"], f"{WHERE}.teacher_logits")
+          o["teacher_batch_size"], tuple(context.config.data.buckets),
+          f"{WHERE}.teacher_logits")
       return {"outputs": arrays}
     self.teacher_graphdef, state = nnx.split(teacher.model)
     return {"teacher": state}

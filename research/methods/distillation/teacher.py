@@ -148,7 +148,7 @@ def load(path: str, context, which: str, where: str) -> Teacher:
   return Teacher(model, model.cfg, tuple(labels), what)
 
 
-def cache_outputs(model, task, split, batch_size: int, where: str):
+def cache_outputs(model, task, split, batch_size: int, buckets, where: str):
   """The teacher's output distributions over `split`, once, in eval mode.
 
   Args:
@@ -156,6 +156,8 @@ def cache_outputs(model, task, split, batch_size: int, where: str):
     task: the run's task (`forward`, `distributions`).
     split: the training split, with `INDEX_FIELDS`.
     batch_size: examples per forward pass.
+    buckets: padded lengths (`config.data.buckets`; empty: chosen from the
+      split's lengths), each a compilation of the forward pass.
     where: the option's name, for messages.
 
   Returns:
@@ -173,7 +175,7 @@ def cache_outputs(model, task, split, batch_size: int, where: str):
     outputs = task.forward(nnx.merge(graphdef, state), batch)
     return [(logits, w) for logits, w in task.distributions(outputs, batch)]
 
-  batcher = data.Batcher(split, batch_size, (), shuffle=False)
+  batcher = data.Batcher(split, batch_size, buckets, shuffle=False)
   arrays, kinds = None, None
   for batch in batcher.eval_batches():
     outs = jax.device_get(forward(state, batch))
