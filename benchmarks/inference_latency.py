@@ -12,8 +12,8 @@ float32 weights as `research.export` writes them (model.safetensors, MB =
 10^6 bytes), and the jitted eval forward's latency on this machine's
 default JAX device (the CPU here): the median (p50) and p90 over
 `--repeats` calls at batch 1 and at batch 32 of `--seq_len` real tokens,
-the examples per second at batch 32 and the speed-up at batch 32 over the
-first model. Compilation and `--warmup` calls are not timed. On a shared
+the examples per second at batch 32 and the speed-up at each batch size
+over the first model. Compilation and `--warmup` calls are not timed. On a shared
 machine the load of other jobs moves every number: compare rows of one run.
 """
 
@@ -30,8 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from research import methods as methods_lib, restore
-from research.models import hf
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # this checkout's `research`, run from anywhere
+  sys.path.insert(0, ROOT)
+
+from research import methods as methods_lib, restore  # pylint: disable=wrong-import-position
+from research.models import hf  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("models", None, "name=path,...: workdirs or Hugging "
@@ -90,14 +94,14 @@ def main(argv):
     timing = {b: latency(model, b, FLAGS.seq_len, FLAGS.repeats,
                          FLAGS.warmup) for b in sizes}
     rows.append((name, model.cfg, params, size, timing))
-  base = statistics.median(rows[0][4][sizes[-1]])
+  base = {b: statistics.median(rows[0][4][b]) for b in sizes}
   print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs "
         f"visible, load average {os.getloadavg()[0]:.1f}; seq_len "
         f"{FLAGS.seq_len}, {FLAGS.repeats} timed calls")
   head = ["model", "layers x width", "params (M)", "MB"]
   for b in sizes:
     head += [f"p50 b{b} (ms)", f"p90 b{b} (ms)"]
-  head += [f"ex/s b{sizes[-1]}", f"speed-up b{sizes[-1]}"]
+  head += [f"ex/s b{sizes[-1]}"] + [f"speed-up b{b}" for b in sizes]
   print("| " + " | ".join(head) + " |")
   print("|" + "---|" * len(head))
   for name, cfg, params, size, timing in rows:
@@ -106,8 +110,9 @@ def main(argv):
     for b in sizes:
       cells += [f"{1e3 * statistics.median(timing[b]):.1f}",
                 f"{1e3 * float(np.percentile(timing[b], 90)):.1f}"]
-    p50 = statistics.median(timing[sizes[-1]])
-    cells += [f"{sizes[-1] / p50:.0f}", f"{base / p50:.2f}x"]
+    p50 = {b: statistics.median(timing[b]) for b in sizes}
+    cells += [f"{sizes[-1] / p50[sizes[-1]]:.0f}"]
+    cells += [f"{base[b] / p50[b]:.2f}x" for b in sizes]
     print("| " + " | ".join(cells) + " |")
   sys.stdout.flush()
 
