@@ -23,9 +23,10 @@ student's directory), seed=N, data_dir= (local files instead of the default
 download: ../shared/data/senteval_mr, glue_rte, glue_cola, conll2003) and
 the distillation's settings: T= (2.0), soft= (1.0), hard= (0.5), hidden=
 (0.0), attention= (0.0), logits=cache (the teacher's outputs computed once
-per training example) | fly, copies= (0: augment's EDA copies per example
-as transfer data, made once). The table's defaults are soft targets at T =
-2 plus half the hard loss, cached.
+per training example) | fly, and copies= (0): the augment method's EDA
+copies of each training example, made once, as TinyBERT's transfer data
+(with role=student: the same data, no teacher). The defaults are soft
+targets at T = 2 plus half the hard loss, cached.
 
 Data (the default needs no local file): quickstart: the repository's
 review set; mr: Hugging Face `cornell-movie-review-data/rotten_tomatoes`
@@ -130,19 +131,20 @@ def get_config(arg=None):
         "research.methods.distillation.student --teacher all-minilm-l6-v2 "
         "--layers 2,4,6 --out DIR)")
   config.model.name = args.student
-  if args.role == "student":
-    return config
-  if not args.teacher:
-    raise ValueError("experiments/distill.py: role=distill needs teacher= "
-                     "the workdir of a role=teacher run")
-  config.methods = ("distill",)
-  options = {"distill": methods.with_defaults(
-      "distill", teacher=args.teacher, temperature=args.T, soft=args.soft,
-      hard=args.hard, hidden=args.hidden, attention=args.attention,
-      teacher_logits=args.logits)}
-  if args.copies:
-    config.methods = ("augment", "distill")
+  names, options = (), {}
+  if args.copies:  # the same transfer data with or without the teacher
+    names = ("augment",)
     options["augment"] = methods.with_defaults(
         "augment", copies=args.copies, regenerate="once")
+  if args.role == "distill":
+    if not args.teacher:
+      raise ValueError("experiments/distill.py: role=distill needs teacher= "
+                       "the workdir of a role=teacher run")
+    names += ("distill",)
+    options["distill"] = methods.with_defaults(
+        "distill", teacher=args.teacher, temperature=args.T, soft=args.soft,
+        hard=args.hard, hidden=args.hidden, attention=args.attention,
+        teacher_logits=args.logits)
+  config.methods = names
   config.method_options = options
   return config
