@@ -229,7 +229,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
       model_cfg=model_cfg, graphdef=graphdef, params=trainable, frozen=frozen,
       mesh=mesh, training=True, workdir=workdir, train_split=train_split,
       label_names=tuple(label_names), total_steps=total_steps,
-      steps_per_epoch=max(1, micro_steps_per_epoch // accum))
+      steps_per_epoch=max(1, micro_steps_per_epoch // accum),
+      epoch_splits=split_at is not None)
   # Once, before the step is built: a teacher loads, DP-SGD calibrates.
   frozen = frozen._replace(methods=methods_lib.setup(methods, context))
   tx = methods_lib.optimizer(methods, tx, total_steps)

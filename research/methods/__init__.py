@@ -91,6 +91,9 @@ class Context:
     train_split: the training `TokenizedSplit` (training only).
     label_names: label names in id order.
     total_steps, steps_per_epoch: the planned updates (training only).
+    epoch_splits: the training set is made anew each epoch (a method's
+      `training_split` returned `split_at`): per-example facts computed
+      once from `train_split` hold for epoch 0 only.
   """
   config: Any
   tokenizer: Any
@@ -107,6 +110,7 @@ class Context:
   label_names: tuple = ()
   total_steps: int = 0
   steps_per_epoch: int = 0
+  epoch_splits: bool = False
 
   @property
   def num_train_examples(self) -> int:

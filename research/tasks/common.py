@@ -139,18 +139,20 @@ class Task:
                    if k in batch})
     return inputs
 
-  def forward(self, model, batch, rngs=None):
+  def forward(self, model, batch, rngs=None, **model_kw):
     """The model's outputs; `rngs=None` is evaluation (no dropout).
 
     A batch with `embeds_delta` [B, L, hidden] (`research.methods.adversarial.embeddings`)
     runs on the word embeddings plus that perturbation (`inputs_embeds`).
+    `model_kw` go to the model's call (`sow_attention=True`: a distillation
+    loss reading the attention probabilities).
     """
     inputs = self.model_inputs(batch)
     if "embeds_delta" in batch:
       embeds = model.bert.embeddings.word_embeddings(inputs.pop("input_ids"))
       inputs.update(input_ids=None, inputs_embeds=embeds + batch[
           "embeds_delta"].astype(embeds.dtype))
-    return model(**inputs, rngs=rngs)
+    return model(**inputs, rngs=rngs, **model_kw)
 
   # --- Data ------------------------------------------------------------------------
 
