@@ -75,7 +75,7 @@ ARGS = {"task": "quickstart", "method": "lora", "lr": 0.0, "pooler": False,
 def get_config(arg=None):
   """See the module docstring."""
   args = parse_arg(arg, ARGS, "experiments/peft.py",
-                   {"task": tuple(TRAIN_ROWS), "method": tuple(METHODS)})
+                   {"task": tuple(LEARNING_RATES), "method": tuple(METHODS)})
   task, method = args.task, args.method
   if task == "quickstart":
     config = quickstart.get_config()

@@ -99,10 +99,9 @@ def with_dropout(loss_fn):
   """
 
   def loss(trainable, frozen, batch, key):
-    params, rest = frozen
     rest = layers.with_dropout_keys(
-        rest, jax.random.fold_in(key, DROPOUT_STREAM))
-    return loss_fn(trainable, (params, rest), batch, key)
+        frozen.rest, jax.random.fold_in(key, DROPOUT_STREAM))
+    return loss_fn(trainable, frozen._replace(rest=rest), batch, key)
 
   return loss
 
