@@ -109,8 +109,8 @@ CONLL_LR = 1e-4
 SQUAD_LR = 1e-4
 SQUAD_DEV_ARTICLES = "5,8"  # Spectre, To Kill a Mockingbird: 502 questions
 # --smoke: one run per group (2 steps), with its follow-ups.
-SMOKE_JOBS = ("peft/quickstart/full/lr2e-05/s0", "dp/mr/full/lr0.001/eps8/s0",
-              "robust/rte/plain/s0", "conll/s0", "squad/prepare",
+SMOKE_JOBS = ("peft/quickstart/full/lr2e-05/s0", "robust/rte/plain/s0",
+              "dp/mr/full/lr0.001/eps8/s0", "conll/s0", "squad/prepare",
               "scratch/wikitext")
 
 
@@ -581,6 +581,29 @@ def main(argv=None):
                       help="more flags for every research.train run, "
                       "space-separated (e.g. --config.model.name=DIR)")
   args = parser.parse_args(argv)
+  # The flags set the module's grids and options for this call only (tests
+  # call main more than once).
+  saved = (dict(LR_GRID), dict(ROBUST_EPS_GRID), list(DP_LR_GRID),
+           list(EXTRA), PEFT_ARG, DP_CHUNK)
+  try:
+    return _main(args)
+  finally:
+    _restore(*saved)
+
+
+def _restore(lr_grid, eps_grid, dp_grid, extra, peft_arg, dp_chunk):
+  global PEFT_ARG, DP_CHUNK  # pylint: disable=global-statement
+  LR_GRID.clear()
+  LR_GRID.update(lr_grid)
+  ROBUST_EPS_GRID.clear()
+  ROBUST_EPS_GRID.update(eps_grid)
+  DP_LR_GRID[:] = dp_grid
+  EXTRA[:] = extra
+  PEFT_ARG, DP_CHUNK = peft_arg, dp_chunk
+
+
+def _main(args):
+  """main's body, once the flags are parsed."""
   os.makedirs(args.out, exist_ok=True)
   os.environ.setdefault("WANDB_MODE", "disabled")  # metrics.jsonl keeps all
   groups = set(args.groups.split(","))

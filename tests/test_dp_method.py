@@ -22,6 +22,7 @@ from research import methods as methods_lib
 from research import parallelism, train
 from research.configs import ConfigError, validate
 from research.data import samplers
+from research.methods.privacy import accounting
 from research.training import steps as steps_lib
 from tests import test_reliability as rel
 from tests.test_dp_sgd import _noise_std_check
@@ -257,11 +258,15 @@ def test_truncated_draws_and_clipping_are_reported(tmp_path, tiny_model_dir):
   assert 1 <= expected <= 5  # P[Binomial(320, 0.05) > 16] = 0.44 per draw
   assert summary["privacy/max_batch_size"] == B
   assert 0.3 < summary["privacy/truncation_probability"] < 0.6
-  # The cut sampler's epsilon (PLD, truncated event) beside the
-  # accountant's (RDP, uncut Poisson): near it, as the PLD is tighter.
+  # The cut sampler's epsilon: dp-accounting's truncated event (PLD). Cutting
+  # 44% of the draws costs privacy in its analysis: above the uncut one.
   cut_eps = summary["privacy/epsilon_truncated_sampler"]
-  assert 0.5 * summary["privacy/epsilon"] < cut_eps < 1.5 * summary[
-      "privacy/epsilon"]
+  assert cut_eps == pytest.approx(accounting.truncated_epsilon(
+      num_examples=N, sampling_rate=B / N, max_batch_size=B,
+      noise_multiplier=1.0, steps=6, delta=summary["privacy/delta"]))
+  assert cut_eps > accounting.epsilon(
+      sampling_rate=B / N, noise_multiplier=1.0, steps=6,
+      delta=summary["privacy/delta"], accountant="pld")
   logged = {r["step"]: r for r in _metrics(tmp_path) if "privacy/epsilon" in r}
   assert [logged[s]["privacy/truncated_batches"] for s in (2, 4, 6)] == [
       sampler.truncated_draws(s) for s in (2, 4, 6)]
