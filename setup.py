@@ -12,7 +12,8 @@ version tested. `.ci/check_resolution.sh` shows what pip resolves for Python
   4.9.10, tensorflow-cpu 2.21.0, datasets 5.2.0, torch 2.13.0,
   accelerate 1.15.0, scipy 1.17.1, uv 0.13.9 (SkyPilot 0.14.1 in its
   own environment), seqeval 1.2.2, grain 0.2.18, array-record 0.8.6,
-  dp-accounting 0.6.0, jax-privacy 2.0.0, peft 0.21.2.
+  dp-accounting 0.6.0, jax-privacy 2.0.0, peft 0.21.2,
+  sentence-transformers 6.3.0.
 - GPU (NVIDIA H200, Python 3.12): jax/jaxlib 0.11.2 (CUDA 13 plugin),
   flax 0.12.10, optax 0.2.8, orbax-checkpoint 0.12.4, transformers 5.17.0:
   the benchmark (research.bench), not the test suite.
@@ -84,10 +85,16 @@ EXTRAS = {
     # Hugging Face PEFT adapter directories (research/methods/peft/hf_peft.py needs
     # only safetensors; tests/test_peft.py loads them with the live peft).
     "peft": ["peft>=0.21,<0.22"],
+    # Sentence-transformers directories: research.export writes one for a
+    # classifier pooled by cls/mean/max (hf.export_sentence_transformers:
+    # Transformer + Pooling + Dense with `module_output_name`, read since
+    # 5.7); tests/test_pooling.py loads it with the live package (6.3.0
+    # installs beside transformers 5 and torch 2.13 with nothing else new).
+    "sentence-transformers": ["sentence-transformers>=6.3,<7"],
 }
 EXTRAS["test"] = sorted(set(
     EXTRAS["tfds"] + EXTRAS["hf"] + EXTRAS["notebooks"] + EXTRAS["ner"]
-    + EXTRAS["privacy"] + EXTRAS["peft"]
+    + EXTRAS["privacy"] + EXTRAS["peft"] + EXTRAS["sentence-transformers"]
     + ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scikit-learn>=1.4,<2",
        "scipy>=1.11,<2",  # reference metrics in tests/test_metrics.py
        "accelerate>=1.1,<2",

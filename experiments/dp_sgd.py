@@ -7,13 +7,16 @@ r"""Differentially private fine-tuning (DP-SGD) of the packaged MiniLM.
 
 `arg` ("key=value,..."): data=quickstart (the shipped review set, 320
 training sentences) | rte | cola (TFDS glue/<task>, or data_dir= a folder of
-GLUE's train.tsv and dev.tsv, e.g. ../shared/data/glue_rte); epsilon=8 (> 0:
-DP-SGD at that target, delta = 1/N; 0: the data set's usual non-private
-recipe, the baseline); seed=0; method=full (every weight) | bitfit (biases,
-the head and BERT's pooler, research/methods/bitfit.py with pooler=True, at
-lr 1e-2: DP-BitFit; the packaged MiniLM's pooler was never trained, and
-frozen it leaves the head little to read: BENCHMARKS.md, "Parameter-
-efficient fine-tuning on CoLA and RTE").
+GLUE's train.tsv and dev.tsv, e.g. ../shared/data/glue_rte) | mr (SentEval's
+movie-review polarity, 8,529 training sentences, the closest here to Li et
+al.'s SST-2; data_dir= is required: ../shared/data/senteval_mr); epsilon=8
+(> 0: DP-SGD at that target, delta = min(1e-5, 1/(N ln N)); 0: the data
+set's usual non-private recipe, the baseline); seed=0; method=full (every
+weight) | bitfit (biases and the head, research/methods/bitfit.py, at lr
+1e-2: DP-BitFit). The sentence pooling is the model's
+(`config.model.pooling`, auto: mean for the packaged MiniLM, whose pooler
+was never trained); with `--config.model.pooling=pooler` DP-BitFit should
+train the pooler too (`--config.method_options.bitfit.pooler=True`).
 
 The private recipe follows Li, Tramer, Liang and Hashimoto (2022), "Large
 Language Models Can Be Strong Differentially Private Learners": DP-SGD
@@ -52,13 +55,15 @@ from research.configs.args import parse_arg
 
 ARGS = {"data": "quickstart", "epsilon": 8.0, "seed": 0, "method": "full",
         "data_dir": ""}
-CHOICES = {"data": ("quickstart", "rte", "cola"), "method": ("full", "bitfit")}
+CHOICES = {"data": ("quickstart", "rte", "cola", "mr"),
+           "method": ("full", "bitfit")}
 # method=bitfit: biases and the head only (research/methods/bitfit.py), at
 # BitFit's learning rate; per-example gradients of 27k weights, not 22.7M.
 BITFIT_LEARNING_RATE = 1e-2
-MAX_LENGTH = {"rte": 128, "cola": 64}
+MAX_LENGTH = {"rte": 128, "cola": 64, "mr": 64}  # MR: 6 of 8,529 cut at 64
 # The private recipe per data set: (batch size, epochs).
-PRIVATE = {"quickstart": (64, 15.0), "rte": (256, 15.0), "cola": (512, 10.0)}
+PRIVATE = {"quickstart": (64, 15.0), "rte": (256, 15.0), "cola": (512, 10.0),
+           "mr": (512, 10.0)}
 
 
 def get_config(arg=None):
@@ -91,7 +96,6 @@ def get_config(arg=None):
   if values["method"] == "bitfit":  # before dp_sgd, which must come last
     config.methods = ("bitfit",) + tuple(config.methods)
     with config.method_options.unlocked():
-      config.method_options.bitfit = methods.with_defaults("bitfit",
-                                                           pooler=True)
+      config.method_options.bitfit = methods.with_defaults("bitfit")
     config.optimizer.learning_rate = BITFIT_LEARNING_RATE
   return config

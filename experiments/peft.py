@@ -19,8 +19,10 @@ r"""Parameter-efficient fine-tuning of the packaged MiniLM: one method, one task
   lr      the peak learning rate (default: LEARNING_RATES[task][method],
           the values BENCHMARKS.md reports, chosen on dev as it says);
   pooler  true: train BERT's pooler with the head (the methods' `pooler`
-          option; default false, as PEFT). all-minilm-l6-v2's pooler was
-          never trained (a mean-pooling sentence model): a linear probe on
+          option; default false, as PEFT). Only with
+          `--config.model.pooling=pooler`: the default (`auto`) pools
+          all-minilm-l6-v2 by mean, as it was trained, and it has no pooler
+          (docs/pooling.md). Its pooler was never trained: a linear probe on
           its frozen output reaches CoLA MCC 0.05, on mean-pooled states
           0.13 (BENCHMARKS.md).
 
@@ -75,7 +77,7 @@ ARGS = {"task": "quickstart", "method": "lora", "lr": 0.0, "pooler": False,
 def get_config(arg=None):
   """See the module docstring."""
   args = parse_arg(arg, ARGS, "experiments/peft.py",
-                   {"task": tuple(TRAIN_ROWS), "method": tuple(METHODS)})
+                   {"task": tuple(LEARNING_RATES), "method": tuple(METHODS)})
   task, method = args.task, args.method
   if task == "quickstart":
     config = quickstart.get_config()

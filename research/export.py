@@ -13,7 +13,18 @@ a `transformers` BERT cannot hold: their export is refused.
 The directory (config.json, model.safetensors, tokenizer files, id2label)
 loads in `transformers`, e.g. `BertForSequenceClassification.from_pretrained`.
 A masked-LM run (DAPT / TAPT) keeps its base checkpoint's pooler in the
-export (`keep_base_pooler`), for the fine-tuning that follows.
+export (`keep_base_pooler`) and, from a sentence-transformers base, its
+declared pooling (`keep_base_pooling`: `1_Pooling/config.json`), so that
+the fine-tuning that follows reads the encoder as one from the base would.
+
+A sequence classifier that pools otherwise than with BERT's pooler
+(`config.model.pooling` cls, mean or max; `auto` on a sentence-transformers
+base) has no `transformers` class (`BertForSequenceClassification` reads the
+pooler): it is written as a sentence-transformers directory
+(`hf.export_sentence_transformers`: encoder, Pooling, the classifier as a
+Dense module writing `logits`), which `SentenceTransformer(out)` loads with
+the same embeddings. Other sentence-level heads (pre-training's NSP) with
+such a pooling are refused, naming the option.
 """
 
 from __future__ import annotations
@@ -23,7 +34,8 @@ import sys
 
 from research import methods as methods_lib
 from research import restore
-from research.models import hf
+from research.models import heads, hf
+from research.models import pooling as pooling_lib
 
 
 def export_run(workdir: str, out_dir: str, which: str = "best",
@@ -61,18 +73,66 @@ def export_run(workdir: str, out_dir: str, which: str = "best",
     return out_dir
   model = methods_lib.export_model(restored.methods, model)
   base = restored.context.model_dir
-  hf.export(model, out_dir, restored.task.HEAD, tokenizer_dir=base,
-            label_names=list(restored.label_names) or None)
+  labels = list(restored.label_names) or None
   from_scratch = (restored.config.get("task_options") or {}).get("architecture")
-  if getattr(getattr(model, "bert", None), "pooler", 0) is None and not from_scratch:
+  pooling = getattr(getattr(model, "bert", None), "pooling", None)
+  if pooling not in (None, "pooler"):
+    head = restored.task.HEAD
+    if head is not heads.SequenceClassification:
+      raise ValueError(
+          f"{workdir}: config.model.pooling resolved to {pooling!r}, but "
+          f"transformers' {head.hf_architecture} pools with BERT's pooler "
+          f"and a sentence-transformers directory holds a classifier only: "
+          f"this {head.__name__} run cannot be exported (train with "
+          "--config.model.pooling=pooler, or use its checkpoint through "
+          "research.restore)")
+    hf.export_sentence_transformers(
+        model, out_dir, tokenizer_dir=base, label_names=labels,
+        max_seq_length=restored.config.data.max_length)
+    keep_base_pooler(out_dir, base, prefix="")  # unused; loads without noise
+    print(f"exported step {restored.step} ({restored.which}) to {out_dir} as "
+          f"a sentence-transformers directory ({pooling} pooling; "
+          "config.model.pooling)")
+    return out_dir
+  hf.export(model, out_dir, restored.task.HEAD, tokenizer_dir=base,
+            label_names=labels)
+  if pooling is None and not from_scratch:
     copied = keep_base_pooler(out_dir, base)
     if copied:
       print(f"kept the base checkpoint's pooler ({', '.join(copied)})")
+    if keep_base_pooling(out_dir, base):
+      print("kept the base checkpoint's declared pooling (1_Pooling/)")
   print(f"exported step {restored.step} ({restored.which}) to {out_dir}")
   return out_dir
 
 
-def keep_base_pooler(out_dir, base_dir) -> list[str]:
+def keep_base_pooling(out_dir, base_dir) -> bool:
+  """Copies a sentence-transformers base's `1_Pooling/config.json`.
+
+  A masked-LM export of such a base (TAPT of all-MiniLM-L6-v2) would
+  otherwise fine-tune with `config.model.pooling=auto` through the pooler,
+  where the base fine-tunes through its declared mean pooling.
+
+  Returns:
+    Whether it was copied.
+  """
+  import shutil  # pylint: disable=import-outside-toplevel
+  if pooling_lib.checkpoint_pooling(base_dir) is None:
+    return False
+  import json  # pylint: disable=import-outside-toplevel
+  modules = os.path.join(str(base_dir), "modules.json")
+  folder = "1_Pooling"
+  if os.path.exists(modules):
+    with open(modules, encoding="utf-8") as f:
+      folder = next(m.get("path", folder) for m in json.load(f)
+                    if str(m.get("type", "")).endswith(".Pooling"))
+  os.makedirs(os.path.join(str(out_dir), "1_Pooling"), exist_ok=True)
+  shutil.copy(os.path.join(str(base_dir), folder, "config.json"),
+              os.path.join(str(out_dir), "1_Pooling", "config.json"))
+  return True
+
+
+def keep_base_pooler(out_dir, base_dir, prefix="bert.") -> list[str]:
   """Copies the base checkpoint's pooler into an exported poolerless model.
 
   A masked-LM model has no pooler (nor has HF's BertForMaskedLM, which
@@ -92,13 +152,14 @@ def keep_base_pooler(out_dir, base_dir) -> list[str]:
   base, weights = load_file(source), load_file(target)
   copied = []
   for name in ("pooler.dense.weight", "pooler.dense.bias"):
-    # A BertModel's names have no "bert." prefix; a BertFor*'s have it.
+    # A BertModel's names have no "bert." prefix; a BertFor*'s have it;
+    # `prefix` is the export's.
     found = next((k for k in (name, "bert." + name) if k in base), None)
-    embed = weights.get("bert.embeddings.word_embeddings.weight")
+    embed = weights.get(prefix + "embeddings.word_embeddings.weight")
     if found is None or embed is None or base[found].shape[-1] != embed.shape[-1]:
       return []
-    weights["bert." + name] = np.ascontiguousarray(base[found])
-    copied.append("bert." + name)
+    weights[prefix + name] = np.ascontiguousarray(base[found])
+    copied.append(prefix + name)
   save_file(weights, target, metadata={"format": "pt"})
   return copied
 

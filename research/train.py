@@ -53,6 +53,9 @@ log = logging.getLogger("research.train")
 
 # Exit status after saving on preemption (SIGTERM), so schedulers restart us.
 PREEMPTED_EXIT_CODE = 143
+# The update step's own metrics (research/training/steps.py); any other is a
+# gradient function's, logged under its name.
+STEP_METRICS = ("loss", "grad_norm", "bad_steps")
 
 
 class TrainingError(RuntimeError):
@@ -228,6 +231,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
       config=config, tokenizer=tokenizer, task=task, model_dir=str(model_dir),
       model_cfg=model_cfg, graphdef=graphdef, params=trainable, frozen=frozen,
       mesh=mesh, training=True, workdir=workdir, train_split=train_split,
+      train_batches=train_batches,
       label_names=tuple(label_names), total_steps=total_steps,
       steps_per_epoch=max(1, micro_steps_per_epoch // accum),
       epoch_splits=split_at is not None)
@@ -448,6 +452,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             # config.precompile all were compiled before step 1).
             "train/compilations": run.train_step._cache_size(),  # pylint: disable=protected-access
             **methods_lib.metrics(run.methods, step),
+            # A method's gradient function's own (DP-SGD's clipping), of
+            # the step's last micro-batch.
+            **{k: float(v) for k, v in step_metrics.items()
+               if k not in STEP_METRICS},
         }
         tracker.log(step, train_metrics)
         bar.set_postfix(loss=f"{train_metrics['train/loss']:.4f}",

@@ -114,20 +114,42 @@ def test_max_steps_zero_when_one_step_overspends():
 
 
 def test_delta_default_and_refusal():
-  assert accounting.resolve_delta(None, 2490) == 1 / 2490
+  # min(1e-5, 1/(N ln N)): 1e-5 up to N ~ 10,900, then 1/(N ln N).
+  assert accounting.resolve_delta(None, 2490) == 1e-5
+  assert accounting.resolve_delta(None, 8529) == 1e-5  # 1/(N ln N) = 1.3e-5
+  assert accounting.resolve_delta(None, 100_000) == pytest.approx(
+      1 / (100_000 * math.log(100_000)))  # 8.7e-7
+  for n in (1, 2, 3, 50, 8529, 10**6):
+    assert accounting.default_delta(n) < 1 / n or n == 1
   assert accounting.resolve_delta(0.0004, 2500) == 0.0004  # exactly 1/N
   assert accounting.resolve_delta(1e-6, 2500) == 1e-6
-  with pytest.raises(ValueError, match=r"config\.method_options\.dp_sgd\.delta = 0\.001 "
-                     r"must be in \(0, 1/N\].*N = 2500"):
+  with pytest.raises(ValueError, match=r"dp_sgd\.delta = 0\.001 "
+                     r"must be in \(0, 1/N\].*N = 2500.*1/\(N ln N\)\) "
+                     r"= 1e-05"):
     accounting.resolve_delta(1e-3, 2500)
   with pytest.raises(ValueError, match=r"config\.method_options\.dp_sgd\.delta"):
     accounting.resolve_delta(0.0, 2500)
 
 
+def test_truncation_probability_and_truncated_epsilon():
+  # P[Binomial(321, 0.05) > 16]: the binomial tail, against a direct sum.
+  p = accounting.truncation_probability(num_examples=320, sampling_rate=0.05,
+                                        max_batch_size=16)
+  direct = sum(math.comb(321, k) * 0.05**k * 0.95**(321 - k)
+               for k in range(17, 322))
+  assert p == pytest.approx(direct, rel=1e-9)
+  # A padded batch far above the mean: the cut sampler is Poisson sampling.
+  kw = dict(sampling_rate=0.05, noise_multiplier=1.0, steps=20, delta=1e-5)
+  loose = accounting.truncated_epsilon(num_examples=320, max_batch_size=320,
+                                       **kw)
+  assert loose == pytest.approx(accounting.epsilon(accountant="pld", **kw),
+                                rel=1e-3)
+
+
 def test_plan_calibrates_for_a_target():
   account = accounting.plan(num_examples=2490, expected_batch_size=256,
                             steps=300, target_epsilon=8.0)
-  assert account.delta == 1 / 2490
+  assert account.delta == 1e-5
   assert account.sampling_rate == 256 / 2490
   assert account.caveat is None
   assert account.epsilon(300) <= 8.0
@@ -159,8 +181,8 @@ def test_plan_shuffle_is_labelled(caplog):
     (dict(noise_multiplier=1.0, accountant="gdp"),
      r"config\.method_options\.dp_sgd\.accountant = 'gdp'; valid choices: \['pld', 'rdp'\]"),
     (dict(noise_multiplier=1.0, expected_batch_size=5000),
-     r"config\.batch_size \(the expected batch size\) = 5000 "
-     r"must be in \[1, N = 1000\]"),
+     r"config\.batch_size \(the expected batch size\) = 5000 must be in "
+     r"\[1, N = 1000\]"),
     (dict(noise_multiplier=0.0), r"config\.method_options\.dp_sgd\.noise_multiplier = 0\.0"),
     (dict(target_epsilon=-1.0), r"config\.method_options\.dp_sgd\.target_epsilon = -1\.0"),
     (dict(target_epsilon=1e4), "too large to be meaningful"),

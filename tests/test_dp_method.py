@@ -22,6 +22,7 @@ from research import methods as methods_lib
 from research import parallelism, train
 from research.configs import ConfigError, validate
 from research.data import samplers
+from research.methods.privacy import accounting
 from research.training import steps as steps_lib
 from tests import test_reliability as rel
 from tests.test_dp_sgd import _noise_std_check
@@ -204,16 +205,18 @@ def test_epsilon_logged_and_in_summary_equal_dp_accounting(tmp_path,
                                       "dp.target_epsilon": 2.0})
   summary = train.train_and_evaluate(config, str(tmp_path))
   sigma = summary["privacy/noise_multiplier"]
-  assert summary["privacy/delta"] == 1 / N
+  # The default delta, min(1e-5, 1/(N ln N)): here 1e-5, well below 1/N.
+  delta = summary["privacy/delta"]
+  assert delta == 1e-5 < 1 / N
   assert summary["privacy/sampling_rate"] == B / N
-  eps = _direct_epsilon(B / N, sigma, 6, 1 / N)
+  eps = _direct_epsilon(B / N, sigma, 6, delta)
   assert summary["privacy/epsilon"] == pytest.approx(eps, rel=1e-12)
   assert 1.9 < eps <= 2.0  # calibrated for the 6 planned steps
   logged = {r["step"]: r["privacy/epsilon"] for r in _metrics(tmp_path)
             if "privacy/epsilon" in r}
   assert list(logged) == [2, 4, 6]
   for step, value in logged.items():
-    assert value == pytest.approx(_direct_epsilon(B / N, sigma, step, 1 / N),
+    assert value == pytest.approx(_direct_epsilon(B / N, sigma, step, delta),
                                   rel=1e-12)
   with open(tmp_path / "summary.json") as f:
     assert json.load(f)["privacy/epsilon"] == summary["privacy/epsilon"]
@@ -228,7 +231,7 @@ def test_run_stops_before_exceeding_its_budget(tmp_path, tiny_model_dir):
   # sigma 0.8 at q = 0.05 affords 7 steps of epsilon 1.6 (RDP, delta 1/N).
   config = _config(tiny_model_dir, **{
       "dp.noise_multiplier": 0.8, "dp.target_epsilon": 1.6,
-      "total_steps": 12})
+      "dp.delta": 1 / N, "total_steps": 12})
   assert _direct_epsilon(B / N, 0.8, 7, 1 / N) <= 1.6 < _direct_epsilon(
       B / N, 0.8, 8, 1 / N)
   summary = train.train_and_evaluate(config, str(tmp_path))
@@ -236,6 +239,62 @@ def test_run_stops_before_exceeding_its_budget(tmp_path, tiny_model_dir):
   assert summary["privacy/epsilon"] <= 1.6
   assert "step 8 would spend epsilon 1.603" in summary["stopped"]
   assert "config.method_options.dp_sgd.target_epsilon=1.6" in summary["stopped"]
+
+
+def test_truncated_draws_and_clipping_are_reported(tmp_path, tiny_model_dir):
+  """Poisson draws cut to the padded batch are counted in metrics.jsonl and
+  summary.json, with the epsilon of the cut sampler; the step logs its
+  clipping statistics."""
+  # A padded batch of exactly the expected 16: about half the draws are cut.
+  config = _config(tiny_model_dir, **{
+      "dp.noise_multiplier": 1.0, "dp.clip_norm": 0.05,
+      "data.sampler_options": {"max_batch_size": B}})
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  sampler = samplers.create("poisson", np.full(N, 8), B, config.seed,
+                            {"max_batch_size": B})
+  expected = sum(sampler.truncated_draws(s) > sampler.truncated_draws(s - 1)
+                 for s in range(1, 7))
+  assert summary["privacy/truncated_batches"] == expected
+  assert 1 <= expected <= 5  # P[Binomial(320, 0.05) > 16] = 0.44 per draw
+  assert summary["privacy/max_batch_size"] == B
+  assert 0.3 < summary["privacy/truncation_probability"] < 0.6
+  # The cut sampler's epsilon: dp-accounting's truncated event (PLD). Cutting
+  # 44% of the draws costs privacy in its analysis: above the uncut one.
+  cut_eps = summary["privacy/epsilon_truncated_sampler"]
+  assert cut_eps == pytest.approx(accounting.truncated_epsilon(
+      num_examples=N, sampling_rate=B / N, max_batch_size=B,
+      noise_multiplier=1.0, steps=6, delta=summary["privacy/delta"]))
+  assert cut_eps > accounting.epsilon(
+      sampling_rate=B / N, noise_multiplier=1.0, steps=6,
+      delta=summary["privacy/delta"], accountant="pld")
+  logged = {r["step"]: r for r in _metrics(tmp_path) if "privacy/epsilon" in r}
+  assert [logged[s]["privacy/truncated_batches"] for s in (2, 4, 6)] == [
+      sampler.truncated_draws(s) for s in (2, 4, 6)]
+  # Per-example norms against C (monitoring): at C = 0.05 a fresh head's
+  # gradients are clipped.
+  last = logged[6]
+  assert 0.0 < last["dp/clip_fraction"] <= 1.0
+  assert last["dp/example_grad_norm_max"] >= last[
+      "dp/example_grad_norm_mean"] > 0.05 * last["dp/clip_fraction"]
+
+
+def test_automatic_clipping_normalises_each_example(tiny_model_dir):
+  """clipping="automatic" sums C g_i / (|g_i| + gamma) (Bu et al. 2022)."""
+  flat = train.build(_config(tiny_model_dir, **{
+      "dp.noise_multiplier": 0.0, "dp.clip_norm": 1e6}))
+  auto = train.build(_config(tiny_model_dir, **{
+      "dp.noise_multiplier": 0.0, "dp.clip_norm": 0.5,
+      "dp.clipping": "automatic", "dp.stability": 0.01}))
+  batch = _batch(flat, real=2)
+  # Each example's unclipped gradient, from the flat run with C = 1e6.
+  per = []
+  for i in range(2):
+    one = dict(batch, weights=(np.arange(len(batch["weights"])) == i
+                               ).astype(np.float32))
+    per.append(Stepper(flat).grads([one]) * B)  # the divisor is B
+  want = sum(0.5 * g / (np.linalg.norm(g) + 0.01) for g in per) / B
+  np.testing.assert_allclose(Stepper(auto).grads([batch]), want, rtol=1e-4,
+                             atol=1e-7)
 
 
 # --- Refused configurations --------------------------------------------------
@@ -266,6 +325,8 @@ class Method(methods_lib.Method):
      r"config.method_options.dp_sgd.sampling='random'; valid: poisson, "
      r"shuffle"),
     ({"dp.accountant": "gdp"}, r"valid: rdp, pld"),
+    ({"dp.clipping": "auto"}, r"dp_sgd.clipping='auto'; valid: flat, "
+     r"automatic"),
     ({"data.sampler_options": {"micro_batches": 3},
       "optimizer.grad_accum_steps": 2},
      r"micro_batches=3 must equal config.optimizer.grad_accum_steps=2"),

@@ -170,6 +170,9 @@ def test_refuses_what_breaks_the_guarantee(problem):
                                               jax.random.key(0))
   with pytest.raises(ValueError, match=r"config\.method_options\.dp_sgd\.clip_norm = 0"):
     clipping.clip_and_sum(_loss, clip_norm=0)
+  with pytest.raises(ValueError, match=r"dp_sgd\.clipping = 'auto'; valid: "
+                     r"flat, automatic"):
+    clipping.clip_and_sum(_loss, clip_norm=1.0, clipping="auto")
   with pytest.raises(ValueError, match=r"config\.method_options\.dp_sgd\.noise_multiplier"):
     clipping.dp_value_and_grad(_loss, clip_norm=1.0, noise_multiplier=-1.0,
                              expected_batch_size=4)
@@ -204,7 +207,7 @@ def _sharded(fn, mesh, check_vma):
   return jax.jit(jax.shard_map(
       fn, mesh=mesh, in_specs=(p(), p("data"), p()),
       out_specs=(p(), p(), {"grad_norms": p("data"), "clip_fraction": p(),
-                            "num_examples": p()}),
+                            "num_examples": p(), "metrics": p()}),
       check_vma=check_vma))
 
 
@@ -237,6 +240,14 @@ def test_data_parallel_adds_noise_once(check_vma):
                                                        atol=1e-6), one, eight)
   assert 0 < float(eight[2]["clip_fraction"]) < 1
   assert float(eight[2]["num_examples"]) == 27
+  # The clipping statistics are global: one program's over 8 devices.
+  stats = eight[2]["metrics"]
+  assert float(stats["dp/clip_fraction"]) == float(eight[2]["clip_fraction"])
+  norms = np.asarray(one[2]["grad_norms"])[:27]
+  np.testing.assert_allclose(stats["dp/example_grad_norm_mean"], norms.mean(),
+                             rtol=1e-5)
+  np.testing.assert_allclose(stats["dp/example_grad_norm_max"], norms.max(),
+                             rtol=1e-5)
   _, base, _ = clean(params, batch, key)
   noise = np.stack([
       np.concatenate([np.ravel(x) for x in jax.tree.leaves(

@@ -22,30 +22,57 @@ gpu_tables = importlib.import_module("gpu_tables")
 
 
 def test_every_planned_command_is_a_valid_config():
-  jobs = gpu_tables.plan("/tmp/w", {"peft", "dp", "robust", "scratch"}, False)
-  assert len(jobs) == 129
+  jobs = gpu_tables.plan("/tmp/w", {"peft", "dp", "robust", "conll", "squad",
+                                    "scratch"}, False)
+  names = [job.name for job in jobs]
+  assert len(names) == len(set(names))
   configs = {}
-  for config_arg in sorted({job.argv[4] for job in jobs}):
+  for config_arg in sorted({job.argv[4] for job in jobs
+                            if job.argv[2] == "research.train"}):
     module, _, arg = config_arg.partition(":")
     name = os.path.splitext(os.path.basename(module))[0]
     config = importlib.import_module(f"experiments.{name}").get_config(arg)
     assert config.model.name == "all-minilm-l6-v2", config_arg
-    # The GLUE rows name the shipped copy (data_dir=); key them without it.
-    configs[re.sub(r",data_dir=[^,]*", "", config_arg)] = config
-  # The small-ball rows reach the method (GLUE only: 2 tasks x 3 x 3 seeds).
-  small = [job for job in jobs if "_eps0.03/" in job.name]
-  assert len(small) == 18 and all(job.row["eps"] == 0.03 for job in small)
+    # The checkpoint's own pooling (mean for MiniLM) in every table.
+    assert config.model.pooling == "auto", config_arg
+    configs[config_arg] = config
+  # PEFT: 7 methods x 3 tasks, each learning-rate grid at seed 0.
+  peft = [j for j in jobs if j.group == "peft"]
+  assert {(j.row["task"], j.row["method"]) for j in peft} == {
+      (t, m) for t in ("quickstart", "rte", "cola")
+      for m in ("full", "lora", "adalora", "houlsby", "pfeiffer", "prefix",
+                "bitfit")}
+  assert len(peft) == 3 * sum(map(len, gpu_tables.LR_GRID.values()))
+  # Robust: a ball grid at seed 0 for the methods with a ball (GLUE).
+  ball = [j for j in jobs if j.group == "robust" and j.row["eps"]]
+  assert len(ball) == 2 * sum(map(len, gpu_tables.ROBUST_EPS_GRID.values()))
   config = configs[
-      "experiments/robust.py:data=cola,method=pgd,seed=1,eps=0.03"]
+      "experiments/robust.py:data=cola,method=pgd,seed=0,eps=0.03,"
+      f"data_dir={gpu_tables.SHARED}/glue_cola"]
   assert config.method_options.pgd.epsilon == 0.03
   assert abs(config.method_options.pgd.step_size - 0.015) < 1e-12
   # FreeLB's initial noise shrinks with its ball (0.1 of 0.3 -> 0.01 of 0.03).
   freelb = configs[
-      "experiments/robust.py:data=rte,method=freelb,seed=2,eps=0.03"]
+      "experiments/robust.py:data=rte,method=freelb,seed=0,eps=0.03,"
+      f"data_dir={gpu_tables.SHARED}/glue_rte"]
   assert abs(freelb.method_options.freelb.epsilon - 0.03) < 1e-12
   assert abs(freelb.method_options.freelb.step_size - 0.01) < 1e-12
   assert abs(freelb.method_options.freelb.init_magnitude - 0.01) < 1e-12
-  assert freelb.method_options.freelb.steps == 2
+  # DP on MR (the SentEval folder) and CoLA.
+  mr = configs["experiments/dp_sgd.py:data=mr,epsilon=8,seed=0,method=full,"
+               f"data_dir={gpu_tables.SHARED}/senteval_mr"]
+  assert mr.data.train_file.endswith("senteval_mr/train.tsv")
+  assert mr.method_options.dp_sgd.target_epsilon == 8.0
+  # CoNLL's 3 epochs and SQuAD's split step, then its training.
+  conll = [j for j in jobs if j.group == "conll"]
+  assert len(conll) == 3 and "--config.num_epochs=3" in conll[0].argv
+  prepare = next(j for j in jobs if j.name == "squad/prepare")
+  assert prepare.argv[-3:] == ["--dev_articles", "5,8", "--answerable_only"]
+  train = prepare.then({"status": "ok"}, None)
+  assert [j.name for j in train] == ["squad/s0", "squad/s1", "squad/s2"]
+  module, _, arg = train[0].argv[4].partition(":")
+  squad = importlib.import_module("experiments.squad_v1").get_config(arg)
+  assert squad.data.train_file.endswith("v1.1-train.json")
 
 
 @pytest.mark.parametrize("arg, named", [
@@ -76,7 +103,7 @@ def test_the_best_seed_0_learning_rate_gets_the_other_seeds_and_tapt():
   jobs = gpu_tables.peft_jobs("/tmp/w", "cola", "full", {})
   assert [j.row["lr"] for j in jobs] == list(gpu_tables.LR_GRID["full"])
   follow = ()
-  for job, value in zip(jobs, (0.19, 0.26, 0.22)):
+  for job, value in zip(jobs, (0.19, 0.26, 0.22, 0.20)):
     queue.done[job.name] = _record(job, value)
     follow = job.then(queue.done[job.name], queue)
     if job is not jobs[-1]:
@@ -116,6 +143,66 @@ def test_the_dp_learning_rate_is_chosen_at_epsilon_8_then_every_epsilon_runs(
   # The non-private baseline keeps its own recipe and chunking is DP's.
   plain = gpu_tables._dp("/tmp/w", "cola", "full", 0.0, 1)
   assert not [a for a in plain.argv if a.startswith("--config.")]
+  # CoLA's diagnostics at the chosen rate: automatic clipping, and clipping
+  # without noise.
+  jobs = gpu_tables.dp_lr_jobs("/tmp/w", "cola", "full", diagnostics=True)
+  queue = _Queue()
+  for job, value in zip(jobs, (0.0, 0.12, 0.05)):
+    queue.done[job.name] = _record(job, value)
+  follow = jobs[-1].then(None, queue)
+  variants = {j.row["variant"]: j for j in follow if j.row["variant"]}
+  assert set(variants) == {"automatic", "clip_only"}
+  assert ("--config.method_options.dp_sgd.clipping=automatic"
+          in variants["automatic"].argv)
+  assert {"--config.method_options.dp_sgd.noise_multiplier=0.0",
+          "--config.method_options.dp_sgd.target_epsilon=-1.0"} <= set(
+              variants["clip_only"].argv)
+  config = importlib.import_module("experiments.dp_sgd").get_config(
+      variants["clip_only"].argv[4].partition(":")[2])
+  # The fields the flags override exist (methods.with_defaults).
+  assert {"noise_multiplier", "target_epsilon", "clipping"} <= set(
+      config.method_options.dp_sgd)
+
+
+def test_the_best_ball_gets_the_other_seeds():
+  jobs = gpu_tables.robust_jobs("/tmp/w", "rte", "fgm")
+  assert [j.row["eps"] for j in jobs] == list(gpu_tables.ROBUST_EPS_GRID["fgm"])
+  queue = _Queue()
+  for job, value in zip(jobs, (0.527, 0.58, 0.56)):
+    queue.done[job.name] = _record(job, value, "accuracy")
+  assert [j.name for j in jobs[-1].then(None, queue)] == [
+      "robust/rte/fgm/eps0.03/s1", "robust/rte/fgm/eps0.03/s2"]
+  assert len(gpu_tables.robust_jobs("/tmp/w", "rte", "plain")) == 3
+
+
+def test_smoke_selects_one_run_per_group(capsys):
+  """--smoke --dry_run: the first job of every group, two steps each."""
+  assert gpu_tables.main(["--out", "/tmp/gt_dry", "--smoke", "--dry_run"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert [line.split()[0] for line in lines[:-1]] == list(
+      gpu_tables.SMOKE_JOBS)
+  train = [line for line in lines if "research.train" in line]
+  assert train and all("--config.total_steps=2" in line for line in train)
+
+
+def test_smoke_runs_a_job_on_cpu(tmp_path, tiny_model_dir, monkeypatch):
+  """--smoke for real: one 2-step run of the tiny model through the queue
+  (one seed, so no follow-ups: those are tested above), then the tables."""
+  monkeypatch.setattr(gpu_tables, "SEEDS", (0,))
+  rc = gpu_tables.main([
+      "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+      "--smoke", "--groups", "peft", "--only", "quickstart/full",
+      "--workers", "1", "--budget_s", "900",
+      "--extra", f"--config.model.name={tiny_model_dir} "
+      "--config.cpu_malloc=default --config.data.buckets=(64,)"])
+  assert rc == 0
+  with open(tmp_path / "out" / "results.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["name"] for r in records] == ["peft/quickstart/full/lr2e-05/s0"]
+  assert records[0]["status"] == "ok"
+  assert records[0]["summary"]["final_step"] == 2
+  tables = (tmp_path / "out" / "tables.md").read_text()
+  assert "| peft | quickstart | full | 2e-05 |" in tables
 
 
 def _write_summary_job(workdir, value):

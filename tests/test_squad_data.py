@@ -84,6 +84,27 @@ def test_read_v1_file(tmp_path):
       answer_starts=(24,), is_impossible=False)]
 
 
+def test_split_answerable_only_writes_v1_files(tmp_path):
+  """v2.0 -> v1.1 files of the answerable questions, split by article."""
+  articles = [{"title": f"A{i}", "paragraphs": [{
+      "context": "Normandy is a region in France.",
+      "qas": [qa(f"q{i}a", impossible=False),
+              qa(f"q{i}b", text=None, impossible=True,
+                 plausible_answers=[{"text": "France", "answer_start": 24}])]}]}
+              for i in range(3)]
+  path = tmp_path / "v2.json"
+  path.write_text(json.dumps({"version": "v2.0", "data": articles}))
+  train, dev = squad.split_by_article(str(path), str(tmp_path / "out"), [1],
+                                      answerable=True)
+  assert train.endswith("v2-v1.1-train.json") and dev.endswith("-dev.json")
+  got_train, got_dev = squad.read_squad(train), squad.read_squad(dev)
+  assert not got_train.version_2 and not got_dev.version_2
+  assert [ex.id for ex in got_train.examples] == ["q0a", "q2a"]
+  assert [ex.id for ex in got_dev.examples] == ["q1a"]
+  with open(dev) as f:
+    assert "plausible_answers" not in f.read()
+
+
 @pytest.mark.parametrize("question,message", [
     (qa(start=40), r"squad.json, question q1: answer 'France' at "
      r"answer_start 40 lies outside the context \(31 characters\)"),

@@ -25,6 +25,7 @@ CHOICES = {
     "model.attention_impl": ("xla", "cudnn"),
     "model.layers": ("auto", "scan", "unrolled"),
     "prng_impl": ("threefry", "rbg", "unsafe_rbg"),
+    "model.pooling": ("auto", "pooler", "cls", "mean", "max"),
     "data.source": ("local", "tfds", "hf"),
     # conll, squad: CoNLL column files, official SQuAD JSON (their tasks).
     "data.format": ("auto", "csv", "tsv", "jsonl", "conll", "squad"),

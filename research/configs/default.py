@@ -37,6 +37,15 @@ def get_config():
   # tracing, twice the compile; BENCHMARKS.md). Unrolled wherever the layers
   # differ (pruned heads) or attention is sown.
   c.model.layers = "auto"
+  # How sentence-level heads (classification, regression, NSP) read the
+  # encoder (research/models/pooling.py): pooler (BERT's dense + tanh on
+  # [CLS]) | cls ([CLS] alone) | mean | max (over the real tokens) | auto:
+  # the checkpoint's own (a sentence-transformers directory's Pooling module,
+  # e.g. mean for the packaged all-MiniLM-L6-v2, whose pooler was never
+  # trained), otherwise pooler. Token-level tasks ignore it. Export: pooler
+  # runs export as transformers' BertFor*; the others as a
+  # sentence-transformers directory (docs/pooling.md).
+  c.model.pooling = "auto"
 
   # --- Task, methods, evaluators ------------------------------------------------
   # A module of research/tasks/ (a dotted name: any module path):

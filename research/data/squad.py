@@ -425,14 +425,40 @@ def examples_from_rows(raw, policy, *, check_spans: bool = True):
   return checker.examples, keep
 
 
-def split_by_article(path: str, out_dir: str, dev_articles) -> tuple:
+def answerable_only(root: dict) -> dict:
+  """A SQuAD v2.0 file's answerable questions as a v1.1 file.
+
+  Unanswerable questions are dropped, `is_impossible` and
+  `plausible_answers` removed, and "version" set to "1.1": what the v1.1
+  recipe and official script read (experiments/squad_v1.py).
+  """
+  data = []
+  for article in root["data"]:
+    paragraphs = []
+    for paragraph in article["paragraphs"]:
+      qas = [{k: v for k, v in qa.items()
+              if k not in ("is_impossible", "plausible_answers")}
+             for qa in paragraph["qas"] if not qa.get("is_impossible")]
+      if qas:
+        paragraphs.append({**paragraph, "qas": qas})
+    data.append({**article, "paragraphs": paragraphs})
+  return {**root, "version": "1.1", "data": data}
+
+
+def split_by_article(path: str, out_dir: str, dev_articles,
+                     answerable: bool = False) -> tuple:
   """Writes the articles `dev_articles` (indices) as dev, the rest as train.
 
-  Whole articles go to one side, so no context is in both. Returns the
-  (train, dev) paths: <out_dir>/<name>-train.json and -dev.json.
+  Whole articles go to one side, so no context is in both. With
+  `answerable`, both sides keep only the answerable questions, as v1.1
+  files (`answerable_only`). Returns the (train, dev) paths:
+  <out_dir>/<name>-train.json and -dev.json (-v1.1-train.json and
+  -v1.1-dev.json with `answerable`).
   """
   with open(path, encoding="utf-8") as f:
     root = json.load(f)
+  if answerable:
+    root = answerable_only(root)
   articles = root["data"]
   dev = sorted(set(int(i) for i in dev_articles))
   if not dev or dev[0] < 0 or dev[-1] >= len(articles) or len(dev) == len(
@@ -440,7 +466,8 @@ def split_by_article(path: str, out_dir: str, dev_articles) -> tuple:
     raise DataError(f"{path}: {len(articles)} articles; dev_articles must be "
                     f"some (not all) of 0..{len(articles) - 1}, got {dev}")
   os.makedirs(out_dir, exist_ok=True)
-  name = os.path.splitext(os.path.basename(path))[0]
+  name = os.path.splitext(os.path.basename(path))[0] + (
+      "-v1.1" if answerable else "")
   out = []
   for part, data in (
       ("train", [a for i, a in enumerate(articles) if i not in dev]),
@@ -622,7 +649,8 @@ def build_features(tokenizer, examples, *, max_length: int = 384,
 
 
 def main(argv=None):
-  """`python -m research.data.squad FILE OUT_DIR --dev_articles 5,7`."""
+  """`python -m research.data.squad FILE OUT_DIR --dev_articles 5,7
+  [--answerable_only]`."""
   import argparse  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(
       description="Split an official SQuAD JSON file by article into "
@@ -631,9 +659,13 @@ def main(argv=None):
   parser.add_argument("out_dir")
   parser.add_argument("--dev_articles", required=True,
                       help="comma-separated article indices (from 0)")
+  parser.add_argument("--answerable_only", action="store_true",
+                      help="keep the answerable questions only, as SQuAD "
+                      "v1.1 files (for experiments/squad_v1.py)")
   args = parser.parse_args(argv)
   dev = [int(i) for i in args.dev_articles.split(",")]
-  for path in split_by_article(args.file, args.out_dir, dev):
+  for path in split_by_article(args.file, args.out_dir, dev,
+                               args.answerable_only):
     data = read_squad(path)
     print(f"{path}: {len(data.examples)} questions, "
           f"{sum(ex.is_impossible for ex in data.examples)} unanswerable")

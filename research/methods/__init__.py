@@ -89,6 +89,8 @@ class Context:
       nothing that only training needs, e.g. a teacher).
     workdir: the run directory, or None.
     train_split: the training `TokenizedSplit` (training only).
+    train_batches: its loader (`data.Batcher`; its `sampler` plans the
+      epochs), training only.
     label_names: label names in id order.
     total_steps, steps_per_epoch: the planned updates (training only).
     epoch_splits: the training set is made anew each epoch (a method's
@@ -107,6 +109,7 @@ class Context:
   training: bool = True
   workdir: str | None = None
   train_split: Any = None
+  train_batches: Any = None
   label_names: tuple = ()
   total_steps: int = 0
   steps_per_epoch: int = 0

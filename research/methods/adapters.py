@@ -64,6 +64,9 @@ class Method(methods.Method):
                      "does not have: a Hugging Face directory cannot hold "
                      "this run; use its checkpoints (research.restore)")
 
+  def setup(self, context):
+    peft.check_pooler(self, context)
+
   def trainable(self):
     o = self.options
     return peft.any_of(layers.AdapterParam,

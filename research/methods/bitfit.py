@@ -22,6 +22,9 @@ class Method(methods.Method):
   """See the module docstring."""
   CONFIG = CONFIG
 
+  def setup(self, context):
+    peft.check_pooler(self, context)
+
   def trainable(self):
     saved = peft.saved_modules(self.options)
 

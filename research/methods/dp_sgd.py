@@ -30,8 +30,14 @@ How it plugs into the one training core:
   micro-batch under accumulation), reproduced on resume.
 - `step_limit`: a run with a `target_epsilon` stops after the last step
   within it (more steps than planned, or a given sigma too small).
-- `metrics`: `privacy/epsilon` spent at delta, logged every log step and
-  written to summary.json with the rest of the plan.
+- `metrics`: `privacy/epsilon` spent at delta and `privacy/truncated_batches`
+  (Poisson draws larger than the padded batch, cut to it), logged every log
+  step and written to summary.json with the rest of the plan, the a-priori
+  chance of a cut and the epsilon of the cut sampler (`_truncation`). The
+  step logs the clipping: `dp/clip_fraction` and the mean and largest
+  per-example gradient norm before clipping (`dp/example_grad_norm_*`).
+- delta: by default min(1e-5, 1/(N ln N)), below 1/N
+  (`accounting.default_delta`, with its sources).
 
 Refused because they break the guarantee: packed rows (several examples
 share a row: `data.examples_per_row` > 1), samplers other than
@@ -88,7 +94,10 @@ class Method(methods.Method):
   # target_epsilon: the run's budget at delta (<= 0: none; noise_multiplier
   # given); with noise_multiplier < 0 the noise is calibrated before training
   # so the planned steps spend at most this, and a run that would exceed it
-  # stops before it does. delta <= 0: 1/N (at most 1/N). clip_norm: C.
+  # stops before it does. delta <= 0: min(1e-5, 1/(N ln N)), below 1/N
+  # (accounting.default_delta; at most 1/N). clip_norm: C. clipping: flat
+  # (each example's gradient cut to norm C) | automatic (each scaled to
+  # C g / (|g| + stability): Bu et al. 2022's AUTO-S; privacy/clipping.py).
   # sampling: poisson (each example joins each logical batch independently:
   # the accountant's assumption) | shuffle (fixed-size shuffled batches,
   # accounted as Poisson with a caveat in every result). accountant: rdp |
@@ -97,7 +106,7 @@ class Method(methods.Method):
   # largest divisor <= 8).
   CONFIG = {"target_epsilon": -1.0, "noise_multiplier": -1.0, "delta": -1.0,
             "clip_norm": 1.0, "sampling": "poisson", "accountant": "rdp",
-            "chunk_size": 0}
+            "chunk_size": 0, "clipping": "flat", "stability": 0.01}
   LAST = True  # per-example gradients of the loss the other methods made
 
   def __init__(self, config, **options):
@@ -105,7 +114,8 @@ class Method(methods.Method):
     where = "config.method_options.dp_sgd"
     p = ml_collections.ConfigDict(options)
     for field, valid in (("sampling", accounting.SAMPLINGS),
-                         ("accountant", tuple(accounting.ACCOUNTANTS))):
+                         ("accountant", tuple(accounting.ACCOUNTANTS)),
+                         ("clipping", clipping.CLIPPINGS)):
       if p[field] not in valid:
         raise ConfigError(f"{where}.{field}={p[field]!r}; valid: "
                           f"{', '.join(valid)}")
@@ -117,6 +127,8 @@ class Method(methods.Method):
           "set config.data.examples_per_row=1")
     if p.clip_norm <= 0:
       raise ConfigError(f"{where}.clip_norm={p.clip_norm} must be > 0")
+    if p.stability <= 0:
+      raise ConfigError(f"{where}.stability={p.stability} must be > 0")
     if p.chunk_size < 0:
       raise ConfigError(f"{where}.chunk_size={p.chunk_size} must be "
                         ">= 0 (0: automatic)")
@@ -133,6 +145,7 @@ class Method(methods.Method):
     self.accum = config.optimizer.grad_accum_steps
     self.account = None  # accounting.DpSgdAccount, set by setup
     self.limit = None
+    self.poisson = None  # the Poisson sampler (truncation counts), by setup
 
   # --- Data order --------------------------------------------------------------------
 
@@ -170,6 +183,8 @@ class Method(methods.Method):
       return None  # a restored run: nothing to plan
     train_split, total_steps, workdir = (
         context.train_split, context.total_steps, context.workdir)
+    sampler = getattr(context.train_batches, "sampler", None)
+    self.poisson = sampler if hasattr(sampler, "truncated_draws") else None
     n = len(train_split)
     sources = len(set(train_split.rows.tolist()))
     if sources < n:
@@ -246,8 +261,18 @@ class Method(methods.Method):
   def step_limit(self):
     return self.limit
 
+  def truncated(self, step):
+    """Poisson draws cut to the padded batch in the first `step` updates."""
+    if self.poisson is None:
+      return None
+    return self.poisson.truncated_draws(step * self.accum)
+
   def metrics(self, step):
-    return {"privacy/epsilon": self.epsilon(step)}
+    out = {"privacy/epsilon": self.epsilon(step)}
+    cut = self.truncated(step)
+    if cut is not None:
+      out["privacy/truncated_batches"] = cut
+    return out
 
   def summary(self, step):
     a = self.account
@@ -255,12 +280,41 @@ class Method(methods.Method):
            "privacy/noise_multiplier": a.noise_multiplier,
            "privacy/sampling_rate": a.sampling_rate,
            "privacy/clip_norm": self.privacy.clip_norm,
+           "privacy/clipping": self.privacy.clipping,
            "privacy/steps": step, "privacy/accountant": a.accountant,
            "privacy/sampling": a.sampling}
     if a.target_epsilon is not None:
       out["privacy/target_epsilon"] = a.target_epsilon
     if a.caveat:
       out["privacy/caveat"] = a.caveat
+    if self.poisson is not None:
+      out.update(self._truncation(step))
+    return out
+
+  def _truncation(self, step):
+    """What Poisson draws cut to the padded batch did to the guarantee.
+
+    The accountant's event is uncut Poisson sampling. The sampler cuts a
+    draw larger than its padded batch to a uniform random subset
+    (research/data/samplers/poisson.py): `truncated_batches` counts the
+    cut draws of this run (monitoring, as the loss is), the probability
+    of a cut per draw is a priori, and the epsilon of the mechanism that
+    ran, cut draws included, comes from dp_accounting's
+    `TruncatedSubsampledGaussianDpEvent` (PLD; arXiv 2508.15089) at the
+    same delta.
+    """
+    a, sampler = self.account, self.poisson
+    n = sampler.num_examples
+    out = {"privacy/truncated_batches": self.truncated(step),
+           "privacy/max_batch_size": sampler.max_draw,
+           "privacy/truncation_probability": accounting.truncation_probability(
+               num_examples=n, sampling_rate=a.sampling_rate,
+               max_batch_size=sampler.max_draw)}
+    if a.noise_multiplier > 0 and a.sampling == "poisson" and step > 0:
+      out["privacy/epsilon_truncated_sampler"] = accounting.truncated_epsilon(
+          num_examples=n, sampling_rate=a.sampling_rate,
+          max_batch_size=sampler.max_draw,
+          noise_multiplier=a.noise_multiplier, steps=step, delta=a.delta)
     return out
 
   # --- The gradient ------------------------------------------------------------------
@@ -294,12 +348,14 @@ class Method(methods.Method):
           # MultiSteps averages the accum micro-batch gradients: each is
           # divided by a 1/accum share of the expected batch.
           expected_batch_size=self.config.batch_size / accum,
-          chunk_size=p.chunk_size or auto_chunk(rows), axis_name=axis_name)
+          chunk_size=p.chunk_size or auto_chunk(rows), axis_name=axis_name,
+          clipping=p.clipping, stability=p.stability)
       step, micro = jax.numpy.divmod(micro_step, accum)
       loss, grads, aux = value_and_grads(
           params, batch, key, noise_key=jax.random.fold_in(noise_base, step),
           noise_scale=(micro == accum - 1).astype(jax.numpy.float32))
       return (loss, {"weight": aux["num_examples"],
-                     "clip_fraction": aux["clip_fraction"]}), grads
+                     "clip_fraction": aux["clip_fraction"],
+                     "metrics": aux["metrics"]}), grads
 
     return steps_lib.StepGradFn(fn)

@@ -64,6 +64,9 @@ class Method(methods.Method):
     return peft.targeted_factory(factory, self.targets, self.LAYER,
                                  **self.layer_options())
 
+  def setup(self, context):
+    peft.check_pooler(self, context)
+
   def trainable(self):
     return peft.any_of(nnx.LoRAParam, peft.saved_modules(self.options))
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.models import heads
+from research.models import pooling as pooling_lib
 from research.models.bert import BertConfig, BertModel, DenseFactory, make_dense, stack_attention
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -34,7 +35,7 @@ def create_model(task, cfg: BertConfig, num_labels: int = 2, *,
                  dtype="float32", param_dtype="float32", attention_impl=None,
                  remat=False, scan_layers=False,
                  dense_factory: DenseFactory | None = make_dense,
-                 seed: int = 0) -> nnx.Module:
+                 pooling: str = "pooler", seed: int = 0) -> nnx.Module:
   """Builds a randomly initialised model with the head for `task`.
 
   Args:
@@ -49,6 +50,8 @@ def create_model(task, cfg: BertConfig, num_labels: int = 2, *,
     dense_factory: builds every dense layer (None or
       `research.models.bert.make_dense`: the default; LoRA or quantised
       layers pass their own).
+    pooling: how a sentence-level head pools (`research.models.pooling`);
+      "auto" is "pooler" here (no checkpoint to ask).
     seed: initialisation seed.
   """
   for field, value in (("dtype", dtype), ("param_dtype", param_dtype)):
@@ -58,5 +61,6 @@ def create_model(task, cfg: BertConfig, num_labels: int = 2, *,
                           param_dtype=DTYPES[param_dtype],
                           attention_impl=attention_impl, remat=remat,
                           scan_layers=scan_layers,
+                          pooling=pooling_lib.resolve(pooling),
                           dense_factory=dense_factory or make_dense,
                           rngs=nnx.Rngs(params=seed))

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.models import pooling as pooling_lib
+
 # Hugging Face `model_type`s whose weights this module reproduces exactly.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 
@@ -388,20 +390,23 @@ def _call_layer(layer, x, mask, prefix, key, sow_attention):
 
 
 class BertModel(nnx.Module):
-  """Embeddings, `num_hidden_layers` layers and the pooler (tanh on [CLS]).
+  """Embeddings, `num_hidden_layers` layers and a sentence pooling.
 
   Call with int arrays `input_ids`, `attention_mask` (1 = real token) and
   optionally `token_type_ids`, `position_ids`, all [batch, length]. Returns
-  `(sequence_output [batch, length, hidden], pooled_output [batch, hidden])`;
-  `pooled_output` is None without a pooler (token-level heads, as in
-  Hugging Face, have none).
+  `(sequence_output [batch, length, hidden], pooled_output [batch, hidden])`.
+  `pooling` (`research.models.pooling`) makes `pooled_output`: "pooler"
+  (BERT's dense + tanh on [CLS], the only one with weights), "cls", "mean"
+  or "max" over the real tokens; None gives no `pooled_output` (token-level
+  heads, which in Hugging Face have no pooler either).
 
   Packed rows (several examples back to back, `research.data.batching`):
   `segment_ids` [batch, length] (k = 1, 2, ... the row's k-th example, 0 =
   padding) makes attention block-diagonal (a token sees only its own
   example) and restarts the positions at each example; `example_starts`
   [batch, K] (each example's [CLS]) makes `pooled_output` [batch * K, hidden],
-  row-major. An example gets the same outputs packed as alone.
+  row-major, each example pooled over its own tokens. An example gets the
+  same outputs packed as alone.
 
   Hooks (see the module docstring): `inputs_embeds`, `prefix_kv`,
   `sow_attention` in the call, `dense_factory` in the constructor.
@@ -411,11 +416,15 @@ class BertModel(nnx.Module):
 
   def __init__(self, cfg: BertConfig, *, dtype=jnp.float32,
                param_dtype=jnp.float32, attention_impl=None, remat=False,
-               scan_layers=False, add_pooler=True,
+               scan_layers=False, pooling: str | None = "pooler",
                dense_factory: DenseFactory = make_dense, rngs: nnx.Rngs):
+    if pooling is not None and pooling not in pooling_lib.POOLINGS:
+      raise ValueError(f"pooling {pooling!r}; valid: "
+                       f"{', '.join(pooling_lib.POOLINGS)} (or None)")
     self.cfg = cfg
     self.remat = remat
     self.scan_layers = scan_layers
+    self.pooling = pooling
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embeddings = Embeddings(cfg, **kw)
     self.layers = nnx.List([
@@ -423,7 +432,7 @@ class BertModel(nnx.Module):
               **kw) for _ in range(cfg.num_hidden_layers)])
     self.pooler = (dense_builder(cfg, dense_factory, **kw)(
         cfg.hidden_size, cfg.hidden_size, kernel_axes=("embed", None),
-        name="pooler") if add_pooler else None)
+        name="pooler") if pooling == "pooler" else None)
 
   def encode(self, x, mask, prefixes, *, sow_attention=False, rngs=None):
     """The layers over the embedded input x [batch, length, hidden].
@@ -568,11 +577,11 @@ class BertModel(nnx.Module):
       mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (prefix_len,), bool),
                               mask], axis=-1)
     x = self.encode(x, mask, prefixes, sow_attention=sow_attention, rngs=rngs)
-    if self.pooler is None:
+    if self.pooling is None:
       return x, None
-    if example_starts is None:
-      first = x[:, 0]
-    else:
-      first = jnp.take_along_axis(x, example_starts[:, :, None], axis=1)
-      first = first.reshape(-1, x.shape[-1])
-    return x, jnp.tanh(self.pooler(first))
+    pooled = pooling_lib.pool(x, attention_mask, self.pooling,
+                              segment_ids=segment_ids,
+                              example_starts=example_starts)
+    if self.pooler is not None:
+      pooled = jnp.tanh(self.pooler(pooled))
+    return x, pooled

@@ -13,7 +13,9 @@ evaluation (no dropout). `encoder_kw` go to `BertModel.__call__`:
 then returns one row of logits per example), `position_ids`,
 `inputs_embeds` (then `input_ids` may be None), `prefix_kv`,
 `sow_attention`. Every constructor takes `dense_factory` (see
-`research.models.bert.make_dense`), used for the head's dense layers too.
+`research.models.bert.make_dense`), used for the head's dense layers too,
+and `pooling` (`research.models.pooling`: "pooler", "cls", "mean", "max"),
+how a sentence-level head (`uses_pooler`) reads the encoder.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ class Head(nnx.Module):
     hf_base_prefix(cfg): the encoder's prefix in the file ("bert.").
     hf_key_map(cfg): the head's own weights (may override encoder names).
   """
-  uses_pooler = False  # only sentence-level heads read the pooled [CLS]
+  # Sentence-level heads read a pooled vector (`pooling`); token-level
+  # heads read every token and have no pooling.
+  uses_pooler = False
   hf_architecture = ""
   hf_labels = False
   # Buffers, and the copies of tied weights that checkpoints with an MLM head
@@ -56,14 +60,19 @@ class Head(nnx.Module):
 
   def __init__(self, cfg: BertConfig, num_labels: int, *, dtype=jnp.float32,
                param_dtype=jnp.float32, attention_impl=None, remat=False,
-               scan_layers=False, dense_factory: DenseFactory = make_dense,
-               rngs: nnx.Rngs):
+               scan_layers=False, pooling: str = "pooler",
+               dense_factory: DenseFactory = make_dense, rngs: nnx.Rngs):
+    if not self.uses_pooler and pooling not in ("auto", "pooler"):
+      raise ValueError(
+          f"config.model.pooling={pooling!r}: {type(self).__name__} reads "
+          "every token and pools nothing; pooling applies to sentence-level "
+          "heads (leave it 'auto')")
     self.cfg = cfg
     self.num_labels = num_labels
     self.bert = BertModel(cfg, dtype=dtype, param_dtype=param_dtype,
                           attention_impl=attention_impl, remat=remat,
                           scan_layers=scan_layers,
-                          add_pooler=self.uses_pooler,
+                          pooling=pooling if self.uses_pooler else None,
                           dense_factory=dense_factory, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
     self.dtype, self.param_dtype = dtype, param_dtype
@@ -102,7 +111,7 @@ class _Classifier(Head):
 
 
 class SequenceClassification(_Classifier):
-  """Logits [batch, num_labels] from the pooled [CLS] output, as BERT does.
+  """Logits [batch, num_labels] from the pooled output (BERT: the pooler).
 
   `num_labels == 1` is regression (STS-B): the single logit is the prediction.
   """

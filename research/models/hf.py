@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from research.models import create_model, head_class, heads
+from research.models import pooling as pooling_lib
 from research.models.bert import SUPPORTED_MODEL_TYPES, BertConfig, BertModel
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ def load_pretrained(name: str, task=heads.SequenceClassification,
                     num_labels: int = 2, *, dtype="float32",
                     param_dtype="float32", attention_impl=None, remat=False,
                     scan_layers=False,
-                    dense_factory=None,
+                    dense_factory=None, pooling: str = "pooler",
                     config_overrides: dict | None = None, seed: int = 0,
                     strict: bool = False):
   """Builds the model for `task` and loads a Hugging Face checkpoint into it.
@@ -288,6 +289,10 @@ def load_pretrained(name: str, task=heads.SequenceClassification,
     num_labels: classes (1 = regression) for classification heads.
     dtype, param_dtype, attention_impl, remat, scan_layers, dense_factory: see
       `create_model`.
+    pooling: how a sentence-level head pools (`research.models.pooling`):
+      "pooler" (the default: what a `transformers` `BertFor*` computes),
+      "cls", "mean", "max", or "auto": the checkpoint's own
+      (a sentence-transformers directory's Pooling module), else "pooler".
     config_overrides: `BertConfig` fields to change (e.g. dropout rates).
     seed: initialisation seed for weights the checkpoint lacks (the head).
     strict: raise if any encoder weight is missing from the checkpoint.
@@ -299,10 +304,12 @@ def load_pretrained(name: str, task=heads.SequenceClassification,
   cfg = read_config(model_dir).replace(**(config_overrides or {}))
   tensors, source = read_weights(model_dir)
   tensors = _normalise_names(tensors)
+  if head_class(task).uses_pooler:
+    pooling = pooling_lib.resolve(pooling, model_dir)
   model = create_model(task, cfg, num_labels, dtype=dtype,
                        param_dtype=param_dtype, attention_impl=attention_impl,
                        remat=remat, scan_layers=scan_layers,
-                       dense_factory=dense_factory, seed=seed)
+                       dense_factory=dense_factory, pooling=pooling, seed=seed)
   report = assign(model, tensors, key_map(task, cfg, _detect_prefix(tensors, cfg)),
                   cfg, source, ignored=getattr(type(model), "hf_ignored", ()))
   encoder_missing = [k for k in report.missing if k.startswith("bert.")
@@ -393,3 +400,107 @@ def export(model: nnx.Module, out_dir, task=None, *,
       if src.is_file():
         shutil.copy(src, out / name)
   return out
+
+
+# --- Export as a sentence-transformers directory -------------------------------
+# A sequence-level head that does not pool with BERT's pooler ("cls", "mean",
+# "max") has no `transformers` `BertFor*` class: those read the pooler. The
+# sentence-transformers format holds it: the encoder (a bare BertModel, as
+# sentence-transformers models ship), a Pooling module with our mode and the
+# classifier as a Dense module that writes `logits` beside the pooled
+# `sentence_embedding`.
+
+ST_POOLING_FLAGS = {"cls": "pooling_mode_cls_token",
+                    "mean": "pooling_mode_mean_tokens",
+                    "max": "pooling_mode_max_tokens"}
+
+
+def export_sentence_transformers(model: nnx.Module, out_dir, *,
+                                 tokenizer_dir=None, label_names=None,
+                                 max_seq_length: int = 512) -> pathlib.Path:
+  """Writes a sequence classifier as a sentence-transformers directory.
+
+  Layout: `modules.json`, the encoder at the root (`config.json` of a bare
+  `BertModel`/`RobertaModel`, `model.safetensors` without the "bert."
+  prefix, tokenizer files, `sentence_bert_config.json`), `1_Pooling/` (the
+  model's pooling) and `2_Dense/` (the classifier: in hidden, out
+  num_labels, no activation, output `logits`). With sentence-transformers
+  (>= 5.7, which reads `module_output_name`):
+
+      st = SentenceTransformer(out_dir)
+      st.encode(texts)                       # the pooled embeddings
+      st.encode(texts, output_value=None)    # per text: ..., "logits"
+
+  Args:
+    model: a `SequenceClassification` whose encoder pools with "cls",
+      "mean" or "max".
+    out_dir: the directory to write (created).
+    tokenizer_dir: a directory whose tokenizer files are copied alongside.
+    label_names: class names in id order (config.json's id2label).
+    max_seq_length: sentence-transformers' truncation length.
+
+  Returns:
+    The output directory.
+  """
+  import safetensors.numpy  # pylint: disable=import-outside-toplevel
+  pooling = getattr(model.bert, "pooling", None)
+  if pooling not in ST_POOLING_FLAGS or not hasattr(model, "classifier"):
+    raise ValueError(
+        f"a sentence-transformers export needs a sequence classifier that "
+        f"pools with one of {', '.join(ST_POOLING_FLAGS)}; got "
+        f"{type(model).__name__} with pooling {pooling!r}")
+  cfg: BertConfig = model.cfg
+  out = pathlib.Path(out_dir)
+  (out / "1_Pooling").mkdir(parents=True, exist_ok=True)
+  (out / "2_Dense").mkdir(parents=True, exist_ok=True)
+  flat = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  tensors = {}
+  for hf_key, (path, kind) in encoder_key_map(cfg).items():
+    if ("bert",) + path in flat:
+      tensors[hf_key] = np.ascontiguousarray(_to_hf(
+          kind, np.asarray(flat[("bert",) + path][...], np.float32)))
+  safetensors.numpy.save_file(tensors, str(out / "model.safetensors"),
+                              metadata={"format": "pt"})
+  hf_config = dataclasses.asdict(cfg)
+  prefix = "Roberta" if cfg.model_type == "roberta" else "Bert"
+  hf_config["architectures"] = [prefix + "Model"]
+  labels = list(label_names or [f"LABEL_{i}" for i in range(model.num_labels)])
+  hf_config["id2label"] = {str(i): str(n) for i, n in enumerate(labels)}
+  hf_config["label2id"] = {str(n): i for i, n in enumerate(labels)}
+  _write_json(out / "config.json", hf_config)
+  _write_json(out / "sentence_bert_config.json",
+              {"max_seq_length": int(max_seq_length), "do_lower_case": False})
+  _write_json(out / "modules.json", [
+      {"idx": 0, "name": "0", "path": "",
+       "type": "sentence_transformers.models.Transformer"},
+      {"idx": 1, "name": "1", "path": "1_Pooling",
+       "type": "sentence_transformers.models.Pooling"},
+      {"idx": 2, "name": "2", "path": "2_Dense",
+       "type": "sentence_transformers.models.Dense"}])
+  # The older per-mode booleans: what every sentence-transformers release
+  # reads (and what `pooling.checkpoint_pooling` reads back).
+  _write_json(out / "1_Pooling" / "config.json", {
+      "word_embedding_dimension": cfg.hidden_size,
+      **{flag: mode == pooling for mode, flag in ST_POOLING_FLAGS.items()},
+      "pooling_mode_mean_sqrt_len_tokens": False})
+  kernel = np.asarray(model.classifier.kernel[...], np.float32)  # [in, out]
+  bias = np.asarray(model.classifier.bias[...], np.float32)
+  _write_json(out / "2_Dense" / "config.json", {
+      "in_features": int(kernel.shape[0]), "out_features": int(kernel.shape[1]),
+      "bias": True, "activation_function": "torch.nn.modules.linear.Identity",
+      "module_input_name": "sentence_embedding",
+      "module_output_name": "logits"})
+  safetensors.numpy.save_file(
+      {"linear.weight": np.ascontiguousarray(kernel.T),
+       "linear.bias": np.ascontiguousarray(bias)},
+      str(out / "2_Dense" / "model.safetensors"), metadata={"format": "pt"})
+  if tokenizer_dir is not None:
+    for name in TOKENIZER_FILES:
+      src = pathlib.Path(tokenizer_dir) / name
+      if src.is_file():
+        shutil.copy(src, out / name)
+  return out
+
+
+def _write_json(path, value):
+  pathlib.Path(path).write_text(json.dumps(value, indent=2) + "\n")

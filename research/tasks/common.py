@@ -25,6 +25,8 @@ defaults, `config.task_options` their values (`self.options`).
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +40,8 @@ from research.data import labels as labels_lib
 from research.models import heads
 from research.data import tokenize
 from research.training import partition
+
+log = logging.getLogger("research.tasks")
 
 
 def dropout_overrides(model_config) -> dict:
@@ -113,23 +117,36 @@ class Task:
     another way (`masked_lm` from scratch) applies both too.
     """
     from research.models import hf  # pylint: disable=import-outside-toplevel
+    from research.models.pooling import PoolingError  # pylint: disable=import-outside-toplevel
     c = self.config
-    model, _ = hf.load_pretrained(
-        str(model_dir), self.HEAD, self.num_outputs(),
-        config_overrides=dropout_overrides(c.model),
-        **self.model_options(methods))
+    try:
+      model, _ = hf.load_pretrained(
+          str(model_dir), self.HEAD, self.num_outputs(),
+          config_overrides=dropout_overrides(c.model),
+          **self.model_options(methods))
+    except PoolingError as e:
+      raise ConfigError(str(e)) from None
+    if model.bert.pooling is not None:
+      log.info("sentence pooling: %s (config.model.pooling=%r)",
+               model.bert.pooling, c.model.get("pooling", "pooler"))
     return methods_lib.adapt_model(methods, model)
 
   def model_options(self, methods=()) -> dict:
     """`create_model` / `hf.load_pretrained` keywords from `config.model`,
-    with the methods' dense-layer factory."""
+    with the methods' dense-layer factory.
+
+    A config without `model.pooling` (a run saved before the field
+    existed) restores with the pooler it trained with.
+    """
     from research.models import make_dense  # pylint: disable=import-outside-toplevel
     c = self.config
+    pooling = c.model.get("pooling", "pooler") if self.HEAD.uses_pooler \
+        else "auto"
     return dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype,
                 attention_impl=c.model.attention_impl, remat=c.model.remat,
                 scan_layers=scan_layers(c.model.layers),
                 dense_factory=methods_lib.dense_factory(methods, make_dense),
-                seed=c.seed)
+                pooling=pooling, seed=c.seed)
 
   def model_inputs(self, batch) -> dict:
     """The model's keyword arguments from a batch (packed rows included)."""

@@ -85,7 +85,10 @@ class StepGradFn:
   `micro_step` is the same on every device. Under `strategy="pmap"`,
   `axis_name` names the data axes and `fn` returns the global mean loss and
   gradient, the same on every device: the step adds no reduction of its own.
-  Under jit `axis_name` is None (one global program).
+  Under jit `axis_name` is None (one global program). Scalars in
+  `aux["metrics"]` (global: the same on every device) join the step's
+  metrics under their names (DP-SGD's clipping statistics); the training
+  loop logs them.
   """
   fn: Callable
 
@@ -116,7 +119,8 @@ def make_train_step(tx, loss_fn, *, seed, mesh, strategy, state_sharding,
 
   Returns:
     The jitted step. `metrics` holds `loss`, `grad_norm` and `bad_steps`
-    (consecutive non-finite updates skipped).
+    (consecutive non-finite updates skipped), and a `StepGradFn`'s
+    `aux["metrics"]`.
   """
   base_key = _key(seed)
   batch_sharding = parallelism.batch_sharding(mesh)
@@ -132,7 +136,7 @@ def make_train_step(tx, loss_fn, *, seed, mesh, strategy, state_sharding,
                                 micro_step=micro_step, axis_name=axis_name)
     return value_and_grads(state["params"], frozen, batch, key)
 
-  def apply(state, loss, grads):
+  def apply(state, loss, grads, extra=None):
     # The optimiser skips (and counts) a step whose gradients hold a NaN or
     # Inf; a loss that overflows while its gradients stay finite (a squared
     # error of a huge label) must be skipped too, so it poisons them. One
@@ -147,14 +151,18 @@ def make_train_step(tx, loss_fn, *, seed, mesh, strategy, state_sharding,
     params = optax.apply_updates(state["params"], updates)
     return {"params": params, "opt_state": opt_state}, {
         "loss": loss, "grad_norm": optax.tree.norm(grads),
-        "bad_steps": optimizers.bad_step_count(opt_state)}
+        "bad_steps": optimizers.bad_step_count(opt_state), **(extra or {})}
+
+  def step_metrics(aux):
+    """A StepGradFn's own global metrics (see there); none otherwise."""
+    return dict(aux.get("metrics", {})) if reduces else {}
 
   if strategy == "jit":
     def step(state, frozen, batch, micro_step):
       key = jax.random.fold_in(base_key, micro_step)
-      (loss, _), grads = forward_backward(state, frozen, batch, key,
-                                          micro_step)
-      return apply(state, loss, grads)
+      (loss, aux), grads = forward_backward(state, frozen, batch, key,
+                                            micro_step)
+      return apply(state, loss, grads, step_metrics(aux))
   else:
     axes = parallelism.BATCH_AXES
 
@@ -164,7 +172,7 @@ def make_train_step(tx, loss_fn, *, seed, mesh, strategy, state_sharding,
       (loss, aux), grads = forward_backward(state, frozen, batch, key,
                                             micro_step, axes)
       if reduces:  # already the global mean (StepGradFn)
-        return apply(state, loss, grads)
+        return apply(state, loss, grads, step_metrics(aux))
       # Each device's mean counts by its share of the global weight; the
       # psum is the gradient all-reduce.
       share = aux["weight"] / jnp.maximum(jax.lax.psum(aux["weight"], axes),

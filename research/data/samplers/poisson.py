@@ -7,7 +7,9 @@ other examples and batches, so its size varies around batch_size. A jitted
 step needs one shape, so each batch is padded with weight-0 rows to a fixed
 `max_batch_size`. A draw larger than that (a tail event: with the default,
 beyond about 4 standard deviations) is cut to a random subset of that size
-and counted in `Sampler.truncated`; an accountant should be told.
+and counted: `Sampler.truncated` per epoch, `truncated_draws(steps)` over a
+run's first steps (DP-SGD logs it and accounts the cut sampler:
+research/methods/dp_sgd.py).
 
 An "epoch" here is n // batch_size batches, so that num_epochs keeps its
 meaning: each example is drawn about once per epoch on average.
@@ -57,6 +59,30 @@ class Sampler:
           f"smaller than the expected batch {batch_size}")
     self.batch_size = int(max_batch_size)
     self.truncated = {}  # epoch -> batches cut to max_batch_size
+    self._cut = {}  # epoch -> indices of the cut draws within the epoch
+
+  @property
+  def max_draw(self) -> int:
+    """The largest draw kept: a draw's `micro_batches` padded batches."""
+    return self.micro_batches * self.batch_size
+
+  def truncated_draws(self, steps: int) -> int:
+    """Draws cut to `max_draw` among the first `steps` batches of the run.
+
+    The plan is a function of (seed, epoch), so epochs not yet planned are
+    planned here (the same draws the batcher will make).
+    """
+    per_epoch = self.steps_per_epoch
+    if per_epoch == 0:
+      return 0
+    total = 0
+    for epoch in range(-(-int(steps) // per_epoch)):
+      if epoch not in self._cut:
+        self.epoch(epoch)
+      left = min(per_epoch, int(steps) - epoch * per_epoch)
+      # A draw's first batch is draw * micro_batches of the epoch.
+      total += int(np.sum(self._cut[epoch] * self.micro_batches < left))
+    return total
 
   def epoch(self, epoch, buckets=None):
     del buckets
@@ -64,14 +90,16 @@ class Sampler:
     k = self.micro_batches
     draws, size = self.steps_per_epoch // k, k * self.batch_size
     order = np.full((draws, size), -1, np.int64)
-    cut = 0
+    cut = []
     for step in range(draws):
       # A binomial count, then a uniform subset of that size: the same law
       # as n independent coin flips, at O(batch) cost per batch.
       count = int(rng.binomial(self.num_examples, self.rate))
       if count > size:
-        count, cut = size, cut + 1
+        count = size
+        cut.append(step)
       order[step, :count] = rng.choice(self.num_examples, count,
                                        replace=False)
-    self.truncated[epoch] = cut
+    self.truncated[epoch] = len(cut)
+    self._cut[epoch] = np.asarray(cut, np.int64)
     return order.reshape(self.steps_per_epoch, self.batch_size)

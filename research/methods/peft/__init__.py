@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from research.configs.plugins import ConfigError
 from research.methods.peft import layers
 
 # The key stream of the adapters' input dropout, apart from the model's.
@@ -64,6 +65,22 @@ def is_pooler(path, value) -> bool:
   """
   del value
   return tuple(path[:2]) == ("bert", "pooler")
+
+
+def check_pooler(method, context) -> None:
+  """ConfigError when a method's `pooler=True` names a pooler the model
+  lacks: a sentence pooling other than BERT's ("cls", "mean", "max";
+  `config.model.pooling`, whose `auto` is mean for sentence-transformers
+  checkpoints) has no pooler weights to train."""
+  if not method.options.get("pooler"):
+    return
+  bert = getattr(context.model, "bert", None)
+  if bert is not None and bert.pooling is not None and bert.pooler is None:
+    raise ConfigError(
+        f"config.method_options.{method.name}.pooler=True trains BERT's "
+        f"pooler, but this model pools with {bert.pooling!r} "
+        "(config.model.pooling) and has none: set pooler=False, or "
+        "config.model.pooling='pooler'")
 
 
 def saved_modules(options):

@@ -93,6 +93,15 @@ def export(model: nnx.Module, out_dir, *, task=None, options: dict | None = None
   """
   import safetensors.numpy  # pylint: disable=import-outside-toplevel
   options = dict(options or {})
+  pooling = getattr(model.bert, "pooling", None)
+  if pooling not in (None, "pooler"):
+    raise ValueError(
+        f"config.model.pooling resolved to {pooling!r}: a PEFT directory "
+        "loads onto a transformers BertFor* model, which pools with BERT's "
+        "pooler, so the adapters would be read through another pooling. "
+        "Export this run merged instead (research.export without --peft: a "
+        "sentence-transformers directory), or train with "
+        "--config.model.pooling=pooler")
   found = layers.low_rank_layers(model)
   if not found:
     raise ValueError("the model has no LoRA or AdaLoRA layers to export")

@@ -80,8 +80,20 @@ def check_batch(batch: dict, chunk_size: int | None) -> int:
   return size
 
 
+# Per-example scalings of a gradient g before the clip to C:
+#   flat       g * min(1, C / |g|) (Abadi et al. 2016; the clip alone);
+#   automatic  C * g / (|g| + stability) (Bu et al. 2022, "Automatic
+#              Clipping: Differentially Private Deep Learning Made Easier
+#              and Stronger", AUTO-S): every example normalised, so a small
+#              gradient is scaled up rather than left as it is; its norm is
+#              below C, so the clip that follows changes nothing and the
+#              sensitivity stays C.
+CLIPPINGS = ("flat", "automatic")
+
+
 def clip_and_sum(per_example_loss_fn: Callable[..., jax.Array], *,
-                 clip_norm: float, chunk_size: int | None = None):
+                 clip_norm: float, chunk_size: int | None = None,
+                 clipping: str = "flat", stability: float = 0.01):
   """Sum of per-example gradients clipped to `clip_norm`.
 
   Args:
@@ -91,6 +103,8 @@ def clip_and_sum(per_example_loss_fn: Callable[..., jax.Array], *,
     clip_norm: C, the bound on each example's gradient L2 norm (all weights).
     chunk_size: examples whose gradients are held in memory at once (must
       divide the batch); None differentiates the whole batch in one vmap.
+    clipping: "flat" or "automatic" (`CLIPPINGS`).
+    stability: automatic clipping's gamma in C * g / (|g| + gamma).
 
   Returns:
     `fn(params, batch, key) -> (clipped_sum, stats)`: `clipped_sum` has the
@@ -102,6 +116,17 @@ def clip_and_sum(per_example_loss_fn: Callable[..., jax.Array], *,
   """
   if not clip_norm > 0:
     raise ValueError(f"config.method_options.dp_sgd.clip_norm = {clip_norm} must be > 0")
+  if clipping not in CLIPPINGS:
+    raise ValueError(f"config.method_options.dp_sgd.clipping = {clipping!r}; "
+                     f"valid: {', '.join(CLIPPINGS)}")
+  if clipping == "automatic" and not stability > 0:
+    raise ValueError("config.method_options.dp_sgd.stability = "
+                     f"{stability} must be > 0")
+
+  def normalise(grad):
+    # Within jax_privacy's per-example map: one example's gradient.
+    scale = clip_norm / (optax.tree.norm(grad) + stability)
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), grad)
 
   def weighted_loss(params, example, key):
     # The weight scales the gradient *before* clipping: 0 removes a padding
@@ -111,7 +136,10 @@ def clip_and_sum(per_example_loss_fn: Callable[..., jax.Array], *,
   grad_fn = jax_privacy.clipped_grad(
       weighted_loss, argnums=0, batch_argnums=1, prng_argnum=2,
       l2_clip_norm=clip_norm, keep_batch_dim=True, return_values=True,
-      return_grad_norms=True, microbatch_size=chunk_size)
+      return_grad_norms=True, microbatch_size=chunk_size,
+      # The norms it returns are from before this (what monitoring wants).
+      pre_clipping_transform=normalise if clipping == "automatic"
+      else lambda g: g)
 
   def fn(params, batch, key):
     check_batch(batch, chunk_size)
@@ -124,6 +152,7 @@ def clip_and_sum(per_example_loss_fn: Callable[..., jax.Array], *,
         "weight_sum": batch["weights"].sum().astype(jnp.float32),
         "count": real.sum().astype(jnp.float32),
         "clipped": (norms > clip_norm).sum().astype(jnp.float32),
+        "norm_sum": norms.sum(),
         "grad_norms": norms}
   return fn
 
@@ -169,7 +198,8 @@ def _device_varying(tree, axis_name):
 def dp_value_and_grad(per_example_loss_fn: Callable[..., jax.Array], *,
                       clip_norm: float, noise_multiplier: float,
                       expected_batch_size: float, chunk_size: int | None = None,
-                      axis_name: str | tuple[str, ...] | None = None):
+                      axis_name: str | tuple[str, ...] | None = None,
+                      clipping: str = "flat", stability: float = 0.01):
   """The DP-SGD counterpart of `jax.value_and_grad` for one logical batch.
 
   Args:
@@ -182,6 +212,7 @@ def dp_value_and_grad(per_example_loss_fn: Callable[..., jax.Array], *,
     axis_name: the data-parallel mesh axis (or axes) when called inside
       `jax.shard_map` on a batch shard: clipped sums are `psum`-ed and the
       noise is added once to the total. None on a single program.
+    clipping, stability: see `clip_and_sum`.
 
   Returns:
     `fn(params, batch, key, noise_key=None, noise_scale=1.0) -> (mean_loss,
@@ -192,7 +223,9 @@ def dp_value_and_grad(per_example_loss_fn: Callable[..., jax.Array], *,
     traced) multiplies the noise: 0 on the micro-batches of an accumulated
     logical batch but its last. `mean_loss` is the weighted mean over the
     (global) batch; `aux` has `grad_norms` [B local], `clip_fraction` and
-    `num_examples` (global).
+    `num_examples` (global), and `metrics`: `dp/clip_fraction`,
+    `dp/example_grad_norm_mean` and `dp/example_grad_norm_max` (per-example
+    norms before clipping, global; monitoring, outside the guarantee).
   """
   if noise_multiplier < 0:
     raise ValueError(f"config.method_options.dp_sgd.noise_multiplier = {noise_multiplier} "
@@ -201,7 +234,8 @@ def dp_value_and_grad(per_example_loss_fn: Callable[..., jax.Array], *,
     raise ValueError(f"config.batch_size (the expected batch size) = "
                      f"{expected_batch_size} must be > 0")
   clipped = clip_and_sum(per_example_loss_fn, clip_norm=clip_norm,
-                         chunk_size=chunk_size)
+                         chunk_size=chunk_size, clipping=clipping,
+                         stability=stability)
 
   def fn(params, batch, key, noise_key=None, noise_scale=1.0):
     if noise_key is None:
@@ -219,13 +253,19 @@ def dp_value_and_grad(per_example_loss_fn: Callable[..., jax.Array], *,
       params = _device_varying(params, axis_name)
     grad_sum, stats = clipped(params, batch, dropout_key)
     norms = stats.pop("grad_norms")
+    norm_max = norms.max()
     if axis_name is not None:
       grad_sum, stats = jax.lax.psum((grad_sum, stats), axis_name)
+      norm_max = jax.lax.pmax(norm_max, axis_name)
     grads = add_noise(grad_sum, noise_key, clip_norm=clip_norm,
                       noise_multiplier=noise_multiplier * noise_scale,
                       expected_batch_size=expected_batch_size)
+    count = jnp.maximum(stats["count"], 1.0)
     return stats["loss_sum"] / jnp.maximum(stats["weight_sum"], 1.0), grads, {
         "grad_norms": norms,
-        "clip_fraction": stats["clipped"] / jnp.maximum(stats["count"], 1.0),
-        "num_examples": stats["count"]}
+        "clip_fraction": stats["clipped"] / count,
+        "num_examples": stats["count"],
+        "metrics": {"dp/clip_fraction": stats["clipped"] / count,
+                    "dp/example_grad_norm_mean": stats["norm_sum"] / count,
+                    "dp/example_grad_norm_max": norm_max}}
   return fn
