@@ -420,4 +420,6 @@ def test_sigkill_then_resume_is_exact_and_epsilon_continues(
                for d in (straight, workdir)]
   assert summaries[0]["privacy/epsilon"] == summaries[1]["privacy/epsilon"]
   assert summaries[1]["privacy/epsilon"] == pytest.approx(_direct_epsilon(
-      B / N, summaries[1]["privacy/noise_multiplier"], 12, 1 / N), rel=1e-12)
+      B / N, summaries[1]["privacy/noise_multiplier"], 12,
+      accounting.default_delta(N)), rel=1e-12)
+  assert summaries[1]["privacy/delta"] == accounting.default_delta(N)
