@@ -84,10 +84,20 @@ def configs(root, model_dir):
 
 
 def make_runs(root, model_dir) -> dict:
-  """Trains the tiny runs; returns {task: workdir}."""
-  out = {}
-  for task, config in configs(root, model_dir).items():
-    workdir = os.path.join(root, task)
-    train.train_and_evaluate(config, workdir)
-    out[task] = workdir
+  """Trains the tiny runs; returns {task: workdir}.
+
+  XLA's optimisation passes are off while they train (quick compiles for
+  two steps); serving compiles its own functions afterwards, as usual.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  before = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    out = {}
+    for task, config in configs(root, model_dir).items():
+      workdir = os.path.join(root, task)
+      train.train_and_evaluate(config, workdir)
+      out[task] = workdir
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
   return out

@@ -19,6 +19,7 @@ from absl import app as absl_app
 from absl import flags
 
 from research.serve import engine as engine_lib
+from research.serve import explain
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A research.train workdir to serve.")
@@ -44,6 +45,8 @@ flags.DEFINE_list("buckets", [], "Padded lengths (default: the run's "
 for _field in engine_lib.Limits.__dataclass_fields__.values():
   flags.DEFINE_integer(_field.name, _field.default, f"Limit: {_field.name} "
                        "(research.serve.engine.Limits).")
+flags.DEFINE_list("explain_methods", list(explain.METHODS), "The /explain "
+                  "methods (empty: no /explain, a quicker start-up).")
 flags.DEFINE_integer("ray_replicas", 0, "> 0: serve through Ray Serve with "
                      "this many replicas.")
 flags.DEFINE_float("ray_cpus_per_replica", 1.0, "CPUs Ray reserves per "
@@ -64,7 +67,8 @@ def options():
       tuple(int(b) for b in FLAGS.buckets))
   url = FLAGS.feedback_db or "sqlite:///" + os.path.join(
       os.path.abspath(path), "feedback.db")
-  kwargs = {"limits": limits, "batching_options": batching}
+  kwargs = {"limits": limits, "batching_options": batching,
+            "explain_methods": tuple(FLAGS.explain_methods)}
   if FLAGS.workdir:
     kwargs.update(backend=FLAGS.backend, which=FLAGS.which)
   return path, kwargs, url

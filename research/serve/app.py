@@ -24,6 +24,7 @@ body over `max_body_bytes` (413), feedback for an unknown prediction
 import asyncio
 import contextlib
 import math
+import os
 import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
@@ -126,6 +127,37 @@ class Metrics:
     self.batch_seconds.observe(seconds)
 
 
+class Metered:
+  """ASGI middleware: requests, latency and errors per endpoint and status
+  (pure ASGI: no per-request task as `@app.middleware` costs)."""
+
+  def __init__(self, app, metrics):
+    self.app = app
+    self.metrics = metrics
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    began = time.perf_counter()
+    status = [500]
+
+    async def send_status(message):
+      if message["type"] == "http.response.start":
+        status[0] = message["status"]
+      await send(message)
+
+    try:
+      await self.app(scope, receive, send_status)
+    finally:
+      endpoint = getattr(scope.get("route"), "path", "other")
+      code = str(status[0])
+      m = self.metrics
+      m.requests.labels(endpoint, code).inc()
+      m.latency.labels(endpoint).observe(time.perf_counter() - began)
+      if status[0] >= 400:
+        m.errors.labels(endpoint, code).inc()
+
+
 class BodyCheck:
   """ASGI middleware: a request body over `max_bytes` is a 413 and one that
   is not UTF-8 a 400, before anything parses it."""
@@ -168,6 +200,14 @@ class BodyCheck:
       return await receive()
 
     return await self.app(scope, replay, send)
+
+
+def _printable(value, limit=200):
+  """A str (at most `limit` characters) or int safe in a JSON answer: no
+  lone surrogates."""
+  if isinstance(value, str):
+    return value.encode("utf-8", "replace").decode("utf-8")[:limit]
+  return value
 
 
 def _finite(value):
@@ -242,22 +282,20 @@ def create_app(engine, store=None, *, title="research.serve"):
       f"{engine.task_name} model {engine.version}"))
   app.state.engine, app.state.store, app.state.metrics = engine, store, metrics
 
-  @app.middleware("http")
-  async def count(request: fastapi.Request, call_next):
-    began = time.perf_counter()
-    response = await call_next(request)
-    route = request.scope.get("route")
-    endpoint = getattr(route, "path", "other")
-    metrics.requests.labels(endpoint, str(response.status_code)).inc()
-    metrics.latency.labels(endpoint).observe(time.perf_counter() - began)
-    if response.status_code >= 400:
-      metrics.errors.labels(endpoint, str(response.status_code)).inc()
-    return response
+  @app.exception_handler(fastapi.exceptions.RequestValidationError)
+  async def invalid(request, e):
+    # FastAPI's handler echoes each bad value: a megabyte text back, or a
+    # lone surrogate it then cannot encode (a 500). Where and why suffice.
+    del request
+    return JSONResponse({"detail": [
+        {"loc": [_printable(x) for x in err["loc"]],
+         "msg": _printable(err["msg"]), "type": err["type"]}
+        for err in e.errors()]}, 422)
 
   @app.exception_handler(ServeInputError)
   async def bad_input(request, e):
     del request
-    return JSONResponse({"detail": str(e)}, 422)
+    return JSONResponse({"detail": _printable(str(e), 2000)}, 422)
 
   def not_ready():
     return JSONResponse({"detail": "warming up: compiling the model for "
@@ -327,7 +365,7 @@ def create_app(engine, store=None, *, title="research.serve"):
   async def model():
     """The served model and the server's limits."""
     return {**engine.info(), "ready": engine.ready,
-            "feedback_store": store.url}
+            "feedback_store": store.url, "process": os.getpid()}
 
   @app.get("/healthz", responses={503: {}})
   async def healthz():
@@ -351,4 +389,5 @@ def create_app(engine, store=None, *, title="research.serve"):
                     media_type=prom.CONTENT_TYPE_LATEST)
 
   app.add_middleware(BodyCheck, max_bytes=limits.max_body_bytes)
+  app.add_middleware(Metered, metrics=metrics)  # outermost: counts 413s too
   return app

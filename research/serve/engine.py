@@ -86,11 +86,13 @@ class Engine:
     model: the restored nnx model (integrated gradients), or None.
     limits, batching_options: `Limits`, `Batching`.
     summary: the run's summary.json (`Task.serve_setup`).
+    explain_methods: the /explain methods to offer (None: every one the
+      task and backend allow; empty: no /explain, a quicker start-up).
   """
 
   def __init__(self, task, backend, *, label_names, version, max_length,
                buckets=(), model=None, limits=None, batching_options=None,
-               summary=None):
+               summary=None, explain_methods=None):
     self.task = task
     self.tokenizer = task.tokenizer
     self.backend = backend
@@ -111,7 +113,9 @@ class Engine:
         max_wait_s=b.max_wait_ms / 1000, pad_id=task.pad_id,
         on_batch=self._on_batch)
     from research.serve import explain  # pylint: disable=import-outside-toplevel
-    self.explainer = (explain.Explainer(self) if task.EXPLAINABLE else None)
+    self.explainer = None
+    if task.EXPLAINABLE and (explain_methods is None or explain_methods):
+      self.explainer = explain.Explainer(self, explain_methods)
     self.compiled = 0
     self.shapes = len(self.buckets) * len(self.batcher.batch_sizes)
     self._ready = threading.Event()
@@ -295,7 +299,8 @@ def _read_json(path, default=None):
 
 
 def from_workdir(workdir, *, which="best", backend="jax", limits=None,
-                 batching_options=None, onnx_dir=None) -> Engine:
+                 batching_options=None, onnx_dir=None,
+                 explain_methods=None) -> Engine:
   """The engine of a research.train run (`train.restore`).
 
   Args:
@@ -303,7 +308,7 @@ def from_workdir(workdir, *, which="best", backend="jax", limits=None,
     which: "best" or "latest" checkpoint.
     backend: "jax" (the restored model, jitted) or "onnx" (exported into
       `onnx_dir`, default <workdir>/serve_onnx, then onnxruntime).
-    limits, batching_options: `Limits`, `Batching`.
+    limits, batching_options, explain_methods: `Engine`'s.
   """
   from research import data, train  # pylint: disable=import-outside-toplevel
   from research.models import hf  # pylint: disable=import-outside-toplevel
@@ -329,10 +334,12 @@ def from_workdir(workdir, *, which="best", backend="jax", limits=None,
                 max_length=config.data.max_length,
                 buckets=tuple(config.data.buckets), model=restored.model,
                 limits=limits, batching_options=batching_options,
-                summary=_read_json(os.path.join(workdir, "summary.json"), {}))
+                summary=_read_json(os.path.join(workdir, "summary.json"), {}),
+                explain_methods=explain_methods)
 
 
-def from_export(export_dir, *, limits=None, batching_options=None) -> Engine:
+def from_export(export_dir, *, limits=None, batching_options=None,
+                explain_methods=None) -> Engine:
   """The engine of a `research.export --format onnx|stablehlo` directory
   (no checkpoint needed; no integrated gradients: no JAX model)."""
   import ml_collections  # pylint: disable=import-outside-toplevel
@@ -353,12 +360,13 @@ def from_export(export_dir, *, limits=None, batching_options=None) -> Engine:
   return Engine(task, be, label_names=meta["label_names"],
                 version=meta["version"], max_length=config.data.max_length,
                 buckets=tuple(config.data.buckets), limits=limits,
-                batching_options=batching_options, summary=meta["summary"])
+                batching_options=batching_options, summary=meta["summary"],
+                explain_methods=explain_methods)
 
 
 def load(path, *, backend="jax", which="best", **kwargs) -> Engine:
   """`from_export` for an export directory, else `from_workdir`."""
   if os.path.exists(os.path.join(path, SERVE_JSON)):
-    return from_export(path, limits=kwargs.get("limits"),
-                       batching_options=kwargs.get("batching_options"))
+    kwargs.pop("onnx_dir", None)
+    return from_export(path, **kwargs)
   return from_workdir(path, which=which, backend=backend, **kwargs)

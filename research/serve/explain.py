@@ -52,12 +52,17 @@ class _WordTokenizer:
 class Explainer:
   """Explanations for an `engine.Engine`; see the module docstring."""
 
-  def __init__(self, engine):
+  def __init__(self, engine, methods=None):
     self.engine = engine
     self.tokenizer = engine.tokenizer
     self.mask = getattr(self.tokenizer, "mask_token", None) or "..."
-    self.methods = [m for m in METHODS
-                    if m != "integrated_gradients" or engine.model is not None]
+    unknown = set(methods or ()) - set(METHODS)
+    if unknown:
+      raise ValueError(f"explain methods {sorted(unknown)}; valid: "
+                       f"{', '.join(METHODS)}")
+    self.methods = [m for m in METHODS if (methods is None or m in methods)
+                    and (m != "integrated_gradients" or
+                         engine.model is not None)]
     self._lock = threading.Lock()  # nnx.jit updates the model it is given
 
   # --- The model as a function of texts ---------------------------------------
@@ -77,8 +82,9 @@ class Explainer:
     item = {"text": "warm up"}
     if len(self.engine.task.config.data.text_fields) == 2:
       item["text_pair"] = "warm up"
-    self.explain(item, [m for m in self.methods if m != "integrated_gradients"],
-                 samples=10)
+    others = [m for m in self.methods if m != "integrated_gradients"]
+    if others:
+      self.explain(item, others, samples=10)
     if "integrated_gradients" not in self.methods:
       return
     from research import interpret  # pylint: disable=import-outside-toplevel
@@ -202,7 +208,10 @@ class Explainer:
                                algorithm="partition")
     values = explainer([text], max_evals=samples,
                        batch_size=self.engine.batcher.max_batch, silent=True)
-    return np.asarray(values.values[0])[:, target], {}
+    base = np.asarray(values.base_values[0]).reshape(-1)[target]
+    # Efficiency: the values add up to output - base_value.
+    return np.asarray(values.values[0])[:, target], {
+        "shap": {"base_value": float(base)}}
 
   def _lime(self, text, pair, words, target, samples, seed):
     from lime import lime_text  # pylint: disable=import-outside-toplevel

@@ -100,7 +100,7 @@ def _tables(metadata):
                 sa.ForeignKey("predictions.id"), nullable=False, index=True),
       sa.Column("created_at", sa.Float, nullable=False),
       sa.Column("label", sa.Text),
-      sa.Column("correction", sa.JSON),
+      sa.Column("correction", sa.JSON(none_as_null=True)),
       sa.Column("rating", sa.Float),
       sa.Column("comment", sa.Text))
   return predictions, feedback

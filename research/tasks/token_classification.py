@@ -216,9 +216,12 @@ class Task(common.Task):
         raise ServeInputError(f"inputs[{i}]: give exactly one of text and "
                               "words")
       if given is not None:
-        if not given or any(not w or w != w.strip() for w in given):
+        blank = [j for j, w in enumerate(given) if not w.strip()]
+        if not given or blank:
           raise ServeInputError(f"inputs[{i}].words: give one or more "
-                                "non-empty words without spaces")
+                                "words, none of them empty" + (
+                                    f" (words[{blank[0]}] is)" if blank
+                                    else ""))
         text = " ".join(given)
         starts = np.cumsum([0] + [len(w) + 1 for w in given[:-1]])
         spans = [(w, int(a), int(a) + len(w)) for w, a in zip(given, starts)]
