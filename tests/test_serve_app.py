@@ -271,6 +271,7 @@ def test_explanations_add_up(clients):
   assert sum(e["attributions"]["integrated_gradients"]) == pytest.approx(
       expected, rel=1e-2)
   assert ig["completeness_error"] <= 1e-2 * abs(expected)
+  assert ig["baseline"] == "pad (special tokens kept)"
   # SHAP's efficiency: the values add up to f(x) - f(every word masked).
   assert sum(e["attributions"]["shap"]) == pytest.approx(
       e["output"] - e["shap"]["base_value"], rel=1e-4, abs=1e-7)

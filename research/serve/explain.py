@@ -7,9 +7,10 @@ stays fixed). Words are the tokenizer's (`tokenize.words`); only the words
 the model reads (within data.max_length tokens) are explained.
 
 - `integrated_gradients`: `research.interpret` on the run's JAX model, the
-  input padded to its serving bucket ([PAD] baseline, `Limits.ig_steps`
-  steps, compiled per bucket at start-up); sub-token scores summed per word.
-  Its scores add up to f(x) - f(baseline) (`completeness_error`).
+  input padded to its serving bucket (baseline: [PAD] for the text's
+  tokens, the special tokens kept; `Limits.ig_steps` steps, compiled per
+  bucket at start-up); sub-token scores summed per word. They add up to
+  f(x) - f(baseline) (`completeness_error`).
 - `shap`: the `shap` package's Partition explainer, with a Text masker over
   the same words ([MASK] for a hidden word), calling the served model.
 - `lime`: the `lime` package's `LimeTextExplainer` over the same words
@@ -94,8 +95,11 @@ class Explainer:
       mask[0] = 1
       inputs = interpret.Inputs.from_ids(np.full(length, pad, np.int32), mask)
       with self._lock:
-        interpret.integrated_gradients(self.engine.model, inputs, target=0,
-                                       steps=self.engine.limits.ig_steps)
+        interpret.integrated_gradients(
+            self.engine.model, inputs, target=0,
+            steps=self.engine.limits.ig_steps,
+            baseline=interpret.word_embeddings(self.engine.model,
+                                               inputs.input_ids))
 
   # --- One input ---------------------------------------------------------------
 
@@ -184,9 +188,18 @@ class Explainer:
     inputs = interpret.encode(self.tokenizer, text, pair,
                               max_length=self.engine.max_length, pad_to=bucket)
     steps = self.engine.limits.ig_steps
+    # The baseline is [PAD] at the explained text's tokens only: [CLS],
+    # [SEP] and a pair's second text stay, so all of f(x) - f(baseline) is
+    # on the words (Captum's BERT recipe).
+    explained = np.zeros(bucket, bool)
+    explained[:len(enc["input_ids"])] = [s == 0 for s in enc.sequence_ids()]
+    baseline_ids = np.where(explained, self.engine.task.pad_id,
+                            inputs.input_ids)
     with self._lock:
-      attr = interpret.integrated_gradients(self.engine.model, inputs,
-                                            target=target, steps=steps)
+      baseline = interpret.word_embeddings(self.engine.model, baseline_ids)
+      attr = interpret.integrated_gradients(
+          self.engine.model, inputs, target=target, steps=steps,
+          baseline=baseline)
     starts = [a for _, a, _ in words]
     scores = np.zeros(len(words))
     for score, (a, b), s in zip(attr.scores, enc["offset_mapping"],
@@ -195,7 +208,7 @@ class Explainer:
         scores[bisect.bisect_right(starts, a) - 1] += score
     check = interpret.completeness(attr)
     return scores, {"integrated_gradients": {
-        "baseline": attr.baseline, "steps": steps,
+        "baseline": "pad (special tokens kept)", "steps": steps,
         "baseline_output": attr.baseline_output,
         "completeness_error": check.error}}
 
