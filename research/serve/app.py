@@ -55,8 +55,12 @@ def _unicode(value: str) -> str:
 
 
 Text = Annotated[str, pydantic.Strict(), pydantic.AfterValidator(_unicode)]
+NonEmpty = Annotated[str, pydantic.Strict(),
+                     pydantic.StringConstraints(min_length=1),
+                     pydantic.AfterValidator(_unicode)]
 Int = Annotated[int, pydantic.Strict()]
-Float = Annotated[float, pydantic.Field(allow_inf_nan=False)]
+Float = Annotated[float, pydantic.Strict(),
+                  pydantic.Field(allow_inf_nan=False)]
 FORBID = pydantic.ConfigDict(extra="forbid")
 
 
@@ -77,19 +81,42 @@ def _json_unicode(value):
 
 
 def input_model(fields, name="Input"):
-  """A pydantic model of one input from the task's `ServeField`s."""
-  annotations = {str: Text, int: Int, list[str]: list[Text]}
-  spec = {}
+  """A pydantic model of one input from the task's `ServeField`s.
+
+  Strings and lists must be non-empty; fields that share `one_of` are
+  alternatives (the schema's oneOf, and checked).
+  """
+  annotations = {str: NonEmpty, int: Int,
+                 list[str]: Annotated[list[NonEmpty],
+                                      pydantic.Field(min_length=1)]}
+  spec, groups = {}, {}
   for key, f in fields.items():
     kind = annotations.get(f.type, f.type)
     extra = {"ge": f.minimum, "le": f.maximum} if f.type is int else {}
+    if f.one_of:
+      groups.setdefault(f.one_of, []).append(key)
     if f.required:
       spec[key] = (kind, pydantic.Field(..., description=f.description,
                                         **extra))
     else:
       spec[key] = (Optional[kind], pydantic.Field(
           f.default, description=f.description, **extra))
-  return pydantic.create_model(name, __config__=FORBID, **spec)
+
+  def one_of(item):
+    for names in groups.values():
+      given = [n for n in names if getattr(item, n) is not None]
+      if len(given) != 1:
+        raise ValueError(f"give exactly one of {' and '.join(names)}")
+    return item
+
+  config = FORBID
+  if groups:  # the schema says which fields are alternatives
+    config = pydantic.ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": [n]} for names in groups.values()
+                  for n in names]})
+  return pydantic.create_model(
+      name, __config__=config, __validators__={
+          "one_of": pydantic.model_validator(mode="after")(one_of)}, **spec)
 
 
 class Metrics:

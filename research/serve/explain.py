@@ -213,7 +213,14 @@ class Explainer:
         "completeness_error": check.error}}
 
   def _shap(self, text, pair, words, target, samples, seed):
-    del words, seed
+    del seed
+    if len(words) == 1:
+      # shap's partition tree needs two words; one word's Shapley value is
+      # f(x) - f(masked) (what shap's efficiency gives).
+      _, a, b = words[0]
+      base = self.logits([text[:a] + self.mask + text[b:]], pair)[0, target]
+      return (np.asarray([self.logits([text], pair)[0, target] - base]),
+              {"shap": {"base_value": float(base)}})
     import shap  # pylint: disable=import-outside-toplevel
     masker = shap.maskers.Text(_WordTokenizer(self.tokenizer),
                                mask_token=self.mask, collapse_mask_token=False)

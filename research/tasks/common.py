@@ -59,6 +59,8 @@ class ServeField:
     required: the request must give it.
     default: its value when not required and absent.
     minimum, maximum: bounds of an int.
+    one_of: a name shared by alternative fields: exactly one of them must
+      be given (token classification's text or words).
   """
   type: Any
   description: str
@@ -66,6 +68,7 @@ class ServeField:
   default: Any = None
   minimum: int | None = None
   maximum: int | None = None
+  one_of: str | None = None
 
 
 @dataclasses.dataclass

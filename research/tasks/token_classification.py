@@ -203,9 +203,10 @@ class Task(common.Task):
     return {
         "text": ServeField(str, "The text to tag, split into words as the "
                            "tokenizer does (whitespace and punctuation); or "
-                           "give `words`.", required=False),
+                           "give `words`.", required=False, one_of="input"),
         "words": ServeField(list[str], "Pre-split words, as in the training "
-                            "data (instead of `text`).", required=False)}
+                            "data (instead of `text`).", required=False,
+                            one_of="input")}
 
   def serve_features(self, items, max_length):
     """Words (with character spans) -> sub-tokens and each one's word."""
