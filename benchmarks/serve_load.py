@@ -158,7 +158,7 @@ async def drive(url, texts, concurrency, requests, seconds, feedback_every):
         if r.status_code != 200:
           errors += 1
           continue
-        if i % feedback_every == 0:
+        if feedback_every and i % feedback_every == 0:
           answer = r.json()["predictions"][0]
           f = await client.post("/feedback", json={
               "prediction_id": answer["id"], "label": answer["label"],
@@ -193,10 +193,11 @@ def measure(name, cmd, db, texts, args):
                           stderr=subprocess.STDOUT)
   try:
     startup = wait_ready(url, proc)
-    asyncio.run(drive(url, texts, 4, 64, 60, 10**9))  # warm the connection
+    asyncio.run(drive(url, texts, 4, 64, 60, 0))  # warm up, no feedback
     rows = []
     for concurrency, requests in LEVELS:
-      row = asyncio.run(drive(url, texts, concurrency, requests,
+      row = asyncio.run(drive(url, texts, concurrency,
+                              max(int(requests * args.scale), concurrency),
                               args.seconds, 10))
       row["server"] = name
       rows.append(row)
@@ -276,6 +277,9 @@ def main():
                       "(default: research.export into a temporary directory)")
   parser.add_argument("--seconds", type=float, default=120,
                       help="time limit per concurrency level")
+  parser.add_argument("--scale", type=float, default=1.0,
+                      help="multiplies the requests per level (a smoke run: "
+                      "0.05)")
   parser.add_argument("--out", default=os.path.join(
       ROOT, "docs", "results", "serve_load.json"))
   args = parser.parse_args()

@@ -351,7 +351,7 @@ def test_the_batcher_joins_waiting_requests():
     return ((ids * mask).sum(-1), mask.sum(-1))  # per row: its id sum, length
 
   batcher = DynamicBatcher(backend, buckets=(4, 8, 16), batch_sizes=(1, 2, 4),
-                           max_wait_s=0.0)
+                           max_wait_s=0.0, call_cost=4)
   batcher.start()
   row = lambda n, v: {"input_ids": [v] * n, "token_type_ids": [0] * n}  # pylint: disable=unnecessary-lambda-assignment
   first = batcher.submit([row(3, 1)])
@@ -363,9 +363,14 @@ def test_the_batcher_joins_waiting_requests():
   assert [tuple(int(x) for x in o) for o in first.result()] == [(3, 3)]
   assert [[tuple(int(x) for x in o) for o in f.result()] for f in waiting] == [
       [(4, 2), (30, 10)], [(20, 5), (5, 1), (42, 7)]]
-  # The two waiting requests (5 rows) ran together, shortest rows first:
-  # lengths 1, 2, 5, 7 padded to 8, then 10 padded to 16.
-  assert shapes == [(1, 4), (4, 8), (1, 16)]
+  # The two waiting requests (5 rows: lengths 2, 10, 5, 1, 7) ran in the
+  # same round, cut where padding costs least: 1, 2 padded to 4; 5, 7 to
+  # 8; 10 to 16 (40 tokens + 3 calls x 4, against 48 + 2 x 4 for 1-7 in one
+  # call of 8).
+  assert shapes == [(1, 4), (2, 4), (2, 8), (1, 16)]
+  assert batcher.plan([2, 10, 5, 1, 7]) == [[3, 0], [2, 4], [1]]
+  batcher.call_cost = 16  # calls dearer: fewer, more padding
+  assert batcher.plan([2, 10, 5, 1, 7]) == [[3, 0, 2, 4], [1]]
   batcher.close()
 
 

@@ -42,6 +42,11 @@ flags.DEFINE_list("batch_sizes", [], "Padded batch sizes (default: powers "
                   "of 2 up to --max_batch).")
 flags.DEFINE_list("buckets", [], "Padded lengths (default: the run's "
                   "data.buckets and data.max_length).")
+flags.DEFINE_integer("call_cost", 16, "A model call's fixed cost in padded "
+                     "tokens (how batched rows are cut into calls).")
+flags.DEFINE_string("compilation_cache", None, "JAX's persistent compilation "
+                    "cache (default: <served dir>/xla_cache; '' for none): a "
+                    "restart reads its compiled shapes.")
 for _field in engine_lib.Limits.__dataclass_fields__.values():
   flags.DEFINE_integer(_field.name, _field.default, f"Limit: {_field.name} "
                        "(research.serve.engine.Limits).")
@@ -64,14 +69,16 @@ def options():
   batching = engine_lib.Batching(
       FLAGS.max_batch, FLAGS.max_wait_ms,
       tuple(int(b) for b in FLAGS.batch_sizes),
-      tuple(int(b) for b in FLAGS.buckets))
+      tuple(int(b) for b in FLAGS.buckets), FLAGS.call_cost)
   url = FLAGS.feedback_db or "sqlite:///" + os.path.join(
       os.path.abspath(path), "feedback.db")
   kwargs = {"limits": limits, "batching_options": batching,
             "explain_methods": tuple(FLAGS.explain_methods)}
   if FLAGS.workdir:
     kwargs.update(backend=FLAGS.backend, which=FLAGS.which)
-  return path, kwargs, url
+  cache = (os.path.join(os.path.abspath(path), "xla_cache")
+           if FLAGS.compilation_cache is None else FLAGS.compilation_cache)
+  return path, kwargs, url, cache
 
 
 def main(argv):
@@ -80,17 +87,19 @@ def main(argv):
   for noisy in ("absl", "orbax", "jax._src", "jax2onnx", "onnx_ir"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
-    path, kwargs, url = options()
+    path, kwargs, url, cache = options()
     if FLAGS.ray_replicas > 0:
       from research.serve import ray_app  # pylint: disable=import-outside-toplevel
       ray_app.run(ray_app.build(
           path, replicas=FLAGS.ray_replicas,
           num_cpus=FLAGS.ray_cpus_per_replica, store_url=url,
-          synchronous=FLAGS.sqlite_synchronous, **kwargs),
+          synchronous=FLAGS.sqlite_synchronous, compilation_cache=cache,
+          **kwargs),
                   host=FLAGS.host, port=FLAGS.port, blocking=True)
       return
     import uvicorn  # pylint: disable=import-outside-toplevel
     from research.serve import app, store  # pylint: disable=import-outside-toplevel
+    engine_lib.use_compilation_cache(cache)
     engine = engine_lib.load(path, **kwargs)
     feedback = store.FeedbackStore.open(url,
                                         synchronous=FLAGS.sqlite_synchronous)

@@ -7,7 +7,8 @@ holds the longest (`data.buckets` plus `data.max_length`, as training
 pads), the batch padded to the smallest of `batch_sizes` that holds them.
 So the model only ever sees len(batch_sizes) x len(buckets) shapes, each
 compiled once by `warmup` before the server says it is ready: no retrace
-under load. More rows than `max_batch` are cut into several calls.
+under load. The rows taken together are cut into calls of at most
+`max_batch` rows that pad the fewest tokens (`DynamicBatcher.plan`).
 Padding rows get one attended token (an all-masked row would be a softmax
 over nothing) and are dropped from the outputs.
 """
@@ -51,10 +52,11 @@ class DynamicBatcher:
     pad_id: the tokenizer's [PAD] id.
     on_batch: called as `on_batch(rows, batch_size, length, seconds)` after
       each model call (metrics).
+    call_cost: the fixed cost of a model call in padded tokens (`plan`).
   """
 
   def __init__(self, backend, buckets, batch_sizes, *, max_wait_s=0.002,
-               pad_id=0, on_batch=None):
+               pad_id=0, on_batch=None, call_cost=16):
     self.backend = backend
     self.buckets = tuple(sorted(int(b) for b in buckets))
     self.batch_sizes = tuple(sorted(int(b) for b in batch_sizes))
@@ -62,6 +64,7 @@ class DynamicBatcher:
     self.max_wait_s = max_wait_s
     self.pad_id = pad_id
     self.on_batch = on_batch
+    self.call_cost = call_cost
     self._queue = queue.Queue()
     self._thread = None
 
@@ -167,13 +170,41 @@ class DynamicBatcher:
         r.future.set_result(results[start:start + len(r.rows)])
         start += len(r.rows)
 
+  def plan(self, lengths) -> list:
+    """Cuts rows into model calls at the least cost.
+
+    On a CPU the model's time is about proportional to the padded tokens
+    (batch size x bucket), plus a fixed cost per call: rows sorted by
+    length are cut into calls of at most max_batch rows so that the padded
+    tokens plus `call_cost` per call are fewest (dynamic programming over
+    the cut points). Rows of very different lengths then run apart, each
+    call padded to its own bucket.
+
+    Args:
+      lengths: each row's length.
+
+    Returns:
+      Lists of row indices, one per call.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+      width = self.bucket(lengths[order[j - 1]])
+      for i in range(max(0, j - self.max_batch), j):
+        cost = best[i] + self.batch_size(j - i) * width + self.call_cost
+        if cost < best[j]:
+          best[j], cut[j] = cost, i
+    calls, j = [], n
+    while j > 0:
+      calls.append(order[cut[j]:j])
+      j = cut[j]
+    return calls[::-1]
+
   def _run(self, rows) -> list:
-    """Outputs of every row, in order, in calls of at most max_batch rows
-    (rows of similar length together: less padding)."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    """Outputs of every row, in order, through the calls `plan` chose."""
     out = [None] * len(rows)
-    for first in range(0, len(order), self.max_batch):
-      chunk = order[first:first + self.max_batch]
+    for chunk in self.plan([len(ids) for ids, _ in rows]):
       part = [rows[i] for i in chunk]
       length = self.bucket(max(len(ids) for ids, _ in part))
       size = self.batch_size(len(part))

@@ -66,11 +66,14 @@ class Batching:
     max_wait_ms: how long a request waits for others to batch with.
     batch_sizes: padded batch sizes (empty: 1, 2, 4, ... max_batch).
     buckets: padded lengths (empty: the run's data.buckets and max_length).
+    call_cost: a model call's fixed cost in padded tokens: how the rows
+      taken together are cut into calls (`DynamicBatcher.plan`).
   """
   max_batch: int = 32
   max_wait_ms: float = 2.0
   batch_sizes: tuple = ()
   buckets: tuple = ()
+  call_cost: int = 16
 
 
 class Engine:
@@ -111,7 +114,7 @@ class Engine:
         backend, self.buckets,
         tuple(b.batch_sizes) or batching.default_batch_sizes(b.max_batch),
         max_wait_s=b.max_wait_ms / 1000, pad_id=task.pad_id,
-        on_batch=self._on_batch)
+        on_batch=self._on_batch, call_cost=b.call_cost)
     from research.serve import explain  # pylint: disable=import-outside-toplevel
     self.explainer = None
     if task.EXPLAINABLE and (explain_methods is None or explain_methods):
@@ -279,6 +282,14 @@ def _check_text(value: str, where: str, allow_blank: bool = False):
 
 
 # --- Loading --------------------------------------------------------------------
+
+
+def use_compilation_cache(directory: str) -> None:
+  """JAX's persistent compilation cache in `directory`: a restarted server
+  (or another replica) reads its compiled shapes instead of compiling."""
+  if directory:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_compilation_cache_dir", directory)
 
 
 def params_digest(params) -> str:

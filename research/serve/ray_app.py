@@ -22,7 +22,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def build(path, *, replicas=2, num_cpus=None, name="research-serve",
           store_url="sqlite:///feedback.db", synchronous="FULL",
-          **engine_kwargs):
+          compilation_cache="", **engine_kwargs):
   """A bound Ray Serve application of the API.
 
   Args:
@@ -31,6 +31,8 @@ def build(path, *, replicas=2, num_cpus=None, name="research-serve",
     num_cpus: CPUs Ray reserves per replica (None: Ray's default, 1).
     name: the deployment's name.
     store_url, synchronous: the feedback store (`FeedbackStore.open`).
+    compilation_cache: a directory the replicas share for compiled shapes
+      (`engine.use_compilation_cache`; "" for none).
     **engine_kwargs: `engine.load`'s (backend, which, limits,
       batching_options).
   """
@@ -44,6 +46,7 @@ def build(path, *, replicas=2, num_cpus=None, name="research-serve",
 
     def __init__(self):
       from research.serve import engine, store  # pylint: disable=import-outside-toplevel
+      engine.use_compilation_cache(compilation_cache)
       self.engine = engine.load(path, **engine_kwargs)
       self.engine.start(block=True)
       self.store = store.FeedbackStore.open(store_url,
