@@ -10,8 +10,10 @@ bounded by a request count and a time limit. While it runs, a tenth of the
 answers get a /feedback post; afterwards the feedback table must hold
 exactly the accepted count. Servers:
 
-- `research.serve`: the run restored, jitted, dynamic batching over the
-  run's length buckets (`python -m research.serve --workdir W`);
+- `research.serve (jax)`: the run restored, jitted, dynamic batching over
+  the run's length buckets (`python -m research.serve --workdir W`);
+- `research.serve (onnx)`: the same with `--backend onnx` (the run exported
+  by jax2onnx, run by onnxruntime);
 - `transformers pipeline`: the same FastAPI app (`research.serve.app`,
   same validation, feedback store and metrics) whose engine calls
   `transformers.pipeline("text-classification")` of the run's Hugging Face
@@ -277,6 +279,9 @@ def main():
                       "(default: research.export into a temporary directory)")
   parser.add_argument("--seconds", type=float, default=120,
                       help="time limit per concurrency level")
+  parser.add_argument("--backends", default="jax,onnx",
+                      help="research.serve backends to measure (the SIGKILL "
+                      "check runs on jax)")
   parser.add_argument("--scale", type=float, default=1.0,
                       help="multiplies the requests per level (a smoke run: "
                       "0.05)")
@@ -292,9 +297,6 @@ def main():
   with open(os.path.join(ROOT, "data", "quickstart", "dev.tsv"),
             encoding="utf-8") as f:
     texts = [line.split("\t")[0] for line in f.read().splitlines()[1:]]
-  ours_db = os.path.join(args.tmp, "ours.db")
-  ours = [sys.executable, "-m", "research.serve", "--workdir", args.workdir,
-          "--feedback_db", f"sqlite:///{ours_db}", "--explain_methods", ""]
   theirs_db = os.path.join(args.tmp, "pipeline.db")
   theirs = [sys.executable, os.path.abspath(__file__), "serve-pipeline",
             "--workdir", args.workdir, "--hf_dir", hf_dir, "--db",
@@ -308,10 +310,21 @@ def main():
   proc.wait(timeout=60)
   results["rows"] += rows
   results["feedback"].append(fb)
-  rows, fb, proc, url = measure("research.serve", ours, ours_db, texts, args)
-  results["rows"] += rows
-  results["feedback"].append(fb)
-  results["sigkill"] = kill_under_load(proc, url, ours_db, ours, args)
+  for backend in args.backends.split(","):
+    db = os.path.join(args.tmp, f"{backend}.db")
+    ours = [sys.executable, "-m", "research.serve", "--workdir",
+            args.workdir, "--backend", backend, "--feedback_db",
+            f"sqlite:///{db}", "--explain_methods", "", "--compilation_cache",
+            os.path.join(args.tmp, "xla_cache")]
+    rows, fb, proc, url = measure(f"research.serve ({backend})", ours, db,
+                                  texts, args)
+    results["rows"] += rows
+    results["feedback"].append(fb)
+    if backend == "jax":
+      results["sigkill"] = kill_under_load(proc, url, db, ours, args)
+    else:
+      proc.terminate()
+      proc.wait(timeout=60)
   results["load_average_after"] = os.getloadavg()
   print(f"\n{'server':<24}{'conc':>5}{'req':>7}{'req/s':>9}{'p50 ms':>9}"
         f"{'p99 ms':>9}{'errors':>8}")
@@ -323,7 +336,8 @@ def main():
     print(f"{fb['server']}: feedback accepted {fb['feedback_accepted']}, rows "
           f"{fb['feedback_rows']}, equal: {fb['equal']}; ready after "
           f"{fb['startup_seconds']:.0f} s")
-  print(f"SIGKILL: {json.dumps(results['sigkill'])}")
+  if "sigkill" in results:
+    print(f"SIGKILL: {json.dumps(results['sigkill'])}")
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)

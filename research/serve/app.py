@@ -336,7 +336,7 @@ def create_app(engine, store=None, *, title="research.serve"):
     if not engine.ready:
       return not_ready()
     items = [i.model_dump(exclude_none=True) for i in request.inputs]
-    results = await run_in_threadpool(engine.predict, items)
+    results = await engine.predict_async(items)
     records = []
     for raw, result in zip(items, results):
       result["id"] = uuid.uuid4().hex

@@ -29,6 +29,8 @@ from research.tasks.common import ServeInputError
 
 log = logging.getLogger("research.serve")
 SERVE_JSON = "serve.json"  # an export directory's description
+# Requests with more characters than this are tokenised in a worker thread.
+_ON_LOOP_CHARS = 20_000
 BACKENDS = ("jax", "onnx")
 
 
@@ -243,8 +245,27 @@ class Engine:
     Blocks (call it from a worker thread in a server).
     """
     encoded = self.encode(items)
-    rows = [row for f, _ in encoded for row in f.rows]
-    outputs = self.run(rows)
+    return self.decode(encoded, self.run(
+        [row for f, _ in encoded for row in f.rows]))
+
+  async def predict_async(self, items) -> list:
+    """`predict` for an event loop: small inputs are encoded and decoded
+    on the loop (no thread hop; a fraction of a millisecond), large ones
+    in a worker thread; the model call is awaited."""
+    import asyncio  # pylint: disable=import-outside-toplevel
+    from starlette.concurrency import run_in_threadpool  # pylint: disable=import-outside-toplevel
+    large = sum(len(v) if isinstance(v, str) else sum(map(len, v))
+                for item in items for v in item.values()
+                if isinstance(v, (str, list))) > _ON_LOOP_CHARS
+    if large:
+      return await run_in_threadpool(self.predict, items)
+    encoded = self.encode(items)
+    outputs = await asyncio.wrap_future(self.batcher.submit(
+        [row for f, _ in encoded for row in f.rows]))
+    return self.decode(encoded, [o[0] if len(o) == 1 else o for o in outputs])
+
+  def decode(self, encoded, outputs) -> list:
+    """Each item's answer from its rows' outputs (`run`'s, in row order)."""
     results, start = [], 0
     for f, notes in encoded:
       part = outputs[start:start + len(f.rows)]
