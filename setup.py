@@ -91,10 +91,25 @@ EXTRAS = {
     # 5.7); tests/test_pooling.py loads it with the live package (6.3.0
     # installs beside transformers 5 and torch 2.13 with nothing else new).
     "sentence-transformers": ["sentence-transformers>=6.3,<7"],
+    # Serving (research/serve, research/export_formats.py): tested with
+    # fastapi 0.165.0, uvicorn 0.55.0, httpx 0.29.0, prometheus-client
+    # 0.26.0, SQLAlchemy 2.1.9, onnx 1.23.2, onnxruntime 1.32.0, jax2onnx
+    # 0.17.1, shap 0.51.0, lime 0.2.0.1, ray 2.60.0, schemathesis 4.32.5.
+    # jax2onnx is young: pinned. It declares orbax-checkpoint<0.11.37, so
+    # with this extra pip resolves orbax-checkpoint 0.11.36 (inside our
+    # range; tests/test_checkpointing.py passes with it and jax 0.10.2).
+    # Ray Serve's `serve.ingress()` without an app (the app built in each
+    # replica) needs a recent Ray.
+    "serve": ["fastapi>=0.115,<1", "uvicorn>=0.30,<1", "httpx>=0.27,<1",
+              "prometheus-client>=0.20,<1", "sqlalchemy>=2.0,<3",
+              "onnx>=1.20,<2", "onnxruntime>=1.24,<2", "jax2onnx==0.17.1",
+              "shap>=0.46,<0.52", "lime==0.2.0.1", "ray[serve]>=2.60,<3",
+              "schemathesis>=4.0,<5"],
 }
 EXTRAS["test"] = sorted(set(
     EXTRAS["tfds"] + EXTRAS["hf"] + EXTRAS["notebooks"] + EXTRAS["ner"]
     + EXTRAS["privacy"] + EXTRAS["peft"] + EXTRAS["sentence-transformers"]
+    + EXTRAS["serve"]
     + ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scikit-learn>=1.4,<2",
        "scipy>=1.11,<2",  # reference metrics in tests/test_metrics.py
        "accelerate>=1.1,<2",

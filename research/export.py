@@ -1,8 +1,14 @@
-"""Exports a run's checkpoint as a Hugging Face model directory.
+"""Exports a run's checkpoint: Hugging Face, ONNX or StableHLO.
 
     python -m research.export --workdir /tmp/quickstart --out /tmp/quickstart_hf
     python -m research.export --workdir /tmp/quickstart --out DIR --which=latest
     python -m research.export --workdir /tmp/lora_run --out DIR --peft
+    python -m research.export --workdir /tmp/quickstart --out DIR --format onnx
+    python -m research.export --workdir /tmp/quickstart --out DIR --format stablehlo
+
+`--format onnx` (jax2onnx) and `--format stablehlo` (jax.export) write the
+model's forward with a dynamic batch and length, plus what
+`python -m research.serve --model_dir DIR` needs (research/export_formats.py).
 
 A LoRA or AdaLoRA run exports its updates merged into the weights, or with
 `--peft` as a Hugging Face PEFT adapter directory (adapter_config.json,
@@ -171,13 +177,23 @@ def main():
   flags.DEFINE_enum("which", "best", ["best", "latest"], "Which checkpoint.")
   flags.DEFINE_boolean("peft", False, "Write a LoRA/AdaLoRA run's adapters "
                        "as a Hugging Face PEFT directory.")
+  flags.DEFINE_enum("format", "hf", ["hf", "onnx", "stablehlo"],
+                    "hf: a transformers directory; onnx: jax2onnx, checked "
+                    "against JAX with onnxruntime; stablehlo: jax.export.")
   flags.mark_flags_as_required(["workdir", "out"])
 
   def run(argv):
     del argv
+    f = flags.FLAGS
     try:
-      export_run(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.which,
-                 flags.FLAGS.peft)
+      if f.format != "hf":
+        if f.peft:
+          raise ValueError("--peft writes a Hugging Face PEFT directory; "
+                           "drop it with --format onnx|stablehlo")
+        from research import export_formats  # pylint: disable=import-outside-toplevel
+        export_formats.export_run(f.workdir, f.out, f.format, f.which)
+        return
+      export_run(f.workdir, f.out, f.which, f.peft)
     except (FileNotFoundError, ValueError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)

@@ -78,3 +78,12 @@ def compilation_cache(tmp_path_factory):
   for name, value in before.items():
     jax.config.update(name, value)
   cc.reset_cache()
+
+
+@pytest.fixture(scope="session")
+def serve_runs(tmp_path_factory, tiny_model_dir):
+  """{task: workdir}: a tiny trained run of every task head (serving and
+  export tests; tests/serve_runs.py)."""
+  from tests import serve_runs as runs  # pylint: disable=import-outside-toplevel
+  return runs.make_runs(str(tmp_path_factory.mktemp("serve_runs")),
+                        tiny_model_dir)

@@ -239,3 +239,28 @@ def encode_texts(raw, tokenizer, max_length):
       labels=np.asarray(raw.labels, str) if raw.labels is not None else None,
       rows=np.asarray(raw.rows, np.int32), where=raw.where, unit=raw.unit,
       skipped=raw.skipped, label_names=raw.label_names)
+
+
+def words(tokenizer, text):
+  """The words of a raw text as the tokenizer splits them, with their spans.
+
+  The fast tokenizer's pre-tokenizer (BERT: whitespace and punctuation), so
+  that words are what its word_ids() count; without one, runs of
+  non-space characters.
+
+  Returns:
+    [(word, start, end)]: `text[start:end] == word`, in order.
+  """
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  pre = getattr(backend, "pre_tokenizer", None)
+  if pre is None:
+    import re  # pylint: disable=import-outside-toplevel
+    return [(m.group(), m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+  out = []
+  for _, (start, end) in pre.pre_tokenize_str(text):
+    # Byte-level BPE pieces carry their leading space.
+    while start < end and text[start].isspace():
+      start += 1
+    if start < end:
+      out.append((text[start:end], start, end))
+  return out

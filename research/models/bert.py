@@ -503,15 +503,17 @@ class BertModel(nnx.Module):
 
     With `segment_ids` the count restarts at each example of a packed row.
     """
-    length = attention_mask.shape[-1]
+    # An iota rather than jnp.arange(length): the same numbers, and it keeps
+    # a symbolic length symbolic (jax.export, jax2onnx's dynamic axes).
+    index = jax.lax.broadcasted_iota(jnp.int32, attention_mask.shape,
+                                     attention_mask.ndim - 1)
     if segment_ids is None:
       if self.cfg.model_type == "roberta":
         return (jnp.cumsum(attention_mask, axis=-1) * attention_mask
                 + self.cfg.pad_token_id)
-      return jnp.broadcast_to(jnp.arange(length), attention_mask.shape)
+      return index
     # An example starts where the segment id changes; a token's position is
     # its distance to the latest start.
-    index = jnp.broadcast_to(jnp.arange(length), segment_ids.shape)
     change = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
                               segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
     within = index - jax.lax.cummax(jnp.where(change, index, 0), axis=1)

@@ -15,7 +15,12 @@ benchmark, prediction and export alike:
             with `key = fold_in(fold_in(key(seed), step), ...)`), and
             `predict(outputs, batch)`;
   eval      `default_evals(split_names)`: the evaluators a config without
-            `config.evals` gets.
+            `config.evals` gets;
+  serving   `serve_fields()` (a request's input fields), `serve_features(
+            items, max_length)` (inputs -> model rows, tokenised as in
+            training), `serve_result(outputs, features, label_names)` (one
+            input's outputs -> its JSON answer) and `EXPLAINABLE`, for
+            `research.serve`.
 
 This base class holds what most tasks share (text columns featurised by
 `tokenize.encode_texts`, label names from the data, the loss functions the
@@ -28,6 +33,9 @@ from __future__ import annotations
 import logging
 
 import jax
+import dataclasses
+from typing import Any
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -42,6 +50,78 @@ from research.data import tokenize
 from research.training import partition
 
 log = logging.getLogger("research.tasks")
+
+
+class ServeInputError(ValueError):
+  """An input a task cannot answer; `research.serve` returns it as a 422."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeField:
+  """One input field of a served task (`research.serve` builds its schema).
+
+  Attributes:
+    type: str, int or list[str].
+    description: shown in the OpenAPI schema.
+    required: the request must give it.
+    default: its value when not required and absent.
+    minimum, maximum: bounds of an int.
+    one_of: a name shared by alternative fields: exactly one of them must
+      be given (token classification's text or words).
+  """
+  type: Any
+  description: str
+  required: bool = True
+  default: Any = None
+  minimum: int | None = None
+  maximum: int | None = None
+  one_of: str | None = None
+
+
+@dataclasses.dataclass
+class ServeFeatures:
+  """One served input, tokenised: its model rows and what decoding needs.
+
+  Attributes:
+    rows: one dict per model row (a long QA context makes several windows):
+      int lists `input_ids` and `token_type_ids`, plus the task's per-row
+      data (QA: each token's character span).
+    truncated: the input lost text to `data.max_length` (or the server cut
+      it).
+    state: per-input data for `serve_result` (words, offsets, options).
+  """
+  rows: list
+  truncated: bool = False
+  state: dict = dataclasses.field(default_factory=dict)
+
+
+def softmax(logits, axis=-1) -> np.ndarray:
+  """float64 probabilities of numpy logits (host-side decoding)."""
+  z = np.asarray(logits, np.float64)
+  z = np.exp(z - z.max(axis=axis, keepdims=True))
+  return z / z.sum(axis=axis, keepdims=True)
+
+
+def truncated_by_tokens(tokenizer, texts, encoded, max_length) -> list:
+  """Whether each text (or pair) lost tokens to `max_length`.
+
+  Only an encoding of exactly max_length tokens can have been cut; those
+  are tokenised again without truncation to be sure.
+
+  Args:
+    tokenizer: the fast tokenizer.
+    texts: one list of strings, or two (pairs).
+    encoded: the truncated encodings' input_ids.
+    max_length: the truncation length.
+  """
+  out = [len(ids) >= max_length for ids in encoded]
+  full = [i for i, cut in enumerate(out) if cut]
+  if full:
+    again = tokenizer(*[[t[i] for i in full] for t in texts],
+                      return_attention_mask=False, verbose=False)["input_ids"]
+    for i, ids in zip(full, again):
+      out[i] = len(ids) > max_length
+  return out
 
 
 def dropout_overrides(model_config) -> dict:
@@ -340,6 +420,62 @@ class Task:
       shape = (batch_size, length) if f.per_token else (batch_size,)
       out[f.name] = jax.ShapeDtypeStruct(shape, f.dtype)
     return out
+
+  # --- Serving (research.serve) ----------------------------------------------------
+
+  # /explain attributes one output row per input (research.interpret and
+  # SHAP / LIME over the text): a head with a logit row per example.
+  EXPLAINABLE = False
+
+  def serve_setup(self, summary) -> None:
+    """Reads what serving needs from the run's summary.json (a dict)."""
+    del summary
+
+  def serve_fields(self) -> dict:
+    """{name: ServeField}: one input of a /predict request.
+
+    Here a text, or a text pair for a run that trained on two columns.
+    """
+    fields = {"text": ServeField(str, "The text to classify.")}
+    if len(self.config.data.text_fields) == 2:
+      fields["text_pair"] = ServeField(
+          str, "The second text of the pair (the run trained on "
+          f"{tuple(self.config.data.text_fields)}).")
+    return fields
+
+  def serve_features(self, items, max_length) -> list:
+    """Inputs -> `ServeFeatures`, tokenised as `tokenize.encode` does.
+
+    Args:
+      items: dicts of `serve_fields` values.
+      max_length: tokens per row, special tokens included.
+    """
+    names = ("text", "text_pair")[:len(self.config.data.text_fields)]
+    texts = [[item[n] for item in items] for n in names]
+    enc = self.tokenizer(*texts, truncation=True, max_length=max_length,
+                         return_attention_mask=False,
+                         return_token_type_ids=True)
+    cut = truncated_by_tokens(self.tokenizer, texts, enc["input_ids"],
+                              max_length)
+    return [ServeFeatures([{"input_ids": ids, "token_type_ids": types}], c)
+            for ids, types, c in zip(enc["input_ids"], enc["token_type_ids"],
+                                     cut)]
+
+  def serve_result(self, outputs, features, label_names) -> dict:
+    """One input's answer from its rows' model outputs.
+
+    Args:
+      outputs: per row of `features.rows`, the model's outputs for it (an
+        array, or a tuple of arrays, without the batch axis; per-token
+        outputs padded past the row's length).
+      features: the input's `ServeFeatures`.
+      label_names: the run's label names (labels.json), in id order.
+
+    Returns:
+      A JSON-serialisable dict.
+    """
+    raise NotImplementedError(f"task {self.name!r} cannot be served: it "
+                              "defines no serve_result")
 
   # --- Evaluation ------------------------------------------------------------------
 

@@ -66,6 +66,7 @@ from research.data.corpus_batching import CorpusBatcher, CorpusSplit
 from research.data.errors import DataError
 from research.data.splits import TokenizedSplit, select, text_fields
 from research.tasks import common
+from research.tasks.common import ServeField, ServeInputError
 from research.training import partition
 from research.models import heads
 
@@ -339,6 +340,50 @@ class Task(common.Task):
     return {name: {"type": "token", "split": name,
                    "metrics": ("accuracy", "perplexity")}
             for name in split_names}
+
+
+  # --- Serving -------------------------------------------------------------------
+
+  def serve_fields(self):
+    mask = getattr(self.tokenizer, "mask_token", None) or "[MASK]"
+    return {**super().serve_fields(),
+            "text": ServeField(str, f"A text with one or more {mask} tokens "
+                               "to fill."),
+            "top_k": ServeField(int, "Candidates per mask.", required=False,
+                                default=5, minimum=1, maximum=50)}
+
+  def serve_features(self, items, max_length):
+    """Tokenised texts; each must keep at least one [MASK] token."""
+    out = super().serve_features(items, max_length)
+    mask_id = self.tokenizer.mask_token_id
+    for i, (item, feats) in enumerate(zip(items, out)):
+      positions = [p for p, t in enumerate(feats.rows[0]["input_ids"])
+                   if t == mask_id]
+      if not positions:
+        where = (f"after the first {max_length} tokens (data.max_length)"
+                 if self.tokenizer.mask_token in item["text"] else "")
+        raise ServeInputError(f"inputs[{i}].text has no "
+                              f"{self.tokenizer.mask_token} token {where}"
+                              .strip())
+      feats.state = {"positions": positions, "top_k": item.get("top_k") or 5}
+    return out
+
+  def serve_result(self, outputs, features, label_names):
+    """{"fills": [{"position", "candidates": [{token, token_id, score}]}]}:
+    the top_k tokens (softmax probability) at each mask, in text order."""
+    del label_names
+    logits = outputs[0]
+    logits = logits[0] if isinstance(logits, tuple) else logits  # MLM of (MLM, NSP)
+    k = features.state["top_k"]
+    fills = []
+    for position in features.state["positions"]:
+      probabilities = common.softmax(logits[position])
+      best = np.argsort(-probabilities, kind="stable")[:k]
+      tokens = self.tokenizer.convert_ids_to_tokens(best.tolist())
+      fills.append({"position": position, "candidates": [
+          {"token": t, "token_id": int(i), "score": float(probabilities[i])}
+          for t, i in zip(tokens, best)]})
+    return {"fills": fills}
 
 
 def nsp_sums(logits, labels, weights):

@@ -24,6 +24,11 @@ Loss: the mean of the start and end cross-entropies per window, over its
 real tokens. Predictions: the start and end logits, turned into answers per
 question over all its windows by the `span` evaluator
 (`research.metrics.squad_decoding`), scored with the official metrics.
+
+Served (`research.serve`): a question and its context, windowed as in
+training, decoded as the `span` evaluator does; the answer's text, character
+span and probability (over the n-best list), and for v2.0 the null odds
+against the run's `best_null_threshold`.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from research.data import tokenize
 from research.data.splits import Field, TokenizedSplit, text_fields
 from research.tasks import common
 from research.models import heads
+from research.tasks.common import ServeField, ServeFeatures
 
 
 class Task(common.Task):
@@ -168,3 +174,73 @@ class Task(common.Task):
   def distributions(self, outputs, batch):
     """The start and end distributions over each feature's positions [B, L]."""
     return [(self._masked(x, batch), batch["weights"]) for x in outputs]
+
+  # --- Serving -------------------------------------------------------------------
+
+  def serve_setup(self, summary):
+    """v2.0: "no answer" above the run's best null threshold (summary.json)."""
+    super().serve_setup(summary)
+    self._null_threshold = float(next(
+        (v for k, v in summary.items() if k.endswith("best_null_threshold")),
+        0.0))
+
+  def serve_fields(self):
+    return {"question": ServeField(str, "The question."),
+            "context": ServeField(str, "The passage that holds the answer.")}
+
+  def serve_features(self, items, max_length):
+    """Windows over each context (`squad.build_features`, as in training)."""
+    examples = [squad.SquadExample(id=str(i), title="", context=item["context"],
+                                   question=item["question"])
+                for i, item in enumerate(items)]
+    o = self.options
+    f = squad.build_features(self.tokenizer, examples, max_length=max_length,
+                             doc_stride=o["doc_stride"],
+                             max_query_length=o["max_query_length"])
+    question_tokens = self.tokenizer(
+        [ex.question.lstrip() for ex in examples], add_special_tokens=False,
+        return_attention_mask=False)["input_ids"]
+    out = [ServeFeatures([], len(q) > o["max_query_length"],
+                         {"context": ex.context})
+           for ex, q in zip(examples, question_tokens)]
+    for w, example in enumerate(f.example_index):
+      part = slice(f.offsets[w], f.offsets[w + 1])
+      out[example].rows.append({
+          "input_ids": f.input_ids[part].tolist(),
+          "token_type_ids": f.token_type_ids[part].tolist(),
+          "char_spans": f.char_spans[part], "is_context": f.is_context[part],
+          "cls_index": int(f.cls_index[w])})
+    return out
+
+  def serve_result(self, outputs, features, label_names):
+    """{"answer", "start", "end", "score"}; v2.0 also "null_odds" (the
+    answer is "" and start/end None above the run's threshold)."""
+    del label_names
+    from research.metrics import squad_decoding  # pylint: disable=import-outside-toplevel
+    from research.evaluators import span  # pylint: disable=import-outside-toplevel
+    rows = features.rows
+    width = max(len(r["input_ids"]) for r in rows)
+    logits = np.zeros((2, len(rows), width))
+    spans = np.full((len(rows), width, 2), -1, np.int64)
+    context = np.zeros((len(rows), width), bool)
+    for i, (row, (start, end)) in enumerate(zip(rows, outputs)):
+      n = len(row["input_ids"])
+      logits[:, i, :n] = start[:n], end[:n]
+      spans[i, :n], context[i, :n] = row["char_spans"], row["is_context"]
+    version_2 = self.options["version_2"]
+    threshold = getattr(self, "_null_threshold", 0.0)
+    decoded = squad_decoding.decode(
+        logits[0], logits[1], spans, context, np.zeros(len(rows), np.int64),
+        [features.state["context"]], ["q"],
+        cls_index=np.asarray([r["cls_index"] for r in rows]),
+        n_best=span.Evaluator.CONFIG["n_best"],
+        max_answer_length=span.Evaluator.CONFIG["max_answer_length"],
+        version_2=version_2, null_threshold=threshold)
+    best = (decoded.nbest.get("q") or [None])[0]
+    out = {"answer": "", "start": None, "end": None, "score": 0.0}
+    if best is not None and decoded.predictions.get("q", "") != "":
+      out = {"answer": best.text, "start": best.start_char,
+             "end": best.end_char, "score": best.probability}
+    if version_2:
+      out["null_odds"] = float(decoded.null_odds.get("q", np.inf))
+    return out

@@ -24,6 +24,7 @@ class Task(common.Task):
   HEAD = heads.SequenceClassification
   EVALUATOR = "sequence"
   PACKING = True
+  EXPLAINABLE = True
 
   def __init__(self, config, tokenizer=None):
     super().__init__(config, tokenizer)
@@ -76,3 +77,16 @@ class Task(common.Task):
   def distributions(self, logits, batch):
     """One distribution per example [B, C] (a regression output: C = 1)."""
     return [(logits, batch["weights"])]
+
+  def serve_result(self, outputs, features, label_names):
+    """{"label", "label_id", "probabilities"}; regression: {"score"}."""
+    del features
+    logits = np.asarray(outputs[0], np.float64)  # [num_labels], one row
+    if self.regression:
+      return {"score": float(logits[0])}
+    probabilities = common.softmax(logits)
+    names = [str(n) for n in label_names] or [
+        str(i) for i in range(len(logits))]
+    best = int(np.argmax(logits))  # `predict`'s choice
+    return {"label": names[best], "label_id": best,
+            "probabilities": dict(zip(names, probabilities.tolist()))}

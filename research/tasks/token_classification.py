@@ -25,6 +25,10 @@ them as predicted "O".
 Loss: cross-entropy per labelled token. Predictions: a class per token,
 turned into one tag per word (its first sub-token's) by the `tagging`
 evaluator, which scores entities as conlleval does and writes CoNLL files.
+
+Served (`research.serve`): a raw text, split into words by the tokenizer's
+pre-tokenizer, or pre-split words; the answer gives each word's tag and the
+entities (conlleval's chunks) with their character offsets in the text.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from research.data.sources import label_str
 from research.data.splits import Field, TokenizedSplit, select, text_fields
 from research.tasks import common
 from research.models import heads
+from research.tasks.common import ServeField, ServeFeatures, ServeInputError
 
 IGNORE = -100
 SCHEMES = ("auto", "iob2", "none")
@@ -199,3 +204,71 @@ class Task(common.Task):
   def distributions(self, logits, batch):
     """One distribution per real token [B, L, C]."""
     return [(logits, batch["weights"][:, None] * batch["attention_mask"])]
+
+  # --- Serving -------------------------------------------------------------------
+
+  def serve_fields(self):
+    return {
+        "text": ServeField(str, "The text to tag, split into words as the "
+                           "tokenizer does (whitespace and punctuation); or "
+                           "give `words`.", required=False, one_of="input"),
+        "words": ServeField(list[str], "Pre-split words, as in the training "
+                            "data (instead of `text`).", required=False,
+                            one_of="input")}
+
+  def serve_features(self, items, max_length):
+    """Words (with character spans) -> sub-tokens and each one's word."""
+    sentences, states = [], []
+    for i, item in enumerate(items):
+      text, given = item.get("text"), item.get("words")
+      if (text is None) == (given is None):
+        raise ServeInputError(f"inputs[{i}]: give exactly one of text and "
+                              "words")
+      if given is not None:
+        blank = [j for j, w in enumerate(given) if not w.strip()]
+        if not given or blank:
+          raise ServeInputError(f"inputs[{i}].words: give one or more "
+                                "words, none of them empty" + (
+                                    f" (words[{blank[0]}] is)" if blank
+                                    else ""))
+        text = " ".join(given)
+        starts = np.cumsum([0] + [len(w) + 1 for w in given[:-1]])
+        spans = [(w, int(a), int(a) + len(w)) for w, a in zip(given, starts)]
+      else:
+        spans = tokenize.words(self.tokenizer, text)
+        if not spans:
+          raise ServeInputError(f"inputs[{i}].text has no words")
+      sentences.append([w for w, _, _ in spans])
+      states.append({"text": text, "spans": [(a, b) for _, a, b in spans]})
+    out = []
+    for (ids, word_ids), words, state in zip(conll.tokenize_words(
+        self.tokenizer, sentences, max_length=max_length), sentences, states):
+      out.append(ServeFeatures(
+          [{"input_ids": ids, "token_type_ids": [0] * len(ids),
+            "word_ids": word_ids}],
+          truncated=max(word_ids) + 1 < len(words), state=state))
+    return out
+
+  def serve_result(self, outputs, features, label_names):
+    """{"words": [{word, start, end, tag, score}], "entities": [{type, text,
+    start, end, score}]}; a word cut off by max_length is "O" (score 0)."""
+    row = features.rows[0]
+    probabilities = common.softmax(outputs[0][:len(row["input_ids"])])
+    spans, text = features.state["spans"], features.state["text"]
+    ids = conll.word_predictions(row["word_ids"],
+                                 probabilities.argmax(-1).tolist(), len(spans))
+    scores = conll.word_predictions(row["word_ids"],
+                                    probabilities.max(-1).tolist(), len(spans),
+                                    fill=0.0)
+    tags = ["O" if i is None else str(label_names[i]) for i in ids]
+    words = [{"word": text[a:b], "start": a, "end": b, "tag": t, "score": p}
+             for (a, b), t, p in zip(spans, tags, scores)]
+    entities = []
+    if self.options["scheme"] != "none":  # IOB tags make chunks
+      from research.metrics import ner  # pylint: disable=import-outside-toplevel
+      for kind, first, last in ner.entities(tags):
+        start, end = spans[first][0], spans[last][1]
+        entities.append({"type": kind, "text": text[start:end],
+                         "start": start, "end": end,
+                         "score": float(np.mean(scores[first:last + 1]))})
+    return {"words": words, "entities": entities}
