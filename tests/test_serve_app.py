@@ -206,7 +206,7 @@ BAD = [
     ("token_classification", {"inputs": [{}]}, 422,
      "give exactly one of text and words"),
     ("masked_lm", {"inputs": [{"text": "no mask here"}]}, 422,
-     "has no [MASK] token"),
+     "String should match pattern '\\\\[MASK\\\\]'"),
     ("masked_lm", {"inputs": [{"text": "a [MASK]", "top_k": 0}]}, 422,
      "greater than or equal to 1"),
     ("masked_lm", {"inputs": [{"text": "a [MASK]", "top_k": "3"}]}, 422,

@@ -93,6 +93,8 @@ def input_model(fields, name="Input"):
   for key, f in fields.items():
     kind = annotations.get(f.type, f.type)
     extra = {"ge": f.minimum, "le": f.maximum} if f.type is int else {}
+    if f.pattern:
+      extra["pattern"] = f.pattern
     if f.one_of:
       groups.setdefault(f.one_of, []).append(key)
     if f.required:

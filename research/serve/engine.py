@@ -78,6 +78,32 @@ class Batching:
   call_cost: int = 16
 
 
+class SerializedTokenizer:
+  """A tokenizer whose calls run one at a time.
+
+  A transformers fast tokenizer's call sets truncation on the shared Rust
+  tokenizer and then encodes, so two threads calling with different
+  settings (truncated, and again untruncated to see what was cut) can
+  encode with each other's: a request's row came back longer than
+  max_length under concurrent load. Everything else is forwarded.
+  """
+
+  def __init__(self, tokenizer):
+    inner = getattr(tokenizer, "serialized_inner", tokenizer)
+    self.__dict__.update(serialized_inner=inner,
+                         serialized_lock=threading.Lock())
+
+  def __call__(self, *args, **kwargs):
+    with self.serialized_lock:
+      return self.serialized_inner(*args, **kwargs)
+
+  def __getattr__(self, name):  # only for what __dict__ lacks
+    return getattr(self.serialized_inner, name)
+
+  def __len__(self):
+    return len(self.serialized_inner)
+
+
 class Engine:
   """A servable model; see the module docstring.
 
@@ -99,6 +125,7 @@ class Engine:
                buckets=(), model=None, limits=None, batching_options=None,
                summary=None, explain_methods=None):
     self.task = task
+    task.tokenizer = SerializedTokenizer(task.tokenizer)
     self.tokenizer = task.tokenizer
     self.backend = backend
     self.label_names = tuple(str(n) for n in label_names or ())

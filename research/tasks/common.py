@@ -68,6 +68,8 @@ class ServeField:
     minimum, maximum: bounds of an int.
     one_of: a name shared by alternative fields: exactly one of them must
       be given (token classification's text or words).
+    pattern: a regular expression a string must contain a match of (in the
+      schema, so clients and fuzzers see it: masked LM's mask token).
   """
   type: Any
   description: str
@@ -76,6 +78,7 @@ class ServeField:
   minimum: int | None = None
   maximum: int | None = None
   one_of: str | None = None
+  pattern: str | None = None
 
 
 @dataclasses.dataclass

@@ -51,6 +51,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import tempfile
 
 import jax.numpy as jnp
@@ -348,7 +349,7 @@ class Task(common.Task):
     mask = getattr(self.tokenizer, "mask_token", None) or "[MASK]"
     return {**super().serve_fields(),
             "text": ServeField(str, f"A text with one or more {mask} tokens "
-                               "to fill."),
+                               "to fill.", pattern=re.escape(mask)),
             "top_k": ServeField(int, "Candidates per mask.", required=False,
                                 default=5, minimum=1, maximum=50)}
 
