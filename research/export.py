@@ -41,7 +41,7 @@ def export_run(workdir: str, out_dir: str, which: str = "best",
   Returns:
     The output directory.
   """
-  from research.peft import hf_peft, layers  # pylint: disable=import-outside-toplevel
+  from research.peft import hf_peft  # pylint: disable=import-outside-toplevel
   restored = train.restore(workdir, which)
   model = restored.model
   structural = {n for n in ("adapters", "prefix_tuning")
@@ -64,7 +64,7 @@ def export_run(workdir: str, out_dir: str, which: str = "best",
     print(f"exported the {name} adapters of step {restored.step} "
           f"({restored.which}) to {out_dir}")
     return out_dir
-  layers.merge(model)  # LoRA / AdaLoRA: B A folded into the kernels
+  merge_layers(model)
   label_names = data.load_label_names(os.path.join(workdir, "labels.json"))
   base = hf.resolve(restored.config.model.name)
   hf.export(model, out_dir, restored.task.HEAD, tokenizer_dir=base,
@@ -76,6 +76,20 @@ def export_run(workdir: str, out_dir: str, which: str = "best",
       print(f"kept the base checkpoint's pooler ({', '.join(copied)})")
   print(f"exported step {restored.step} ({restored.which}) to {out_dir}")
   return out_dir
+
+
+def merge_layers(model):
+  """Folds into its kernel what a layer computes with besides it, in place.
+
+  Every layer with a `merge()` method: LoRA / AdaLoRA (B A added to the
+  kernel), a pruning mask (`research.methods.pruning.layers.PrunedDense`:
+  the kernel masked).
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  for _, module in nnx.iter_modules(model):
+    if callable(getattr(module, "merge", None)):
+      module.merge()
+  return model
 
 
 def keep_base_pooler(out_dir, base_dir) -> list[str]:
