@@ -12,7 +12,7 @@ version tested. `.ci/check_resolution.sh` shows what pip resolves for Python
   4.9.10, tensorflow-cpu 2.21.0, datasets 5.2.0, torch 2.13.0,
   accelerate 1.15.0, scipy 1.17.1, uv 0.13.9 (SkyPilot 0.14.1 in its
   own environment), seqeval 1.2.2, grain 0.2.18, array-record 0.8.6,
-  dp-accounting 0.6.0, jax-privacy 2.0.0, peft 0.21.2.
+  dp-accounting 0.6.0, jax-privacy 2.0.0, peft 0.21.2, qwix 0.1.8.
 - GPU (NVIDIA H200, Python 3.12): jax/jaxlib 0.11.2 (CUDA 13 plugin),
   flax 0.12.10, optax 0.2.8, orbax-checkpoint 0.12.4, transformers 5.17.0:
   the benchmark (research.bench), not the test suite.
@@ -84,10 +84,14 @@ EXTRAS = {
     # Hugging Face PEFT adapter directories (research/peft/hf_peft.py needs
     # only safetensors; tests/test_peft.py loads them with the live peft).
     "peft": ["peft>=0.21,<0.22"],
+    # int8 quantisation (research/methods/quantization, methods/qat.py,
+    # research.compress): google's qwix, young (0.1.x, its quantised state
+    # layout changes between releases): pinned to the tested release.
+    "quantization": ["qwix==0.1.8"],
 }
 EXTRAS["test"] = sorted(set(
     EXTRAS["tfds"] + EXTRAS["hf"] + EXTRAS["notebooks"] + EXTRAS["ner"]
-    + EXTRAS["privacy"] + EXTRAS["peft"]
+    + EXTRAS["privacy"] + EXTRAS["peft"] + EXTRAS["quantization"]
     + ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scikit-learn>=1.4,<2",
        "scipy>=1.11,<2",  # reference metrics in tests/test_metrics.py
        "accelerate>=1.1,<2",

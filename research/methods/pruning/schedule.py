@@ -27,7 +27,7 @@ wrapper, on the schedule's steps, recomputes each layer's mask as the
 The masks are parameters and the step count is in this wrapper's state, so
 both are checkpointed with the run: a resumed run prunes exactly as an
 uninterrupted one. Ties are broken by position (a stable sort), so every
-layer keeps exactly `size - round(s_t * size)` weights.
+layer keeps exactly `size - round(s_t * size)` weights (`keep_top`).
 """
 
 from __future__ import annotations
@@ -76,13 +76,36 @@ def _named(tree) -> dict:
   return {_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _order_key(x: jax.Array) -> jax.Array:
+  """int32 keys in the order of the float32 values (IEEE bits, negatives
+  flipped)."""
+  x = jnp.where(x == 0, 0.0, x.astype(jnp.float32))  # -0.0 ties with 0.0
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
 def keep_top(scores: jax.Array, keep: jax.Array) -> jax.Array:
-  """0/1 mask of the `keep` largest scores (a traced count); ties by position."""
-  flat = scores.reshape(-1)
-  order = jnp.argsort(-flat, stable=True)
-  rank = jnp.zeros(flat.shape, jnp.int32).at[order].set(
-      jnp.arange(flat.size, dtype=jnp.int32))
-  return (rank < keep).astype(scores.dtype).reshape(scores.shape)
+  """0/1 mask of the `keep` largest scores (a traced count); ties by position.
+
+  The keep-th largest value is found by bisection on the values' int32 keys
+  (32 counting passes), not by sorting: on XLA:CPU sorting MiniLM's 10.6M
+  weights took 8 s, these passes 1 s.
+  """
+  key = _order_key(scores.reshape(-1))
+
+  def step(_, bounds):  # the largest t with count(key >= t) >= keep
+    lo, hi = bounds
+    mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)  # ceil((lo + hi) / 2)
+    ok = jnp.sum(key >= mid, dtype=jnp.int32) >= keep
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+  bounds = (jnp.int32(jnp.iinfo(jnp.int32).min), jnp.int32(jnp.iinfo(jnp.int32).max))
+  threshold, _ = jax.lax.fori_loop(0, 32, step, bounds)
+  above = key > threshold
+  tied = key == threshold
+  room = keep - jnp.sum(above, dtype=jnp.int32)
+  kept = above | (tied & (jnp.cumsum(tied, dtype=jnp.int32) <= room))
+  return kept.astype(scores.dtype).reshape(scores.shape)
 
 
 class PruningState(NamedTuple):
