@@ -242,6 +242,8 @@ def main():
                       help="Comma-separated row names (default: all).")
   parser.add_argument("--train", action="store_true",
                       help="First train the missing runs, one at a time.")
+  parser.add_argument("--no_table", action="store_true",
+                      help="With --train: only train.")
   parser.add_argument("--nice", type=int, default=15)
   parser.add_argument("--rounds", type=int, default=10,
                       help="Timed forward passes per row at batch 32 (x5 at 1).")
@@ -257,7 +259,8 @@ def main():
   for data in datasets:
     if args.train:
       train_missing(args.runs, [data], seeds, rows, args.nice)
-    out[data] = table(args.runs, data, seeds, rows, args.rounds)
+    if not args.no_table:
+      out[data] = table(args.runs, data, seeds, rows, args.rounds)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(out, f, indent=2)
