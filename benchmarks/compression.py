@@ -69,10 +69,12 @@ def finished(workdir) -> bool:
 
 
 def train_missing(runs_dir, datasets, seeds, rows, nice):
-  """Runs each missing `research.train` run, one at a time."""
+  """Runs each missing `research.train` run, one at a time, seed by seed
+  (every row of seed 0 first), at niceness `nice` (counting this process's)."""
+  nice = max(0, nice - os.nice(0))
   for data in datasets:
-    for run in dict.fromkeys(ROWS[r][0] for r in rows):
-      for seed in seeds:
+    for seed in seeds:
+      for run in dict.fromkeys(ROWS[r][0] for r in rows):
         workdir = os.path.join(runs_dir, data, run, str(seed))
         if finished(workdir):
           continue
