@@ -23,9 +23,12 @@ Columns: the dev metric (mean ± std over seeds, the run's own evaluators),
 non-zero parameters, size on disk of the model's state as safetensors (MB,
 10^6 bytes), CPU latency p50 of one forward pass at batch 1 and 32 (dev
 sentences padded to the recipe's max length; jitted, compiled first) of the
-first seed's model, examples/s at batch 32, and the speed-up against fp32.
-Latencies alternate between the rows in every round, so that a busy host
-slows them alike. Per-run scores are cached in `<run>/compression/`.
+first seed's model, examples/s at batch 32, and the speed-up against fp32;
+then the CPU time of a batch-32 pass (all of XLA's threads) and the speed-up
+by it, the measure that a host shared with other jobs disturbs least (the
+wall time includes waiting for a core). Latencies alternate between the rows
+in every round, so that a busy host slows them alike; the load average is
+printed with the table. Per-run scores are cached in `<run>/compression/`.
 """
 
 import argparse
@@ -132,20 +135,28 @@ def latency_fns(compressed, batch_sizes):
 
 
 def time_rows(fns, rounds, batch_sizes):
-  """{row: {batch: p50 seconds}}, the rows alternating in every round."""
+  """{row: {batch: p50 wall seconds}}, {row: {batch: p50 CPU seconds}}.
+
+  The rows alternate in every round. CPU time (`time.process_time`, all of
+  XLA's threads) is the work of a pass: on a host shared with other jobs it
+  moves far less than the wall time, which includes waiting for a core.
+  """
   import jax  # pylint: disable=import-outside-toplevel
-  times = {row: {b: [] for b in batch_sizes} for row in fns}
+  wall = {row: {b: [] for b in batch_sizes} for row in fns}
+  cpu = {row: {b: [] for b in batch_sizes} for row in fns}
   for b in batch_sizes:
     # Batch 1 is ~30x quicker than 32: more rounds for the same time.
     n = rounds * (5 if b == 1 else 1)
     for _ in range(n):
       for row, by_batch in fns.items():
         fn, args = by_batch[b]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn(*args))
-        times[row][b].append(time.perf_counter() - t)
-  return {row: {b: float(np.median(v)) for b, v in t.items()}
-          for row, t in times.items()}
+        wall[row][b].append(time.perf_counter() - t)
+        cpu[row][b].append(time.process_time() - c)
+  p50 = lambda d: {row: {b: float(np.median(v)) for b, v in t.items()}  # pylint: disable=unnecessary-lambda-assignment
+                   for row, t in d.items()}
+  return p50(wall), p50(cpu)
 
 
 def mean_std(values):
@@ -195,17 +206,19 @@ def table(runs_dir, data, seeds, rows, rounds):
             f"{json.dumps(result['metrics'])}", flush=True)
     results[row] = per_seed
   fns = {row: latency_fns(c, (1, 32)) for row, c in timed.items()}
-  latency = time_rows(fns, rounds, (1, 32)) if fns else {}
+  latency, cpu = time_rows(fns, rounds, (1, 32)) if fns else ({}, {})
+  load = os.getloadavg()[0]
   first = os.path.join(runs_dir, data, "plain", str(seeds[0]))
   lines = [f"### {data}", "",
            f"| model | dev {metric_key.split('/')[-1] if metric_key else ''} "
            "(mean ± std) | seeds | parameters (non-zero) | MB | p50 ms, batch 1 "
-           "| p50 ms, batch 32 | examples/s (32) | speed-up (1 / 32) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| p50 ms, batch 32 | examples/s (32) | speed-up (1 / 32) "
+           "| CPU ms, batch 32 | speed-up, CPU time (32) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   if finished(first):
     lines.append(f"| majority class | {majority(first):.3f} (accuracy) "
-                 "| | | | | | | |")
-  base = latency.get("fp32")
+                 "| | | | | | | | | |")
+  base, base_cpu = latency.get("fp32"), cpu.get("fp32")
   summary = {}
   for row in rows:
     per_seed = results[row]
@@ -220,16 +233,20 @@ def table(runs_dir, data, seeds, rows, rounds):
                 f"{32 / lat[32]:.1f}"]
       cells.append(f"{base[1] / lat[1]:.2f}x / {base[32] / lat[32]:.2f}x"
                    if base else "")
+      cells.append(f"{1e3 * cpu[row][32]:.1f}")
+      cells.append(f"{base_cpu[32] / cpu[row][32]:.2f}x" if base_cpu else "")
     else:
-      cells += ["", "", "", ""]
+      cells += [""] * 6
     lines.append("| " + " | ".join(cells) + " |")
     summary[row] = {"values": values, "seeds": [s for s, _ in per_seed],
                     "parameters_nonzero": params, "mb": size,
-                    "latency_s": lat,
+                    "latency_s": lat, "cpu_s": cpu.get(row),
+                    "load_average": load,
                     "sparsity": (per_seed[0][1].get("sparsity") if per_seed
                                  else None),
                     "pruned_heads": (per_seed[0][1].get("pruned_heads")
                                      if per_seed else None)}
+  lines.append(f"\n(1-minute load average after timing: {load:.1f})")
   print("\n".join(lines), flush=True)
   return summary
 
