@@ -13,7 +13,7 @@ version tested. `.ci/check_resolution.sh` shows what pip resolves for Python
   accelerate 1.15.0, scipy 1.17.1, uv 0.13.9 (SkyPilot 0.14.1 in its
   own environment), seqeval 1.2.2, grain 0.2.18, array-record 0.8.6,
   dp-accounting 0.6.0, jax-privacy 2.0.0, peft 0.21.2,
-  sentence-transformers 6.3.0.
+  sentence-transformers 6.3.0, qwix 0.1.8.
 - GPU (NVIDIA H200, Python 3.12): jax/jaxlib 0.11.2 (CUDA 13 plugin),
   flax 0.12.10, optax 0.2.8, orbax-checkpoint 0.12.4, transformers 5.17.0:
   the benchmark (research.bench), not the test suite.
@@ -105,11 +105,15 @@ EXTRAS = {
               "onnx>=1.20,<2", "onnxruntime>=1.24,<2", "jax2onnx==0.17.1",
               "shap>=0.46,<0.52", "lime==0.2.0.1", "ray[serve]>=2.60,<3",
               "schemathesis>=4.0,<5"],
+    # int8 quantisation (research/methods/quantization, methods/qat.py,
+    # research.compress): google's qwix, young (0.1.x, its quantised state
+    # layout changes between releases): pinned to the tested release.
+    "quantization": ["qwix==0.1.8"],
 }
 EXTRAS["test"] = sorted(set(
     EXTRAS["tfds"] + EXTRAS["hf"] + EXTRAS["notebooks"] + EXTRAS["ner"]
     + EXTRAS["privacy"] + EXTRAS["peft"] + EXTRAS["sentence-transformers"]
-    + EXTRAS["serve"]
+    + EXTRAS["serve"] + EXTRAS["quantization"]
     + ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scikit-learn>=1.4,<2",
        "scipy>=1.11,<2",  # reference metrics in tests/test_metrics.py
        "accelerate>=1.1,<2",

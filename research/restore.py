@@ -87,6 +87,18 @@ class Restored:
     """The whole model: trained parameters merged with the frozen ones."""
     return partition.merge(self.graphdef, self.params, self.frozen)
 
+  def with_model(self, model) -> "Restored":
+    """This run with `model` in place of its own: another model of the
+    task's head (`research.compress`'s head-pruned or int8 one). All its
+    weights count as trained; the methods' state is kept."""
+    graphdef, params, frozen, rest = partition.split_model(model)
+    frozen = partition.Frozen(frozen, rest, self.frozen.methods)
+    context = dataclasses.replace(self.context, graphdef=graphdef,
+                                  params=params, frozen=frozen)
+    params, frozen, make_step = _placed(context, params, frozen)
+    return dataclasses.replace(self, context=context, params=params,
+                               frozen=frozen, make_step=make_step)
+
   def make_evaluator(self, split, batch_size, buckets=(), name=None,
                      cls=sequence.Evaluator, **options):
     """An evaluator of `cls` over `split` with the run's evaluation step."""
@@ -144,14 +156,21 @@ def restore_run(workdir: str, which: str = "best", tokenizer=None,
     best = which == "best" and checkpointer.best_step() is not None
     step, state, _ = checkpointer.restore(
         {"params": abstract_like(params)}, best=best, partial=True)
-  rules = parallel.logical_axis_rules
-  params_sharding, frozen_sharding = (
-      parallelism.state_shardings(x, mesh, rules)
-      for x in (state["params"], frozen))
-  params = jax.device_put(state["params"], params_sharding)
-  frozen = jax.device_put(frozen, frozen_sharding)
-  make_step = train.eval_step_factory(
-      task, graphdef, seed=steps.root_key(config), mesh=mesh,
-      params_sharding=params_sharding, frozen_sharding=frozen_sharding)
+  params, frozen, make_step = _placed(context, state["params"], frozen)
   return Restored(workdir, config, context, methods, params, frozen, step,
                   "best" if best else "latest", make_step)
+
+
+def _placed(context, params, frozen):
+  """(params, frozen) on the context's mesh, and their evaluation step."""
+  rules = context.config.parallelism.logical_axis_rules
+  params_sharding, frozen_sharding = (
+      parallelism.state_shardings(x, context.mesh, rules)
+      for x in (params, frozen))
+  params = jax.device_put(params, params_sharding)
+  frozen = jax.device_put(frozen, frozen_sharding)
+  make_step = train.eval_step_factory(
+      context.task, context.graphdef, seed=steps.root_key(context.config),
+      mesh=context.mesh, params_sharding=params_sharding,
+      frozen_sharding=frozen_sharding)
+  return params, frozen, make_step

@@ -20,6 +20,8 @@ Hooks for methods that change the network without forking it:
 - `prefix_kv`: per-layer keys and values prepended in attention (prefix
   tuning); a module set as `BertModel.prefix_encoder` (called with `rngs`)
   supplies them when the call gives none.
+- `prune_heads({layer: heads})`: attention heads removed, their matmul
+  slices cut (structured pruning; config.json's `pruned_heads`).
 - `sow_attention=True`: each `SelfAttention` sows its probabilities as
   `nnx.Intermediate` `attention_probs`; read them with `nnx.capture` and
   `stack_attention` (the fused kernel, the default, has no probabilities).
@@ -295,6 +297,48 @@ class SelfAttention(nnx.Module):
     self.output = dense(heads, cfg.hidden_size, axis=(-2, -1),
                         kernel_axes=("heads", "kv", "embed"),
                         name="attention.output")
+    # Original indices of the heads `prune_heads` removed.
+    self.pruned_heads: tuple[int, ...] = ()
+
+  def prune_heads(self, heads) -> None:
+    """Removes heads (original indices) from Q, K, V and the output projection.
+
+    The kernels lose those heads' slices, so every matmul of the layer
+    shrinks (Michel et al. 2019; Hugging Face's `prune_heads`). Heads pruned
+    before are skipped. Only plain dense layers (`kernel` and `bias`) can be
+    cut: a layer with weights of its own (LoRA, a pruning mask) raises.
+
+    Raises:
+      ValueError: a head index out of range, or every head of the layer.
+    """
+    n = self.cfg.num_attention_heads
+    heads = set(int(h) for h in heads)
+    if any(not 0 <= h < n for h in heads):
+      raise ValueError(f"head indices {sorted(heads)}: valid are 0..{n - 1}")
+    remaining = [h for h in range(n) if h not in self.pruned_heads]
+    keep = [i for i, h in enumerate(remaining) if h not in heads]
+    if not keep:
+      raise ValueError(f"pruning heads {sorted(heads)} would remove all {n} "
+                       "heads of the layer; keep at least one")
+    if len(keep) == len(remaining):
+      return
+    keep = jnp.asarray(keep)
+    for name in ("query", "key", "value", "output"):
+      layer = getattr(self, name)
+      params = set(dict(nnx.to_flat_state(nnx.state(layer, nnx.Param))))
+      if params != {("kernel",), ("bias",)}:
+        raise ValueError(
+            f"attention.{name} is a {type(layer).__name__} with weights "
+            f"{sorted('/'.join(map(str, p)) for p in params)}: only plain "
+            "dense layers (kernel, bias) can lose heads")
+      if name == "output":  # kernel [heads, kv, embed]; in_features (heads, kv)
+        layer.kernel.set_value(layer.kernel[...][keep])
+        layer.in_features = (len(keep),) + tuple(layer.in_features[1:])
+      else:  # kernel [embed, heads, kv]; bias and out_features (heads, kv)
+        layer.kernel.set_value(layer.kernel[...][:, keep])
+        layer.bias.set_value(layer.bias[...][keep])
+        layer.out_features = (len(keep),) + tuple(layer.out_features[1:])
+    self.pruned_heads = tuple(sorted(set(self.pruned_heads) | heads))
 
   def __call__(self, x, mask, *, prefix=None, sow_attention=False, rngs=None):
     """Attends over `prefix` keys/values (when given) and the tokens.
@@ -497,6 +541,25 @@ class BertModel(nnx.Module):
       m.update(hf_linear_keys(f"{hf}output.dense", ours + ("output",)))
       m.update(hf_layer_norm_keys(f"{hf}output.LayerNorm", ours + ("output_layer_norm",)))
     return m
+
+  def prune_heads(self, heads: dict) -> None:
+    """Removes attention heads: `{layer: [head, ...]}`, original indices.
+
+    As Hugging Face's `PreTrainedModel.prune_heads`; see
+    `SelfAttention.prune_heads`. `research.models.hf` writes them to (and
+    reads them from) config.json's `pruned_heads`.
+    """
+    for layer, layer_heads in heads.items():
+      if not 0 <= int(layer) < len(self.layers):
+        raise ValueError(f"pruned heads of layer {layer}: the model has "
+                         f"layers 0..{len(self.layers) - 1}")
+      self.layers[int(layer)].attention.prune_heads(layer_heads)
+
+  @property
+  def pruned_heads(self) -> dict[int, tuple[int, ...]]:
+    """`{layer: removed heads}` of the layers that lost heads."""
+    return {i: layer.attention.pruned_heads
+            for i, layer in enumerate(self.layers) if layer.attention.pruned_heads}
 
   def position_ids(self, attention_mask, segment_ids=None):
     """Absolute positions; RoBERTa counts only real tokens, from pad_id + 1.

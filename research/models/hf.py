@@ -5,7 +5,10 @@ reads `config.json` and the weights (safetensors, sharded safetensors, or
 `pytorch_model.bin` with `weights_only=True`), maps Hugging Face names onto the
 NNX model and reports what was missing, unused or newly initialised.
 `export(model, out_dir, ...)` writes a directory that `transformers`'
-`BertFor*.from_pretrained` loads with no missing keys.
+`BertFor*.from_pretrained` loads with no missing keys. A head-pruned model
+(`BertModel.prune_heads`) is written at full size with its removed heads as
+zeros and config.json's `pruned_heads` (`read_pruned_heads` says why), and
+loads back pruned.
 """
 
 from __future__ import annotations
@@ -119,6 +122,33 @@ def read_config(model_dir: pathlib.Path) -> BertConfig:
     return BertConfig.from_dict(raw)
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"{path}: {e}") from None
+
+
+def read_pruned_heads(model_dir, cfg: BertConfig) -> dict[int, list[int]]:
+  """config.json's `pruned_heads` (`{"layer": [heads]}`), checked; {} if none.
+
+  Hugging Face transformers v4 read this key and cut the heads on load;
+  v5 dropped head pruning (no `pruned_heads`, no `prune_heads`) and ignores
+  it. `export` writes pruned heads as zeros, which every version computes
+  exactly (a head with zero query, key, value and output weights adds
+  nothing), and this key so that `load_pretrained` cuts them again.
+  """
+  path = pathlib.Path(model_dir) / "config.json"
+  raw = json.loads(path.read_text()).get("pruned_heads") or {}
+  try:
+    out = {int(k): sorted(int(h) for h in v) for k, v in raw.items() if v}
+  except (TypeError, ValueError, AttributeError):
+    raise CheckpointError(f"{path}: key 'pruned_heads' must map layer indices "
+                          f"to lists of head indices; got {raw!r}") from None
+  for layer, heads in out.items():
+    if not (0 <= layer < cfg.num_hidden_layers and heads
+            and 0 <= heads[0] and heads[-1] < cfg.num_attention_heads
+            and len(heads) < cfg.num_attention_heads):
+      raise CheckpointError(
+          f"{path}: pruned_heads[{layer}]={heads}: layers are 0.."
+          f"{cfg.num_hidden_layers - 1}, heads 0..{cfg.num_attention_heads - 1}"
+          ", and a layer keeps at least one head")
+  return out
 
 
 def read_weights(model_dir: pathlib.Path) -> tuple[dict[str, np.ndarray], pathlib.Path]:
@@ -312,6 +342,9 @@ def load_pretrained(name: str, task=heads.SequenceClassification,
                        dense_factory=dense_factory, pooling=pooling, seed=seed)
   report = assign(model, tensors, key_map(task, cfg, _detect_prefix(tensors, cfg)),
                   cfg, source, ignored=getattr(type(model), "hf_ignored", ()))
+  pruned = read_pruned_heads(model_dir, cfg)
+  if pruned:  # the file holds them as zeros: cut them now (smaller matmuls)
+    model.bert.prune_heads(pruned)
   encoder_missing = [k for k in report.missing if k.startswith("bert.")
                      and not k.startswith("bert.pooler")]
   if strict and encoder_missing:
@@ -356,6 +389,30 @@ def assign(model: nnx.Module, tensors: dict[str, np.ndarray], names: dict,
 
 # --- Export -------------------------------------------------------------------
 
+
+def _zero_filled_heads(flat, pruned: dict, cfg: BertConfig) -> dict:
+  """The attention weights of head-pruned layers at full size, zeros for
+  the removed heads (`read_pruned_heads` says why)."""
+  out = {}
+  n = cfg.num_attention_heads
+  for layer, removed in pruned.items():
+    kept = np.array([h for h in range(n) if h not in removed])
+    base = ("bert", "layers", layer, "attention")
+    for name in ("query", "key", "value"):
+      kernel, bias = flat[base + (name, "kernel")], flat[base + (name, "bias")]
+      full = np.zeros((kernel.shape[0], n) + kernel.shape[2:], kernel.dtype)
+      full[:, kept] = kernel
+      out[base + (name, "kernel")] = full
+      full = np.zeros((n,) + bias.shape[1:], bias.dtype)
+      full[kept] = bias
+      out[base + (name, "bias")] = full
+    kernel = flat[base + ("output", "kernel")]
+    full = np.zeros((n,) + kernel.shape[1:], kernel.dtype)
+    full[kept] = kernel
+    out[base + ("output", "kernel")] = full
+  return out
+
+
 def export(model: nnx.Module, out_dir, task=None, *,
            tokenizer_dir=None, label_names=None) -> pathlib.Path:
   """Writes `config.json`, `model.safetensors` and tokenizer files.
@@ -376,17 +433,21 @@ def export(model: nnx.Module, out_dir, task=None, *,
   head = type(model) if task is None else head_class(task)
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  flat = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  flat = {p: np.asarray(v[...], np.float32)
+          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  pruned = getattr(getattr(model, "bert", None), "pruned_heads", {})
+  flat.update(_zero_filled_heads(flat, pruned, cfg))
   tensors = {}
   for hf_key, (path, kind) in key_map(head, cfg).items():
     if path in flat:
-      tensors[hf_key] = np.ascontiguousarray(
-          _to_hf(kind, np.asarray(flat[path][...], np.float32)))
+      tensors[hf_key] = np.ascontiguousarray(_to_hf(kind, flat[path]))
   safetensors.numpy.save_file(tensors, str(out / "model.safetensors"),
                               metadata={"format": "pt"})
   hf_config = {k: v for k, v in dataclasses.asdict(cfg).items()}
   prefix = "Roberta" if cfg.model_type == "roberta" else "Bert"
   hf_config["architectures"] = [prefix + head.hf_architecture]
+  if pruned:
+    hf_config["pruned_heads"] = {str(k): list(v) for k, v in pruned.items()}
   if head.hf_labels:
     labels = list(label_names or [f"LABEL_{i}" for i in range(model.num_labels)])
     hf_config["id2label"] = {str(i): str(n) for i, n in enumerate(labels)}
