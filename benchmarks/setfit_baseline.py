@@ -53,7 +53,7 @@ def run_split(model_dir, train_path, test_path, seed, args):
   test_texts, test_labels = read(test_path, fields, args.label_field)
   names = sorted(set(train_labels))
   to_id = {n: i for i, n in enumerate(names)}
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   model = setfit.SetFitModel.from_pretrained(model_dir)
   with tempfile.TemporaryDirectory() as out:
     training = setfit.TrainingArguments(
@@ -73,7 +73,8 @@ def run_split(model_dir, train_path, test_path, seed, args):
   return {"seed": seed, "train_file": train_path,
           "test": {"test/accuracy": float((predictions == gold).mean())},
           "train_s": trained - start, "test_s": done - trained,
-          "wall_s": done - start, "date": time.strftime("%Y-%m-%d")}
+          "wall_s": done - start, "cpu_s": time.process_time() - cpu,
+          "date": time.strftime("%Y-%m-%d")}
 
 
 def main():
@@ -92,6 +93,8 @@ def main():
   parser.add_argument("--lr", type=float, default=2e-5)
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--label", default="setfit package (PyTorch)")
+  parser.add_argument("--dataset", default="", help="The table's column "
+                      "name (default: the --splits protocol's).")
   args = parser.parse_args()
 
   import torch  # pylint: disable=import-outside-toplevel
@@ -124,9 +127,9 @@ def main():
     with open(path, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=2)
     results.append(result)
-  info = {}
+  info = {"dataset": args.dataset} if args.dataset else {}
   spec = os.path.join(args.splits, f"k{args.k}", table.SUMMARY)
-  if os.path.exists(spec):  # the dataset's name as the protocol gave it
+  if not info and os.path.exists(spec):  # the protocol's name of the data
     with open(spec, encoding="utf-8") as f:
       info["dataset"] = json.load(f).get("dataset")
   _, test_labels = read(tests[0], args.text_fields.split(","),

