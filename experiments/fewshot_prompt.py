@@ -5,6 +5,11 @@ RTE: "<s1> ? [MASK] , <s2>") and the label logits are the masked LM's for
 the label words (great / terrible, yes / no) at the mask
 (research/tasks/prompt.py). The packaged MiniLM has no trained masked-LM
 head: restore one first (experiments/mlm_head.py) and pass it as model=.
+Training as experiments/fewshot_finetune.py: 60 steps of batch 8, AdamW lr
+1e-4 with linear decay, the few-shot dev set every 10 steps, the best
+checkpoint tested. With demonstrations, max_length doubles (room for one
+example per label) and each training input gets 4 features, each with its
+own draw.
 
     python -m research.train --config experiments/mlm_head.py --workdir /tmp/mlm_head
     python -m research.export --workdir /tmp/mlm_head --out /tmp/mlm_head/hf
@@ -35,7 +40,7 @@ def get_config(arg=None):
       arg, {"template": "", "verbalizer": "", "multi_token": "first",
             "demos": "none", "demo_copies": 4, "mlm_loss": 0.0},
       "experiments/fewshot_prompt.py")
-  c = common.base_config(args, lr=1e-4, steps=100, batch=8, eval_every=10)
+  c = common.base_config(args, lr=1e-4, steps=60, batch=8, eval_every=10)
   p = common.preset(args)
   c.task = "prompt"
   c.task_options = {
