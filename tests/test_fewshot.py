@@ -19,7 +19,8 @@ from research import data, tasks, train
 from research.configs import ConfigError, default
 from research.data import sources
 from research.data.errors import DataError
-from research.fewshot import demonstrations, pairs, protocol, sampling, table
+from research.fewshot import (demonstrations, label_search, pairs, protocol,
+                              sampling, table)
 from research.fewshot.templates import (PromptEncoder, Template, Verbalizer,
                                         truncate_longest_first)
 from research.models import BertConfig, create_model, hf
@@ -196,6 +197,30 @@ def test_demonstrations_one_per_label_never_itself():
     top = demonstrations.choose(labels, ["a", "b"], 3, seed=0,
                                 mode="similar", similarity=sim, copy=copy)
     assert set(top[:, 0]) <= {3, 4, 5} and set(top[:, 1]) <= {8, 9}
+
+
+def test_label_search_picks_the_most_accurate_assignment(tokenizer):
+  # 6 examples, 2 classes, a vocabulary of 8 words. Word 0 is likely
+  # everywhere (in both classes' candidates: never chosen), word 7 is not a
+  # whole word; of the rest, 2 and 5 separate the classes best.
+  rng = np.random.default_rng(0)
+  labels = np.asarray([0, 0, 0, 1, 1, 1])
+  logits = rng.normal(size=(6, 8)) * 0.1
+  logits[:, 0] += 5.0
+  logits[:, 7] += 6.0
+  logits[:3, 2] += 2.0
+  logits[3:, 5] += 2.0
+  logits[:2, 3] += 3.0  # likelier than 2 on two class-0 examples only
+  logits[:, 3] -= 0.5
+  allowed = np.ones(8, bool)
+  allowed[7] = False
+  log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  ids, accuracy = label_search.search(log_probs, labels, 2, top=3,
+                                      allowed=allowed)
+  assert list(ids) == [2, 5] and accuracy == 1.0
+  words = label_search.whole_words(tokenizer)
+  assert words[_ids(tokenizer, "great")[0]] and not words[
+      tokenizer.mask_token_id] and not words[_ids(tokenizer, "unwatchable")[1]]
 
 
 # --- K-shot splits and pairs -------------------------------------------------------
