@@ -109,11 +109,18 @@ EXTRAS = {
     # research.compress): google's qwix, young (0.1.x, its quantised state
     # layout changes between releases): pinned to the tested release.
     "quantization": ["qwix==0.1.8"],
+    # Few-shot learning (research/fewshot, tasks prompt and contrastive):
+    # SetFit's logistic-regression head (research/evaluators/embedding_probe.py).
+    "fewshot": ["scikit-learn>=1.4,<2"],
+    # The setfit package as a baseline (benchmarks/setfit_baseline.py, not the
+    # tests): 1.2.0 with sentence-transformers 6.3.0 installs beside
+    # transformers 5.25 and torch 2.13 (CPU) and trains (docs/results/fewshot.md).
+    "setfit": ["setfit>=1.2,<1.3"],
 }
 EXTRAS["test"] = sorted(set(
     EXTRAS["tfds"] + EXTRAS["hf"] + EXTRAS["notebooks"] + EXTRAS["ner"]
     + EXTRAS["privacy"] + EXTRAS["peft"] + EXTRAS["sentence-transformers"]
-    + EXTRAS["serve"] + EXTRAS["quantization"]
+    + EXTRAS["serve"] + EXTRAS["quantization"] + EXTRAS["fewshot"]
     + ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scikit-learn>=1.4,<2",
        "scipy>=1.11,<2",  # reference metrics in tests/test_metrics.py
        "accelerate>=1.1,<2",

@@ -28,7 +28,8 @@ from research.models.bert import (ACTIVATIONS, BertConfig, BertModel, DenseFacto
                                   hf_layer_norm_keys, hf_linear_keys, make_dense)
 
 TASKS = ("sequence_classification", "token_classification",
-         "question_answering", "masked_lm", "pre_training")
+         "question_answering", "masked_lm", "pre_training",
+         "sentence_embedding")
 
 
 class Head(nnx.Module):
@@ -202,16 +203,29 @@ class MaskedLM(Head):
     """Weights of the tied decoder (a matmul per token; `research.bench`)."""
     return self.cfg.vocab_size * self.cfg.hidden_size
 
-  def _mlm_logits(self, x):
+  def mlm_logits(self, x):
+    """Vocabulary logits [..., vocab] from hidden states x [..., hidden]."""
     x = self.transform_layer_norm(self.activation(self.transform(x)))
     logits = self.bert.embeddings.word_embeddings.attend(x)  # tied decoder
     return (logits + self.decoder_bias[...]).astype(jnp.float32)
+
+  def token_logits(self, x, token_ids):
+    """The logits of `token_ids` [U] only, from hidden states x [..., hidden].
+
+    Equal to `mlm_logits(x)[..., token_ids]` without the [.., vocab]
+    product: prompt-based classification reads a few label words at one
+    position (`research/tasks/prompt.py`).
+    """
+    x = self.transform_layer_norm(self.activation(self.transform(x)))
+    rows = self.bert.embeddings.word_embeddings.embedding[...][token_ids]
+    logits = jnp.einsum("...h,uh->...u", x, rows.astype(x.dtype))
+    return (logits + self.decoder_bias[...][token_ids]).astype(jnp.float32)
 
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
                rngs=None, **encoder_kw):
     x, _ = self.bert(input_ids, attention_mask, token_type_ids, rngs=rngs,
                      **encoder_kw)
-    return self._mlm_logits(x)
+    return self.mlm_logits(x)
 
 
 class PreTraining(MaskedLM):
@@ -239,5 +253,39 @@ class PreTraining(MaskedLM):
                rngs=None, **encoder_kw):
     x, pooled = self.bert(input_ids, attention_mask, token_type_ids,
                           rngs=rngs, **encoder_kw)
-    return (self._mlm_logits(x),
+    return (self.mlm_logits(x),
             self.seq_relationship(pooled).astype(jnp.float32))
+
+
+class SentenceEmbedding(Head):
+  """Mean-pooled token states, as sentence-transformers' Pooling module.
+
+  Returns [batch, hidden], or with packed rows (`segment_ids`, and
+  `example_starts` [batch, K] giving K) [batch, K, hidden]: one mean per
+  example of the row (a contrastive pair is a row of two). No weights of its
+  own; exported as a bare `BertModel`, which sentence-transformers loads.
+  """
+  hf_architecture = "Model"
+
+  @classmethod
+  def hf_base_prefix(cls, cfg):
+    return ""  # BertModel files name the encoder's weights unprefixed
+
+  @classmethod
+  def hf_key_map(cls, cfg):
+    return {}
+
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
+               rngs=None, segment_ids=None, example_starts=None,
+               **encoder_kw):
+    x, _ = self.bert(input_ids, attention_mask, token_type_ids, rngs=rngs,
+                     segment_ids=segment_ids, **encoder_kw)
+    x = x.astype(jnp.float32)
+    if segment_ids is None:
+      weights = attention_mask.astype(jnp.float32)[..., None]  # [B, L, 1]
+      return (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+    k = example_starts.shape[1]
+    # [B, L, K]: token l belongs to the row's example k (segment k + 1).
+    member = (segment_ids[..., None] == jnp.arange(1, k + 1)).astype(x.dtype)
+    sums = jnp.einsum("blk,blh->bkh", member, x)
+    return sums / jnp.maximum(member.sum(1), 1.0)[..., None]

@@ -40,6 +40,16 @@ the held-out pairs. `architecture` ("hidden_size=256,num_hidden_layers=4,
 (and the rest of config.json) of `config.model.name`. A checkpoint without
 an MLM head (the packaged MiniLM) gets a new one, reported in the log.
 
+`sparse_prediction=True` runs the head (transform and tied decoder) only
+at the masked positions, as Cramming (Geiping and Goldstein 2023) does:
+the [length, vocab] product of the dense head is most of a small model's
+step (MiniLM at 128 tokens: the decoder's 96 GFLOP against the encoder's
+87 per forward of 32 rows). The positions are gathered into a fixed number
+per batch (mean + 8 standard deviations of the masked count, so that a
+batch with more is practically never met; a masked token beyond it would
+not count), and losses and predictions are scattered back to [B, L], so
+the metrics are the dense head's. Not with `next_sentence`.
+
 Loss: cross-entropy per masked token. Evaluated by the `token` evaluator:
 masked-token `accuracy` and `perplexity` (exp of the mean masked-token loss)
 on each held-out split; with `next_sentence`, by the `pre_training`
@@ -113,6 +123,7 @@ class Task(common.Task):
       "eval_rows": 0,            # > 0: evaluate on the first rows only
       "next_sentence": False,    # BERT's NSP head and sentence pairs
       "architecture": "",        # "field=value,...": a new model, from scratch
+      "sparse_prediction": False,  # the head at masked positions only
   }
 
   def __init__(self, config, tokenizer=None):
@@ -134,6 +145,9 @@ class Task(common.Task):
     if o["next_sentence"] and o["corpus"] == "":
       raise ConfigError("config.task_options.next_sentence needs a corpus "
                         "(config.task_options.corpus)")
+    if o["sparse_prediction"] and o["next_sentence"]:
+      raise ConfigError("config.task_options.sparse_prediction works without "
+                        "next_sentence only (NSP reads the pooled output)")
     self.architecture = parse_architecture(o["architecture"])
     if o["next_sentence"]:
       self.HEAD = heads.PreTraining  # pylint: disable=invalid-name
@@ -282,10 +296,50 @@ class Task(common.Task):
     """None: the transform masks the batch and makes its labels."""
     return ()
 
+  def sparse_count(self, tokens):
+    """Masked positions gathered per batch of `tokens` (sparse_prediction)."""
+    p = self.options["mask_probability"]
+    return min(tokens, int(np.ceil(p * tokens + 8 * np.sqrt(
+        tokens * p * (1 - p)))) + 8)
+
+  def forward(self, model, batch, rngs=None):
+    """The head's logits; with sparse_prediction only at the masked
+    positions: {"logits": [M, vocab], "index": [M] into the flattened
+    [B * L], "valid": [M] (False: filler)}."""
+    if not self.options["sparse_prediction"]:
+      return super().forward(model, batch, rngs)
+    inputs = self.model_inputs(batch)
+    if "embeds_delta" in batch:
+      embeds = model.bert.embeddings.word_embeddings(inputs.pop("input_ids"))
+      inputs.update(input_ids=None, inputs_embeds=embeds + batch[
+          "embeds_delta"].astype(embeds.dtype))
+    hidden, _ = model.bert(**inputs, rngs=rngs)
+    masked = (batch["labels"] != IGNORE).reshape(-1)
+    count = self.sparse_count(masked.size)
+    (index,) = jnp.nonzero(masked, size=count, fill_value=0)
+    return {"logits": model.mlm_logits(
+                hidden.reshape(masked.size, -1)[index]),
+            "index": index, "valid": jnp.arange(count) < masked.sum()}
+
+  def _scatter(self, values, outputs, batch):
+    """[M] values at the gathered positions -> [B, L] (0 elsewhere)."""
+    flat = jnp.zeros(batch["labels"].size, values.dtype)
+    # Fillers repeat index 0 with value 0: add, not set, keeps the real one.
+    return flat.at[outputs["index"]].add(
+        jnp.where(outputs["valid"], values, 0)).reshape(batch["labels"].shape)
+
   def loss(self, logits, batch):
     """Cross-entropy per masked token [B, L] (weight 0 elsewhere)."""
     if isinstance(logits, tuple):  # (MLM, NSP): the MLM part
       logits = logits[0]
+    if isinstance(logits, dict):  # sparse_prediction
+      labels = batch["labels"].reshape(-1)[logits["index"]]
+      losses = optax.softmax_cross_entropy_with_integer_labels(
+          logits["logits"], jnp.maximum(labels, 0))
+      weights = jnp.broadcast_to(batch["weights"][:, None],
+                                 batch["labels"].shape).reshape(-1)
+      return (self._scatter(losses, logits, batch),
+              self._scatter(weights[logits["index"]], logits, batch))
     return self.token_cross_entropy(logits, batch, IGNORE)
 
   def loss_fn(self, graphdef):
@@ -316,9 +370,11 @@ class Task(common.Task):
 
   def predict(self, logits, batch):
     """The most likely token at every position [B, L]."""
-    del batch
     if isinstance(logits, tuple):
       logits = logits[0]
+    if isinstance(logits, dict):  # sparse_prediction
+      return self._scatter(jnp.argmax(logits["logits"], axis=-1), logits,
+                           batch)
     return jnp.argmax(logits, axis=-1)
 
   def distributions(self, logits, batch):
