@@ -313,13 +313,15 @@ def _run_config(task, model_dir, tmp_path, filler=(3, 9), train_rows=16,
 def test_prompt_task_trains(tmp_path, tiny_model_dir):
   # 64 short sentences: from 16 a random tiny model memorises the filler
   # words (train loss 0.002, dev 0.69).
+  # Measured over seeds 0-3: dev accuracy 0.84, 0.91, 1.0, 0.84 (at 60
+  # steps and lr 3e-3 three of the four seeds stayed at 0.625).
   config = _run_config(
       "prompt", tiny_model_dir, tmp_path, (1, 3), train_rows=64,
-      total_steps=60, eval_every_steps=60,
-      **{"optimizer.learning_rate": 3e-3})
+      total_steps=100, eval_every_steps=100,
+      **{"optimizer.learning_rate": 1e-2})
   config.task_options = {"verbalizer": "negative=terrible,positive=great"}
   summary = train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert summary["eval/accuracy"] >= 0.75, summary  # 0.81; majority 0.5
+  assert summary["eval/accuracy"] >= 0.75, summary  # majority 0.5
 
 
 def test_demonstrations_and_pet_loss_in_the_step(tmp_path, tiny_model_dir,
