@@ -63,7 +63,7 @@ def files(value):
 def corpus_config(*, model, train_files, eval_files=(), max_length=128,
                   batch_size=32, total_steps=1000, learning_rate=1e-4,
                   warmup_steps=-1, architecture="", next_sentence=False,
-                  packing="full", eval_rows=0, whole_word=False):
+                  packing="full", eval_rows=0, masking="token"):
   """A masked-LM run on text files (`research/tasks/masked_lm.py`).
 
   Args:
@@ -80,7 +80,7 @@ def corpus_config(*, model, train_files, eval_files=(), max_length=128,
       "corpus": "text", "train_files": tuple(train_files),
       "eval_files": tuple(eval_files), "packing": packing,
       "architecture": architecture, "next_sentence": next_sentence,
-      "eval_rows": eval_rows, "whole_word": whole_word,
+      "eval_rows": eval_rows, "masking": masking,
       "mask_probability": 0.15})
   c.data.max_length = max_length
   c.batch_size = batch_size

@@ -37,9 +37,21 @@ seeds): `table=` CoLA's or RTE's train.tsv, steps=1000, batch=64, then
 -> 0.627 +- 0.009; CoLA MCC 0.261 +- 0.016 -> 0.244 +- 0.031 (no gain). The
 export keeps the base checkpoint's pooler (a masked-LM model has none).
 
+Masking (`masking=`): token (default), whole_word, span (SpanBERT) or
+knowledge (ERNIE: the names of `knowledge=`, one per line, masked whole;
+`ignore_case=1` matches any letter case). E.g. TAPT on CoNLL-2003's text
+with its own entity list (docs/pretraining.md):
+
+    python -m research.data.knowledge --conll ../shared/data/conll2003/train.txt \
+        --out /tmp/conll_entities.txt
+    python -m research.train --config "experiments/continue_pretraining.py:\
+files=/tmp/conll_train.txt,eval=/tmp/conll_valid.txt,masking=knowledge,\
+knowledge=/tmp/conll_entities.txt" --workdir /tmp/tapt_conll_knowledge
+
 Args: model (alias, directory or hub name), files / table (training text),
 eval (held-out file), columns (a table's text columns, ";"-separated),
-steps, batch, lr, max_length, eval_every, eval_rows, whole_word.
+steps, batch, lr, max_length, eval_every, eval_rows, masking, knowledge,
+ignore_case.
 """
 
 import os
@@ -52,7 +64,7 @@ DEFAULTS = {"model": "all-minilm-l6-v2",
             "eval": os.path.join(common.WIKITEXT, "wiki.valid.tokens"),
             "columns": "sentence", "steps": 40, "batch": 16, "lr": 3e-4,
             "max_length": 128, "eval_every": 10, "eval_rows": 128,
-            "whole_word": False}
+            "masking": "token", "knowledge": "", "ignore_case": False}
 
 
 def get_config(arg=None):
@@ -62,7 +74,9 @@ def get_config(arg=None):
       eval_files=common.files(args["eval"]), max_length=args["max_length"],
       batch_size=args["batch"], total_steps=args["steps"],
       learning_rate=args["lr"], eval_rows=args["eval_rows"],
-      whole_word=args["whole_word"])
+      masking=args["masking"])
+  c.task_options.knowledge_file = args["knowledge"]
+  c.task_options.knowledge_ignore_case = args["ignore_case"]
   c.optimizer.warmup_proportion = 0.06
   c.eval_every_steps = args["eval_every"]
   c.log_every_steps = 10

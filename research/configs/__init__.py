@@ -22,6 +22,8 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention_impl": ("xla", "cudnn"),
+    "model.layer_norm": ("checkpoint", "post", "pre"),
+    "model.bias": ("checkpoint", "on", "off"),
     "data.source": ("local", "tfds", "hf"),
     # conll, squad: CoNLL column files, official SQuAD JSON (their tasks).
     "data.format": ("auto", "csv", "tsv", "jsonl", "conll", "squad"),
