@@ -11,9 +11,10 @@ Runs each `name=config` as a `research.train` process, one after the other
 held-out evaluation it logs with the wall time since the process started,
 the process's CPU time (user + system, all threads, from /proc) and the
 machine's 1-minute load average: `<out>/<name>/curve.jsonl`. A run is stopped
-(SIGTERM: it saves a checkpoint) once its CPU time or wall time passes
-`--budget_minutes`, so a loaded machine shows in the wall-time axis and not
-in the CPU-time one. `--plot` draws held-out masked-token accuracy and loss
+(SIGTERM: it saves a checkpoint) once its CPU time passes `--budget_minutes`
+(or its wall time `--wall_minutes`, when given): on a machine shared with
+other jobs, a niced run gets a fraction of the cores, which shows in the
+wall-time axis and not in the CPU-time one. `--plot` draws held-out masked-token accuracy and loss
 against steps, wall minutes and CPU minutes for every run found in `--out`.
 """
 
@@ -38,7 +39,7 @@ def cpu_seconds(pid: int) -> float:
   return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
 
-def run_one(name, config, out, budget_s, extra):
+def run_one(name, config, out, budget_s, extra, wall_limit_s=0.0):
   """Runs one config, logging each evaluation's times; returns the rows."""
   workdir = os.path.join(out, name)
   curve = os.path.join(workdir, "curve.jsonl")
@@ -79,7 +80,7 @@ def run_one(name, config, out, budget_s, extra):
         seen = len(lines)
       if done:
         break
-      if not stopped and max(cpu, wall) > budget_s:
+      if not stopped and (cpu > budget_s or 0 < wall_limit_s < wall):
         stopped = f"stopped at {wall / 60:.1f} wall min, {cpu / 60:.1f} CPU min"
         proc.send_signal(signal.SIGTERM)
       time.sleep(2)
@@ -126,7 +127,10 @@ def main(argv=None):
   parser.add_argument("--out", required=True)
   parser.add_argument("--run", action="append", default=[],
                       help="name=experiments/x.py[:arg] (repeatable)")
-  parser.add_argument("--budget_minutes", type=float, default=45.0)
+  parser.add_argument("--budget_minutes", type=float, default=45.0,
+                      help="stop a run after this much CPU time")
+  parser.add_argument("--wall_minutes", type=float, default=0.0,
+                      help="> 0: also stop after this much wall time")
   parser.add_argument("--plot", default="", help="write the PNG here")
   parser.add_argument("--override", action="append", default=[],
                       help="--config.* flags for every run")
@@ -135,7 +139,8 @@ def main(argv=None):
     name, sep, config = spec.partition("=")
     if not sep:
       parser.error(f"--run {spec!r}: give name=experiments/x.py[:arg]")
-    run_one(name, config, args.out, args.budget_minutes * 60, args.override)
+    run_one(name, config, args.out, args.budget_minutes * 60, args.override,
+            args.wall_minutes * 60)
   if args.plot:
     plot(args.out, args.plot)
 

@@ -23,7 +23,7 @@ gpu_tables = importlib.import_module("gpu_tables")
 
 def test_every_planned_command_is_a_valid_config():
   jobs = gpu_tables.plan("/tmp/w", {"peft", "dp", "robust", "scratch"}, False)
-  assert len(jobs) == 129
+  assert len(jobs) == 130
   configs = {}
   for config_arg in sorted({job.argv[4] for job in jobs}):
     module, _, arg = config_arg.partition(":")
