@@ -311,3 +311,21 @@ def test_unknown_mode_is_an_error(tokenizer):
   with pytest.raises(ValueError, match="mode 'knowledge' needs a knowledge "
                      "table"):
     masking.make_transform(tokenizer, mode="knowledge")
+
+
+@pytest.mark.parametrize("mode", ["whole_word", "span"])
+def test_a_transform_made_inside_one_jit_serves_another(tokenizer, batch,
+                                                        mode):
+  """The task makes its transform lazily, inside the first (training) step's
+  trace; the evaluation step's trace must then reuse it without a leaked
+  tracer."""
+  made = {}
+
+  def first(b, k):
+    made["t"] = masking.make_transform(tokenizer, mode=mode)
+    return made["t"](b, k)["labels"]
+
+  key = jax.random.key(0)
+  a = jax.jit(first)(batch, key)
+  b = jax.jit(lambda b, k: made["t"](b, k)["labels"])(batch, key)
+  np.testing.assert_array_equal(a, b)

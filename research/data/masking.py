@@ -333,14 +333,15 @@ def make_transform(tokenizer, *, mask_rate=0.15, mode=None, whole_word=False,
     raise ValueError("the tokenizer has no [MASK] token; masked-LM "
                      "pre-training needs one")
   special_ids = tuple(sorted(set(tokenizer.all_special_ids)))
-  starts = (None if mode == "token"
-            else jnp.asarray(word_start_table(tokenizer)))
+  # numpy, not jnp: a transform first made inside a jitted step would keep
+  # a tracer of that trace and leak it into the next (the evaluation's).
+  starts = None if mode == "token" else word_start_table(tokenizer)
   mask_id, vocab_size = tokenizer.mask_token_id, len(tokenizer)
 
   def transform(batch, key):
     ids = batch["input_ids"]
     special = special_mask(ids, special_ids, batch.get("attention_mask"))
-    words = None if starts is None else starts[ids]
+    words = None if starts is None else jnp.asarray(starts)[ids]
     if knowledge is not None:
       words = knowledge.unit_starts(ids, words, special)
     slots = None
