@@ -11,6 +11,7 @@ import os
 import ml_collections
 
 from research.configs import default
+from research.tasks import masked_lm
 
 SHARED = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(
     __file__)), "..", "..", "shared", "data"))
@@ -76,8 +77,10 @@ def corpus_config(*, model, train_files, eval_files=(), max_length=128,
   c = default.get_config()
   c.model.name = model
   c.task = "masked_lm"
+  # Every option of the task, so that any can be set on the command line
+  # (--config.task_options.masking=span).
   c.task_options = ml_collections.ConfigDict({
-      "corpus": "text", "train_files": tuple(train_files),
+      **masked_lm.Task.CONFIG, "corpus": "text", "train_files": tuple(train_files),
       "eval_files": tuple(eval_files), "packing": packing,
       "architecture": architecture, "next_sentence": next_sentence,
       "eval_rows": eval_rows, "masking": masking,
