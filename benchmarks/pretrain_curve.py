@@ -89,13 +89,14 @@ def run_one(name, config, out, budget_s, extra, wall_limit_s=0.0):
   print(f"{name}: rc={proc.returncode} {stopped} -> {curve}")
 
 
-def plot(out, path):
-  """Accuracy and loss against steps, wall and CPU minutes, every run."""
+def plot(out, path, only=(), title="BERT 4x256 from scratch on WikiText-2"):
+  """Accuracy and loss against steps, wall and CPU minutes, every run (or
+  those named in `only`)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   runs = {}
-  for name in sorted(os.listdir(out)):
+  for name in (only or sorted(os.listdir(out))):
     curve = os.path.join(out, name, "curve.jsonl")
     if os.path.exists(curve):
       with open(curve) as f:
@@ -115,7 +116,7 @@ def plot(out, path):
   axes[0, 0].set_ylabel("held-out masked-token accuracy")
   axes[1, 0].set_ylabel("held-out masked-LM loss (nats)")
   axes[0, 0].legend()
-  fig.suptitle("BERT 4x256 from scratch on WikiText-2")
+  fig.suptitle(title)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110)
@@ -132,6 +133,9 @@ def main(argv=None):
   parser.add_argument("--wall_minutes", type=float, default=0.0,
                       help="> 0: also stop after this much wall time")
   parser.add_argument("--plot", default="", help="write the PNG here")
+  parser.add_argument("--only", default="", help="plot these runs (a,b,...)")
+  parser.add_argument("--title", default="BERT 4x256 from scratch on "
+                      "WikiText-2, held-out masked LM")
   parser.add_argument("--override", action="append", default=[],
                       help="--config.* flags for every run")
   args = parser.parse_args(argv)
@@ -142,7 +146,8 @@ def main(argv=None):
     run_one(name, config, args.out, args.budget_minutes * 60, args.override,
             args.wall_minutes * 60)
   if args.plot:
-    plot(args.out, args.plot)
+    plot(args.out, args.plot, [n for n in args.only.split(",") if n],
+         args.title)
 
 
 if __name__ == "__main__":

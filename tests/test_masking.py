@@ -110,8 +110,9 @@ def test_whole_words_together(tokenizer, batch):
   assert not chosen[:, special].any()
 
 
-def test_deterministic_per_key_different_per_step(tokenizer, batch):
-  transform = masking.make_transform(tokenizer, whole_word=True)
+@pytest.mark.parametrize("mode", ["whole_word", "span"])
+def test_deterministic_per_key_different_per_step(tokenizer, batch, mode):
+  transform = masking.make_transform(tokenizer, mode=mode, max_predictions=0)
   key = jax.random.key(7)
   a = transform(batch, jax.random.fold_in(key, 3))
   b = jax.jit(transform)(batch, jax.random.fold_in(key, 3))
