@@ -114,7 +114,7 @@ EXTRAS = {
     "fewshot": ["scikit-learn>=1.4,<2"],
     # The setfit package as a baseline (benchmarks/setfit_baseline.py, not the
     # tests): 1.2.0 with sentence-transformers 6.3.0 installs beside
-    # transformers 5.25 and torch 2.13 (CPU) and trains (docs/results/fewshot.md).
+    # transformers 5.25 and torch 2.13 (CPU) and trains.
     "setfit": ["setfit>=1.2,<1.3"],
 }
 EXTRAS["test"] = sorted(set(

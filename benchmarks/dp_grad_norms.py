@@ -19,8 +19,8 @@ the start (`--workdir`: a checkpoint's, "best" or `--which latest`); no
 noise is involved. Per-example gradients of every trained weight: minutes
 on a CPU for a few hundred examples of the full model.
 
-Not part of the library: BENCHMARKS.md / docs/results/pooling.md cite it
-for what clipping does (the "clipping bias" question of issue 31).
+Not part of the library: it answers what clipping does (the "clipping
+bias" question of issue 31); its table is not in BENCHMARKS.md yet.
 """
 
 from __future__ import annotations

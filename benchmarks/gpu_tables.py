@@ -35,7 +35,8 @@ tables). Groups, most important first (`--groups`):
            experiments/squad_v1.py (lr 1e-4), 3 seeds;
   tapt     continued pre-training on RTE's and CoLA's own training sentences,
            exported, then fine-tuned (after `peft`'s full fine-tuning);
-  scratch  experiments/pretrain_wikitext.py, a longer from-scratch curve.
+  scratch  experiments/pretrain_wikitext.py, longer from-scratch curves of the
+           cramming recipe and BERT's (docs/pretraining.md).
 
 Each finished run appends one line to OUT/results.jsonl (its command, wall
 time and summary.json); jobs not started when `--budget_s` runs out are
@@ -175,7 +176,8 @@ class Queue:
     metrics = os.path.join(job.workdir, "metrics.jsonl")
     if job.group == "scratch" and os.path.exists(metrics):  # the curve
       with open(metrics) as src, open(os.path.join(
-          self.out, "scratch_metrics.jsonl"), "w") as dst:
+          self.out, f"scratch_{job.row['recipe']}_metrics.jsonl"),
+                                      "w") as dst:
         dst.write(src.read())
     if status != "ok":
       with open(job.log) as f:
@@ -473,11 +475,15 @@ def plan(work, groups, smoke, dp_method="full"):
     jobs += [_dp(work, "quickstart", dp_method, eps, seed) for seed in SEEDS
              for eps in DP_EPSILONS]
   if "scratch" in groups:
-    tag = "scratch/wikitext"
-    arg = ("smoke=true" if smoke else
-           "steps=2000,batch=64,eval_every=250,eval_rows=512")
-    jobs.append(Job(tag, "scratch", f"experiments/pretrain_wikitext.py:{arg}",
-                    os.path.join(work, tag), row={"stage": "scratch"}))
+    # The cramming recipe (the experiment's default) and BERT's, same budget.
+    for recipe in ("cramming", "bert"):
+      tag = "scratch/wikitext" + ("" if recipe == "cramming" else "_bert")
+      arg = (f"recipe={recipe},smoke=true" if smoke else
+             f"recipe={recipe},steps=2000,batch=64,eval_every=250,"
+             "eval_rows=512") + f",data_dir={os.path.join(SHARED, 'wikitext')}"
+      jobs.append(Job(tag, "scratch", f"experiments/pretrain_wikitext.py:{arg}",
+                      os.path.join(work, tag),
+                      row={"stage": "scratch", "recipe": recipe}))
   return jobs
 
 

@@ -12,10 +12,12 @@ import ml_collections
 
 from research.configs import args as args_lib
 from research.configs import default
+from research.tasks import masked_lm
 
-SHARED = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(
-    __file__)), "..", "..", "shared", "data"))
-WIKITEXT = os.path.join(SHARED, "wikitext")
+# WikiText-2 (Merity et al. 2016), the tokenised version (its `<unk>` and
+# ` @-@ ` markers): the Hugging Face dataset by default, or with `data_dir=`
+# a folder holding wiki.train.tokens and wiki.valid.tokens (the same text).
+WIKITEXT_HF = ("Salesforce/wikitext", "wikitext-2-v1")
 # A 4-layer, 256-wide BERT (BERT-mini's width, Turc et al. 2019).
 SMALL = ("hidden_size=256,num_hidden_layers=4,num_attention_heads=4,"
          "intermediate_size=1024")
@@ -32,10 +34,26 @@ def parse_arg(arg, defaults, experiment):
 files = args_lib.split_list  # "a.txt;b/*.txt" -> ("a.txt", "b/*.txt")
 
 
+def use_wikitext(c, data_dir=""):
+  """Points a `corpus_config` at WikiText-2: local files in `data_dir`, or
+  (empty) the Hugging Face dataset `WIKITEXT_HF` (needs the hub)."""
+  o = c.task_options
+  if data_dir:
+    o.corpus = "text"
+    o.train_files = (os.path.join(data_dir, "wiki.train.tokens"),)
+    o.eval_files = (os.path.join(data_dir, "wiki.valid.tokens"),)
+  else:
+    o.corpus, o.train_files, o.eval_files = "hf", (), ()
+    c.data.name, c.data.hf_config = WIKITEXT_HF
+    c.data.train_split, c.data.eval_splits = "train", ("validation",)
+    o.text_field = "text"
+  return c
+
+
 def corpus_config(*, model, train_files, eval_files=(), max_length=128,
                   batch_size=32, total_steps=1000, learning_rate=1e-4,
                   warmup_steps=-1, architecture="", next_sentence=False,
-                  packing="full", eval_rows=0, whole_word=False):
+                  packing="full", eval_rows=0, masking="token"):
   """A masked-LM run on text files (`research/tasks/masked_lm.py`).
 
   Args:
@@ -48,11 +66,13 @@ def corpus_config(*, model, train_files, eval_files=(), max_length=128,
   c = default.get_config()
   c.model.name = model
   c.task = "masked_lm"
+  # Every option of the task, so that any can be set on the command line
+  # (--config.task_options.masking=span).
   c.task_options = ml_collections.ConfigDict({
-      "corpus": "text", "train_files": tuple(train_files),
+      **masked_lm.Task.CONFIG, "corpus": "text", "train_files": tuple(train_files),
       "eval_files": tuple(eval_files), "packing": packing,
       "architecture": architecture, "next_sentence": next_sentence,
-      "eval_rows": eval_rows, "whole_word": whole_word,
+      "eval_rows": eval_rows, "masking": masking,
       "mask_probability": 0.15})
   c.data.max_length = max_length
   c.batch_size = batch_size

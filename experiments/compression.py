@@ -27,7 +27,7 @@ metrics of the last step; no checkpoint chosen on dev).
 
 The post-training rows (int8 PTQ, weight-only int8, 50% of heads removed)
 take the plain runs' checkpoints (`research.compress`); the table is
-`benchmarks/compression.py`. Results: docs/results/compression.md.
+`benchmarks/compression.py`. Results: not measured yet.
 """
 
 import os

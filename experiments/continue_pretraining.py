@@ -20,7 +20,9 @@ training text (TAPT), before fine-tuning.
         --workdir /tmp/cola_after_tapt
 
 Defaults: the packaged all-MiniLM-L6-v2 (it has no MLM head: a new one is
-initialised and the log says so), WikiText-2 train / valid, rows of 128
+initialised and the log says so), WikiText-2 train / valid (the Hugging
+Face dataset; `data_dir=` a folder of wiki.train.tokens and
+wiki.valid.tokens, e.g. ../shared/data/wikitext), rows of 128
 tokens, batch 16, AdamW lr 3e-4 with 6% warmup and linear decay, 40 steps
 (a CPU budget: Gururangan et al. train far longer), masked-LM accuracy and
 perplexity on the first 128 held-out rows every 10 steps.
@@ -37,22 +39,31 @@ seeds): `table=` CoLA's or RTE's train.tsv, steps=1000, batch=64, then
 -> 0.627 +- 0.009; CoLA MCC 0.261 +- 0.016 -> 0.244 +- 0.031 (no gain). The
 export keeps the base checkpoint's pooler (a masked-LM model has none).
 
-Args: model (alias, directory or hub name), files / table (training text),
-eval (held-out file), columns (a table's text columns, ";"-separated),
-steps, batch, lr, max_length, eval_every, eval_rows, whole_word.
-"""
+Masking (`masking=`): token (default), whole_word, span (SpanBERT) or
+knowledge (ERNIE: the names of `knowledge=`, one per line, masked whole;
+`ignore_case=1` matches any letter case). E.g. TAPT on CoNLL-2003's text
+with its own entity list (docs/pretraining.md):
 
-import os
+    python -m research.data.knowledge --conll ../shared/data/conll2003/train.txt \
+        --out /tmp/conll_entities.txt
+    python -m research.train --config "experiments/continue_pretraining.py:\
+files=/tmp/conll_train.txt,eval=/tmp/conll_valid.txt,masking=knowledge,\
+knowledge=/tmp/conll_entities.txt" --workdir /tmp/tapt_conll_knowledge
+
+Args: model (alias, directory or hub name), files / table (training text;
+neither: WikiText-2, from data_dir= if given),
+eval (held-out file), columns (a table's text columns, ";"-separated),
+steps, batch, lr, max_length, eval_every, eval_rows, masking, knowledge,
+ignore_case.
+"""
 
 from experiments import _pretrain_common as common
 
 DEFAULTS = {"model": "all-minilm-l6-v2",
-            "files": os.path.join(common.WIKITEXT, "wiki.train.tokens"),
-            "table": "",
-            "eval": os.path.join(common.WIKITEXT, "wiki.valid.tokens"),
+            "files": "", "table": "", "eval": "", "data_dir": "",
             "columns": "sentence", "steps": 40, "batch": 16, "lr": 3e-4,
             "max_length": 128, "eval_every": 10, "eval_rows": 128,
-            "whole_word": False}
+            "masking": "token", "knowledge": "", "ignore_case": False}
 
 
 def get_config(arg=None):
@@ -62,7 +73,11 @@ def get_config(arg=None):
       eval_files=common.files(args["eval"]), max_length=args["max_length"],
       batch_size=args["batch"], total_steps=args["steps"],
       learning_rate=args["lr"], eval_rows=args["eval_rows"],
-      whole_word=args["whole_word"])
+      masking=args["masking"])
+  if not args["files"] and not args["table"]:  # the default text
+    common.use_wikitext(c, args["data_dir"])
+  c.task_options.knowledge_file = args["knowledge"]
+  c.task_options.knowledge_ignore_case = args["ignore_case"]
   c.optimizer.warmup_proportion = 0.06
   c.eval_every_steps = args["eval_every"]
   c.log_every_steps = 10
@@ -74,6 +89,6 @@ def get_config(arg=None):
     c.task_options.eval_files = ()
     c.data.source = "local"
     c.data.train_file = args["table"]
-    c.data.eval_file = args["eval"] if args["eval"] != DEFAULTS["eval"] else ""
+    c.data.eval_file = args["eval"]
     c.data.text_fields = common.files(args["columns"])
   return c

@@ -7,15 +7,20 @@ weight decay 0.01), warmup 10k steps then linear decay. `optimizer=lamb`
 is You et al. (2020)'s large-batch variant (LAMB, batch 65536 / 32768 in
 their recipe; here the global batch is the `batch` arg).
 
-    # Phase 1: 128 tokens (a TPU v4-32 pod slice; launch.sh runs it on all hosts)
-    ./launch.sh tpu my-v4-32 us-central2-b -- python -m research.train \
-        --config "experiments/pretrain_bert_base.py:phase=1,files=/data/books/*.txt;/data/wiki/*.txt,eval=/data/heldout.txt" \
+    # Phase 1: 128 tokens (a TPU v4-32 pod slice; launch.sh runs it on all
+    # hosts; the text files must be on every host)
+    ./launch.sh tpu --name my-v4-32 --zone us-central2-b \
+        "experiments/pretrain_bert_base.py:phase=1,files=/data/books/*.txt;/data/wiki/*.txt,eval=/data/heldout.txt" \
         --workdir gs://my-bucket/bert_base_p1
-    # Phase 2: 512 tokens, from phase 1's weights
-    python -m research.export --workdir gs://my-bucket/bert_base_p1 --out /tmp/p1_hf
-    ./launch.sh tpu my-v4-32 us-central2-b -- python -m research.train \
-        --config "experiments/pretrain_bert_base.py:phase=2,init=/tmp/p1_hf,files=...,eval=..." \
+    # Phase 2: 512 tokens, from phase 1's weights, exported into the code
+    # folder that launch.sh copies to every host
+    python -m research.export --workdir gs://my-bucket/bert_base_p1 --out exports/bert_base_p1
+    ./launch.sh tpu --name my-v4-32 --zone us-central2-b \
+        "experiments/pretrain_bert_base.py:phase=2,init=exports/bert_base_p1,files=/data/books/*.txt;/data/wiki/*.txt,eval=/data/heldout.txt" \
         --workdir gs://my-bucket/bert_base_p2
+
+(tests/test_pretraining.py runs both launch.sh commands as written with
+`--dry-run`.)
 
 Parallelism: `parallelism.mesh_shape = (1, -1, 1)`: every chip is on the
 `fsdp` axis (parameters, gradients and Adam moments sharded by their `embed`

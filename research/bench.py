@@ -188,7 +188,8 @@ def run_jax(s: train.Run, steps: int, warmup: int, pipeline_batches: int = 0,
   accum = config.optimizer.grad_accum_steps
   cfg = s.model_cfg
   per_token, per_seq = matmul_params(
-      partition.merge(s.graphdef, s.state["params"], s.frozen))
+      partition.merge(s.graphdef, s.state["params"], s.frozen),
+      getattr(s.task, "head_fraction", lambda _: 1.0)(config.data.max_length))
   state, frozen, train_step = s.state, s.frozen, s.train_step
   batch_sharding = s.batch_sharding
   procs = jax.process_count()

@@ -253,3 +253,54 @@ def test_a_head_class_carries_its_hugging_face_names(tiny_bert_dir, tmp_path):
   assert create_model(heads.MaskedLM, TINY).__class__ is heads.MaskedLM
   with pytest.raises(TypeError, match="must be an nnx.Module; got int"):
     create_model(int, TINY)
+
+
+def test_bias_free_model_exports_zero_biases_to_pytorch(tmp_path):
+  """use_bias=False: HF's BertForMaskedLM loads the export with no missing
+  keys (zero biases) and computes the same logits."""
+  torch = pytest.importorskip("torch", reason="export -> PyTorch check")
+  transformers = pytest.importorskip("transformers")
+  model = create_model("masked_lm", TINY.replace(use_bias=False), seed=3)
+  assert "bias" not in nnx.state(model.bert.layers[0].attention.query)
+  out = hf.export(model, tmp_path, "masked_lm")
+  config = json.loads((out / "config.json").read_text())
+  assert "use_bias" not in config and "pre_layer_norm" not in config
+  tensors = safetensors.numpy.load_file(str(out / "model.safetensors"))
+  bias = tensors["bert.encoder.layer.1.attention.self.value.bias"]
+  assert bias.shape == (TINY.hidden_size,) and not bias.any()
+  ref, info = transformers.BertForMaskedLM.from_pretrained(
+      str(out), output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  batch = _padded_batch(99, np.random.default_rng(0))
+  with torch.no_grad():
+    theirs = ref.eval()(**{k: torch.tensor(v) for k, v in batch.items()})
+  real = batch["attention_mask"].astype(bool)
+  np.testing.assert_allclose(np.asarray(model(**batch))[real],
+                             theirs.logits.numpy()[real], atol=1e-4)
+
+
+def test_pre_layer_norm_export_is_refused(tmp_path):
+  model = create_model("masked_lm", TINY.replace(pre_layer_norm=True))
+  with pytest.raises(hf.CheckpointError, match="pre-LayerNorm.*BertModel is "
+                     "post-LN only.*no Hugging Face directory is written"):
+    hf.export(model, tmp_path / "out", "masked_lm")
+  assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("layer_norm", "pre", "config.model.layer_norm='pre', but the checkpoint "
+     ".* is 'post'"),
+    ("bias", "off", "config.model.bias='off', but the checkpoint .* is 'on'"),
+])
+def test_architecture_option_against_a_checkpoint_is_an_error(
+    tiny_bert_dir, field, value, match):
+  from research.configs import ConfigError, default  # pylint: disable=import-outside-toplevel
+  from research.tasks import common  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  config.model[field] = value
+  with pytest.raises(ConfigError, match=match):
+    common.check_architecture(config.model, hf.read_config(tiny_bert_dir),
+                              str(tiny_bert_dir))
+  config.model[field] = "post" if field == "layer_norm" else "on"
+  common.check_architecture(config.model, hf.read_config(tiny_bert_dir),
+                            str(tiny_bert_dir))  # the checkpoint's own: fine

@@ -108,8 +108,9 @@ def test_whole_words_together(tokenizer, batch):
   assert not chosen[:, special].any()
 
 
-def test_deterministic_per_key_different_per_step(tokenizer, batch):
-  transform = masking.make_transform(tokenizer, whole_word=True)
+@pytest.mark.parametrize("mode", ["whole_word", "span"])
+def test_deterministic_per_key_different_per_step(tokenizer, batch, mode):
+  transform = masking.make_transform(tokenizer, mode=mode, max_predictions=0)
   key = jax.random.key(7)
   a = transform(batch, jax.random.fold_in(key, 3))
   b = jax.jit(transform)(batch, jax.random.fold_in(key, 3))
@@ -203,3 +204,127 @@ def test_word_starts_of_a_byte_level_bpe(tmp_path):
   assert [table[i] for i in ids] == [t.startswith("\u0120") for t in tokens]
   assert sum(table[i] for i in ids) == 3 and len(ids) > 3
   assert table[tok.mask_token_id]
+
+
+def _words(tokenizer, ids):
+  """Each token's word start [..., L] (specials and the token after one
+  start words), as the masking sees them."""
+  special = np.isin(ids, tokenizer.all_special_ids)
+  after = np.concatenate([np.ones_like(special[..., :1]), special[..., :-1]],
+                         -1)
+  starts = masking.word_start_table(tokenizer)[ids] | special | after
+  return starts, special
+
+
+def _assert_no_split_unit(chosen, starts):
+  """Every unit (from a start to the next) chosen whole or not at all."""
+  first = np.maximum.accumulate(
+      np.where(starts, np.arange(starts.shape[-1]), 0), axis=-1)
+  first = np.broadcast_to(first, chosen.shape)
+  at_start = np.take_along_axis(chosen, first, axis=-1)
+  np.testing.assert_array_equal(chosen, at_start)
+
+
+def test_span_masking_whole_words_at_the_rate(tokenizer, batch):
+  """SpanBERT spans: never part of a word; 15% of the tokens over a large
+  batch (40 draws of 64 rows); spans of several words."""
+  transform = masking.make_transform(tokenizer, mode="span")
+  masked, labels = _draws(transform, batch)
+  ids = batch["input_ids"]
+  starts, special = _words(tokenizer, ids)
+  special = special | (batch["attention_mask"] == 0)
+  chosen = labels != -100
+  assert not chosen[:, special].any()
+  _assert_no_split_unit(chosen, starts)
+  real = ~np.broadcast_to(special, chosen.shape)
+  rate = chosen[real].mean()
+  assert abs(rate - 0.15) < 0.006, rate  # spans are correlated: 2-3 sigma
+  # Runs of chosen words: SpanBERT's mean span is 3.8 words; merged
+  # neighbours only lengthen runs.
+  word_chosen = [chosen[d, r][np.broadcast_to(starts, chosen.shape)[d, r]
+                              & real[d, r]]
+                 for d in range(DRAWS) for r in range(ids.shape[0])]
+  runs = [len(run) for row in word_chosen
+          for run in "".join("x" if c else " " for c in row).split()]
+  assert 3.3 < np.mean(runs) < 5.5, np.mean(runs)
+  np.testing.assert_array_equal(labels[chosen], np.broadcast_to(
+      ids, chosen.shape)[chosen])
+
+
+def test_span_start_rate_covers_the_rate():
+  probs = masking.span_length_probs()
+  assert probs.sum() == pytest.approx(1.0)
+  assert (probs * np.arange(1, 11)).sum() == pytest.approx(3.8, abs=0.05)
+  q = masking.span_start_rate(0.15)
+  longer = 1 - np.concatenate([[0], np.cumsum(probs)[:-1]])
+  assert 1 - np.prod(1 - q * longer) == pytest.approx(0.15, abs=1e-9)
+  assert masking.span_start_rate(0.15, max_len=1) == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize("mode", ["token", "whole_word", "span"])
+def test_sparse_slots_cap_whole_units(tokenizer, batch, mode):
+  """max_predictions: at most P tokens per row, whole units kept; positions
+  list the predicted tokens first, all distinct."""
+  slots = 12  # tight, so that many rows overflow
+  transform = masking.make_transform(tokenizer, mode=mode,
+                                     max_predictions=slots, mask_rate=0.3)
+  key = jax.random.key(3)
+  out = jax.jit(transform)(batch, key)
+  labels = np.asarray(out["labels"])
+  chosen = labels != -100
+  positions = np.asarray(out["masked_positions"])
+  assert positions.shape == (batch["input_ids"].shape[0], slots)
+  assert chosen.sum(-1).max() <= slots and (chosen.sum(-1) >= slots - 9).mean() > 0.5
+  for r in range(len(positions)):
+    assert len(set(positions[r])) == slots
+    n = chosen[r].sum()
+    np.testing.assert_array_equal(np.sort(positions[r, :n]),
+                                  np.flatnonzero(chosen[r]))
+  if mode != "token":
+    starts, _ = _words(tokenizer, batch["input_ids"])
+    _assert_no_split_unit(chosen, starts)
+  # Dropped units stay unmasked: only predicted tokens differ from the input.
+  changed = np.asarray(out["input_ids"]) != batch["input_ids"]
+  assert not changed[~chosen].any()
+  # Without the cap (dense), the same key draws a superset.
+  free = masking.make_transform(tokenizer, mode=mode, mask_rate=0.3)(batch,
+                                                                     key)
+  assert (np.asarray(free["labels"]) != -100)[chosen].all()
+  assert "masked_positions" not in free
+
+
+def test_default_slots_rarely_bind(tokenizer, batch):
+  """The automatic P (2 x 15% x 128 = 39) leaves 15% masking unchanged."""
+  assert masking.default_max_predictions(128, 0.15) == 39
+  for mode in ("token", "span"):
+    capped = masking.make_transform(tokenizer, mode=mode, max_predictions=0)
+    free = masking.make_transform(tokenizer, mode=mode)
+    a, b = _draws(capped, batch)[1], _draws(free, batch)[1]
+    assert (a != b).mean() < 1e-3, mode
+
+
+def test_unknown_mode_is_an_error(tokenizer):
+  with pytest.raises(ValueError, match="masking mode 'words'; valid: token, "
+                     "whole_word, span, knowledge"):
+    masking.make_transform(tokenizer, mode="words")
+  with pytest.raises(ValueError, match="mode 'knowledge' needs a knowledge "
+                     "table"):
+    masking.make_transform(tokenizer, mode="knowledge")
+
+
+@pytest.mark.parametrize("mode", ["whole_word", "span"])
+def test_a_transform_made_inside_one_jit_serves_another(tokenizer, batch,
+                                                        mode):
+  """The task makes its transform lazily, inside the first (training) step's
+  trace; the evaluation step's trace must then reuse it without a leaked
+  tracer."""
+  made = {}
+
+  def first(b, k):
+    made["t"] = masking.make_transform(tokenizer, mode=mode)
+    return made["t"](b, k)["labels"]
+
+  key = jax.random.key(0)
+  a = jax.jit(first)(batch, key)
+  b = jax.jit(lambda b, k: made["t"](b, k)["labels"])(batch, key)
+  np.testing.assert_array_equal(a, b)

@@ -503,3 +503,87 @@ def test_scanned_and_unrolled_layers_compute_the_same():
   np.testing.assert_allclose(losses[True, "train"], losses[False, "train"],
                              atol=1e-5)
   assert losses[False, "train"][-1] < losses[False, "train"][0]
+
+
+def _np_layer_norm(x, scale, bias, eps):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def _np_pre_ln_layer(p, x, mask, cfg, use_bias):
+  """A pre-LN transformer layer in numpy: x + attn(LN(x)), + MLP(LN(.))."""
+  from scipy.special import erf  # pylint: disable=import-outside-toplevel
+  b = lambda w: w["bias"] if use_bias else 0.0  # pylint: disable=unnecessary-lambda-assignment
+  att = p["attention"]
+  norm = lambda h, n: _np_layer_norm(h, p[n]["scale"], p[n]["bias"],  # pylint: disable=unnecessary-lambda-assignment
+                                     cfg.layer_norm_eps)
+  h = norm(x, "attention_layer_norm")
+  q, k, v = (np.einsum("bte,ehd->bthd", h, att[n]["kernel"]) + b(att[n])
+             for n in ("query", "key", "value"))
+  scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(cfg.head_dim)
+  scores = np.where(mask[:, None, None, :], scores, -1e30)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  ctx = np.einsum("bhqk,bkhd->bqhd", probs, v)
+  x = x + np.einsum("bqhd,hde->bqe", ctx, att["output"]["kernel"]) + b(
+      att["output"])
+  h = norm(x, "output_layer_norm") @ p["intermediate"]["kernel"] + b(
+      p["intermediate"])
+  h = 0.5 * h * (1 + erf(h / np.sqrt(2)))  # BERT's erf GELU
+  return x + h @ p["output"]["kernel"] + b(p["output"])
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_pre_layer_norm_layer_matches_numpy(use_bias):
+  """A pre-LN layer (random weights, LayerNorms and biases moved off their
+  init) against the same layer written in numpy; the model adds a final
+  LayerNorm after the last layer."""
+  from research.models.bert import Layer  # pylint: disable=import-outside-toplevel
+  cfg = TINY.replace(pre_layer_norm=True, use_bias=use_bias,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  layer = Layer(cfg, dtype=jnp.float32, param_dtype=jnp.float32,
+                rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  state = nnx.state(layer, nnx.Param)
+  flat = nnx.to_flat_state(state)
+  for _, var in flat:  # every weight random and O(1/sqrt(fan_in))
+    var[...] = jnp.asarray(rng.normal(size=var.shape) * 0.3, jnp.float32)
+  nnx.update(layer, state)
+  names = {".".join(map(str, p)) for p, _ in flat}
+  assert ("attention.query.bias" in names) == use_bias
+  assert ("intermediate.bias" in names) == use_bias
+  params = {}
+  for path, var in flat:
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = np.asarray(var[...], np.float64)
+  x = rng.normal(size=(3, 7, cfg.hidden_size))
+  mask = np.arange(7)[None] < np.array([7, 4, 1])[:, None]
+  got = layer(jnp.asarray(x, jnp.float32),
+              jnp.asarray(mask)[:, None, None, :])
+  want = _np_pre_ln_layer(params, x, mask, cfg, use_bias)
+  np.testing.assert_allclose(np.asarray(got)[mask], want[mask], atol=2e-4,
+                             rtol=2e-4)
+  # Post-LN with the same weights computes something else.
+  post = Layer(cfg.replace(pre_layer_norm=False), dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  nnx.update(post, state)
+  assert np.abs(np.asarray(post(jnp.asarray(x, jnp.float32), jnp.asarray(
+      mask)[:, None, None, :])) - want)[mask].max() > 0.1
+  model = create_model("masked_lm", cfg, seed=0)
+  assert model.bert.final_layer_norm is not None
+  assert create_model("masked_lm", TINY, seed=0).bert.final_layer_norm is None
+
+
+def test_masked_positions_decode_only_those_tokens():
+  model = create_model("masked_lm", TINY, seed=0)
+  batch = _jnp_batch()
+  dense = model(**batch)
+  positions = jnp.asarray([[1, 3], [0, 2], [4, 4], [2, 0]], jnp.int32)
+  sparse = model(**batch, masked_positions=positions)
+  assert sparse.shape == (4, 2, TINY.vocab_size)
+  np.testing.assert_allclose(
+      sparse, np.take_along_axis(np.asarray(dense), np.asarray(positions)[
+          ..., None], axis=1), atol=1e-5)

@@ -563,3 +563,98 @@ def test_a_method_that_changes_the_data_refuses_a_corpus(tmp_path, method,
                      r"which changes the training data .*config.task="
                      "'masked_lm' streams its own input"):
     validate(config)
+
+
+@pytest.mark.parametrize("masking", ["token", "span"])
+def test_sparse_prediction_loss_and_gradients_equal_dense(texts, masking):
+  """One masked batch: the loss over the gathered masked positions equals
+  the loss over every position (within 1e-5), and so do the gradients and
+  the evaluation outputs."""
+  from research.training import partition  # pylint: disable=import-outside-toplevel
+  config = _config(texts)
+  config.task_options.masking = masking
+  tokenizer = data.load_tokenizer(str(hf.resolve("all-minilm-l6-v2")))
+  task = tasks.load(config, tokenizer)
+  cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=32,
+                   num_hidden_layers=2, num_attention_heads=2,
+                   intermediate_size=64, pre_layer_norm=True, use_bias=False,
+                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  graphdef, params, frozen, rest = partition.split_model(
+      create_model("masked_lm", cfg, seed=0))
+  rows = [l for l in pathlib.Path(texts[1]).read_text().splitlines()][:16]
+  enc = tokenizer(rows, padding="max_length", truncation=True, max_length=64,
+                  return_tensors="np")
+  batch = {"input_ids": jnp.asarray(enc["input_ids"], jnp.int32),
+           "attention_mask": jnp.asarray(enc["attention_mask"], jnp.int32),
+           "token_type_ids": jnp.zeros((16, 64), jnp.int32),
+           "weights": jnp.ones(16, jnp.float32)}
+  masked = task.transform(batch, jax.random.key(4))
+  assert masked["masked_positions"].shape == (16, 20)  # ceil(2 x .15 x 64)
+  dense = {k: v for k, v in masked.items() if k != "masked_positions"}
+  grad = jax.jit(jax.value_and_grad(task.loss_fn(graphdef), has_aux=True))
+  (sparse_loss, sparse_aux), sparse_grads = grad(params, (frozen, rest),
+                                                 masked, jax.random.key(0))
+  (dense_loss, dense_aux), dense_grads = grad(params, (frozen, rest), dense,
+                                              jax.random.key(0))
+  assert float(dense_aux["weight"]) == float(sparse_aux["weight"]) > 50
+  assert abs(float(sparse_loss) - float(dense_loss)) < 1e-5
+  assert float(dense_loss) == pytest.approx(np.log(len(tokenizer)), abs=0.5)
+  for a, b in zip(jax.tree.leaves(sparse_grads), jax.tree.leaves(dense_grads)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+  forward = task.eval_forward(graphdef)
+  sparse_out = forward(params, (frozen, rest), masked)
+  dense_out = forward(params, (frozen, rest), dense)
+  assert abs(float(sparse_out["loss"]) - float(dense_out["loss"])) < 1e-4
+  chosen = np.asarray(masked["labels"]) != -100
+  np.testing.assert_array_equal(np.asarray(sparse_out["weights"]) > 0, chosen)
+  np.testing.assert_array_equal(np.asarray(sparse_out["predictions"])[chosen],
+                                np.asarray(dense_out["predictions"])[chosen])
+
+
+def _launch_commands(doc):
+  """The `./launch.sh ...` commands of a docstring, continuations joined."""
+  commands, current = [], None
+  for line in doc.splitlines():
+    line = line.strip()
+    if current is not None:
+      current += " " + line.rstrip("\\").strip()
+      if not line.endswith("\\"):
+        commands.append(current)
+        current = None
+    elif line.startswith("./launch.sh"):
+      current = line.rstrip("\\").strip()
+      if not line.endswith("\\"):
+        commands.append(current)
+        current = None
+  return commands
+
+
+def test_pod_recipe_launch_commands_pass_dry_run(tmp_path):
+  """The docstring's launch.sh commands run as written with --dry-run: each
+  reaches the workers' research.train command with its config, which
+  validates."""
+  import shlex  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  commands = _launch_commands(pretrain_bert_base.__doc__)
+  assert len(commands) == 2
+  for command in commands:
+    argv = shlex.split(command)
+    config = argv[argv.index("tpu") + 5]  # tpu --name N --zone Z CONFIG
+    assert config.startswith("experiments/pretrain_bert_base.py:")
+    validate(pretrain_bert_base.get_config(config.partition(":")[2]))
+    out = subprocess.run(["bash", str(REPO / "launch.sh"), *argv[1:],
+                          "--dry-run"], cwd=REPO, capture_output=True,
+                         text=True, env={"PATH": "/usr/bin:/bin",
+                                         "HOME": str(tmp_path)}, check=False)
+    assert out.returncode == 0, out.stderr
+    worker = next(l for l in out.stdout.splitlines()
+                  if l.startswith("# on every worker: "))
+    # What each worker's shell runs, argument by argument.
+    tail = worker.split("; . ~/.research-env; ")[1]
+    remote = subprocess.run(["bash", "-c", f"printf '%s\\n' {tail}"],
+                            capture_output=True, text=True, check=True,
+                            env={"HOME": "/home/w"}).stdout.splitlines()
+    assert remote[1:] == ["-m", "research.train", "--config", config,
+                          "--workdir", argv[argv.index("--workdir") + 1]]
+    assert "+ gcloud compute tpus tpu-vm ssh my-v4-32 --zone us-central2-b" \
+        in out.stdout

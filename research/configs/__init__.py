@@ -26,6 +26,8 @@ CHOICES = {
     "model.layers": ("auto", "scan", "unrolled"),
     "prng_impl": ("threefry", "rbg", "unsafe_rbg"),
     "model.pooling": ("auto", "pooler", "cls", "mean", "max"),
+    "model.layer_norm": ("checkpoint", "post", "pre"),
+    "model.bias": ("checkpoint", "on", "off"),
     "data.source": ("local", "tfds", "hf"),
     # conll, squad: CoNLL column files, official SQuAD JSON (their tasks).
     "data.format": ("auto", "csv", "tsv", "jsonl", "conll", "squad"),

@@ -46,6 +46,14 @@ def get_config():
   # runs export as transformers' BertFor*; the others as a
   # sentence-transformers directory (docs/pooling.md).
   c.model.pooling = "auto"
+  # Architecture options beyond Hugging Face's BERT (research/models/bert.py).
+  # "checkpoint": as the checkpoint's config.json says (a Hugging Face BERT:
+  # post, on). A model from scratch (masked_lm's task_options.architecture)
+  # takes any; a checkpoint's weights were trained with its own, so asking
+  # for the other is an error. A pre-LN model cannot be exported to Hugging
+  # Face (its BertModel is post-LN); a bias-free one exports zero biases.
+  c.model.layer_norm = "checkpoint"  # checkpoint | post | pre (before each sub-layer)
+  c.model.bias = "checkpoint"        # checkpoint | on | off (encoder dense layers)
 
   # --- Task, methods, evaluators ------------------------------------------------
   # A module of research/tasks/ (a dotted name: any module path):

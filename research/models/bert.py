@@ -1,7 +1,14 @@
 """The BERT encoder in Flax NNX (also RoBERTa, which differs only in details).
 
 Post-LayerNorm transformer as in Devlin et al. (2018) and Hugging Face's
-`BertModel`, so that Hugging Face checkpoints load onto it unchanged.
+`BertModel`, so that Hugging Face checkpoints load onto it unchanged. Two
+options for models trained from scratch (`BertConfig.pre_layer_norm`,
+`use_bias`; Cramming, Geiping & Goldstein 2023): LayerNorm before each
+sub-layer, with a final one after the last layer (Xiong et al. 2020), which
+trains stably at the high learning rates that leave a post-LN BERT at the
+unigram plateau; and encoder dense layers without biases. Hugging Face's
+`BertModel` has neither: `research.models.hf.export` refuses a pre-LN model
+and writes zero biases for a bias-free one.
 
 Every weight carries logical axis names only (`'vocab'`, `'embed'`, `'heads'`,
 `'kv'`, `'mlp'`); which mesh axis each maps to is config, applied by
@@ -72,6 +79,9 @@ class BertConfig:
   initializer_range: float = 0.02
   pad_token_id: int = 0
   model_type: str = "bert"
+  # Not in Hugging Face's BERT (see the module docstring).
+  pre_layer_norm: bool = False  # LayerNorm before each sub-layer + a final one
+  use_bias: bool = True         # biases of the encoder's dense layers
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -85,6 +95,12 @@ class BertConfig:
       raise ValueError(
           f"hidden_size {self.hidden_size} is not divisible by "
           f"num_attention_heads {self.num_attention_heads}")
+
+  @property
+  def dense_options(self) -> dict:
+    """Extra `dense_factory` arguments of the encoder's layers (none by
+    default, so that a factory with a fixed signature keeps working)."""
+    return {} if self.use_bias else {"use_bias": False}
 
   @property
   def head_dim(self) -> int:
@@ -288,15 +304,16 @@ class SelfAttention(nnx.Module):
     dense = dense_builder(cfg, dense_factory, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
     qkv_axes = ("embed", "heads", "kv")
+    opts = cfg.dense_options
     self.query = dense(cfg.hidden_size, heads, kernel_axes=qkv_axes,
-                       name="attention.query")
+                       name="attention.query", **opts)
     self.key = dense(cfg.hidden_size, heads, kernel_axes=qkv_axes,
-                     name="attention.key")
+                     name="attention.key", **opts)
     self.value = dense(cfg.hidden_size, heads, kernel_axes=qkv_axes,
-                       name="attention.value")
+                       name="attention.value", **opts)
     self.output = dense(heads, cfg.hidden_size, axis=(-2, -1),
                         kernel_axes=("heads", "kv", "embed"),
-                        name="attention.output")
+                        name="attention.output", **opts)
     # Original indices of the heads `prune_heads` removed.
     self.pruned_heads: tuple[int, ...] = ()
 
@@ -393,7 +410,12 @@ def stack_attention(intermediates: nnx.State) -> jax.Array:
 
 
 class Layer(nnx.Module):
-  """One post-LN transformer layer: attention, add & norm, MLP, add & norm."""
+  """One transformer layer: attention, add & norm, MLP, add & norm (post-LN).
+
+  With `cfg.pre_layer_norm`: x + attention(norm(x)), then x + MLP(norm(x));
+  the two LayerNorms keep their names (`attention_layer_norm` normalises the
+  attention's input, `output_layer_norm` the MLP's).
+  """
 
   def __init__(self, cfg: BertConfig, *, dtype, param_dtype, rngs,
                attention_impl=None, dense_factory: DenseFactory = make_dense):
@@ -403,20 +425,26 @@ class Layer(nnx.Module):
                                    dense_factory=dense_factory, **kw)
     self.attention_layer_norm = _layer_norm(cfg, **kw)
     self.intermediate = dense(cfg.hidden_size, cfg.intermediate_size,
-                              kernel_axes=("embed", "mlp"), name="intermediate")
+                              kernel_axes=("embed", "mlp"), name="intermediate",
+                              **cfg.dense_options)
     self.output = dense(cfg.intermediate_size, cfg.hidden_size,
-                        kernel_axes=("mlp", "embed"), name="output")
+                        kernel_axes=("mlp", "embed"), name="output",
+                        **cfg.dense_options)
     self.output_layer_norm = _layer_norm(cfg, **kw)
     self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
     self.activation = ACTIVATIONS[cfg.hidden_act]
+    self.pre_layer_norm = cfg.pre_layer_norm
 
   def __call__(self, x, mask, *, prefix=None, sow_attention=False, rngs=None):
     drop = functools.partial(self.dropout, deterministic=rngs is None, rngs=rngs)
-    h = self.attention(x, mask, prefix=prefix, sow_attention=sow_attention,
-                       rngs=rngs)
-    x = self.attention_layer_norm(x + drop(h))
-    h = self.output(self.activation(self.intermediate(x)))
-    return self.output_layer_norm(x + drop(h))
+    attend = functools.partial(self.attention, mask=mask, prefix=prefix,
+                               sow_attention=sow_attention, rngs=rngs)
+    mlp = lambda h: self.output(self.activation(self.intermediate(h)))  # pylint: disable=unnecessary-lambda-assignment
+    if self.pre_layer_norm:
+      x = x + drop(attend(self.attention_layer_norm(x)))
+      return x + drop(mlp(self.output_layer_norm(x)))
+    x = self.attention_layer_norm(x + drop(attend(x)))
+    return self.output_layer_norm(x + drop(mlp(x)))
 
 
 def _layer_keys(rngs, count):
@@ -474,6 +502,9 @@ class BertModel(nnx.Module):
     self.layers = nnx.List([
         Layer(cfg, attention_impl=attention_impl, dense_factory=dense_factory,
               **kw) for _ in range(cfg.num_hidden_layers)])
+    # Pre-LN: the residual stream is never normalised inside the layers.
+    self.final_layer_norm = (_layer_norm(cfg, **kw) if cfg.pre_layer_norm
+                             else None)
     self.pooler = (dense_builder(cfg, dense_factory, **kw)(
         cfg.hidden_size, cfg.hidden_size, kernel_axes=("embed", None),
         name="pooler") if pooling == "pooler" else None)
@@ -642,6 +673,8 @@ class BertModel(nnx.Module):
       mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (prefix_len,), bool),
                               mask], axis=-1)
     x = self.encode(x, mask, prefixes, sow_attention=sow_attention, rngs=rngs)
+    if self.final_layer_norm is not None:
+      x = self.final_layer_norm(x)
     if self.pooling is None:
       return x, None
     pooled = pooling_lib.pool(x, attention_mask, self.pooling,

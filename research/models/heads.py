@@ -173,7 +173,15 @@ class QuestionAnswering(Head):
 
 
 class MaskedLM(Head):
-  """Logits [batch, length, vocab]; the decoder is tied to the word embeddings."""
+  """Logits [batch, length, vocab]; the decoder is tied to the word embeddings.
+
+  `masked_positions` [batch, P] (sparse prediction, Cramming / BERT's
+  original `max_predictions_per_seq`): the encoder's outputs at those
+  positions only go through the transform and the decoder, giving logits
+  [batch, P, vocab]. The decoder is a vocab x hidden matmul per token, the
+  largest of a small BERT, so predicting the ~15% masked tokens only is most
+  of a masked-LM step's saving.
+  """
   hf_architecture = "ForMaskedLM"
 
   def __init__(self, cfg, num_labels=0, *, dense_factory=make_dense, **kw):
@@ -221,11 +229,16 @@ class MaskedLM(Head):
     logits = jnp.einsum("...h,uh->...u", x, rows.astype(x.dtype))
     return (logits + self.decoder_bias[...][token_ids]).astype(jnp.float32)
 
+  def _mlm_logits_at(self, x, masked_positions):
+    if masked_positions is not None:  # [B, L, H] -> [B, P, H]
+      x = jnp.take_along_axis(x, masked_positions[..., None], axis=1)
+    return self.mlm_logits(x)
+
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
-               rngs=None, **encoder_kw):
+               masked_positions=None, rngs=None, **encoder_kw):
     x, _ = self.bert(input_ids, attention_mask, token_type_ids, rngs=rngs,
                      **encoder_kw)
-    return self.mlm_logits(x)
+    return self._mlm_logits_at(x, masked_positions)
 
 
 class PreTraining(MaskedLM):
@@ -250,10 +263,10 @@ class PreTraining(MaskedLM):
             **hf_linear_keys("cls.seq_relationship", ("seq_relationship",))}
 
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
-               rngs=None, **encoder_kw):
+               masked_positions=None, rngs=None, **encoder_kw):
     x, pooled = self.bert(input_ids, attention_mask, token_type_ids,
                           rngs=rngs, **encoder_kw)
-    return (self.mlm_logits(x),
+    return (self._mlm_logits_at(x, masked_positions),
             self.seq_relationship(pooled).astype(jnp.float32))
 
 

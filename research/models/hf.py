@@ -412,6 +412,9 @@ def _zero_filled_heads(flat, pruned: dict, cfg: BertConfig) -> dict:
     out[base + ("output", "kernel")] = full
   return out
 
+# BertConfig fields that Hugging Face's BERT config does not have.
+RESEARCH_FIELDS = ("pre_layer_norm", "use_bias")
+
 
 def export(model: nnx.Module, out_dir, task=None, *,
            tokenizer_dir=None, label_names=None) -> pathlib.Path:
@@ -425,11 +428,26 @@ def export(model: nnx.Module, out_dir, task=None, *,
     tokenizer_dir: a directory whose tokenizer files are copied alongside.
     label_names: class names in id order, written as id2label / label2id.
 
+  A model without encoder biases (`use_bias=False`) is written with zero
+  biases: the same function in Hugging Face's format.
+
   Returns:
     The output directory.
+
+  Raises:
+    CheckpointError: a pre-LayerNorm model, which Hugging Face's post-LN
+      `BertModel` would load without complaint and compute wrongly.
   """
   import safetensors.numpy  # pylint: disable=import-outside-toplevel
   cfg: BertConfig = model.cfg
+  if cfg.pre_layer_norm:
+    raise CheckpointError(
+        "this model is pre-LayerNorm (config.model.layer_norm='pre' or "
+        "BertConfig.pre_layer_norm): transformers' BertModel is post-LN "
+        "only, and would load these weights without an error and compute "
+        "another function, so no Hugging Face directory is written. Use the "
+        "run's own checkpoints (research.restore.restore_run), or train with "
+        "config.model.layer_norm='post' for a Hugging Face checkpoint.")
   head = type(model) if task is None else head_class(task)
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -440,10 +458,18 @@ def export(model: nnx.Module, out_dir, task=None, *,
   tensors = {}
   for hf_key, (path, kind) in key_map(head, cfg).items():
     if path in flat:
-      tensors[hf_key] = np.ascontiguousarray(_to_hf(kind, flat[path]))
+      tensors[hf_key] = np.ascontiguousarray(
+          _to_hf(kind, np.asarray(flat[path][...], np.float32)))
+  if not cfg.use_bias:  # zeros: what the bias-free layers compute
+    for hf_key, (path, _) in key_map(head, cfg).items():
+      weight = hf_key[:-len("bias")] + "weight"
+      if (hf_key.endswith(".bias") and hf_key not in tensors
+          and path[-1] == "bias" and weight in tensors):
+        tensors[hf_key] = np.zeros(tensors[weight].shape[0], np.float32)
   safetensors.numpy.save_file(tensors, str(out / "model.safetensors"),
                               metadata={"format": "pt"})
-  hf_config = {k: v for k, v in dataclasses.asdict(cfg).items()}
+  hf_config = {k: v for k, v in dataclasses.asdict(cfg).items()
+               if k not in RESEARCH_FIELDS}
   prefix = "Roberta" if cfg.model_type == "roberta" else "Bert"
   hf_config["architectures"] = [prefix + head.hf_architecture]
   if pruned:

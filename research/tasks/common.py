@@ -148,6 +148,33 @@ def scan_layers(mode) -> bool:
   return mode == "scan"
 
 
+def architecture_overrides(model_config) -> dict:
+  """`BertConfig` fields that `config.model.layer_norm` and `.bias` set
+  ("checkpoint": none)."""
+  overrides = {}
+  if model_config.get("layer_norm", "checkpoint") != "checkpoint":
+    overrides["pre_layer_norm"] = model_config.layer_norm == "pre"
+  if model_config.get("bias", "checkpoint") != "checkpoint":
+    overrides["use_bias"] = model_config.bias == "on"
+  return overrides
+
+
+def check_architecture(model_config, checkpoint_cfg, where) -> None:
+  """Raises ConfigError when config.model asks a checkpoint for a layer
+  norm position or biases its weights were not trained with."""
+  names = {"pre_layer_norm": ("layer_norm", {True: "pre", False: "post"}),
+           "use_bias": ("bias", {True: "on", False: "off"})}
+  for key, value in architecture_overrides(model_config).items():
+    field, spell = names[key]
+    if getattr(checkpoint_cfg, key) != value:
+      raise ConfigError(
+          f"config.model.{field}={spell[value]!r}, but the checkpoint {where} "
+          f"is {spell[getattr(checkpoint_cfg, key)]!r}: its weights were "
+          f"trained that way. Keep {field}='checkpoint', or set it for a "
+          "model from scratch (config.task_options.architecture of task "
+          "masked_lm)")
+
+
 class Task:
   """Base of the tasks; see the module docstring."""
   HEAD = heads.SequenceClassification  # the model class (research/models/heads.py)
@@ -202,6 +229,8 @@ class Task:
     from research.models import hf  # pylint: disable=import-outside-toplevel
     from research.models.pooling import PoolingError  # pylint: disable=import-outside-toplevel
     c = self.config
+    check_architecture(c.model, hf.read_config(hf.resolve(str(model_dir))),
+                       str(model_dir))
     try:
       model, _ = hf.load_pretrained(
           str(model_dir), self.HEAD, self.num_outputs(),

@@ -15,13 +15,27 @@ Two inputs:
 
 Masking is dynamic (RoBERTa's): a `transform` in the jitted step
 (`research.data.masking`) picks `mask_probability` of each batch's real,
-non-special tokens (whole words with `whole_word`) with the key
+non-special tokens with the key
 `fold_in(fold_in(key(seed), step), steps.TRANSFORM_STREAM)`; of those, 80%
-become [MASK], 10% a random token, 10% stay (Devlin et al., 2018). The key is
-a function of the seed and the step, so a resumed run masks exactly as an
-uninterrupted one; evaluation uses fixed keys per batch, the same at every
-evaluation. Labels are the original ids at the chosen positions (-100
-elsewhere).
+become [MASK], 10% a random token, 10% stay (Devlin et al., 2018). What is
+chosen together is `masking`: "token" (each token), "whole_word" (every
+sub-token of a word), "span" (SpanBERT's spans of whole words, geometric
+lengths with p = `span_p`, at most `span_max` words) or "knowledge" (ERNIE's
+entity / phrase masking: the names of `knowledge_file`, one per line, found
+on word boundaries, case-insensitively with `knowledge_ignore_case`, are
+masked whole; `research.data.knowledge`). The key is a function of the seed
+and the step, so a resumed run masks exactly as an uninterrupted one;
+evaluation uses fixed keys per batch, the same at every evaluation. Labels
+are the original ids at the chosen positions (-100 elsewhere).
+
+Sparse prediction (`sparse_prediction`, on by default; Cramming): the head
+decodes only the masked positions (`masked_positions` [B, P], at most
+`max_predictions` per row, default 2 x mask_probability x row length), not
+all of them: the vocab x hidden decoder is the largest matmul of a small
+BERT. A row that draws more than P tokens keeps its first whole units that
+fit and leaves the rest unmasked, so the loss equals the dense loss of the
+same masked batch; per-token losses and predictions are scattered back to
+[B, L] for the evaluators.
 
 Why in the step and not on the host: masking is a few element-wise ops on
 [B, L] that cost nothing on an accelerator, while the host's Python batch
@@ -72,7 +86,7 @@ from flax import nnx
 from research import parallelism
 from research.configs.plugins import ConfigError
 from research.data import corpus as corpus_lib
-from research.data import corpus_batching, masking
+from research.data import corpus_batching, knowledge, masking
 from research.data.corpus_batching import CorpusBatcher, CorpusSplit
 from research.data.errors import DataError
 from research.data.splits import TokenizedSplit, select, text_fields
@@ -112,7 +126,13 @@ class Task(common.Task):
   EVALUATOR = "token"
   CONFIG = {
       "mask_probability": 0.15,
-      "whole_word": False,       # mask every sub-token of a chosen word
+      "masking": "token",        # token | whole_word | span | knowledge
+      "span_p": masking.SPAN_P,  # span: geometric parameter of span lengths
+      "span_max": masking.SPAN_MAX,  # span: the longest span, in words
+      "knowledge_file": "",      # knowledge: names, one per line (UTF-8)
+      "knowledge_ignore_case": False,  # knowledge: match any letter case
+      "sparse_prediction": True,  # decode the masked positions only
+      "max_predictions": 0,      # sparse: slots per row (0: 2 x rate x length)
       "corpus": "",              # "" (config.data rows) | text | jsonl | tfds | hf
       "train_files": (),         # text / jsonl: files or globs, read in order
       "eval_files": (),          # held-out files (split "validation")
@@ -123,7 +143,6 @@ class Task(common.Task):
       "eval_rows": 0,            # > 0: evaluate on the first rows only
       "next_sentence": False,    # BERT's NSP head and sentence pairs
       "architecture": "",        # "field=value,...": a new model, from scratch
-      "sparse_prediction": False,  # the head at masked positions only
   }
 
   def __init__(self, config, tokenizer=None):
@@ -139,6 +158,24 @@ class Task(common.Task):
       if o[field] not in valid:
         raise ConfigError(f"config.task_options.{field}={o[field]!r}; valid: "
                           f"{', '.join(map(repr, valid))}")
+    if o["masking"] not in masking.MODES:
+      raise ConfigError(f"config.task_options.masking={o['masking']!r}; "
+                        f"valid: {', '.join(map(repr, masking.MODES))}")
+    if (o["masking"] == "knowledge") != bool(o["knowledge_file"]):
+      raise ConfigError(
+          "config.task_options.knowledge_file is the list of masking="
+          "'knowledge' (one name per line), and only its: masking="
+          f"{o['masking']!r}, knowledge_file={o['knowledge_file']!r}")
+    if o["masking"] == "knowledge" and not os.path.isfile(o["knowledge_file"]):
+      raise ConfigError(f"config.task_options.knowledge_file="
+                        f"{o['knowledge_file']!r}: no such file")
+    if not 0 < o["span_p"] < 1 or o["span_max"] < 1:
+      raise ConfigError(
+          f"config.task_options.span_p={o['span_p']} must be in (0, 1) and "
+          f"span_max={o['span_max']} >= 1 (SpanBERT: 0.2, 10)")
+    if o["max_predictions"] < 0:
+      raise ConfigError(f"config.task_options.max_predictions="
+                        f"{o['max_predictions']} must be >= 0 (0: automatic)")
     if o["corpus"] in ("text", "jsonl") and not o["train_files"]:
       raise ConfigError(f"config.task_options.corpus={o['corpus']!r} needs "
                         "config.task_options.train_files (files or globs)")
@@ -169,8 +206,9 @@ class Task(common.Task):
     from research.models import create_model, hf  # pylint: disable=import-outside-toplevel
     c = self.config
     try:
-      cfg = hf.read_config(model_dir).replace(
-          **common.dropout_overrides(c.model), **self.architecture)
+      cfg = hf.read_config(model_dir).replace(**{
+          **common.dropout_overrides(c.model),
+          **common.architecture_overrides(c.model), **self.architecture})
     except TypeError as e:
       raise ConfigError(f"config.task_options.architecture="
                         f"{self.options['architecture']!r}: {e}") from e
@@ -287,60 +325,59 @@ class Task(common.Task):
       if self.tokenizer is None:
         raise ValueError("task masked_lm needs the tokenizer (tasks.load("
                          "config, tokenizer)) for its [MASK] id and vocabulary")
+      o = self.options
+      table = None
+      if o["masking"] == "knowledge":
+        table = knowledge.KnowledgeTable.build(
+            knowledge.read_names(o["knowledge_file"]), self.tokenizer,
+            ignore_case=o["knowledge_ignore_case"])
+        log.info("knowledge list %s: %s", o["knowledge_file"], table.stats)
       self._transform = masking.make_transform(
-          self.tokenizer, mask_rate=self.options["mask_probability"],
-          whole_word=self.options["whole_word"])
+          self.tokenizer, mask_rate=o["mask_probability"], mode=o["masking"],
+          knowledge=table, span_p=o["span_p"], span_max=o["span_max"],
+          max_predictions=(o["max_predictions"] if o["sparse_prediction"]
+                           else None))
     return self._transform(batch, key)
 
   def label_fields(self):
     """None: the transform masks the batch and makes its labels."""
     return ()
 
-  def sparse_count(self, tokens):
-    """Masked positions gathered per batch of `tokens` (sparse_prediction)."""
-    p = self.options["mask_probability"]
-    return min(tokens, int(np.ceil(p * tokens + 8 * np.sqrt(
-        tokens * p * (1 - p)))) + 8)
+  def head_fraction(self, seq_len):
+    """The share of positions the head decodes (`research.bench`'s FLOPs)."""
+    o = self.options
+    if not o["sparse_prediction"]:
+      return 1.0
+    return (o["max_predictions"] or masking.default_max_predictions(
+        seq_len, o["mask_probability"])) / seq_len
 
-  def forward(self, model, batch, rngs=None):
-    """The head's logits; with sparse_prediction only at the masked
-    positions: {"logits": [M, vocab], "index": [M] into the flattened
-    [B * L], "valid": [M] (False: filler)}."""
-    if not self.options["sparse_prediction"]:
-      return super().forward(model, batch, rngs)
-    inputs = self.model_inputs(batch)
-    if "embeds_delta" in batch:
-      embeds = model.bert.embeddings.word_embeddings(inputs.pop("input_ids"))
-      inputs.update(input_ids=None, inputs_embeds=embeds + batch[
-          "embeds_delta"].astype(embeds.dtype))
-    hidden, _ = model.bert(**inputs, rngs=rngs)
-    masked = (batch["labels"] != IGNORE).reshape(-1)
-    count = self.sparse_count(masked.size)
-    (index,) = jnp.nonzero(masked, size=count, fill_value=0)
-    return {"logits": model.mlm_logits(
-                hidden.reshape(masked.size, -1)[index]),
-            "index": index, "valid": jnp.arange(count) < masked.sum()}
+  def model_inputs(self, batch):
+    inputs = super().model_inputs(batch)
+    if "masked_positions" in batch:  # sparse prediction
+      inputs["masked_positions"] = batch["masked_positions"]
+    return inputs
 
-  def _scatter(self, values, outputs, batch):
-    """[M] values at the gathered positions -> [B, L] (0 elsewhere)."""
-    flat = jnp.zeros(batch["labels"].size, values.dtype)
-    # Fillers repeat index 0 with value 0: add, not set, keeps the real one.
-    return flat.at[outputs["index"]].add(
-        jnp.where(outputs["valid"], values, 0)).reshape(batch["labels"].shape)
+  @staticmethod
+  def _scatter(values, positions, length):
+    """[B, P] values at `positions` -> [B, L] (zeros elsewhere)."""
+    rows = jnp.arange(values.shape[0])[:, None]
+    return jnp.zeros((values.shape[0], length), values.dtype).at[
+        rows, positions].set(values)
 
   def loss(self, logits, batch):
     """Cross-entropy per masked token [B, L] (weight 0 elsewhere)."""
     if isinstance(logits, tuple):  # (MLM, NSP): the MLM part
       logits = logits[0]
-    if isinstance(logits, dict):  # sparse_prediction
-      labels = batch["labels"].reshape(-1)[logits["index"]]
-      losses = optax.softmax_cross_entropy_with_integer_labels(
-          logits["logits"], jnp.maximum(labels, 0))
-      weights = jnp.broadcast_to(batch["weights"][:, None],
-                                 batch["labels"].shape).reshape(-1)
-      return (self._scatter(losses, logits, batch),
-              self._scatter(weights[logits["index"]], logits, batch))
-    return self.token_cross_entropy(logits, batch, IGNORE)
+    positions = batch.get("masked_positions")
+    if positions is None:
+      return self.token_cross_entropy(logits, batch, IGNORE)
+    # Sparse: logits [B, P, vocab] at `positions`.
+    length = batch["labels"].shape[1]
+    losses, weights = self.token_cross_entropy(logits, {
+        "labels": jnp.take_along_axis(batch["labels"], positions, axis=1),
+        "weights": batch["weights"]}, IGNORE)
+    return (self._scatter(losses, positions, length),
+            self._scatter(weights.astype(losses.dtype), positions, length))
 
   def loss_fn(self, graphdef):
     """The MLM loss; with `next_sentence`, plus the mean NSP cross-entropy."""
@@ -369,13 +406,15 @@ class Task(common.Task):
     return out
 
   def predict(self, logits, batch):
-    """The most likely token at every position [B, L]."""
+    """The most likely token at every position [B, L] (sparse: at the
+    masked positions, 0 elsewhere)."""
     if isinstance(logits, tuple):
       logits = logits[0]
-    if isinstance(logits, dict):  # sparse_prediction
-      return self._scatter(jnp.argmax(logits["logits"], axis=-1), logits,
-                           batch)
-    return jnp.argmax(logits, axis=-1)
+    best = jnp.argmax(logits, axis=-1)
+    if "masked_positions" not in batch:
+      return best
+    return self._scatter(best, batch["masked_positions"],
+                         batch["input_ids"].shape[1])
 
   def distributions(self, logits, batch):
     """The vocabulary distribution at every real token [B, L, V] (with

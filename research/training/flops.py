@@ -53,25 +53,29 @@ def flops_per_token(num_layers: int, hidden: int, seq_len: int,
   return 6.0 * matmul_params + 12.0 * num_layers * hidden * seq_len
 
 
-def matmul_params(model) -> tuple[int, int]:
+def matmul_params(model, head_fraction: float = 1.0) -> tuple[int, int]:
   """(per-token, per-sequence) matmul weights of a model, from its kernels.
 
   Per token: every kernel of the encoder layers. Per sequence: the kernels
   that see only [CLS] (pooler, classifier); token-level heads' kernels count
-  per token.
+  per token, times `head_fraction` (the share of tokens the head runs on:
+  sparse masked-LM prediction decodes only the masked positions; the
+  task's `head_fraction(seq_len)`).
   """
-  per_token = per_sequence = 0
+  per_token = head = per_sequence = 0
   for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     if path[-1] != "kernel":
       continue
     size = int(np.prod(value.shape))
-    if "layers" in path or (path[0] != "bert" and not _sequence_level(model)):
+    if "layers" in path:
       per_token += size
+    elif path[0] != "bert" and not _sequence_level(model):
+      head += size
     else:
       per_sequence += size
   # A tied MLM decoder is the embedding table used as a matmul on every token.
-  per_token += getattr(model, "tied_matmul_params", lambda: 0)()
-  return per_token, per_sequence
+  head += getattr(model, "tied_matmul_params", lambda: 0)()
+  return per_token + int(round(head * head_fraction)), per_sequence
 
 
 def _sequence_level(model) -> bool:
