@@ -73,7 +73,9 @@ def corpus_config(*, model, train_files, eval_files=(), max_length=128,
       "eval_files": tuple(eval_files), "packing": packing,
       "architecture": architecture, "next_sentence": next_sentence,
       "eval_rows": eval_rows, "masking": masking,
-      "mask_probability": 0.15})
+      "mask_probability": 0.15,
+      # NSP reads the pooled output: the head decodes every position then.
+      "sparse_prediction": not next_sentence})
   c.data.max_length = max_length
   c.batch_size = batch_size
   c.eval_batch_size = batch_size

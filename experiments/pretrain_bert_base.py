@@ -49,11 +49,9 @@ from experiments import _pretrain_common as common
 BERT_BASE = ("hidden_size=768,num_hidden_layers=12,num_attention_heads=12,"
              "intermediate_size=3072,max_position_embeddings=512,"
              "type_vocab_size=2")
-# The corpus defaults to WikiText-2 as a stand-in: pass yours with files=.
-DEFAULTS = {"phase": 1,
-            "files": os.path.join(common.WIKITEXT, "wiki.train.tokens"),
-            "eval": os.path.join(common.WIKITEXT, "wiki.valid.tokens"),
-            "init": "", "optimizer":
+# The corpus defaults to WikiText-2 (the Hugging Face dataset; data_dir= a
+# local copy) as a stand-in: pass yours with files= and eval=.
+DEFAULTS = {"phase": 1, "files": "", "eval": "", "data_dir": "", "init": "", "optimizer":
             "adamw", "batch": 256, "steps": 0, "lr": 1e-4, "warmup": 10000,
             "mesh": "1x-1x1", "nsp": True, "tiny": False}
 PHASES = {1: (128, 900_000), 2: (512, 100_000)}  # row length, steps
@@ -94,6 +92,8 @@ def get_config(arg=None):
       warmup_steps=min(args["warmup"], (args["steps"] or steps) - 1),
       architecture=(common.TINY if args["tiny"] else BERT_BASE) if scratch
       else "", next_sentence=args["nsp"], packing="doc", eval_rows=10_000)
+  if not args["files"]:
+    common.use_wikitext(c, args["data_dir"])
   c.optimizer.name = args["optimizer"]
   c.optimizer.b2 = 0.999
   c.model.hidden_dropout = 0.1

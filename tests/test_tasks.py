@@ -420,39 +420,8 @@ def test_task_options_are_checked_by_the_task(tmp_path):
     validate(config)
 
 
-def test_sparse_prediction_equals_the_dense_head(tokenizer, tmp_path):
-  """The head at the masked positions only: the same per-token losses,
-  weights and predictions as the [B, L, vocab] head, on a batch masked by
-  the task's own transform."""
-  from research.models import BertConfig, create_model  # pylint: disable=import-outside-toplevel
-  cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                   num_attention_heads=4, intermediate_size=64,
-                   max_position_embeddings=64)
-  model = create_model("masked_lm", cfg, seed=0)
-  model.decoder_bias[...] = jax.random.normal(jax.random.key(1), (30522,))
-  dense = tasks.load(_mlm_config("unused", tmp_path), tokenizer)
+def test_sparse_prediction_refuses_next_sentence(tokenizer, tmp_path):
   config = _mlm_config("unused", tmp_path)
-  config.task_options = {"sparse_prediction": True}
-  sparse = tasks.load(config, tokenizer)
-  texts = [" ".join(r["tokens"]) for r in _ner_rows(16, 3)]
-  enc = tokenizer(texts, padding="max_length", max_length=24,
-                  truncation=True, return_tensors="np")
-  batch = {"input_ids": jnp.asarray(enc["input_ids"], jnp.int32),
-           "attention_mask": jnp.asarray(enc["attention_mask"], jnp.int32),
-           "token_type_ids": jnp.zeros((16, 24), jnp.int32),
-           "weights": jnp.ones(16).at[15].set(0.0)}  # a padding row
-  batch = dense.transform(batch, jax.random.key(2))
-  assert int((batch["labels"] != IGNORE).sum()) > 8
-  a, b = dense.forward(model, batch), sparse.forward(model, batch)
-  assert b["logits"].shape[0] == sparse.sparse_count(16 * 24) < 16 * 24
-  (dense_loss, dense_w), (sparse_loss, sparse_w) = (
-      dense.loss(a, batch), sparse.loss(b, batch))
-  np.testing.assert_array_equal(dense_w, sparse_w)
-  np.testing.assert_allclose(dense_loss * dense_w, sparse_loss * sparse_w,
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(
-      np.where(batch["labels"] != IGNORE, dense.predict(a, batch), 0),
-      sparse.predict(b, batch))
   config.task_options = {"sparse_prediction": True, "next_sentence": True,
                          "corpus": "text", "train_files": ("x",)}
   with pytest.raises(ConfigError, match="sparse_prediction works without "
