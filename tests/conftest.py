@@ -87,3 +87,11 @@ def serve_runs(tmp_path_factory, tiny_model_dir):
   from tests import serve_runs as runs  # pylint: disable=import-outside-toplevel
   return runs.make_runs(str(tmp_path_factory.mktemp("serve_runs")),
                         tiny_model_dir)
+
+
+def pytest_configure(config):
+  # `pytest -m "not slow"` is the quick tier while developing; the README's
+  # command (and CI) runs every test, slow ones included.
+  config.addinivalue_line(
+      "markers", "slow: over ~40 s on 2 CPU cores (end-to-end runs, "
+      "subprocess kills and resumes, Ray); part of the full suite")

@@ -292,6 +292,7 @@ RESUME = {"methods": "('augment','freelb')", "batch_size": 32,
                             "'copies': 1}}"}
 
 
+@pytest.mark.slow
 def test_killed_run_with_augmentation_and_freelb_resumes_exactly(
     tmp_path, tiny_model_dir, compile_cache):  # pylint: disable=redefined-outer-name
   straight = tmp_path / "straight"

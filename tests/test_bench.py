@@ -137,6 +137,7 @@ def test_no_compilation_in_the_steps(result):
   assert col["timed_steps"] == timed.sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precompile", [True, False])
 def test_precompile_moves_every_compilation_before_step_1(
     tiny_model_dir, compilation_cache, precompile):

@@ -86,6 +86,7 @@ def test_qat_forward_is_the_served_int8_model(scheme):
   assert not np.array_equal(trained, np.asarray(model(ids, mask)))
 
 
+@pytest.mark.slow
 def test_qat_trains_and_its_weights_quantise(tmp_path, tiny_model_dir):
   from tests.test_pruning import _config  # pylint: disable=import-outside-toplevel
   from research import compress, restore, train  # pylint: disable=import-outside-toplevel

@@ -148,6 +148,7 @@ def test_task_defined_in_a_test_file_trains_end_to_end(tmp_path,
   assert run.frozen[1]["temperature"][...] == 0.5
 
 
+@pytest.mark.slow
 def test_method_defined_in_a_test_file_wraps_the_loss(tmp_path, tiny_model_dir):
   overrides = {"total_steps": 20, "eval_every_steps": 20,
                "log_every_steps": 1, "optimizer.learning_rate": 3e-3}
@@ -270,14 +271,14 @@ def test_configured_evaluators_and_logits(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("field,value,message", [
     ("task", "sequence_clasification", "config.task='sequence_clasification' "
      "is not a module of research/tasks/; did you mean "
-     "'sequence_classification'? (valid: masked_lm, question_answering, "
+     "'sequence_classification'? (valid: contrastive, masked_lm, prompt, question_answering, "
      "sequence_classification, token_classification"),
     ("methods", ("bitfitt",), "config.methods[0]='bitfitt' is not a module "
      "of research/methods/; did you mean 'bitfit'? (valid: adalora, adapters, "
      "augment, bitfit"),
     ("evals", {"dev": {"type": "sequnce", "split": "validation"}},
      "config.evals.dev.type='sequnce' is not a module of research/evaluators/"
-     "; did you mean 'sequence'? (valid: pre_training, robust, sequence, span, "
+     "; did you mean 'sequence'? (valid: embedding_probe, pre_training, robust, sequence, span, "
      "tagging, token"),
     ("evals", {"dev": {"type": "sequence", "split": "validation",
                        "metrix": ()}},

@@ -384,6 +384,7 @@ RESUME = {"methods": ("dp_sgd",),
           "checkpoint_every_steps": 4}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_exact_and_epsilon_continues(
     tmp_path, tiny_model_dir):
   cache = str(tmp_path / "xla_cache")

@@ -256,6 +256,7 @@ def test_data_parallel_adds_noise_once(check_vma):
   _noise_std_check(noise, sigma * clip / b)  # not sqrt(8) times it
 
 
+@pytest.mark.slow
 def test_tiny_bert(tiny_bert_dir):
   model, _ = hf.load_pretrained(
       str(tiny_bert_dir), "sequence_classification", 2, seed=0,

@@ -32,6 +32,7 @@ def _restore(workdir):
 @pytest.mark.parametrize("task", ["sequence_classification",
                                   "token_classification",
                                   "question_answering", "masked_lm"])
+@pytest.mark.slow
 def test_onnx_and_stablehlo_equal_the_jax_model(serve_runs, tmp_path, task):
   restored = _restore(serve_runs[task])
   jax_model = backends.JaxBackend(restored.task, restored.graphdef,
@@ -89,6 +90,7 @@ def test_an_export_directory_serves_the_same_answers(serve_runs, tmp_path):
   assert engines[-1].explainer is None and engines[0].explainer is None
 
 
+@pytest.mark.slow
 def test_export_cli_formats(serve_runs, tmp_path):
   out = tmp_path / "cli"
   result = subprocess.run(

@@ -277,6 +277,7 @@ def golden_values(models) -> dict[str, np.ndarray]:
   return out
 
 
+@pytest.mark.slow
 def test_same_values_as_the_instrumented_forward_golden():
   """Attention maps, attributions and logits as the pre-hook implementation
   gave them (golden_interpret.npz), now from the model's own hooks."""

@@ -122,6 +122,7 @@ def _outputs(nb, kind):
   return found
 
 
+@pytest.mark.slow
 def test_quickstart_notebook(tmp_path, tiny_model_dir, kernel_name):
   nb = _execute("quickstart.ipynb", {
       "model_name": str(tiny_model_dir), "total_steps": 6,
@@ -147,6 +148,7 @@ def test_interpret_notebook(tmp_path, kernel_name):
   assert "attention maps: (6, 12, " in "".join(_outputs(nb, "stream"))
 
 
+@pytest.mark.slow
 def test_compare_runs_notebook(tmp_path, tiny_model_dir, kernel_name):
   nb = _execute("compare_runs.ipynb", {
       "model_name": str(tiny_model_dir), "learning_rates": [1e-3, 1e-5],

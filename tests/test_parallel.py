@@ -67,6 +67,7 @@ def _trajectory(model_dir, batches, strategy, mesh_shape, accum=1, steps=10):
   return np.array(losses), jax.device_get(state["params"]), state
 
 
+@pytest.mark.slow
 def test_all_strategies_follow_the_single_device_trajectory(tiny_model_dir, batches):
   ref_losses, ref_params, _ = _trajectory(tiny_model_dir, batches, "jit", (1, 1, 1))
   assert ref_losses[-1] < ref_losses[0]  # it trains
@@ -191,6 +192,7 @@ def test_batch_not_divisible_fails_before_compiling(tmp_path, tiny_model_dir):
     train.train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_end_to_end_run_on_fsdp_and_tensor_mesh(tmp_path, tiny_model_dir):
   config = quickstart.get_config()
   config.model.name, config.wandb.mode = str(tiny_model_dir), "disabled"

@@ -121,6 +121,7 @@ def _restore_latest(workdir):
     return ckpt.restore(None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["magnitude_pruning", "movement_pruning"])
 def test_masks_resume_exactly_and_export(tmp_path, tiny_model_dir, monkeypatch,
                                          method):

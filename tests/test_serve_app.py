@@ -493,6 +493,7 @@ def _fuzz(app, task, examples, statuses):
   fuzz()  # pylint: disable=no-value-for-parameter
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error(clients):
   """Generated requests from each head's /openapi.json, valid and invalid
   (schemathesis' positive and negative modes): at least 1,000 in all, not

@@ -118,6 +118,7 @@ def test_sigkill_under_load_loses_no_acknowledged_write(serve_runs, tmp_path):
       proc.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_two_ray_replicas_answer_as_one_process(serve_runs, tmp_path):
   pytest.importorskip("ray", reason="ray[serve] is not installed")
   from research.serve import engine as engine_lib  # pylint: disable=import-outside-toplevel

@@ -371,6 +371,7 @@ def test_masking_picks_real_tokens_80_10_10(tokenizer, tmp_path):
   assert (np.asarray(other["labels"]) != labels).any()
 
 
+@pytest.mark.slow
 def test_masked_lm_trains_and_resumes_exactly(tmp_path, tiny_model_dir,
                                              monkeypatch):
   config = _mlm_config(tiny_model_dir, tmp_path, total_steps=16,

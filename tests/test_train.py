@@ -41,6 +41,7 @@ def _metrics(workdir):
           for row in tracker.read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("examples_per_row", [1, 4])
 def test_quickstart_beats_majority_class(tmp_path, examples_per_row):
   """The embedded MiniLM, 1 epoch (20 steps): dev majority class is 0.50.
@@ -66,6 +67,7 @@ def test_quickstart_beats_majority_class(tmp_path, examples_per_row):
       ["negative", "positive"], {"labels": ["negative", "positive"]})
 
 
+@pytest.mark.slow
 def test_resume_after_stop_is_exact(tmp_path, tiny_model_dir, monkeypatch):
   config = _tiny_config(tiny_model_dir, total_steps=8, log_every_steps=1,
                         eval_every_steps=4)
@@ -92,6 +94,7 @@ def test_resume_after_stop_is_exact(tmp_path, tiny_model_dir, monkeypatch):
   assert _metrics(straight) == _metrics(resumed)
 
 
+@pytest.mark.slow
 def test_no_recompilation_after_first_epoch(tmp_path, tiny_model_dir):
   config = _tiny_config(tiny_model_dir, num_epochs=3.0, log_every_steps=1)
   summary = train.train_and_evaluate(config, str(tmp_path))
