@@ -53,6 +53,12 @@ ALLOWED = {
     ("research/tasks/question_answering.py", "span"),
     ("research/tasks/masked_lm.py", "token"),
     ("research/tasks/masked_lm.py", "pre_training"),
+    ("research/tasks/prompt.py", "sequence"),
+    ("research/tasks/contrastive.py", "embedding_probe"),
+    # Masking modes (token, whole_word, span, knowledge) that share a word
+    # with the token and span evaluators.
+    ("research/data/masking.py", "token"),
+    ("research/data/masking.py", "span"),
     # The attack's metric prefix (pgd_accuracy): the algorithm, not the
     # method plug-in.
     ("research/evaluators/robust.py", "pgd"),
