@@ -54,7 +54,7 @@ LEVELS = ((1, 300), (8, 1200), (32, 2400))  # (concurrency, requests)
 def pipeline_engine(workdir, hf_dir):
   """An `engine.Engine` whose predictions come from transformers.pipeline."""
   import transformers  # pylint: disable=import-outside-toplevel
-  from research import data, tasks, train  # pylint: disable=import-outside-toplevel
+  from research import data, restore, tasks  # pylint: disable=import-outside-toplevel
   from research.serve import engine as engine_lib  # pylint: disable=import-outside-toplevel
 
   class NoModel:  # the batcher is never used: the pipeline batches itself
@@ -68,7 +68,7 @@ def pipeline_engine(workdir, hf_dir):
     """Each request's texts through `pipe(texts)`, as FastAPI code does."""
 
     def __init__(self):
-      config = train.read_config(workdir)
+      config = restore.read_config(workdir)
       tokenizer = data.load_tokenizer(hf_dir)
       self.pipe = transformers.pipeline("text-classification", model=hf_dir,
                                         tokenizer=tokenizer, device="cpu",
@@ -85,6 +85,11 @@ def pipeline_engine(workdir, hf_dir):
       self.batcher.start()
       self.compiled = self.shapes
       self._ready.set()
+
+    async def predict_async(self, items):
+      # In FastAPI's worker threads, as a synchronous endpoint would run.
+      from starlette.concurrency import run_in_threadpool  # pylint: disable=import-outside-toplevel
+      return await run_in_threadpool(self.predict, items)
 
     def predict(self, items):
       items, notes = self.clip(items)
