@@ -59,12 +59,21 @@ ROWS = {
 }
 
 
+# This benchmark reads the shipped copies beside the repository (no hub).
+SHARED = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(
+    __file__)), "..", "..", "shared", "data"))
+FOLDERS = {"mr": "senteval_mr", "rte": "glue_rte", "cola": "glue_cola"}
+
+
 def run_arg(data, run, seed) -> str:
   """`experiments/compression.py`'s arg for a run directory name."""
+  local = (f",data_dir={os.path.join(SHARED, FOLDERS[data])}"
+           if data in FOLDERS else "")
   if run in ("plain", "qat"):
-    return f"data={data},method={run},seed={seed}"
+    return f"data={data},method={run},seed={seed}{local}"
   method = run.rstrip("0123456789.")
-  return f"data={data},method={method},sparsity={run[len(method):]},seed={seed}"
+  return (f"data={data},method={method},sparsity={run[len(method):]},"
+          f"seed={seed}{local}")
 
 
 def finished(workdir) -> bool:
