@@ -63,7 +63,15 @@ def export_run(workdir: str, out_dir: str, which: str = "best",
   Returns:
     The output directory.
   """
-  restored = restore.restore_run(workdir, which)
+  return export_restored(restore.restore_run(workdir, which), out_dir,
+                         peft_dir)
+
+
+def export_restored(restored: restore.Restored, out_dir: str,
+                    peft_dir: bool = False) -> str:
+  """`export_run` of a restored run, or of one whose model was replaced
+  (`Restored.with_model`: a model soup)."""
+  workdir = restored.workdir
   model = restored.model
   if peft_dir:
     able = [m for m in restored.methods if m.export_adapters is not None]

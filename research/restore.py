@@ -32,6 +32,10 @@ from research.models import hf
 from research.training import partition, steps
 from research.training.checkpointing import Checkpointer, abstract_like
 
+# A directory holding this file is a model version: its config's model.name
+# is the complete trained model (an export), so there is no checkpoint.
+VERSION_FILE = "version.json"
+
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """A run's config.json as a ConfigDict (FileNotFoundError naming it)."""
@@ -52,6 +56,16 @@ def read_summary(workdir: str) -> dict:
     return json.load(f)
 
 
+def read_version(workdir: str) -> dict | None:
+  """A model-registry version's version.json (`research.continual.registry`),
+  or None for a training workdir."""
+  path = os.path.join(workdir, VERSION_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
 @dataclasses.dataclass
 class Restored:
   """A run's model as a checkpoint left it (`restore_run`).
@@ -64,7 +78,8 @@ class Restored:
     methods: the run's methods, built once and set up.
     params: the trained part (the checkpoint's); frozen: a
       `partition.Frozen` with the methods' state.
-    step: the checkpoint's step; which: "best" or "latest".
+    step: the checkpoint's step; which: "best" or "latest" (a registry
+      version: its name).
     make_step: the evaluation-step factory `train.build` gives evaluators.
   """
   workdir: str
@@ -116,7 +131,9 @@ def restore_run(workdir: str, which: str = "best", tokenizer=None,
   """The trained model of a run: its task's head, split as the run split it.
 
   Args:
-    workdir: a `research.train` workdir.
+    workdir: a `research.train` workdir, or a model-registry version
+      (`research.continual.registry`: an export and the config that loads
+      it; `which` does not apply).
     which: "best" (by the run's eval_metric) or "latest".
     tokenizer: the run's tokenizer, if already loaded.
     devices: the devices to place the model on (default: the first one).
@@ -148,6 +165,11 @@ def restore_run(workdir: str, which: str = "best", tokenizer=None,
       mesh=mesh, training=False, workdir=workdir,
       label_names=tuple(label_names or ()))
   frozen = frozen._replace(methods=methods_lib.setup(methods, context))
+  version = read_version(workdir)
+  if version is not None:  # a model-registry version: the model is complete
+    params, frozen, make_step = _placed(context, params, frozen)
+    return Restored(workdir, config, context, methods, params, frozen,
+                    int(version.get("step", 0)), version["version"], make_step)
   names = list(evaluators.configs(config, task))
   with Checkpointer(workdir, best_metric=evaluators.best_metric_key(
       config, names), best_mode=config.eval_metric_mode) as checkpointer:

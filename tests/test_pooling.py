@@ -129,8 +129,14 @@ def test_sentence_transformers_export_reproduces_embeddings(tmp_path,
     np.testing.assert_allclose(
         np.stack([o["logits"].numpy() for o in outputs]),
         np.asarray(model(**enc)), atol=1e-5)
-    # Read back, the directory declares its pooling.
+    # Read back, the directory declares its pooling, and loads with its
+    # trained classifier (not a fresh head): the same logits.
     assert pooling.checkpoint_pooling(out) == mode
+    again, report = hf.load_pretrained(str(out), "sequence_classification",
+                                       3, pooling="auto", seed=7)
+    assert not report.missing, report.missing
+    np.testing.assert_allclose(np.asarray(again(**enc)),
+                               np.asarray(model(**enc)), atol=1e-5)
   with pytest.raises(ValueError, match="pools with one of"):
     hf.export_sentence_transformers(
         create_model("sequence_classification", cfg, 3), tmp_path / "p")

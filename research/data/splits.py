@@ -7,6 +7,7 @@ back `TokenizedSplit`s, whose fields the `Batcher` pads generically.
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -76,6 +77,16 @@ class TokenizedSplit:
   def lengths(self):
     """int64 [n], tokens per feature (special tokens included)."""
     return np.diff(self.offsets)
+
+  def head(self, n: int) -> "TokenizedSplit":
+    """The first `n` features (all of them when there are fewer)."""
+    n = min(n, len(self))
+    end = int(self.offsets[n])
+    fields = {f.name: f for f in self.fields}
+    arrays = {k: v[:end] if k in fields and fields[k].per_token else v[:n]
+              for k, v in self.arrays.items()}
+    return dataclasses.replace(self, offsets=self.offsets[:n + 1],
+                               arrays=arrays, rows=self.rows[:n])
 
   @property
   def input_ids(self):
@@ -271,3 +282,31 @@ def load_splits(config, tokenizer, cache_dir=None, label_names=None,
   for name, counts in skipped.items():
     logging.warning("Split %r: skipped rows %s", name, counts)
   return train, evals, names, skipped
+
+
+def load_file(config, tokenizer, task, path, name, label_names,
+              require_labels=True, where="file"):
+  """One local file read as the run reads `config.data`'s files (the task's
+  columns and featuriser, `data.format`, `data.bad_rows`), not cached.
+
+  What a method reads beside the run's splits: EWC's Fisher examples,
+  distillation's unlabelled text.
+
+  Returns:
+    The `TokenizedSplit` named `name`, labels mapped by `label_names` (or
+    none when `require_labels` is False and the file has none).
+
+  Raises:
+    DataError: no such file (naming `where`), or the reader's own errors.
+  """
+  if not os.path.isfile(path):
+    raise DataError(f"{where}={path!r}: no such file")
+  source = task.source("local", path=path, fmt=config.data.format)
+  enc = tokenize.encode_split(source, tokenizer, task, config.data.bad_rows,
+                              config.data.max_length,
+                              require_labels=require_labels, cache_dir=None)
+  if not require_labels:
+    enc = dataclasses.replace(enc, labels=None)
+  split, _ = task.finish(name, enc, label_names, training=False)
+  return split
+

@@ -334,6 +334,8 @@ def load_pretrained(name: str, task=heads.SequenceClassification,
   cfg = read_config(model_dir).replace(**(config_overrides or {}))
   tensors, source = read_weights(model_dir)
   tensors = _normalise_names(tensors)
+  if head_class(task) is heads.SequenceClassification:
+    tensors.update(read_st_classifier(model_dir))
   if head_class(task).uses_pooler:
     pooling = pooling_lib.resolve(pooling, model_dir)
   model = create_model(task, cfg, num_labels, dtype=dtype,
@@ -352,6 +354,25 @@ def load_pretrained(name: str, task=heads.SequenceClassification,
                           + ", ".join(encoder_missing))
   log.info("%s", report)
   return model, report
+
+
+def read_st_classifier(model_dir) -> dict[str, np.ndarray]:
+  """A sentence-transformers classifier (`2_Dense/`, output "logits", as
+  `export_sentence_transformers` writes it) as the HF head's tensors.
+
+  So that such an export loads back with its trained classifier (a model
+  registry version, the next continual round's start) instead of a fresh
+  head. {} when the directory has no such module.
+  """
+  dense = pathlib.Path(model_dir) / "2_Dense"
+  cfg_path = dense / "config.json"
+  if not cfg_path.is_file():
+    return {}
+  if json.loads(cfg_path.read_text()).get("module_output_name") != "logits":
+    return {}  # a projection of the embedding, not a classifier
+  weights = _read_safetensors(dense / "model.safetensors")
+  return {"classifier.weight": weights["linear.weight"],
+          "classifier.bias": weights["linear.bias"]}
 
 
 def assign(model: nnx.Module, tensors: dict[str, np.ndarray], names: dict,

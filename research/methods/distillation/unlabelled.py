@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from research.configs.plugins import ConfigError
-from research.data import tokenize
+from research.data import splits
 from research.data.splits import Field
 
 
@@ -29,13 +29,9 @@ def append(config, tokenizer, split, path: str, field: str, where: str):
   from research import tasks  # pylint: disable=import-outside-toplevel
   if not os.path.isfile(path):
     raise ConfigError(f"{where}={path!r}: no such file")
-  task = tasks.load(config, tokenizer)
-  source = task.source("local", path=path, fmt=config.data.format)
-  enc = tokenize.encode_split(source, tokenizer, task, config.data.bad_rows,
-                              config.data.max_length, require_labels=False,
-                              cache_dir=None)
-  extra, _ = task.finish("unlabelled", dataclasses.replace(enc, labels=None),
-                         split.label_names, training=False)
+  extra = splits.load_file(config, tokenizer, tasks.load(config, tokenizer),
+                           path, "unlabelled", split.label_names,
+                           require_labels=False, where=where)
   if [f.name for f in extra.fields] != [f.name for f in split.fields]:
     raise ConfigError(
         f"{where}={path!r}: its examples have the fields "

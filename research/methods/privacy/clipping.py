@@ -157,6 +157,35 @@ def clip_and_sum(per_example_loss_fn: Callable[..., jax.Array], *,
   return fn
 
 
+def squared_sum(per_example_loss_fn: Callable[..., jax.Array], *,
+                chunk_size: int | None = None):
+  """Sum over a batch of squared per-example gradients: EWC's Fisher.
+
+  The same per-example machinery as `clip_and_sum` (jax-privacy's
+  `clipped_grad`, microbatched, zero for padding rows), with no clipping
+  (an infinite bound) and each example's gradient squared elementwise
+  before the sum.
+
+  Returns:
+    `fn(params, batch, key) -> (squared_sum, count)`: `squared_sum` has
+    the structure of `params`; `count` is the number of real rows.
+  """
+  def weighted_loss(params, example, key):
+    return per_example_loss_fn(params, example, key) * example["weights"][0]
+
+  grad_fn = jax_privacy.clipped_grad(
+      weighted_loss, argnums=0, batch_argnums=1, prng_argnum=2,
+      l2_clip_norm=jnp.inf, keep_batch_dim=True, microbatch_size=chunk_size,
+      pre_clipping_transform=lambda g: jax.tree.map(jnp.square, g))
+
+  def fn(params, batch, key):
+    check_batch(batch, chunk_size)
+    real = batch["weights"] != 0
+    return (grad_fn(params, batch, key, is_padding_example=~real),
+            real.sum().astype(jnp.float32))
+  return fn
+
+
 def add_noise(clipped_sum: Any, key: jax.Array, *, clip_norm: float,
               noise_multiplier: float, expected_batch_size: float) -> Any:
   """`(clipped_sum + N(0, (sigma C)^2)) / expected_batch_size`, once per batch.
