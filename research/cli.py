@@ -37,6 +37,18 @@ DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
                errno.EPERM, errno.EFBIG)
 
 
+def configure_process(config: ml_collections.ConfigDict) -> None:
+  """What a config sets for the whole process, before JAX starts its
+  backend (see host_memory): the allocator, XLA flags, the persistent
+  compilation cache, multi-host start-up."""
+  host_memory.configure(config.cpu_malloc)
+  xla_flags.configure(config.xla_flags)
+  if config.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.expanduser(config.compilation_cache_dir))
+  parallelism.initialize_distributed(config.parallelism.distributed)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> int:
   """Trains as the command line does; returns the process exit status.
 
@@ -49,14 +61,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     one line "error: ..." on stderr, no traceback.
   """
   try:
-    # Both before JAX starts its backend (see host_memory); `build` checks
-    # the whole config (once).
-    host_memory.configure(config.cpu_malloc)
-    xla_flags.configure(config.xla_flags)
-    if config.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
-      jax.config.update("jax_compilation_cache_dir",
-                        os.path.expanduser(config.compilation_cache_dir))
-    parallelism.initialize_distributed(config.parallelism.distributed)
+    configure_process(config)
     summary = train.train_and_evaluate(config, workdir)
   except train.Preempted as e:
     print(e, file=sys.stderr)

@@ -54,6 +54,12 @@ def get_config():
   # Face (its BertModel is post-LN); a bias-free one exports zero biases.
   c.model.layer_norm = "checkpoint"  # checkpoint | post | pre (before each sub-layer)
   c.model.bias = "checkpoint"        # checkpoint | on | off (encoder dense layers)
+  # The seed of the weights the run initialises (the task head, a method's
+  # new layers: LoRA, prefixes); -1: config.seed. Fixing it (0) while
+  # config.seed varies gives runs that differ in data order and dropout but
+  # start from the same head: the ingredients of a model soup
+  # (research/soup.py; Wortsman et al. 2022 average runs of one start).
+  c.model.init_seed = -1
 
   # --- Task, methods, evaluators ------------------------------------------------
   # A module of research/tasks/ (a dotted name: any module path):
@@ -191,6 +197,38 @@ def get_config():
   c.wandb.group = ""
   c.wandb.name = ""
   c.wandb.tags = ()
+
+  # --- Continual learning (python -m research.continual rounds) ------------------
+  # Rounds of fine-tuning on feedback, each starting from the registry's
+  # current version; the round trains with this config (its methods,
+  # optimiser, epochs) on the round's data. research.train ignores it.
+  c.continual = ml_collections.ConfigDict()
+  c.continual.registry = ""          # the model registry's root (research/continual/registry.py)
+  c.continual.base = ""              # a research.train workdir: the first version of an empty registry
+  c.continual.feedback_db = ""       # research.serve's feedback store (any SQLAlchemy URL), or
+  c.continual.feedback_file = ""     # a file of new labelled examples, read in order
+  c.continual.rounds = 5             # rounds to run (a rerun goes on from the last finished one)
+  c.continual.round_size = 100       # new examples per round (a round waits for that many)
+  # Experience replay: replay_ratio earlier examples per new one, drawn from a
+  # reservoir (a uniform sample of everything trained on before: the base
+  # run's training file, then each promoted round's examples).
+  c.continual.replay_ratio = 0.0
+  c.continual.replay_capacity = 1000
+  c.continual.replay_file = ""       # what seeds the reservoir ("": the base run's data.train_file)
+  # Held-out files every version is scored on (config.metrics): the old
+  # domain (forgetting) and the new one (gain). Both required.
+  c.continual.old_eval_file = ""
+  c.continual.new_eval_file = ""
+  # The promotion gate: a candidate replaces the current version only if it
+  # gains >= margin on the new held-out file and loses <= max_forgetting on
+  # the old one (in config.eval_metric). promote: gate | always (every round
+  # builds on the last: a study of forgetting) | never.
+  c.continual.promote = "gate"
+  c.continual.margin = 0.0
+  c.continual.max_forgetting = 0.01
+  # Logged requests replayed through the current and the candidate model
+  # each round (their agreement is recorded); 0: no shadow evaluation.
+  c.continual.shadow_requests = 0
 
   c.lock()
   return c

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 
 from research import restore
@@ -189,3 +190,62 @@ class Registry:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, link)
+
+
+def main(argv=None) -> int:
+  """`python -m research.continual.registry list|promote|rollback|shadow`."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(
+      prog="python -m research.continual.registry",
+      description="A model registry's versions, promotion and rollback.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name, text in (("list", "versions, their scores, the current one"),
+                     ("promote", "make a version current"),
+                     ("rollback", "make the previous current version "
+                                  "current again"),
+                     ("shadow", "replay logged requests through the current "
+                                "version and another; print their agreement")):
+    cmd = sub.add_parser(name, help=text)
+    cmd.add_argument("root", help="the registry directory")
+    if name in ("promote", "shadow"):
+      cmd.add_argument("version", help="e.g. v0003")
+    if name in ("promote", "rollback"):
+      cmd.add_argument("--reason", default="", help="recorded in history")
+    if name == "shadow":
+      cmd.add_argument("--feedback_db", required=True,
+                       help="the served model's feedback store URL")
+      cmd.add_argument("--limit", type=int, default=500)
+  args = parser.parse_args(argv)
+  registry = Registry(args.root)
+  try:
+    if args.command == "list":
+      now = registry.current()
+      for v in registry.versions():
+        meta = registry.metadata(v)
+        scores = " ".join(f"{k}={x:.4f}" for k, x in meta["metrics"].items()
+                          if isinstance(x, float) and "loss" not in k)
+        print(f"{'*' if v == now else ' '} {v} {meta['kind']:<6} parent="
+              f"{meta['parent']} {scores}")
+    elif args.command == "promote":
+      registry.promote(args.version, args.reason or "by hand")
+      print(f"current: {registry.current()}")
+    elif args.command == "rollback":
+      print(f"current: {registry.rollback(args.reason or 'by hand')}")
+    else:
+      from research.continual import gate  # pylint: disable=import-outside-toplevel
+      from research.serve.store import FeedbackStore  # pylint: disable=import-outside-toplevel
+      now = registry.current()
+      if now is None:
+        raise RegistryError(f"{registry.root}: no current version")
+      with FeedbackStore.open(args.feedback_db) as store:
+        out = gate.shadow(store, registry.path(now),
+                          registry.path(args.version), args.limit)
+      print(json.dumps(out, indent=1, ensure_ascii=False))
+  except RegistryError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

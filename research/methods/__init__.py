@@ -199,6 +199,14 @@ def with_defaults(name, **given) -> dict:
                          f"method {name!r}")
 
 
+def init_seed(config) -> int:
+  """The seed of weights a run initialises (the head, a method's layers):
+  `config.model.init_seed`, or `config.seed` when it is -1 (or absent: a
+  run saved before the field existed)."""
+  seed = int(config.model.get("init_seed", -1))
+  return int(config.seed) if seed < 0 else seed
+
+
 def option_key(name):
   """A method's key in config.method_options: its name, or a path's last part."""
   return name.rsplit(".", 1)[-1]

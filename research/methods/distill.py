@@ -156,7 +156,7 @@ class Method(methods.Method):
           model.cfg.hidden_size, teacher_cfg.hidden_size,
           embeddings=0 in layer_map,
           param_dtype=jnp.dtype(self.config.model.param_dtype),
-          rngs=nnx.Rngs(params=self.config.seed + 2))
+          rngs=nnx.Rngs(params=methods.init_seed(self.config) + 2))
     return model
 
   def export_model(self, model):

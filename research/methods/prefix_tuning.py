@@ -39,12 +39,12 @@ class Method(methods.Method):
 
   def adapt_model(self, model):
     o = self.options
-    # The seed differs from the head's (config.seed), so prefixes and head
-    # are drawn independently.
+    # The seed differs from the head's (methods.init_seed), so prefixes and
+    # head are drawn independently.
     model.bert.prefix_encoder = prefix.PrefixEncoder(
         model.cfg, int(o["length"]), projection=bool(o["projection"]),
         projection_size=int(o["projection_size"]),
-        rngs=nnx.Rngs(params=self.config.seed + 1))
+        rngs=nnx.Rngs(params=methods.init_seed(self.config) + 1))
     return model
 
   def export_model(self, model):

@@ -2,9 +2,11 @@
 feedback (`python -m research.serve --workdir W`; docs/serving.md).
 
   engine.py    a served model: the run's task, tokenizer and backend, the
-               server's limits; `load(workdir | export dir, backend=)`
+               server's limits; `load(workdir | export dir | ensemble dir,
+               backend=)`
   backends.py  the model as a function of padded arrays: JAX (the restored
-               run, jitted; or a StableHLO export) and onnxruntime
+               run, jitted; or a StableHLO export), onnxruntime, and a logit
+               ensemble of several (research.soup)
   batching.py  dynamic batching: concurrent rows padded to the run's length
                buckets and a few batch sizes, all compiled at start-up
   explain.py   per-word attributions: integrated gradients

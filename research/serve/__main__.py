@@ -4,6 +4,7 @@
     python -m research.serve --workdir /tmp/quickstart --backend onnx
     python -m research.serve --model_dir /tmp/quickstart_onnx   # research.export --format onnx|stablehlo
     python -m research.serve --workdir /tmp/quickstart --ray_replicas 2
+    python -m research.serve --workdir /tmp/ensemble   # research.soup --ensemble_out
 
 Listens on http://127.0.0.1:8000 (--host, --port). Feedback goes to
 --feedback_db (default: an SQLite file feedback.db in the served directory).
@@ -22,7 +23,8 @@ from research.serve import engine as engine_lib
 from research.serve import explain
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A research.train workdir to serve.")
+flags.DEFINE_string("workdir", None, "A research.train workdir, a model "
+                    "registry version or an ensemble directory to serve.")
 flags.DEFINE_string("model_dir", None, "Or a research.export --format "
                     "onnx|stablehlo directory.")
 flags.DEFINE_enum("which", "best", ["best", "latest"], "Which checkpoint.")

@@ -11,7 +11,11 @@ over its restored model (trained part merged with the frozen one, as
 - `ExportedBackend`: a StableHLO export of it (`research.export --format
   stablehlo`, `jax.export` with symbolic batch and length), on its weights;
 - `OnnxBackend`: an ONNX export of it (`--format onnx`, jax2onnx) in
-  onnxruntime.
+  onnxruntime;
+- `EnsembleBackend`: several of these (a logit ensemble's members, which
+  share tokenizer, task and labels: `research.soup.read_ensemble`), each
+  output averaged over them (`mean_outputs`, as `research.soup` averages
+  offline).
 
 The JAX backends count their traces (`traces`): one per padded shape; the
 server compiles every (batch size, bucket) at start-up, so a trace under
@@ -23,6 +27,15 @@ from __future__ import annotations
 import numpy as np
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def mean_outputs(arrays) -> np.ndarray:
+  """The element-wise mean of same-shaped outputs (summed in float64, then
+  float32): a logit ensemble's, served or offline alike."""
+  total = np.zeros(np.shape(arrays[0]), np.float64)
+  for a in arrays:
+    total += np.asarray(a, np.float64)
+  return (total / len(arrays)).astype(np.float32)
 
 
 def model_fn(task, graphdef):
@@ -103,3 +116,27 @@ class OnnxBackend:
     return tuple(self.session.run(None, {
         "input_ids": input_ids, "attention_mask": attention_mask,
         "token_type_ids": token_type_ids}))
+
+
+class EnsembleBackend:
+  """Every member backend on the same padded rows, each output averaged.
+
+  The members run one after another: they are separate models (a stack of
+  same-shaped weights under `jax.vmap` would fuse them, at N times the
+  memory per call; one member's call already uses every core).
+  """
+
+  def __init__(self, members):
+    if not members:
+      raise ValueError("an ensemble needs at least one member")
+    self.members = list(members)
+    self.name = f"ensemble of {len(self.members)} ({self.members[0].name})"
+
+  @property
+  def traces(self) -> int:
+    return sum(getattr(m, "traces", 0) for m in self.members)
+
+  def __call__(self, input_ids, attention_mask, token_type_ids):
+    outs = [m(input_ids, attention_mask, token_type_ids) for m in self.members]
+    return tuple(mean_outputs([o[k] for o in outs])
+                 for k in range(len(outs[0])))

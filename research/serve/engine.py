@@ -3,6 +3,7 @@
     engine = load("/tmp/quickstart")                 # a research.train workdir
     engine = load("/tmp/quickstart_onnx")            # a research.export directory
     engine = load("/tmp/quickstart", backend="onnx") # the run, exported on the fly
+    engine = load("/tmp/ensemble")                   # research.soup --ensemble_out
     engine.start(); engine.wait_ready()
     engine.predict([{"text": "a warm, funny film"}])  # [{"label": ..., ...}]
 
@@ -423,9 +424,42 @@ def from_export(export_dir, *, limits=None, batching_options=None,
                 explain_methods=explain_methods)
 
 
+def from_ensemble(ensemble_dir, *, backend="jax", limits=None,
+                  batching_options=None, explain_methods=None) -> Engine:
+  """The engine of an ensemble directory (`research.soup.write_ensemble`):
+  every member's forward on each batch, their outputs averaged
+  (`backends.EnsembleBackend`). No integrated gradients (no one model)."""
+  from research import soup  # pylint: disable=import-outside-toplevel
+  from research.serve import backends  # pylint: disable=import-outside-toplevel
+  if backend != "jax":
+    raise ValueError(f"{ensemble_dir}: an ensemble serves with --backend=jax "
+                     f"(its members' restored models), not {backend!r}")
+  runs = soup.read_ensemble(ensemble_dir)
+  first = runs[0]
+  be = backends.EnsembleBackend([
+      backends.JaxBackend(r.task, r.graphdef, r.params, r.frozen)
+      for r in runs])
+  digest = params_digest([r.params for r in runs])
+  version = (f"ensemble:{os.path.basename(os.path.normpath(ensemble_dir))}"
+             f"x{len(runs)}:{digest}")
+  config = first.config
+  return Engine(first.task, be, label_names=first.label_names,
+                version=version, max_length=config.data.max_length,
+                buckets=tuple(config.data.buckets), limits=limits,
+                batching_options=batching_options,
+                summary=_read_json(os.path.join(first.workdir, "summary.json"),
+                                   {}),
+                explain_methods=explain_methods)
+
+
 def load(path, *, backend="jax", which="best", **kwargs) -> Engine:
-  """`from_export` for an export directory, else `from_workdir`."""
+  """`from_export` for an export directory, `from_ensemble` for an ensemble
+  directory (ensemble.json), else `from_workdir`."""
+  from research import soup  # pylint: disable=import-outside-toplevel
   if os.path.exists(os.path.join(path, SERVE_JSON)):
     kwargs.pop("onnx_dir", None)
     return from_export(path, **kwargs)
+  if soup.is_ensemble(path):
+    kwargs.pop("onnx_dir", None)
+    return from_ensemble(path, backend=backend, **kwargs)
   return from_workdir(path, which=which, backend=backend, **kwargs)

@@ -269,6 +269,15 @@ class FeedbackStore:
     correction), id > after_id: what continual learning trains on."""
     return self.feedback_since(after_id, limit, corrections_only=True)
 
+  def recent_requests(self, limit: int) -> list:
+    """The inputs of the last `limit` predictions, oldest first: what a
+    shadow evaluation replays (`research.continual.gate.shadow`)."""
+    p = self.predictions
+    query = (sa.select(p.c.request).order_by(p.c.created_at.desc(),
+                                             p.c.id.desc()).limit(limit))
+    with self.engine.connect() as conn:
+      return [row.request for row in conn.execute(query)][::-1]
+
   def prediction(self, prediction_id: str) -> dict | None:
     """One stored prediction as a dict, or None."""
     with self.engine.connect() as conn:

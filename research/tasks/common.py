@@ -220,11 +220,12 @@ class Task:
     """The head's model with the checkpoint's weights, as config.model says.
 
     The dtypes, attention implementation, remat and dropout rates
-    (`dropout_overrides`) of `config.model`; `config.seed` initialises what
-    the checkpoint lacks (the head). The run's `methods` may change the
-    dense layers (`Method.dense_factory`: LoRA, adapters) and the loaded
-    model (`Method.adapt_model`: prefixes); a task that builds its model
-    another way (`masked_lm` from scratch) applies both too.
+    (`dropout_overrides`) of `config.model`; `config.model.init_seed`
+    (-1: `config.seed`) initialises what the checkpoint lacks (the head).
+    The run's `methods` may change the dense layers (`Method.dense_factory`:
+    LoRA, adapters) and the loaded model (`Method.adapt_model`: prefixes); a
+    task that builds its model another way (`masked_lm` from scratch)
+    applies both too.
     """
     from research.models import hf  # pylint: disable=import-outside-toplevel
     from research.models.pooling import PoolingError  # pylint: disable=import-outside-toplevel
@@ -258,7 +259,7 @@ class Task:
                 attention_impl=c.model.attention_impl, remat=c.model.remat,
                 scan_layers=scan_layers(c.model.layers),
                 dense_factory=methods_lib.dense_factory(methods, make_dense),
-                pooling=pooling, seed=c.seed)
+                pooling=pooling, seed=methods_lib.init_seed(c))
 
   def model_inputs(self, batch) -> dict:
     """The model's keyword arguments from a batch (packed rows included)."""
@@ -474,6 +475,29 @@ class Task:
           str, "The second text of the pair (the run trained on "
           f"{tuple(self.config.data.text_fields)}).")
     return fields
+
+  def feedback_row(self, request: dict, label) -> dict:
+    """A training row in config.data's columns from a served request and the
+    label its feedback says is right (`research.continual` trains on these).
+
+    Here the request's text (and text pair) and a class label. A task whose
+    corrections are structured (tags, spans) says so by raising.
+
+    Raises:
+      ValueError: the request lacks a field of `serve_fields`, or no label.
+    """
+    if type(self).serve_fields is not Task.serve_fields:
+      raise ValueError(f"task {self.name!r}: turning its feedback into "
+                       "training rows is not defined (Task.feedback_row)")
+    names = ("text", "text_pair")[:len(self.config.data.text_fields)]
+    missing = [n for n in names if not isinstance(request.get(n), str)]
+    if missing or label is None:
+      raise ValueError(f"a feedback row needs the request's {list(names)} "
+                       f"and a label; missing: {missing or ['label']}")
+    row = {field: request[n] for field, n in
+           zip(self.config.data.text_fields, names)}
+    row[self.config.data.label_field] = str(label)
+    return row
 
   def serve_features(self, items, max_length) -> list:
     """Inputs -> `ServeFeatures`, tokenised as `tokenize.encode` does.
