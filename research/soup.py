@@ -228,6 +228,9 @@ def _check_same_tree(a, b, tree_a, tree_b, flat_a, flat_b):
 def _check_same_rest(a, b, rest_a, rest_b):
   """The non-weight variables (a quantisation scale) are constants a soup
   cannot average: they must be equal."""
+  if len(rest_a) != len(rest_b):
+    raise ValueError(f"{a.workdir} and {b.workdir} differ in the model's "
+                     "non-weight variables (a mask, a scale)")
   for (path, x), (_, y) in zip(rest_a, rest_b):
     x, y = np.asarray(x), np.asarray(y)
     if x.shape != y.shape or not np.array_equal(x, y):
@@ -235,9 +238,6 @@ def _check_same_rest(a, b, rest_a, rest_b):
           f"{a.workdir} and {b.workdir} differ in {jax.tree_util.keystr(path)}"
           ", a variable that is not a weight (a mask, a scale): a soup "
           "averages weights only")
-  if len(rest_a) != len(rest_b):
-    raise ValueError(f"{a.workdir} and {b.workdir} differ in the model's "
-                     "non-weight variables")
 
 
 def _as_soup(first, model) -> restore.Restored:

@@ -11,7 +11,8 @@ Layout:
 
     <root>/versions/v0001/   model/ (a research.export directory: Hugging
                              Face or sentence-transformers, every method
-                             folded in), config.json (the run's config with
+                             folded in), adapter/ (a LoRA round's own
+                             adapter, a PEFT directory), config.json (the run's config with
                              model.name = that model/ and no methods),
                              labels.json, version.json (metadata)
     <root>/current           a symlink to the current version's directory
@@ -130,6 +131,11 @@ class Registry:
     shutil.rmtree(tmp, ignore_errors=True)  # a killed earlier attempt
     os.makedirs(tmp)
     export.export_restored(restored, os.path.join(tmp, "model"))
+    if any(m.export_adapters is not None for m in restored.methods):
+      # A round's own adapter too (a new LoRA per round), as a PEFT
+      # directory: what this version added to its parent.
+      export.export_restored(restored, os.path.join(tmp, "adapter"),
+                             peft_dir=True)
     config = restored.config.copy_and_resolve_references()
     with config.unlocked():
       config.model.name = os.path.join(final, "model")

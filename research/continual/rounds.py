@@ -261,14 +261,20 @@ class Stream:
     runs out); returns the state."""
     state = self.state()
     while state["round"] < self.c.rounds:
-      r = state["round"] + 1
-      manifest = self.round_data(r, state)
-      if manifest is None:
-        log.warning("round %d waits: fewer than %d new examples after %s", r,
-                    self.c.round_size, state["after"])
+      after = self.run_round(state)
+      if after is None:
+        log.warning("round %d waits: fewer than %d new examples after %s",
+                    state["round"] + 1, self.c.round_size, state["after"])
         break
-      state = self._train_round(r, manifest, state)
+      state = after
     return state
+
+  def run_round(self, state) -> dict | None:
+    """The next round; its state, or None when its feedback is not there."""
+    r = state["round"] + 1
+    manifest = self.round_data(r, state)
+    return None if manifest is None else self._train_round(r, manifest,
+                                                           state)
 
   def _train_round(self, r, manifest, state) -> dict:
     start = manifest["start"]
