@@ -68,9 +68,11 @@ def feedback_db(base, data_dir, root, seed, count):
   from research.serve.store import FeedbackStore, PredictionRecord  # pylint: disable=import-outside-toplevel
   path = os.path.join(root, f"seed{seed}", "feedback.db")
   url = f"sqlite:///{path}"
-  with FeedbackStore.open(url) as store:
-    if store.count() >= count:
-      return url
+  if os.path.exists(path):
+    with FeedbackStore.open(url) as store:
+      if store.count() >= count:
+        return url
+    os.remove(path)  # an interrupted fill: made again, the same way
   rows = [line.rstrip("\n").split("\t") for line in open(
       os.path.join(data_dir, "senteval_cr", "train.tsv"), encoding="utf-8")][1:]
   order = np.random.default_rng(seed).permutation(len(rows))[:count]

@@ -87,6 +87,7 @@ def get_config(arg=None):
     if args.weight >= 0 and methods and "weight" in options[methods[0]]:
       config.method_options[methods[0]]["weight"] = args.weight
     config.num_epochs = 3.0
+    config.eval_every_steps = 1_000_000  # score each round once, at its end
     config.batch_size = 16
     config.optimizer.learning_rate = 5e-5
   return config

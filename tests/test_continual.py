@@ -239,6 +239,18 @@ def test_the_gate_refuses_flipped_feedback_promotes_correct_and_rolls_back(
                         {"new": str(new_file)})
   assert again["new/accuracy"] == pytest.approx(
       registry.metadata("v0003")["metrics"]["new/accuracy"])
+  # Shadow replay of the 32 logged requests: a model agrees with itself;
+  # the promoted candidate (accuracy 0.56 -> 1.0 on these sentences) must
+  # answer some of them differently, and the changes it names are real.
+  from research.serve.store import FeedbackStore  # pylint: disable=import-outside-toplevel
+  with FeedbackStore.open(f"sqlite:///{tmp_path / 'good.db'}") as store:
+    same = gate.shadow(store, registry.path("v0001"), registry.path("v0001"))
+    moved = gate.shadow(store, registry.path("v0001"), registry.path("v0003"))
+  assert same["requests"] == moved["requests"] == 32
+  assert same["agreement"] == 1.0 and not same["changed"]
+  assert moved["agreement"] < 1.0 and moved["changed"]
+  change = moved["changed"][0]
+  assert change["current"]["label"] != change["candidate"]["label"]
   assert registry_lib.main(["rollback", str(reg), "--reason", "test"]) == 0
   assert "current: v0001" in capsys.readouterr().out
   assert registry.current() == "v0001"
