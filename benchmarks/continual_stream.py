@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
 import numpy as np  # pylint: disable=wrong-import-position
 
 from research import cli, train  # pylint: disable=wrong-import-position
+from research.continual import registry as registry_lib  # pylint: disable=wrong-import-position
 from research.continual import rounds  # pylint: disable=wrong-import-position
 
 EXPERIMENT = "experiments/continual_reviews.py"
@@ -95,8 +96,31 @@ def feedback_db(base, data_dir, root, seed, count):
   return url
 
 
-def stream(exp, data_dir, root, seed, method, base, db, rounds_n, size):
+def base_version(registry_dir, first_registry):
+  """Copies the base version scored in `first_registry` into another
+  method's empty registry (its config pointed at the copy): the same base
+  for every method, exported and scored once per seed."""
+  registry = registry_lib.Registry(registry_dir)
+  if registry.current() is not None or first_registry is None:
+    return
+  source = registry_lib.Registry(first_registry)
+  base = source.history()[0]["version"]
+  target = os.path.join(registry.root, registry_lib.VERSIONS, base)
+  shutil.copytree(source.path(base), target)
+  config_path = os.path.join(target, "config.json")
+  with open(config_path, encoding="utf-8") as f:
+    config = json.load(f)
+  config["model"]["name"] = os.path.join(target, "model")
+  with open(config_path, "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2)
+  registry.promote(base, "the base of a continual stream")
+
+
+def stream(exp, data_dir, root, seed, method, base, db, rounds_n, size,
+           first_registry=None):
   workdir = os.path.join(root, f"seed{seed}", method)
+  base_version(os.path.join(root, f"seed{seed}", f"registry_{method}"),
+               first_registry)
   config = exp.get_config(_arg(
       data_dir=data_dir, method=method, base=base, feedback_db=db, seed=seed,
       rounds=rounds_n, round_size=size,
@@ -144,9 +168,10 @@ def main():
   for seed in seeds:
     base = base_run(exp, a.data_dir, a.root, seed)
     db = feedback_db(base, a.data_dir, a.root, seed, a.rounds * a.round_size)
-    for method in methods:
+    for i, method in enumerate(methods):
+      first = os.path.join(a.root, f"seed{seed}", f"registry_{methods[0]}")
       row, seconds = stream(exp, a.data_dir, a.root, seed, method, base, db,
-                            a.rounds, a.round_size)
+                            a.rounds, a.round_size, first if i else None)
       results[method].append(row)
       print(f"seed {seed} {method}: {json.dumps(row)} ({seconds:.0f} s)",
             flush=True)
