@@ -19,7 +19,7 @@ CR dev (what it should gain). `data_dir` holds senteval_mr/ and senteval_cr/
 
 Methods (`method`): naive (fine-tune on the feedback alone), replay (as many
 MR training examples from a reservoir as new ones), ewc (Fisher from the
-reservoir's first 500 examples, weight 10), l2_sp (weight 10), lora (a new rank-8 adapter per
+reservoir's first 256 examples, weight 10), l2_sp (weight 10), lora (a new rank-8 adapter per
 round, folded in on export). Each round: 3 epochs, batch 16, learning rate
 5e-5, the candidate always promoted (`promote=always`: the study of
 forgetting; the gate's decision is still recorded).
@@ -38,7 +38,7 @@ METHODS = {
     "naive": ((), {}, 0.0),
     "replay": ((), {}, 1.0),
     "ewc": (("ewc",), {"ewc": {"weight": 10.0, "fisher_file": "{replay}",
-                               "fisher_examples": 500, "chunk_size": 8}},
+                               "fisher_examples": 256, "chunk_size": 8}},
             0.0),
     "l2_sp": (("l2_sp",), {"l2_sp": {"weight": 10.0}}, 0.0),
     "lora": (("lora",), {"lora": {"r": 8, "alpha": 16.0}}, 0.0),

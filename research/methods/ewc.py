@@ -50,7 +50,7 @@ WHERE = "config.method_options.ewc"
 
 
 def fisher_diagonal(task, graphdef, params, frozen, split, batch_size,
-                    chunk_size=None, seed=0):
+                    chunk_size=None, seed=0, buckets=()):
   """The empirical Fisher diagonal: mean over `split`'s examples of the
   squared per-example gradient of the task's loss, at `params`.
 
@@ -61,6 +61,8 @@ def fisher_diagonal(task, graphdef, params, frozen, split, batch_size,
     split: a labelled `TokenizedSplit`.
     batch_size: examples per jitted batch; chunk_size: held at once.
     seed: the transform's key (masked-LM masking), if any.
+    buckets: padded lengths (the run's data.buckets; one compilation
+      each); empty: the split's longest example, one shape.
 
   Returns:
     A tree like `params` (float32).
@@ -73,7 +75,10 @@ def fisher_diagonal(task, graphdef, params, frozen, split, batch_size,
     return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
   sums = jax.jit(clipping.squared_sum(per_example, chunk_size=chunk_size))
-  batcher = batching.Batcher(split, batch_size, (), shuffle=False)
+  # Few shapes: each is a compilation of a per-example backward pass.
+  batcher = batching.Batcher(split, batch_size,
+                             tuple(buckets) or (int(split.lengths.max()),),
+                             shuffle=False)
   total, count = None, 0.0
   for i, batch in enumerate(batcher.eval_batches()):
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -118,7 +123,7 @@ class Method(l2_sp.Method):
     fisher = fisher_diagonal(
         context.task, context.graphdef, context.params, context.frozen, split,
         o["fisher_batch_size"], o["chunk_size"] or None,
-        seed=context.config.seed)
+        seed=context.config.seed, buckets=context.config.data.buckets)
     if o["normalize"]:
       leaves = jax.tree.leaves(fisher)
       mean = sum(float(x.sum()) for x in leaves) / sum(x.size for x in leaves)
