@@ -152,12 +152,18 @@ class Stream:
           metrics=gate.evaluate(self.c.base, self.files))
       self.registry.promote(current, "the base of a continual stream")
     reservoir = Reservoir(self.c.replay_capacity, seed=self.config.seed)
-    if self.c.replay_ratio > 0:
+    if self.c.replay_ratio > 0 or self._uses_replay_file():
       reservoir.add(self._replay_seed(current))
     state = {"round": 0, "after": 0, "base": current, "current": current,
              "reservoir": reservoir.state(), "rounds": []}
     _write_json(os.path.join(self.workdir, STATE), state)
     return state
+
+  def _uses_replay_file(self) -> bool:
+    """A method option names the round's replay file (EWC's Fisher data)."""
+    return any(isinstance(v, str) and REPLAY in v
+               for options in self.config.method_options.values()
+               for v in options.values())
 
   def _replay_seed(self, version) -> list[dict]:
     path = self.c.replay_file
@@ -166,9 +172,10 @@ class Stream:
       path = restore.read_config(source).data.train_file if source else ""
     if not path or not os.path.isfile(path):
       raise ConfigError(
-          f"config.continual.replay_ratio={self.c.replay_ratio} needs earlier "
-          "examples: set config.continual.replay_file (the base run's "
-          f"training data, a local file; found {path!r})")
+          f"config.continual.replay_ratio={self.c.replay_ratio} (or a method "
+          f"option with {REPLAY}) needs earlier examples: set "
+          "config.continual.replay_file (the base run's training data, a "
+          f"local file; found {path!r})")
     return _read_rows(self.config, path)
 
   # --- A round's data -------------------------------------------------------------
