@@ -11,6 +11,7 @@ from absl import app, flags
 
 from research import cli
 from research.continual import rounds
+from research.continual.registry import RegistryError
 
 
 def main(argv):
@@ -21,7 +22,7 @@ def main(argv):
   try:
     cli.configure_process(flags.FLAGS.config)
     state = rounds.Stream(flags.FLAGS.config, flags.FLAGS.workdir).run()
-  except cli.USER_ERRORS as e:
+  except (*cli.USER_ERRORS, FileNotFoundError, RegistryError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   for rec in state["rounds"]:
