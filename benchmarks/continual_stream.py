@@ -159,13 +159,23 @@ def main():
   parser.add_argument("--methods", default="naive,replay,ewc,l2_sp,lora")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--round_size", type=int, default=100)
+  parser.add_argument("--report", action="store_true",
+                      help="only print the table of the finished streams")
   a = parser.parse_args()
   exp = _experiment()
   seeds = [int(s) for s in a.seeds.split(",")]
   methods = a.methods.split(",")
   cli.configure_process(exp.get_config(_arg(data_dir=a.data_dir)))
   results = {m: [] for m in methods}
-  for seed in seeds:
+  for seed in seeds if a.report else ():
+    for method in methods:
+      state = rounds._read_json(os.path.join(a.root, f"seed{seed}", method,  # pylint: disable=protected-access
+                                             rounds.STATE))
+      if state and state["round"] == a.rounds:
+        results[method].append(rounds.table_row(state, registry_lib.Registry(
+            os.path.join(a.root, f"seed{seed}", f"registry_{method}")),
+                                                "accuracy"))
+  for seed in () if a.report else seeds:
     base = base_run(exp, a.data_dir, a.root, seed)
     db = feedback_db(base, a.data_dir, a.root, seed, a.rounds * a.round_size)
     for i, method in enumerate(methods):
@@ -181,14 +191,18 @@ def main():
         f", {os.cpu_count()} CPUs; accuracy %, mean ± std over seeds "
         f"{a.seeds}\n")
   r = a.rounds
-  print("| method | MR dev after rounds 0.." + str(r) + " | CR dev after "
-        "rounds 0.." + str(r) + " | forgetting (MR) | BWT (MR) | CR gain |")
-  print("|---|---|---|---|---|---|")
+  print("| method | seeds | MR dev after rounds 0.." + str(r) + " | CR dev "
+        "after rounds 0.." + str(r) + " | forgetting (MR) | worst MR drop | "
+        "BWT (MR) | CR gain |")
+  print("|---|---|---|---|---|---|---|---|")
   for method, rows in results.items():
+    if not rows:
+      continue
     old = " / ".join(_fmt([x["old"][t] for x in rows]) for t in range(r + 1))
     new = " / ".join(_fmt([x["new"][t] for x in rows]) for t in range(r + 1))
-    print(f"| {method} | {old} | {new} | "
+    print(f"| {method} | {len(rows)} | {old} | {new} | "
           f"{_fmt([x['forgetting'] for x in rows])} | "
+          f"{_fmt([x['worst_drop'] for x in rows])} | "
           f"{_fmt([x['bwt'] for x in rows])} | "
           f"{_fmt([x['gain'] for x in rows])} |")
 

@@ -345,7 +345,10 @@ def table_row(state, registry: Registry, metric: str) -> dict:
 
   Returns:
     {"old": [...], "new": [...]} per round (round 0: the base), and
-    forgetting (old), bwt (old: learned at round 0), gain (new).
+    forgetting (old), bwt (old: learned at round 0), gain (new), and
+    worst_drop: the largest fall of the old score below the base's over
+    the rounds (forgetting at the final round misses a dip that later
+    rounds recovered from).
   """
   base = registry.metadata(state["base"])["metrics"]
   rows = [base] + [rec["scores"] for rec in state["rounds"]]
@@ -353,4 +356,5 @@ def table_row(state, registry: Registry, metric: str) -> dict:
   return {"old": [s[0] for s in scores], "new": [s[1] for s in scores],
           "forgetting": metrics.forgetting(scores, 0),
           "bwt": metrics.backward_transfer(scores, {0: 0}),
-          "gain": metrics.gain(scores, 1)}
+          "gain": metrics.gain(scores, 1),
+          "worst_drop": max(0.0, max(scores[0][0] - s[0] for s in scores))}
