@@ -131,11 +131,18 @@ class Registry:
     shutil.rmtree(tmp, ignore_errors=True)  # a killed earlier attempt
     os.makedirs(tmp)
     export.export_restored(restored, os.path.join(tmp, "model"))
+    adapter = None
     if any(m.export_adapters is not None for m in restored.methods):
       # A round's own adapter too (a new LoRA per round), as a PEFT
-      # directory: what this version added to its parent.
-      export.export_restored(restored, os.path.join(tmp, "adapter"),
-                             peft_dir=True)
+      # directory: what this version added to its parent. Not every model
+      # has a PEFT form (a mean-pooled one: PEFT loads onto BertFor*, which
+      # pools with the pooler); the merged model above is the version.
+      try:
+        export.export_restored(restored, os.path.join(tmp, "adapter"),
+                               peft_dir=True)
+        adapter = "adapter"
+      except ValueError as e:
+        adapter = f"not written: {e}"
     config = restored.config.copy_and_resolve_references()
     with config.unlocked():
       config.model.name = os.path.join(final, "model")
@@ -150,7 +157,8 @@ class Registry:
         "created": time.time(), "step": restored.step,
         "source": os.path.abspath(source) if source else None,
         "methods": list(restored.config.get("methods", ())),
-        "metrics": dict(metrics or {}), "data": data, "note": note})
+        "metrics": dict(metrics or {}), "data": data, "note": note,
+        "adapter": adapter})
     os.replace(tmp, final)
     return name
 
