@@ -193,8 +193,8 @@ def main():
   r = a.rounds
   print("| method | seeds | MR dev after rounds 0.." + str(r) + " | CR dev "
         "after rounds 0.." + str(r) + " | forgetting (MR) | worst MR drop | "
-        "BWT (MR) | CR gain |")
-  print("|---|---|---|---|---|---|---|---|")
+        "BWT (MR) | CR gain | gate passed (of " + str(r) + ") |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for method, rows in results.items():
     if not rows:
       continue
@@ -204,7 +204,8 @@ def main():
           f"{_fmt([x['forgetting'] for x in rows])} | "
           f"{_fmt([x['worst_drop'] for x in rows])} | "
           f"{_fmt([x['bwt'] for x in rows])} | "
-          f"{_fmt([x['gain'] for x in rows])} |")
+          f"{_fmt([x['gain'] for x in rows])} | "
+          f"{' / '.join(str(x['gate_passed']) for x in rows)} |")
 
 
 if __name__ == "__main__":

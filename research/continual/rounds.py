@@ -348,7 +348,8 @@ def table_row(state, registry: Registry, metric: str) -> dict:
     forgetting (old), bwt (old: learned at round 0), gain (new), and
     worst_drop: the largest fall of the old score below the base's over
     the rounds (forgetting at the final round misses a dip that later
-    rounds recovered from).
+    rounds recovered from); gate_passed: the rounds the gate would have
+    promoted.
   """
   base = registry.metadata(state["base"])["metrics"]
   rows = [base] + [rec["scores"] for rec in state["rounds"]]
@@ -357,4 +358,5 @@ def table_row(state, registry: Registry, metric: str) -> dict:
           "forgetting": metrics.forgetting(scores, 0),
           "bwt": metrics.backward_transfer(scores, {0: 0}),
           "gain": metrics.gain(scores, 1),
-          "worst_drop": max(0.0, max(scores[0][0] - s[0] for s in scores))}
+          "worst_drop": max(0.0, max(scores[0][0] - s[0] for s in scores)),
+          "gate_passed": sum(rec["gate"]["promote"] for rec in state["rounds"])}
