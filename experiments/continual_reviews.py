@@ -11,10 +11,12 @@ CR dev (what it should gain). `data_dir` holds senteval_mr/ and senteval_cr/
     python -m research.train \
         --config experiments/continual_reviews.py:data_dir=../shared/data \
         --workdir /tmp/cl/base
-    # rounds from research.serve's feedback store (benchmarks/continual_stream.py
-    # fills one through the serving path), here with experience replay
+    # serve it; /feedback corrections land in /tmp/cl/base/feedback.db
+    python -m research.serve --workdir /tmp/cl/base
+    # rounds from that feedback store (benchmarks/continual_stream.py fills
+    # one through the serving engine), here with experience replay
     python -m research.continual \
-        --config experiments/continual_reviews.py:data_dir=../shared/data,method=replay,base=/tmp/cl/base,feedback_db=sqlite:////tmp/cl/feedback.db \
+        --config experiments/continual_reviews.py:data_dir=../shared/data,method=replay,base=/tmp/cl/base,feedback_db=sqlite:////tmp/cl/base/feedback.db,registry=/tmp/cl/registry \
         --workdir /tmp/cl/replay
 
 Methods (`method`): naive (fine-tune on the feedback alone), replay (as many
