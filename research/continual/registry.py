@@ -45,7 +45,9 @@ class RegistryError(ValueError):
   """A version that does not exist, or a rollback with nothing before it."""
 
 
-def _write_json(path, value):
+def write_json(path, value):
+  """Writes JSON atomically: a temporary file, fsynced, renamed over `path`
+  (a killed process leaves the old file or the new one, never half)."""
   tmp = f"{path}.tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(value, f, indent=2, default=float)
@@ -150,9 +152,9 @@ class Registry:
       config.method_options = {}
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
-    _write_json(os.path.join(tmp, "labels.json"),
+    write_json(os.path.join(tmp, "labels.json"),
                 list(restored.label_names))
-    _write_json(os.path.join(tmp, restore.VERSION_FILE), {
+    write_json(os.path.join(tmp, restore.VERSION_FILE), {
         "version": name, "kind": kind, "parent": parent,
         "created": time.time(), "step": restored.step,
         "source": os.path.abspath(source) if source else None,

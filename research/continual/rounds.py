@@ -44,7 +44,7 @@ import ml_collections
 from research import data, restore, train
 from research.configs import ConfigError
 from research.continual import gate, metrics
-from research.continual.registry import Registry
+from research.continual.registry import Registry, write_json
 from research.continual.replay import Reservoir
 from research.data import sources
 
@@ -60,15 +60,6 @@ def _read_json(path):
     return None
   with open(path, encoding="utf-8") as f:
     return json.load(f)
-
-
-def _write_json(path, value):
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=1, default=float)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _write_jsonl(path, rows):
@@ -156,7 +147,7 @@ class Stream:
       reservoir.add(self._replay_seed(current))
     state = {"round": 0, "after": 0, "base": current, "current": current,
              "reservoir": reservoir.state(), "rounds": []}
-    _write_json(os.path.join(self.workdir, STATE), state)
+    write_json(os.path.join(self.workdir, STATE), state)
     return state
 
   def _uses_replay_file(self) -> bool:
@@ -238,7 +229,7 @@ class Stream:
                 "train_file": os.path.join(folder, "train.jsonl"),
                 "new_file": os.path.join(folder, "new.jsonl"),
                 "replay_file": os.path.join(folder, "replay.jsonl")}
-    _write_json(os.path.join(tmp, "manifest.json"), manifest)
+    write_json(os.path.join(tmp, "manifest.json"), manifest)
     os.replace(tmp, folder)
     return manifest
 
@@ -318,9 +309,8 @@ class Stream:
     if promoted:
       self.registry.promote(candidate, f"round {r}: " + "; ".join(
           decision.reasons))
-      new_rows = [json.loads(line) for line in open(
-          manifest["new_file"], encoding="utf-8")]
-      reservoir.add(new_rows)
+      with open(manifest["new_file"], encoding="utf-8") as f:
+        reservoir.add([json.loads(line) for line in f])
     record = {"round": r, "start": start, "candidate": candidate,
               "promoted": promoted, "scores": scores,
               "gate": {"promote": decision.promote, "gain": decision.gain,
@@ -335,7 +325,7 @@ class Stream:
              "current": self.registry.current(),
              "reservoir": reservoir.state(),
              "rounds": state["rounds"] + [record]}
-    _write_json(os.path.join(self.workdir, STATE), state)
+    write_json(os.path.join(self.workdir, STATE), state)
     return state
 
 
