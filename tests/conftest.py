@@ -1,10 +1,30 @@
 """Shared test setup: 8 simulated CPU devices, quiet TensorFlow, fixtures."""
 
 import os
+import shutil
+import tempfile
 
 # Must happen before jax is imported anywhere: multi-device tests use a mesh
 # of 8 simulated CPU devices; single-device code still runs on device 0.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Most test steps are tiny, so compiling them costs more than running them:
+# skip LLVM's optimisation passes (set in the environment so that the runs
+# tests start in subprocesses inherit it). This halved the slowest tests'
+# times; tests that train a real checkpoint opt back in (`optimized_xla`).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
+# One persistent XLA cache for the session, shared by the xdist workers and
+# the runs tests start in subprocesses (a killed run and its resume, the
+# same tiny model in many files compile once). Made fresh by the controller
+# (the first process to read this file; the workers inherit its environment)
+# and removed at its end, so nothing compiled by an earlier session or in
+# ~/.cache/research_bert is reused.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="research_bert_tests_xla_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+else:
+  _XLA_CACHE = None  # a worker's, or the user's own: not ours to remove
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -95,3 +115,22 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "slow: over ~40 s on 2 CPU cores (end-to-end runs, "
       "subprocess kills and resumes, Ray); part of the full suite")
+
+
+@pytest.fixture
+def optimized_xla(monkeypatch):
+  """XLA's full optimisation (see the top of this file), for tests whose
+  steps train a real checkpoint long enough for it to pay; subprocesses
+  they start inherit it."""
+  import jax  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "false")
+  before = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
+
+
+def pytest_unconfigure(config):
+  del config
+  if _XLA_CACHE is not None:
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
