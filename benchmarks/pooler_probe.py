@@ -56,7 +56,15 @@ def main():
   parser.add_argument("--task", default="cola", choices=sorted(FIELDS))
   parser.add_argument("--model", default="all-minilm-l6-v2")
   parser.add_argument("--train_rows", type=int, default=3000)
+  parser.add_argument("--data_dir", default=SHARED,
+                      help="Holds glue_<task>/train.tsv and dev.tsv "
+                      "(default: %(default)s; a fresh clone lacks it).")
   args = parser.parse_args()
+  folder = os.path.join(args.data_dir, f"glue_{args.task}")
+  missing = [os.path.join(folder, f) for f in ("train.tsv", "dev.tsv")
+             if not os.path.exists(os.path.join(folder, f))]
+  if missing:
+    parser.error(f"--data_dir {args.data_dir}: missing {', '.join(missing)}")
   import transformers  # pylint: disable=import-outside-toplevel
   from sklearn.linear_model import LogisticRegression  # pylint: disable=import-outside-toplevel
   from sklearn.metrics import accuracy_score, matthews_corrcoef  # pylint: disable=import-outside-toplevel
@@ -64,7 +72,6 @@ def main():
   path = str(hf.resolve(args.model))
   tokenizer = transformers.AutoTokenizer.from_pretrained(path)
   model = transformers.BertModel.from_pretrained(path).eval()
-  folder = os.path.join(SHARED, f"glue_{args.task}")
   train, y_train = read(os.path.join(folder, "train.tsv"), FIELDS[args.task],
                         args.train_rows)
   dev, y_dev = read(os.path.join(folder, "dev.tsv"), FIELDS[args.task], 0)

@@ -9,9 +9,11 @@ r"""Model soups vs logit ensembles vs single runs: RTE, CoLA, MR on MiniLM.
         --seeds 0,1 --total_steps 8
 
 Each run is `experiments/_glue_minilm.get_config(task, data_dir=
-../shared/data/<folder>)` (batch 32, lr 1e-4, 3 epochs) with
-`config.model.init_seed=0` (one head initialisation for every run, as
-Wortsman et al. 2022 fine-tune their soups' ingredients) and
+<--data_dir>/<folder>)` (batch 32, lr 1e-4, 3 epochs; --data_dir holds
+glue_rte/, glue_cola/, senteval_mr/ with train.tsv and dev.tsv, by default
+../shared/data, which a fresh clone lacks) with `config.model.init_seed=0`
+(one head initialisation for every run, as Wortsman et al. 2022 fine-tune
+their soups' ingredients) and
 `config.seed=s` (data order and dropout). The task's dev file is split in
 two halves by line: the first (`<root>/<task>/data/select.tsv`) is each
 run's evaluation split (its best checkpoint is chosen there) and the greedy
@@ -33,7 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script from anywhere
   sys.path.insert(0, ROOT)
 
-# The shipped copies beside the repository (no hub).
+# Default: the copies beside the repository on this project's machines
+# (../shared/data; a fresh clone has none: pass --data_dir).
 SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
 FOLDERS = {"rte": "glue_rte", "cola": "glue_cola", "mr": "senteval_mr"}
 
@@ -62,11 +65,11 @@ def split_dev(dev_file, out_dir):
   return select, report
 
 
-def run_config(task, seed, select_file, epochs, total_steps):
+def run_config(task, seed, select_file, epochs, total_steps, data_dir):
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import _glue_minilm  # pylint: disable=import-outside-toplevel,import-error
   config = _glue_minilm.get_config(
-      task, data_dir=os.path.join(SHARED, FOLDERS[task]))
+      task, data_dir=os.path.join(data_dir, FOLDERS[task]))
   config.model.init_seed = 0
   config.seed = seed
   config.num_epochs = float(epochs)
@@ -78,7 +81,8 @@ def run_config(task, seed, select_file, epochs, total_steps):
   return config
 
 
-def train_missing(root, task, seeds, select_file, epochs, total_steps):
+def train_missing(root, task, seeds, select_file, epochs, total_steps,
+                  data_dir):
   """Each seed's run, unless finished (summary.json); an interrupted one
   resumes from its checkpoint."""
   from research import cli  # pylint: disable=import-outside-toplevel
@@ -90,8 +94,8 @@ def train_missing(root, task, seeds, select_file, epochs, total_steps):
       continue
     print(f"training {task} seed {seed} -> {workdir}", flush=True)
     t0 = time.time()
-    status = cli.run(run_config(task, seed, select_file, epochs, total_steps),
-                     workdir)
+    status = cli.run(run_config(task, seed, select_file, epochs, total_steps,
+                                data_dir), workdir)
     if status != 0:
       raise SystemExit(f"{workdir}: research.train exited {status}")
     print(f"  {time.time() - t0:.0f} s", flush=True)
@@ -101,6 +105,9 @@ def train_missing(root, task, seeds, select_file, epochs, total_steps):
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--root", required=True, help="Where the runs live.")
+  p.add_argument("--data_dir", default=SHARED,
+                 help="Holds " + ", ".join(f"{f}/" for f in FOLDERS.values())
+                 + " with train.tsv and dev.tsv (default: %(default)s).")
   p.add_argument("--tasks", default="rte,cola,mr")
   p.add_argument("--seeds", default="0,1,2,3,4")
   p.add_argument("--epochs", type=float, default=3.0)
@@ -115,6 +122,11 @@ def main():
   if unknown:
     p.error(f"--tasks: unknown {unknown}; valid: {', '.join(FOLDERS)}")
   seeds = [int(s) for s in args.seeds.split(",") if s]
+  missing = [os.path.join(args.data_dir, FOLDERS[t], f) for t in tasks
+             for f in ("train.tsv", "dev.tsv")
+             if not os.path.exists(os.path.join(args.data_dir, FOLDERS[t], f))]
+  if missing:
+    p.error(f"--data_dir {args.data_dir}: missing {', '.join(missing)}")
 
   import jax  # pylint: disable=import-outside-toplevel
   from research import soup  # pylint: disable=import-outside-toplevel
@@ -127,10 +139,10 @@ def main():
         (f"; {args.total_steps} steps" if args.total_steps
          else f"; {args.epochs:g} epochs"))
   for task in tasks:
-    dev = os.path.join(SHARED, FOLDERS[task], "dev.tsv")
+    dev = os.path.join(args.data_dir, FOLDERS[task], "dev.tsv")
     select, report = split_dev(dev, os.path.join(args.root, task, "data"))
     workdirs = train_missing(args.root, task, seeds, select, args.epochs,
-                             args.total_steps)
+                             args.total_steps, args.data_dir)
     runs = soup.load_runs(workdirs, args.which)
     first = runs[0]
     loaded = [splits.load_file(first.config, first.tokenizer, first.task,
