@@ -267,7 +267,7 @@ def _weights(version_dir):
 
 @pytest.mark.slow
 def test_sigkill_during_a_round_resumes_exactly_and_feeds_each_correction_once(
-    tmp_path, tiny_model_dir, base_run):
+    tmp_path, tiny_model_dir, base_run, compilation_cache):
   """Two rounds of 16 corrections through the CLI; one stream is killed
   (SIGKILL) inside round 2's training and rerun. Its rounds saw the same
   feedback ids as the uninterrupted stream's, each exactly once, and its
@@ -287,7 +287,7 @@ def test_sigkill_during_a_round_resumes_exactly_and_feeds_each_correction_once(
       f"arg, {new_file!r}, rounds=2, replay_ratio=0.5, promote='always')\n"
       "  c.checkpoint_every_steps = 1\n"
       "  return c\n")
-  cache = str(tmp_path / "xla")
+  cache = compilation_cache  # the session's (conftest.py)
 
   def command(name):
     return [sys.executable, "-m", "research.continual", "--config",

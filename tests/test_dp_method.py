@@ -386,8 +386,8 @@ RESUME = {"methods": ("dp_sgd",),
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_exact_and_epsilon_continues(
-    tmp_path, tiny_model_dir):
-  cache = str(tmp_path / "xla_cache")
+    tmp_path, tiny_model_dir, compilation_cache):
+  cache = compilation_cache  # the session's (conftest.py)
   straight = tmp_path / "straight"
   args = rel._cli(tiny_model_dir, straight, **RESUME)  # pylint: disable=protected-access
   out = subprocess.run(args, cwd=rel.REPO, env=rel._env(cache),  # pylint: disable=protected-access

@@ -27,7 +27,6 @@ import time
 import warnings
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 from orbax.checkpoint._src.path import atomicity
 import pytest
@@ -66,19 +65,11 @@ def _cli(model_dir, workdir, **overrides):
           f"--workdir={workdir}"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """A persistent XLA cache for this module, in process and in subprocesses."""
-  path = str(tmp_path_factory.mktemp("xla_cache"))
-  before = (jax.config.jax_compilation_cache_dir,
-            jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  compilation_cache.reset_cache()
-  yield path
-  jax.config.update("jax_compilation_cache_dir", before[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
-  compilation_cache.reset_cache()
+@pytest.fixture(scope="module")
+def compile_cache(compilation_cache):
+  """The session's persistent XLA cache (conftest.py), in process and in
+  the subprocesses: a killed run and its resume compile once."""
+  return compilation_cache
 
 
 @pytest.fixture(scope="module")

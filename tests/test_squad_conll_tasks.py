@@ -215,7 +215,8 @@ def _task(config, tokenizer):
 
 
 def test_sigkill_then_rerun_resumes_qa_exactly(qa_run, tiny_model_dir,
-                                               squad_files, tmp_path):
+                                               squad_files, tmp_path,
+                                               compilation_cache):
   """Killed after checkpoint 10, the same command ends where the straight
   run did: parameters, optimiser state and metrics equal."""
   workdir, log_path = tmp_path / "run", tmp_path / "killed.log"
@@ -226,7 +227,7 @@ def test_sigkill_then_rerun_resumes_qa_exactly(qa_run, tiny_model_dir,
       f"--config.model.name={tiny_model_dir}",
       *[f"--config.{k}={v}" for k, v in QA_OVERRIDES.items()],
       f"--workdir={workdir}"]
-  cache = str(tmp_path / "xla")
+  cache = compilation_cache  # the session's (conftest.py)
   proc = reliability._kill_after_checkpoint(args, cache, workdir, log_path,
                                             10)
   assert proc.returncode == -signal.SIGKILL
