@@ -220,8 +220,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None,
     total_steps = optimizers.steps_from_config(config, micro_steps_per_epoch)
     # Built before the model loads: a warmup longer than the run fails fast.
     tx = optimizers.build_optimizer(config.optimizer, total_steps)
-    # Logged on the host every log_every_steps: one small program instead
-    # of an eager dispatch (and first-call compile) per jnp op inside it.
+    # Jitted: logging it eagerly dispatched (and compiled) each jnp op.
     schedule = jax.jit(optimizers.learning_rate_schedule(config.optimizer,
                                                          total_steps))
   except ValueError as e:

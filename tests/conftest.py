@@ -6,12 +6,7 @@ import tempfile
 
 # Must happen before jax is imported anywhere: multi-device tests use a mesh
 # of 8 simulated CPU devices; single-device code still runs on device 0.
-# One thread per XLA computation: the suite runs one worker per core, and the
-# tiny steps gain nothing from intra-op threads that compete with the other
-# worker (6% less time on tests/test_dp_method.py, side by side).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_cpu_multi_thread_eigen=false "
-                      "intra_op_parallelism_threads=1")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # Most test steps are tiny, so compiling them costs more than running them:
 # skip LLVM's optimisation passes (set in the environment so that the runs
 # tests start in subprocesses inherit it). This halved the slowest tests'

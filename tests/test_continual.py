@@ -51,9 +51,10 @@ def test_fisher_is_the_mean_of_squared_per_example_gradients(tiny_model_dir):
     return (losses * weights).sum() / weights.sum()
 
   batcher = data.Batcher(split, 1, (), shuffle=False)
+  grad = jax.jit(jax.grad(loss))  # one program; eager op-by-op is slow
   squares = []
   for batch in batcher.eval_batches():
-    g = jax.grad(loss)(params, {k: jnp.asarray(v) for k, v in batch.items()})
+    g = grad(params, {k: jnp.asarray(v) for k, v in batch.items()})
     squares.append(jax.tree.map(jnp.square, g))
   want = jax.tree.map(lambda *x: sum(x) / len(x), *squares)
   assert len(squares) == 7
