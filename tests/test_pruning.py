@@ -20,6 +20,7 @@ def _config(model_dir, method, steps=8, **options):
   config.wandb.mode = "disabled"
   config.parallelism.mesh_shape = (1, 1, 1)
   config.optimizer.learning_rate = 1e-3
+  config.data.buckets = (64,)  # one batch shape: one compilation
   config.total_steps = steps
   config.log_every_steps = 1
   config.eval_every_steps = 4

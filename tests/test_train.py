@@ -25,6 +25,9 @@ def _tiny_config(model_dir, **overrides):
   config.wandb.mode = "disabled"
   config.parallelism.mesh_shape = (1, 1, 1)  # test_parallel.py covers meshes
   config.optimizer.learning_rate = 1e-3
+  # One batch shape: the tiny model's steps cost less than compiling the
+  # quickstart's four (tests of bucketing set their own).
+  config.data.buckets = (64,)
   config.update_from_flattened_dict(overrides)
   return config
 
@@ -98,7 +101,8 @@ def test_resume_after_stop_is_exact(tmp_path, tiny_model_dir, monkeypatch):
 
 @pytest.mark.slow
 def test_no_recompilation_after_first_epoch(tmp_path, tiny_model_dir):
-  config = _tiny_config(tiny_model_dir, num_epochs=3.0, log_every_steps=1)
+  config = _tiny_config(tiny_model_dir, num_epochs=3.0, log_every_steps=1,
+                        **{"data.buckets": quickstart.get_config().data.buckets})
   summary = train.train_and_evaluate(config, str(tmp_path))
   rows = [r for r in tracker.read_jsonl(tmp_path / "metrics.jsonl")
           if "train/compilations" in r]
