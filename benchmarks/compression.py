@@ -59,16 +59,21 @@ ROWS = {
 }
 
 
-# This benchmark reads the shipped copies beside the repository (no hub).
+# --data_dir's default: the copies beside the repository on this project's
+# machines. A fresh clone has none: RTE and CoLA then come from TFDS, MR
+# (no TFDS copy) needs --data_dir.
 SHARED = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(
     __file__)), "..", "..", "shared", "data"))
 FOLDERS = {"mr": "senteval_mr", "rte": "glue_rte", "cola": "glue_cola"}
+DATASETS = ("quickstart",) + tuple(FOLDERS)
 
 
-def run_arg(data, run, seed) -> str:
-  """`experiments/compression.py`'s arg for a run directory name."""
-  local = (f",data_dir={os.path.join(SHARED, FOLDERS[data])}"
-           if data in FOLDERS else "")
+def run_arg(data, run, seed, data_dir=SHARED) -> str:
+  """`experiments/compression.py`'s arg for a run directory name: the
+  local TSVs of `data` under `data_dir` where they are, else its TFDS copy."""
+  folder = os.path.join(data_dir, FOLDERS.get(data, ""))
+  local = (f",data_dir={folder}" if data in FOLDERS and os.path.isdir(folder)
+           else "")
   if run in ("plain", "qat"):
     return f"data={data},method={run},seed={seed}{local}"
   method = run.rstrip("0123456789.")
@@ -80,7 +85,7 @@ def finished(workdir) -> bool:
   return os.path.exists(os.path.join(workdir, "summary.json"))
 
 
-def train_missing(runs_dir, datasets, seeds, rows, nice):
+def train_missing(runs_dir, datasets, seeds, rows, nice, data_dir=SHARED):
   """Runs each missing `research.train` run, one at a time, seed by seed
   (every row of seed 0 first), at niceness `nice` (counting this process's)."""
   nice = max(0, nice - os.nice(0))
@@ -91,7 +96,8 @@ def train_missing(runs_dir, datasets, seeds, rows, nice):
         if finished(workdir):
           continue
         cmd = ["nice", "-n", str(nice), sys.executable, "-m", "research.train",
-               "--config", f"experiments/compression.py:{run_arg(data, run, seed)}",
+               "--config",
+               f"experiments/compression.py:{run_arg(data, run, seed, data_dir)}",
                "--workdir", workdir]
         os.makedirs(workdir, exist_ok=True)
         print("training:", " ".join(cmd[3:]), flush=True)
@@ -265,6 +271,10 @@ def main():
   parser.add_argument("--runs", required=True, help="The runs' root folder.")
   parser.add_argument("--data", default="quickstart",
                       help="Comma-separated: quickstart, mr, rte, cola.")
+  parser.add_argument("--data_dir", default=SHARED,
+                      help="Holds senteval_mr/, glue_rte/, glue_cola/ with "
+                      "train.tsv and dev.tsv (default: %(default)s); RTE and "
+                      "CoLA without it come from TFDS.")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--rows", default=",".join(ROWS),
                       help="Comma-separated row names (default: all).")
@@ -283,10 +293,17 @@ def main():
   unknown = [r for r in rows if r not in ROWS]
   if unknown:
     parser.error(f"--rows: unknown {unknown}; valid: {', '.join(ROWS)}")
+  unknown = [d for d in datasets if d not in DATASETS]
+  if unknown:
+    parser.error(f"--data: unknown {unknown}; valid: {', '.join(DATASETS)}")
+  mr = os.path.join(args.data_dir, FOLDERS["mr"])
+  if "mr" in datasets and not os.path.isdir(mr):
+    parser.error(f"--data mr reads {mr} (SentEval MR has no TFDS copy), "
+                 "which is absent: pass --data_dir")
   out = {}
   for data in datasets:
     if args.train:
-      train_missing(args.runs, [data], seeds, rows, args.nice)
+      train_missing(args.runs, [data], seeds, rows, args.nice, args.data_dir)
     if not args.no_table:
       out[data] = table(args.runs, data, seeds, rows, args.rounds)
   if args.out:

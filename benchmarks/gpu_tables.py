@@ -640,6 +640,12 @@ def _main(args):
           extra if job.argv[2] == "research.train" else [])))
     print(f"{len(jobs)} jobs (follow-ups not listed)")
     return 0
+  reading = [job.name for job in jobs if SHARED in " ".join(job.argv)]
+  if reading and not os.path.isdir(SHARED):
+    raise SystemExit(f"{SHARED} is absent and {len(reading)} jobs read it "
+                     f"(e.g. {reading[0]}): copy the data sets there (the "
+                     "device machine reaches no dataset server), or pick "
+                     "--groups/--only without them")
   queue = Queue(args.out, args.workers, args.budget_s, extra,
                 max_follow=1 if args.smoke else None)
   for job in jobs:

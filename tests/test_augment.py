@@ -22,7 +22,6 @@ from research.data.splits import TokenizedSplit
 from research.models import BertConfig, create_model, hf
 from research.methods.adversarial import embeddings as adversarial
 from tests import test_reliability as rel
-from tests.test_reliability import compile_cache  # pylint: disable=unused-import
 from tests.test_train import _tiny_config
 
 SPECIAL = {0, 101, 102, 103}
@@ -294,7 +293,7 @@ RESUME = {"methods": "('augment','freelb')", "batch_size": 32,
 
 @pytest.mark.slow
 def test_killed_run_with_augmentation_and_freelb_resumes_exactly(
-    tmp_path, tiny_model_dir, compile_cache):  # pylint: disable=redefined-outer-name
+    tmp_path, tiny_model_dir, compilation_cache):
   straight = tmp_path / "straight"
   config = _augmented(tiny_model_dir, ("freelb",), {
       **rel.BASE, "batch_size": 32}, ops=("swap", "delete", "insert"),
@@ -304,11 +303,11 @@ def test_killed_run_with_augmentation_and_freelb_resumes_exactly(
   args = rel._cli(tiny_model_dir, workdir, **RESUME)  # pylint: disable=protected-access
   # Killed in epoch 1 (steps 21-40): the rerun remakes that epoch's copies
   # without having trained on it, then epoch 2's.
-  proc = rel._kill_after_checkpoint(args, compile_cache, workdir, log_path, 30)  # pylint: disable=protected-access
+  proc = rel._kill_after_checkpoint(args, compilation_cache, workdir, log_path, 30)  # pylint: disable=protected-access
   assert proc.returncode == -signal.SIGKILL
   resume_from = rel._steps_on_disk(workdir)[-1]  # pylint: disable=protected-access
   assert 30 <= resume_from < 60
-  out = subprocess.run(args, cwd=rel.REPO, env=rel._env(compile_cache),  # pylint: disable=protected-access
+  out = subprocess.run(args, cwd=rel.REPO, env=rel._env(compilation_cache),  # pylint: disable=protected-access
                        capture_output=True, text=True, timeout=600,
                        check=False)
   assert out.returncode == 0, out.stderr[-3000:]

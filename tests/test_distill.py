@@ -31,7 +31,6 @@ from research.models import BertConfig, create_model, hf
 from research.training import partition
 from research.training.checkpointing import Checkpointer
 from tests.test_reliability import _assert_trees_equal, _restore
-from tests.test_reliability import compile_cache  # pylint: disable=unused-import
 from tests.test_squad_conll_tasks import _conll_file
 from tests.test_tasks import _ner_rows
 from tests.test_train import _metrics, _tiny_config
@@ -232,7 +231,7 @@ def test_fresh_student_has_the_shape_asked(narrow_dir):
 
 
 def test_hidden_and_attention_terms_train_and_export_drops_the_projection(
-    tmp_path, narrow_dir, teacher_dir, monkeypatch, compile_cache):
+    tmp_path, narrow_dir, teacher_dir, monkeypatch):
   """A 16-wide student learns the 32-wide teacher's hidden states (through
   the trained projection) and attention; the export is a plain BERT that
   transformers reads with the same logits, made without the teacher."""
@@ -285,7 +284,7 @@ def test_hidden_and_attention_terms_train_and_export_drops_the_projection(
                          ids=["fly-hidden-attention", "cache-2-devices"])
 def test_a_stopped_distillation_resumes_to_the_same_bits(
     request, tmp_path, teacher_dir, student_fixture, mesh, options,
-    monkeypatch, compile_cache):
+    monkeypatch):
   config = _config(request.getfixturevalue(student_fixture), teacher_dir,
                    {"parallelism.mesh_shape": mesh}, **options)
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")

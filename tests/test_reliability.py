@@ -6,9 +6,9 @@ outages and safe loading. README's "Failure behaviour" states the policies
 these tests hold the trainer to.
 
 Most tests compare against one straight run of the shared config (`straight`).
-Every run builds new jitted functions, so a persistent XLA compilation cache
-(`compile_cache`, also passed to subprocesses) keeps the file fast; the
-executables it returns are the ones a fresh compile would give.
+Every run builds new jitted functions, so the session's persistent XLA cache
+(conftest's `compilation_cache`, also passed to subprocesses) keeps the file
+fast; the executables it returns are the ones a fresh compile would give.
 """
 
 import errno
@@ -66,16 +66,9 @@ def _cli(model_dir, workdir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def compile_cache(compilation_cache):
-  """The session's persistent XLA cache (conftest.py), in process and in
-  the subprocesses: a killed run and its resume compile once."""
-  return compilation_cache
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, tiny_model_dir, compile_cache):
+def straight(tmp_path_factory, tiny_model_dir, compilation_cache):
   """The shared config run once without interruption: the reference."""
-  del compile_cache
+  del compilation_cache
   workdir = tmp_path_factory.mktemp("straight")
   train.train_and_evaluate(_config(tiny_model_dir), str(workdir))
   return workdir
@@ -108,9 +101,9 @@ def _wait_for_step_dir(proc, workdir, step, log_path, timeout=300):
   assert proc.poll() is None, "the run finished before it could be stopped"
 
 
-def _kill_after_checkpoint(args, compile_cache, workdir, log_path, step):
+def _kill_after_checkpoint(args, cache, workdir, log_path, step):
   """Starts the CLI run and SIGKILLs it once checkpoint `step` is on disk."""
-  proc = _start(args, compile_cache, log_path)
+  proc = _start(args, cache, log_path)
   try:
     _wait_for_step_dir(proc, workdir, step, log_path)
     proc.send_signal(signal.SIGKILL)
@@ -159,17 +152,17 @@ def _assert_same_as(workdir, reference):
 
 
 def test_sigkill_then_same_command_resumes_exactly(
-    tmp_path, tiny_model_dir, straight, compile_cache):
+    tmp_path, tiny_model_dir, straight, compilation_cache):
   """Killed (SIGKILL) after checkpoint 10 wherever it then was; rerun."""
   workdir, log_path = tmp_path / "run", tmp_path / "killed.log"
   args = _cli(tiny_model_dir, workdir)
-  proc = _kill_after_checkpoint(args, compile_cache, workdir, log_path, 10)
+  proc = _kill_after_checkpoint(args, compilation_cache, workdir, log_path, 10)
   assert proc.returncode == -signal.SIGKILL
   assert not (workdir / "summary.json").exists()
   resume_from = _steps_on_disk(workdir)[-1]
   assert 10 <= resume_from < BASE["total_steps"]
 
-  out = subprocess.run(args, cwd=REPO, env=_env(compile_cache),
+  out = subprocess.run(args, cwd=REPO, env=_env(compilation_cache),
                        capture_output=True, text=True, timeout=600,
                        check=False)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -191,9 +184,9 @@ def test_same_config_twice_gives_identical_losses(
 
 
 def test_sigterm_saves_current_step_exits_143_then_resumes(
-    tmp_path, tiny_model_dir, straight, compile_cache, caplog):
+    tmp_path, tiny_model_dir, straight, compilation_cache, caplog):
   workdir, log_path = tmp_path / "run", tmp_path / "terminated.log"
-  proc = _start(_cli(tiny_model_dir, workdir), compile_cache, log_path)
+  proc = _start(_cli(tiny_model_dir, workdir), compilation_cache, log_path)
   try:
     _wait_for_step_dir(proc, workdir, 10, log_path)
     proc.send_signal(signal.SIGTERM)
@@ -668,14 +661,14 @@ def _wandb_history(workdir):
 
 
 def test_wandb_history_after_sigkill_and_resume_has_every_step_once(
-    tmp_path, tiny_model_dir, straight, compile_cache):
+    tmp_path, tiny_model_dir, straight, compilation_cache):
   """Offline W&B, killed after checkpoint 10, rerun: W&B rewinds the run."""
   workdir, log_path = tmp_path / "run", tmp_path / "killed.log"
   args = _cli(tiny_model_dir, workdir, **{"wandb.mode": "offline"})
-  _kill_after_checkpoint(args, compile_cache, workdir, log_path, 10)
+  _kill_after_checkpoint(args, compilation_cache, workdir, log_path, 10)
   resume_from = _steps_on_disk(workdir)[-1]
   run_id = (workdir / tracker.WANDB_RUN_ID_FILE).read_text().strip()
-  out = subprocess.run(args, cwd=REPO, env=_env(compile_cache),
+  out = subprocess.run(args, cwd=REPO, env=_env(compilation_cache),
                        capture_output=True, text=True, timeout=600,
                        check=False)
   assert out.returncode == 0, out.stderr[-3000:]
