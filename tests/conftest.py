@@ -10,7 +10,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # Most test steps are tiny, so compiling them costs more than running them:
 # skip LLVM's optimisation passes (set in the environment so that the runs
 # tests start in subprocesses inherit it). This halved the slowest tests'
-# times; tests that train a real checkpoint opt back in (`optimized_xla`).
+# times; even the real-checkpoint tests' 20 steps do not repay the passes.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 # One persistent XLA cache for the session, shared by the xdist workers and
 # the runs tests start in subprocesses (a killed run and its resume, the
@@ -100,19 +100,6 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "slow: over ~40 s on 2 CPU cores (end-to-end runs, "
       "subprocess kills and resumes, Ray); part of the full suite")
-
-
-@pytest.fixture
-def optimized_xla(monkeypatch):
-  """XLA's full optimisation (see the top of this file), for tests whose
-  steps train a real checkpoint long enough for it to pay; subprocesses
-  they start inherit it."""
-  import jax  # pylint: disable=import-outside-toplevel
-  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "false")
-  before = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", False)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
 
 
 def pytest_unconfigure(config):

@@ -32,6 +32,11 @@ def test_epsilon_equals_dp_accounting(accountant, q, sigma, steps, delta):
   assert eps == pytest.approx(_direct(accountant, q, sigma, steps, delta),
                               rel=1e-12)
   assert 0.5 < eps < 50
+  if accountant == "rdp":  # other step counts reuse one step's RDP: same bits
+    for n in (1, 7, steps // 3, steps, 5 * steps):
+      assert accounting.epsilon(sampling_rate=q, noise_multiplier=sigma,
+                                steps=n, delta=delta) == _direct(
+                                    "rdp", q, sigma, n, delta), n
 
 
 def _analytic_gaussian_epsilon(mu, delta):

@@ -46,23 +46,20 @@ def _metrics(workdir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("examples_per_row", [1, 4])
-def test_quickstart_beats_majority_class(tmp_path, examples_per_row, request):
-  """The embedded MiniLM, 1 epoch (20 steps): dev majority class is 0.50.
+def test_quickstart_beats_majority_class(tmp_path, examples_per_row):
+  """The embedded MiniLM, 20 steps: dev majority class is 0.50.
 
   With 4 examples per row the run trains on packed rows (4 rows of about 64
-  tokens instead of 16 of about 17) for the quickstart's 3 epochs: packed
-  batches are random, not grouped by length, and after 20 steps of a
-  20-step schedule their dev accuracy was 0.69 (step 20 of 60: 0.82).
+  tokens instead of 16 of about 17), which are random, not grouped by
+  length; two widths (80, and 256 for the rare long row) compile instead of
+  four. Measured 2026-12-07, 20 steps: 0.90 unpacked, 0.89 packed.
   """
   config = quickstart.get_config()
   config.total_steps = 20
   config.parallelism.mesh_shape = (1, 1, 1)
   if examples_per_row > 1:
-    # 60 steps of 64-256-token rows: running them, not compiling, dominates.
-    request.getfixturevalue("optimized_xla")
-    config.total_steps = 60
     config.data.examples_per_row = examples_per_row
-    config.data.buckets = (64, 72, 80, 256)
+    config.data.buckets = (80, 256)
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary["eval/accuracy"] >= 0.75, summary
   assert summary["train_step_compilations"] <= len(config.data.buckets)
