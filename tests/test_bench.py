@@ -267,6 +267,7 @@ def test_bad_settings_are_named(tiny_model_dir):
     bench.benchmark(config, steps=3, warmup=3)
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table(tiny_model_dir, result, compilation_cache):
   """The CLI on the fixture's config, its programs read from the same cache."""
   del result, compilation_cache

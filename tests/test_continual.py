@@ -64,6 +64,7 @@ def test_fisher_is_the_mean_of_squared_per_example_gradients(tiny_model_dir):
   assert max(float(jnp.max(x)) for x in jax.tree.leaves(got)) > 0
 
 
+@pytest.mark.slow
 def test_ewc_and_l2_sp_with_weight_zero_equal_naive_fine_tuning(
     tmp_path, tiny_model_dir, compilation_cache):
   """Same seed, same data: the penalty's gradient is 0 at weight 0, so the
@@ -202,6 +203,7 @@ def base_run(tmp_path_factory, tiny_model_dir):
   return workdir
 
 
+@pytest.mark.slow
 def test_the_gate_refuses_flipped_feedback_promotes_correct_and_rolls_back(
     tmp_path, tiny_model_dir, base_run, capsys):
   """Feedback with flipped labels (32 sentences, 16 epochs) makes a worse

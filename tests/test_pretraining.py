@@ -398,6 +398,7 @@ def test_fill_mask_pipeline_on_exported_model_gives_our_top5(tmp_path, caplog):
     assert [r["token"] for r in fill(text)] == ours
 
 
+@pytest.mark.slow
 def test_pod_recipe_on_fsdp_mesh_follows_one_device(texts, tmp_path):
   """The pod recipe validates (both phases, both optimisers); its tiny
   version trains on 8 simulated devices (fsdp=8) as on one device."""

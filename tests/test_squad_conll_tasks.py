@@ -214,6 +214,7 @@ def _task(config, tokenizer):
   return tasks.load(config, tokenizer)
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_resumes_qa_exactly(qa_run, tiny_model_dir,
                                                squad_files, tmp_path,
                                                compilation_cache):
