@@ -3,6 +3,9 @@ r"""Knowledge masking against whole-word and span masking: TAPT, then fine-tunin
     nice -n 15 python benchmarks/knowledge_masking.py --out /tmp/km
     nice -n 15 python benchmarks/knowledge_masking.py --out /tmp/km --smoke  # CPU check
 
+`--data_dir` holds conll2003/ and glue_rte/ (default ../shared/data, which
+a fresh clone lacks; the script stops naming what is missing).
+
 For each task (CoNLL-2003 NER, GLUE RTE) and each masking mode (whole_word,
 span, knowledge), task-adaptive pre-training (TAPT, Gururangan et al. 2020)
 of the packaged MiniLM on the task's own training text
@@ -36,31 +39,34 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # this checkout's research/, not an installed one
   sys.path.insert(0, REPO)
+# --data_dir's default: the copies beside the repository on this project's
+# machines (a fresh clone has none: pass --data_dir).
 SHARED = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
-CONLL = os.path.join(SHARED, "conll2003")
-RTE = os.path.join(SHARED, "glue_rte")
+FOLDERS = {"conll": "conll2003", "rte": "glue_rte"}
 ARMS = ("none", "whole_word", "span", "knowledge")
 METRIC = {"conll": "eval/entity_f1", "rte": "eval/accuracy"}
 
 
-def prepare(out):
-  """Text files and knowledge lists derived from ../shared/data."""
+def prepare(out, data_dir):
+  """Text files and knowledge lists derived from `data_dir`'s CoNLL and RTE."""
+  conll_dir = os.path.join(data_dir, FOLDERS["conll"])
+  rte_dir = os.path.join(data_dir, FOLDERS["rte"])
   from research.data import conll, knowledge  # pylint: disable=import-outside-toplevel
   data = os.path.join(out, "data")
   os.makedirs(data, exist_ok=True)
   for split in ("train", "valid"):
     path = os.path.join(data, f"conll_{split}.txt")
     if not os.path.exists(path):
-      sentences = conll.read_conll(os.path.join(CONLL, f"{split}.txt")).tokens
+      sentences = conll.read_conll(os.path.join(conll_dir, f"{split}.txt")).tokens
       with open(path, "w", encoding="utf-8") as f:
         f.write("".join(" ".join(s) + "\n" for s in sentences))
   lists = {"conll": os.path.join(data, "conll_entities.txt"),
            "rte": os.path.join(data, "rte_names.txt")}
   if not os.path.exists(lists["conll"]):
-    knowledge.main(["--conll", os.path.join(CONLL, "train.txt"),
+    knowledge.main(["--conll", os.path.join(conll_dir, "train.txt"),
                     "--out", lists["conll"]])
   if not os.path.exists(lists["rte"]):
-    knowledge.main(["--table", os.path.join(RTE, "train.tsv"), "--columns",
+    knowledge.main(["--table", os.path.join(rte_dir, "train.tsv"), "--columns",
                     "sentence1,sentence2", "--out", lists["rte"]])
   return data, lists
 
@@ -99,8 +105,9 @@ def tapt(out, task, arm, data, lists, args):
     config = (f"experiments/continue_pretraining.py:files={data}/"
               f"conll_train.txt,eval={data}/conll_valid.txt,{common}")
   else:
-    config = (f"experiments/continue_pretraining.py:table={RTE}/train.tsv,"
-              f"eval={RTE}/dev.tsv,columns=sentence1;sentence2,{common}")
+    rte = os.path.join(args.data_dir, FOLDERS["rte"])
+    config = (f"experiments/continue_pretraining.py:table={rte}/train.tsv,"
+              f"eval={rte}/dev.tsv,columns=sentence1;sentence2,{common}")
   train(workdir, config)
   hf = os.path.join(workdir, "hf")
   if not os.path.exists(os.path.join(hf, "config.json")):
@@ -116,8 +123,10 @@ def finetune(out, task, arm, seed, model, args):
   if model:
     overrides.append(f"--config.model.name={model}")
   if task == "conll":
+    conll_dir = os.path.join(args.data_dir, FOLDERS["conll"])
     config = ("experiments/conll2003.py:model=all-minilm-l6-v2,source=local,"
-              f"train_file={CONLL}/train.txt,eval_file={CONLL}/valid.txt")
+              f"train_file={conll_dir}/train.txt,"
+              f"eval_file={conll_dir}/valid.txt")
     overrides += ["--config.optimizer.learning_rate=1e-4",
                   f"--config.num_epochs={args.conll_epochs}"]
   else:
@@ -153,10 +162,19 @@ def main(argv=None):
   parser.add_argument("--conll_epochs", type=float, default=1.0)
   parser.add_argument("--smoke", action="store_true",
                       help="4-step runs: a check that the queue works")
+  parser.add_argument("--data_dir", default=SHARED,
+                      help="Holds conll2003/ (train.txt, valid.txt) and "
+                      "glue_rte/ (train.tsv, dev.tsv); default: %(default)s")
   args = parser.parse_args(argv)
+  # Both folders feed the knowledge lists and the TAPT text, whatever --tasks.
+  missing = [os.path.join(args.data_dir, f) for f in FOLDERS.values()
+             if not os.path.isdir(os.path.join(args.data_dir, f))]
+  if missing:
+    parser.error(f"{', '.join(missing)} absent: pass --data_dir (the folder "
+                 "holding conll2003/ and glue_rte/)")
   if args.smoke:
     args.tapt_steps = 4
-  data, lists = prepare(args.out)
+  data, lists = prepare(args.out, args.data_dir)
   tasks = args.tasks.split(",")
   arms = args.arms.split(",")
   results = {}
