@@ -313,6 +313,9 @@ def truncation_probability(*, num_examples: int, sampling_rate: float,
                               sampling_rate))
 
 
+# Cached: a pure function of scalars that costs seconds (a run's summary
+# and whoever reads it again ask for the same one).
+@functools.lru_cache(maxsize=64)
 def truncated_epsilon(*, num_examples: int, sampling_rate: float,
                       max_batch_size: int, noise_multiplier: float,
                       steps: int, delta: float) -> float:
