@@ -13,7 +13,6 @@ import subprocess
 
 import dp_accounting
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
