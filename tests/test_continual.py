@@ -68,7 +68,7 @@ def test_fisher_is_the_mean_of_squared_per_example_gradients(tiny_model_dir):
 def test_ewc_and_l2_sp_with_weight_zero_equal_naive_fine_tuning(
     tmp_path, tiny_model_dir, compilation_cache):
   """Same seed, same data: the penalty's gradient is 0 at weight 0, so the
-  trained weights are the same arrays as without the method; with weight
+  trained weights are those without the method (to rounding); with weight
   > 0 they stay closer to the start, by the distance each one weighs
   (L2-SP: plain; EWC: Fisher-weighted)."""
   del compilation_cache
@@ -90,8 +90,12 @@ def test_ewc_and_l2_sp_with_weight_zero_equal_naive_fine_tuning(
     runs[name] = _latest_params(str(tmp_path / name))
   naive = jax.tree.leaves(runs["naive"])
   for name in ("ewc0", "l2sp0"):
+    # Equal to float32 rounding, not bit for bit: the penalty's term makes a
+    # different program, which XLA may fuse and round differently (1.5e-9
+    # after 16 steps with XLA:CPU's classic emitters, tests/conftest.py).
     for a, b in zip(naive, jax.tree.leaves(runs[name]), strict=True):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                 atol=1e-8)
   # The start and the Fisher: as the runs computed them.
   config = _tiny_config(tiny_model_dir, **base)
   tokenizer = data.load_tokenizer(str(tiny_model_dir))
