@@ -108,9 +108,11 @@ def load(path: str, context, which: str, where: str) -> Teacher:
     what = f"run {path} ({run.which} checkpoint, step {run.step})"
   else:
     model_dir = hf.resolve(path)
+    # auto: a sentence-transformers export's own pooling (research.export
+    # writes a mean/cls/max-pooled classifier so), else BERT's pooler.
     model, report = hf.load_pretrained(
         str(model_dir), task.HEAD, task.num_outputs(),
-        dtype=context.config.model.dtype)
+        dtype=context.config.model.dtype, pooling="auto")
     # The head and, for sentence-level heads, the pooler it reads.
     head = [k for k in report.missing + report.mismatched
             if not k.startswith("bert.") or k.startswith("bert.pooler")]
