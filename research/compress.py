@@ -23,9 +23,11 @@ state and the sparsity of every dense layer of the encoder. `--out` writes
 `compression.json` (all of that) and the model: a Hugging Face directory
 that transformers loads when the format can hold it (a head-pruned model:
 its removed heads as zeros plus config.json's `pruned_heads`, which
-`research.models.hf` reads back as a pruned model), else the quantised state
-(`model.int8.safetensors`; qwix's layout, not a stable format: keep the
-float32 export and quantise at load).
+`research.models.hf` reads back as a pruned model; a mean-, cls- or
+max-pooled classifier: a sentence-transformers directory, as
+`research.export` writes it, which has no place for removed heads), else
+the quantised state (`model.int8.safetensors`; qwix's layout, not a stable
+format: keep the float32 export and quantise at load).
 """
 
 from __future__ import annotations
