@@ -184,23 +184,11 @@ def write(compressed: Compressed, result: dict, out_dir: str) -> str:
     config = compressed.restored.config
     workdir = compressed.info["workdir"]
     labels = data.load_label_names(os.path.join(workdir, "labels.json"))
-    model = compressed.model
-    if getattr(model.bert, "pooling", None) not in (None, "pooler"):
-      # As research.export writes such a run: a sentence-transformers
-      # directory, whose encoder files have no place for removed heads.
-      if model.bert.pruned_heads:
-        raise ValueError(
-            f"{workdir}: a {model.bert.pooling}-pooled model with heads "
-            "removed has no export format here (a sentence-transformers "
-            "directory holds whole layers); compress without --out, or "
-            "train with --config.model.pooling=pooler")
-      hf.export_sentence_transformers(
-          model, out_dir, tokenizer_dir=hf.resolve(config.model.name),
-          label_names=labels or None, max_seq_length=config.data.max_length)
-    else:
-      hf.export(model, out_dir, compressed.restored.task.HEAD,
-                tokenizer_dir=hf.resolve(config.model.name),
-                label_names=labels or None)
+    export.write_model(compressed.model, out_dir,
+                       compressed.restored.task.HEAD,
+                       tokenizer_dir=hf.resolve(config.model.name),
+                       label_names=labels or None,
+                       max_length=config.data.max_length, where=workdir)
   with open(os.path.join(out_dir, "compression.json"), "w") as f:
     json.dump(result, f, indent=2)
   return out_dir

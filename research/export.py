@@ -90,26 +90,14 @@ def export_restored(restored: restore.Restored, out_dir: str,
   labels = list(restored.label_names) or None
   from_scratch = (restored.config.get("task_options") or {}).get("architecture")
   pooling = getattr(getattr(model, "bert", None), "pooling", None)
-  if pooling not in (None, "pooler"):
-    head = restored.task.HEAD
-    if head is not heads.SequenceClassification:
-      raise ValueError(
-          f"{workdir}: config.model.pooling resolved to {pooling!r}, but "
-          f"transformers' {head.hf_architecture} pools with BERT's pooler "
-          f"and a sentence-transformers directory holds a classifier only: "
-          f"this {head.__name__} run cannot be exported (train with "
-          "--config.model.pooling=pooler, or use its checkpoint through "
-          "research.restore)")
-    hf.export_sentence_transformers(
-        model, out_dir, tokenizer_dir=base, label_names=labels,
-        max_seq_length=restored.config.data.max_length)
+  if write_model(model, out_dir, restored.task.HEAD, tokenizer_dir=base,
+                 label_names=labels,
+                 max_length=restored.config.data.max_length, where=workdir):
     keep_base_pooler(out_dir, base, prefix="")  # unused; loads without noise
     print(f"exported step {restored.step} ({restored.which}) to {out_dir} as "
           f"a sentence-transformers directory ({pooling} pooling; "
           "config.model.pooling)")
     return out_dir
-  hf.export(model, out_dir, restored.task.HEAD, tokenizer_dir=base,
-            label_names=labels)
   if pooling is None and not from_scratch:
     copied = keep_base_pooler(out_dir, base)
     if copied:
@@ -118,6 +106,35 @@ def export_restored(restored: restore.Restored, out_dir: str,
       print("kept the base checkpoint's declared pooling (1_Pooling/)")
   print(f"exported step {restored.step} ({restored.which}) to {out_dir}")
   return out_dir
+
+
+def write_model(model, out_dir, head, *, tokenizer_dir, label_names,
+                max_length: int, where: str) -> bool:
+  """Writes `model` in the format its pooling allows; True where that is a
+  sentence-transformers directory (the module docstring), False for a
+  Hugging Face directory. `where` names the run in messages."""
+  pooling = getattr(getattr(model, "bert", None), "pooling", None)
+  if pooling in (None, "pooler"):
+    hf.export(model, out_dir, head, tokenizer_dir=tokenizer_dir,
+              label_names=label_names)
+    return False
+  if head is not heads.SequenceClassification:
+    raise ValueError(
+        f"{where}: config.model.pooling resolved to {pooling!r}, but "
+        f"transformers' {head.hf_architecture} pools with BERT's pooler "
+        f"and a sentence-transformers directory holds a classifier only: "
+        f"this {head.__name__} run cannot be exported (train with "
+        "--config.model.pooling=pooler, or use its checkpoint through "
+        "research.restore)")
+  if model.bert.pruned_heads:  # (research.compress --prune_heads)
+    raise ValueError(
+        f"{where}: a {pooling}-pooled model with heads removed has no export "
+        "format here (a sentence-transformers directory holds whole layers); "
+        "compress without --out, or train with --config.model.pooling=pooler")
+  hf.export_sentence_transformers(model, out_dir, tokenizer_dir=tokenizer_dir,
+                                  label_names=label_names,
+                                  max_seq_length=max_length)
+  return True
 
 
 def keep_base_pooling(out_dir, base_dir) -> bool:

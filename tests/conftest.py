@@ -13,8 +13,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # run in 1.3-1.5 s against 2.3-2.5 s; the suite spent 40% of its time
 # compiling, and took 19.9 min instead of 21.8. Same goldens and parity.
 # Not for real runs: with the optimisations on, the classic emitters
-# compiled the quickstart in 118 s against 41 s (research.bench, 2 cores). jaxlib 0.11 removed the classic emitters, and XLA
-# aborts on a flag it does not know: the flag is in jaxlib 0.7-0.10 only.
+# compiled the quickstart in 118 s against 41 s (research.bench, 2 cores).
+# jaxlib 0.11 removed the classic emitters, and XLA aborts on a flag it does
+# not know: the flag is in jaxlib 0.7-0.10 only.
 _JAXLIB = tuple(int(v) for v in
                 importlib.metadata.version("jaxlib").split(".")[:2])
 if (_JAXLIB < (0, 11) and
