@@ -174,10 +174,7 @@ def run_torch(s: train.Run, steps: int, order: str = "random",
         "device": "cpu" if backend == "cpu" else "cuda",
         "bf16": config.model.dtype == "bfloat16",
         "config_overrides": task_common.dropout_overrides(config.model),
-        "lr": opt.learning_rate, "b1": opt.b1, "b2": opt.b2, "eps": opt.eps,
-        "weight_decay": opt.weight_decay, "schedule": opt.schedule,
-        "warmup_steps": optimizers.warmup_steps(opt, s.total_steps),
-        "total_steps": s.total_steps, "grad_clip_norm": opt.grad_clip_norm,
+        **optimizer_spec(opt, s.total_steps),
         "order": order, "cpu_malloc": cpu_malloc, "trainer": trainer,
     }
     with open(os.path.join(tmp, "spec.json"), "w") as f:
@@ -237,18 +234,7 @@ def torch_worker(spec_path: str) -> None:
             "attention_mask": [1] * int(hi - lo),
             "labels": float(label) if regression else max(int(label), 0)}
 
-  # As HF's Trainer: AdamW (fused, its default for torch >= 2.8), no weight
-  # decay on biases and LayerNorm weights (the 1-D parameters), clipping.
-  named = list(model.named_parameters())
-  groups = [{"params": [p for _, p in named if p.ndim >= 2],
-             "weight_decay": spec["weight_decay"]},
-            {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
-  opt = torch.optim.AdamW(groups, lr=spec["lr"], betas=(spec["b1"], spec["b2"]),
-                          eps=spec["eps"], fused=True)
-  sched = transformers.get_scheduler(
-      {"constant": "constant_with_warmup"}.get(spec["schedule"], spec["schedule"]),
-      opt, num_warmup_steps=spec["warmup_steps"],
-      num_training_steps=spec["total_steps"])
+  opt, sched = hf_optimizer(model, spec)
   # What each step's batch holds, from the plan: DataCollatorWithPadding pads
   # a batch to its longest example.
   lengths = np.diff(arrays["train_offsets"])[arrays["order"]]
@@ -312,6 +298,38 @@ def torch_worker(spec_path: str) -> None:
         (labels >= 0).astype(np.float32) if not regression else None)
   with open(spec["out"], "w") as f:
     json.dump(result, f)
+
+
+def optimizer_spec(opt_config, total_steps) -> dict:
+  """What `hf_optimizer` reads, from our `config.optimizer`."""
+  return {"lr": opt_config.learning_rate, "b1": opt_config.b1,
+          "b2": opt_config.b2, "eps": opt_config.eps,
+          "weight_decay": opt_config.weight_decay,
+          "schedule": opt_config.schedule,
+          "warmup_steps": optimizers.warmup_steps(opt_config, total_steps),
+          "total_steps": total_steps,
+          "grad_clip_norm": opt_config.grad_clip_norm}
+
+
+def hf_optimizer(model, spec):
+  """(optimizer, scheduler) as Hugging Face's Trainer builds them for our
+  `config.optimizer` (`optimizer_spec`): AdamW (fused, its default for
+  torch >= 2.8), no weight decay on biases and LayerNorm weights (the 1-D
+  parameters), the same warm-up and schedule."""
+  # pylint: disable=import-outside-toplevel
+  import torch
+  import transformers
+  named = list(model.named_parameters())
+  groups = [{"params": [p for _, p in named if p.ndim >= 2],
+             "weight_decay": spec["weight_decay"]},
+            {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
+  opt = torch.optim.AdamW(groups, lr=spec["lr"], betas=(spec["b1"], spec["b2"]),
+                          eps=spec["eps"], fused=True)
+  sched = transformers.get_scheduler(
+      {"constant": "constant_with_warmup"}.get(spec["schedule"], spec["schedule"]),
+      opt, num_warmup_steps=spec["warmup_steps"],
+      num_training_steps=spec["total_steps"])
+  return opt, sched
 
 
 def _torch_trainer_run(spec, model, opt, sched, collator, features, sync):

@@ -335,3 +335,26 @@ def test_cost_analysis_is_cpu_only_in_the_table():
   col["timed_steps"] = 1
   table = bench.format_table([col])
   assert "| compiled / analytic FLOPs (cost_analysis; CPU only) | n/a (library calls not counted) |" in table
+
+
+def test_end_to_end_runs_both_sides_on_the_same_job(tiny_model_dir, tmp_path):
+  """benchmarks/end_to_end.py: `research.train` and the Hugging Face loop,
+  each in its own process, do the same number of updates and are scored by
+  the same evaluator (the same metric keys)."""
+  pytest.importorskip("torch")
+  import end_to_end  # pylint: disable=import-outside-toplevel  # benchmarks/
+  results = end_to_end.main([
+      "--config=experiments/quickstart.py", f"--config.model.name={tiny_model_dir}",
+      "--config.total_steps=3", "--config.data.buckets=(64,)",
+      "--config.wandb.mode=disabled", "--config.parallelism.mesh_shape=(1,1,1)",
+      "--keep", str(tmp_path)])
+  ours, hf = results["ours, cold cache"], results["hf"]
+  assert hf["steps"] == 3 and np.isfinite(hf["final_loss"])
+  assert ours["shapes"] == 1 and ours["compile_s"] > 0
+  assert set(ours["metrics"]) == set(hf["metrics"]) >= {"eval/accuracy"}
+  assert 0.0 <= hf["metrics"]["eval/accuracy"] <= 1.0
+  assert set(hf["phases_s"]) == {"torch imported", "ours imported", "data",
+                                 "model", "train", "eval"}
+  assert all(r["wall_s"] > 0 and r["cpu_s"] > 0 for r in (ours, hf))
+  table = end_to_end.report(results)
+  assert table.count("\n") == 3 and "x |" in table
