@@ -1,6 +1,8 @@
 """Unstructured pruning: the schedule, exact Top-k, the straight-through
 scores, masks that hold their sparsity through training and resume, export."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -164,3 +166,22 @@ def test_masks_resume_exactly_and_export(tmp_path, tiny_model_dir, monkeypatch,
     theirs = hf_model(input_ids=torch.tensor(ids),
                       attention_mask=torch.tensor(mask)).logits.numpy()
   np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_movement_probe_reports_the_schedules_masks(tiny_model_dir):
+  """benchmarks/movement_probe.py: one row per update whose masks changed,
+  at the schedule's sparsity, with the share of the pruned weights that
+  were large (|W| in the layer's top half)."""
+  import sys  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "benchmarks"))
+  import movement_probe  # pylint: disable=import-outside-toplevel
+  config = _config(tiny_model_dir, "movement_pruning", steps=8, sparsity=0.6,
+                   begin=0.25, end=0.75, frequency=1)
+  rows = movement_probe.probe(config, 8)
+  assert [r["update"] for r in rows][0] == 3  # s_t > 0 from begin + 1
+  for r in rows:
+    want = schedule.cubic_sparsity(r["update"], 0.6, begin=2, end=6)
+    assert r["pruned"] == pytest.approx(want, abs=2e-3)
+    assert 0.0 <= r["pruned_in_top_half"] <= 1.0
+    assert np.isfinite(r["loss"])
