@@ -8,7 +8,8 @@ schedule) and
 prints, after each update whose masks changed: the fraction of each target
 layer pruned, the share of the pruned weights that lie in their layer's top
 half by |W| before the update (magnitude pruning: 0; a random mask: 0.5),
-the correlation of the scores S with |W|, and the update's training loss.
+the correlation of the scores S with |W|, and the training loss of that
+update and of the next (the first under the new masks).
 Movement pruning keeps the weights moving away from zero whatever their
 size (Sanh et al. 2020); early in a fine-tuning run, before the weights
 have moved, that choice is close to random in |W|, which a pre-trained
@@ -54,18 +55,28 @@ def probe(config, steps):
       large.append((out & (w >= np.median(w))).sum() / max(out.sum(), 1))
       corr.append(np.corrcoef(scores.ravel(), w.ravel())[0, 1]
                   if scores.std() > 0 else np.nan)  # all S equal: undefined
+    loss = float(np.asarray(metrics["loss"]))
+    if rows and rows[-1]["update"] == step:  # the first loss under its masks
+      rows[-1]["loss_after"] = loss
+      _print(rows[-1])
     if changed:
       rows.append({"update": step + 1, "pruned": float(np.mean(pruned)),
                    "pruned_in_top_half": float(np.mean(large)),
                    "corr_scores_abs_w": float(np.nanmean(corr)),
-                   "loss": float(np.asarray(metrics["loss"]))})
-      print(f"update {step + 1}: pruned {rows[-1]['pruned']:.3f} of each "
-            f"layer; of those, {rows[-1]['pruned_in_top_half']:.3f} in the "
-            f"layer's top half by |W|; corr(S, |W|) "
-            f"{rows[-1]['corr_scores_abs_w']:.3f}; loss {rows[-1]['loss']:.3f}",
-            flush=True)
+                   "loss_before": loss, "loss_after": None})
     before = after
+  if rows and rows[-1]["loss_after"] is None:
+    _print(rows[-1])
   return rows
+
+
+def _print(row):
+  after = ("-" if row["loss_after"] is None else f"{row['loss_after']:.3f}")
+  print(f"update {row['update']}: pruned {row['pruned']:.3f} of each layer; "
+        f"of those, {row['pruned_in_top_half']:.3f} in the layer's top half "
+        f"by |W|; corr(S, |W|) {row['corr_scores_abs_w']:.3f}; training loss "
+        f"{row['loss_before']:.3f} at this update, {after} at the next",
+        flush=True)
 
 
 def main(argv=None):
