@@ -18,6 +18,12 @@ compressed after training (`research.compress.compress`):
   magnitude / movement 50%, 90%   the pruning runs (sparse fp32 kernels)
   heads -50%          plain, half the attention heads removed by importance
   heads -50% + int8   the same, then int8 PTQ (composition)
+  student (3 layers)  the MiniLM's layers 2, 4, 6 (DistilBERT's one in two,
+                      `research.methods.distillation.student`, made once
+                      under <runs>/student_l3) fine-tuned alone
+  distilled student   the same student taught by the seed's fp32 run
+                      (`experiments/distill.py` role=distill: soft targets
+                      at T = 2 plus half the hard loss, teacher logits cached)
 
 Columns: the dev metric (mean ± std over seeds, the run's own evaluators),
 non-zero parameters, size on disk of the model's state as safetensors (MB,
@@ -56,7 +62,10 @@ ROWS = {
     "movement 90%": ("movement0.9", {}),
     "heads -50%": ("plain", {"prune_heads": 0.5}),
     "heads -50% + int8": ("plain", {"prune_heads": 0.5, "quantize": "int8"}),
+    "student (3 layers)": ("student", {}),
+    "distilled student": ("distill", {}),
 }
+STUDENT_LAYERS = "2,4,6"
 
 
 # --data_dir's default: the copies beside the repository on this project's
@@ -68,17 +77,23 @@ FOLDERS = {"mr": "senteval_mr", "rte": "glue_rte", "cola": "glue_cola"}
 DATASETS = ("quickstart",) + tuple(FOLDERS)
 
 
-def run_arg(data, run, seed, data_dir=SHARED) -> str:
-  """`experiments/compression.py`'s arg for a run directory name: the
-  local TSVs of `data` under `data_dir` where they are, else its TFDS copy."""
+def run_config(runs_dir, data, run, seed, data_dir=SHARED) -> str:
+  """The `--config` of a run directory name: `experiments/compression.py`'s
+  runs, or `experiments/distill.py`'s for the student rows; the local TSVs of
+  `data` under `data_dir` where they are, else its default download."""
   folder = os.path.join(data_dir, FOLDERS.get(data, ""))
   local = (f",data_dir={folder}" if data in FOLDERS and os.path.isdir(folder)
            else "")
+  if run in ("student", "distill"):
+    student = os.path.join(runs_dir, "student_l3")
+    teacher = os.path.join(runs_dir, data, "plain", str(seed))
+    return (f"experiments/distill.py:data={data},role={run},student={student},"
+            f"teacher={teacher},seed={seed}{local}")
   if run in ("plain", "qat"):
-    return f"data={data},method={run},seed={seed}{local}"
+    return f"experiments/compression.py:data={data},method={run},seed={seed}{local}"
   method = run.rstrip("0123456789.")
-  return (f"data={data},method={method},sparsity={run[len(method):]},"
-          f"seed={seed}{local}")
+  return (f"experiments/compression.py:data={data},method={method},"
+          f"sparsity={run[len(method):]},seed={seed}{local}")
 
 
 def finished(workdir) -> bool:
@@ -89,6 +104,13 @@ def train_missing(runs_dir, datasets, seeds, rows, nice, data_dir=SHARED):
   """Runs each missing `research.train` run, one at a time, seed by seed
   (every row of seed 0 first), at niceness `nice` (counting this process's)."""
   nice = max(0, nice - os.nice(0))
+  student = os.path.join(runs_dir, "student_l3")
+  if any(ROWS[r][0] in ("student", "distill") for r in rows) and not (
+      os.path.exists(os.path.join(student, "config.json"))):
+    subprocess.check_call(
+        [sys.executable, "-m", "research.methods.distillation.student",
+         "--teacher", "all-minilm-l6-v2", "--layers", STUDENT_LAYERS,
+         "--out", student], cwd=ROOT)
   for data in datasets:
     for seed in seeds:
       for run in dict.fromkeys(ROWS[r][0] for r in rows):
@@ -96,8 +118,7 @@ def train_missing(runs_dir, datasets, seeds, rows, nice, data_dir=SHARED):
         if finished(workdir):
           continue
         cmd = ["nice", "-n", str(nice), sys.executable, "-m", "research.train",
-               "--config",
-               f"experiments/compression.py:{run_arg(data, run, seed, data_dir)}",
+               "--config", run_config(runs_dir, data, run, seed, data_dir),
                "--workdir", workdir]
         os.makedirs(workdir, exist_ok=True)
         print("training:", " ".join(cmd[3:]), flush=True)
