@@ -24,6 +24,10 @@ compressed after training (`research.compress.compress`):
   distilled student   the same student taught by the seed's fp32 run
                       (`experiments/distill.py` role=distill: soft targets
                       at T = 2 plus half the hard loss, teacher logits cached)
+  distilled, TinyBERT the same plus intermediate losses, weight 1 each: the
+                      hidden states (TinyBERT's MSE, student layers 0-3 to
+                      teacher layers 0, 2, 4, 6) and the last layer's
+                      attention distributions (MiniLM's KL)
 
 Columns: the dev metric (mean ± std over seeds, the run's own evaluators),
 non-zero parameters, size on disk of the model's state as safetensors (MB,
@@ -64,7 +68,12 @@ ROWS = {
     "heads -50% + int8": ("plain", {"prune_heads": 0.5, "quantize": "int8"}),
     "student (3 layers)": ("student", {}),
     "distilled student": ("distill", {}),
+    "distilled, TinyBERT": ("distill_tinybert", {}),
 }
+# The distillation runs' experiments/distill.py settings.
+DISTILL_RUNS = {"student": "role=student", "distill": "role=distill",
+                "distill_tinybert": "role=distill,hidden=1.0,attention=1.0,"
+                                    "logits=fly"}
 STUDENT_LAYERS = "2,4,6"
 
 
@@ -84,11 +93,11 @@ def run_config(runs_dir, data, run, seed, data_dir=SHARED) -> str:
   folder = os.path.join(data_dir, FOLDERS.get(data, ""))
   local = (f",data_dir={folder}" if data in FOLDERS and os.path.isdir(folder)
            else "")
-  if run in ("student", "distill"):
+  if run in DISTILL_RUNS:
     student = os.path.join(runs_dir, "student_l3")
     teacher = os.path.join(runs_dir, data, "plain", str(seed))
-    return (f"experiments/distill.py:data={data},role={run},student={student},"
-            f"teacher={teacher},seed={seed}{local}")
+    return (f"experiments/distill.py:data={data},{DISTILL_RUNS[run]},"
+            f"student={student},teacher={teacher},seed={seed}{local}")
   if run in ("plain", "qat"):
     return f"experiments/compression.py:data={data},method={run},seed={seed}{local}"
   method = run.rstrip("0123456789.")
@@ -105,7 +114,7 @@ def train_missing(runs_dir, datasets, seeds, rows, nice, data_dir=SHARED):
   (every row of seed 0 first), at niceness `nice` (counting this process's)."""
   nice = max(0, nice - os.nice(0))
   student = os.path.join(runs_dir, "student_l3")
-  if any(ROWS[r][0] in ("student", "distill") for r in rows) and not (
+  if any(ROWS[r][0] in DISTILL_RUNS for r in rows) and not (
       os.path.exists(os.path.join(student, "config.json"))):
     subprocess.check_call(
         [sys.executable, "-m", "research.methods.distillation.student",
