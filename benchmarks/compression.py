@@ -24,7 +24,7 @@ compressed after training (`research.compress.compress`):
   distilled student   the same student taught by the seed's fp32 run
                       (`experiments/distill.py` role=distill: soft targets
                       at T = 2 plus half the hard loss, teacher logits cached)
-  distilled, TinyBERT the same plus intermediate losses, weight 1 each: the
+  distilled + TinyBERT losses  the same plus intermediate losses, weight 1 each: the
                       hidden states (TinyBERT's MSE, student layers 0-3 to
                       teacher layers 0, 2, 4, 6) and the last layer's
                       attention distributions (MiniLM's KL)
@@ -68,7 +68,7 @@ ROWS = {
     "heads -50% + int8": ("plain", {"prune_heads": 0.5, "quantize": "int8"}),
     "student (3 layers)": ("student", {}),
     "distilled student": ("distill", {}),
-    "distilled, TinyBERT": ("distill_tinybert", {}),
+    "distilled + TinyBERT losses": ("distill_tinybert", {}),
 }
 # The distillation runs' experiments/distill.py settings.
 DISTILL_RUNS = {"student": "role=student", "distill": "role=distill",
