@@ -5,13 +5,19 @@ on the same job, each timed from its command's start to its final metrics.
     python benchmarks/end_to_end.py \
         --config=experiments/distill.py:data=mr,data_dir=../shared/data/senteval_mr \
         --config.num_epochs=1 --warm
-    # NER: CoNLL-2003 (the first 3,000 training sentences), 1 epoch
+    # NER: the first 3,000 CoNLL-2003 training sentences, 1 epoch
+    mkdir -p /tmp/conll3k && head -n 42572 ../shared/data/conll2003/train.txt \
+        > /tmp/conll3k/train.txt
     python benchmarks/end_to_end.py \
-        --config=experiments/conll2003.py:model=all-minilm-l6-v2,source=local,train_file=../shared/data/conll2003/train.txt,eval_file=../shared/data/conll2003/valid.txt \
-        --config.num_epochs=1 --config.data.max_train_examples=3000
-    # QA: the shared SQuAD articles, windows of 192 tokens, stride 64
-    python benchmarks/end_to_end.py --config=experiments/squad_v2.py:... \
-        --config.num_epochs=1 --config.data.max_length=192 --config.data.doc_stride=64
+        --config=experiments/conll2003.py:model=all-minilm-l6-v2,source=local,train_file=/tmp/conll3k/train.txt,eval_file=../shared/data/conll2003/valid.txt \
+        --config.num_epochs=1 --config.optimizer.learning_rate=1e-4
+    # QA: the shared SQuAD articles (9 to train, 1 to evaluate), windows of
+    # 192 tokens, stride 64, 1 epoch
+    python -m research.data.squad ../shared/data/squad/train-v2.0_first10articles.json \
+        /tmp/squad10 --dev_articles 5
+    python benchmarks/end_to_end.py \
+        --config=experiments/squad_v2.py:model=all-minilm-l6-v2,source=local,train_file=/tmp/squad10/train-v2.0_first10articles-train.json,eval_file=/tmp/squad10/train-v2.0_first10articles-dev.json,max_length=192,doc_stride=64 \
+        --config.num_epochs=1 --config.optimizer.learning_rate=1e-4 --config.batch_size=16
 
 The two sides run one after the other (never together), each in its own
 process:
@@ -31,7 +37,8 @@ process:
         its outputs with our evaluators (the same metric code).
 
 Both evaluate once, after the last update (the script sets
-`config.eval_every_steps` past the end). Printed: each side's wall time from
+`config.eval_every_steps` past the end); W&B runs as the config says (pass
+`--config.wandb.mode=disabled` to leave its start-up out). Printed: each side's wall time from
 its process's start to its exit, its CPU time and peak resident memory (the
 process's own `wait4` usage), the phases each reports (ours: tracing and
 compiling the update's shapes; HF: imports, data, model, training,
