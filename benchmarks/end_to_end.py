@@ -169,6 +169,12 @@ def hf_worker(spec_path) -> None:
   if kind not in HF_MODELS:
     raise SystemExit(f"end_to_end: config.task={config.task!r} has no "
                      f"Hugging Face model here; valid: {', '.join(HF_MODELS)}")
+  opt_config = config.optimizer
+  if opt_config.name != "adamw" or opt_config.grad_accum_steps != 1:
+    raise SystemExit(
+        "end_to_end mirrors AdamW without accumulation: needs "
+        "config.optimizer.name='adamw' and config.optimizer.grad_accum_steps=1, "
+        f"got {opt_config.name!r} and {opt_config.grad_accum_steps}")
   train_split, eval_splits, _, _ = (task.load_data or data.load_splits)(
       config, tokenizer, cache_dir=None)
   marks["data"] = time.perf_counter()
