@@ -122,7 +122,10 @@ def train_missing(runs_dir, datasets, seeds, rows, nice, data_dir=SHARED):
          "--out", student], cwd=ROOT)
   for data in datasets:
     for seed in seeds:
-      for run in dict.fromkeys(ROWS[r][0] for r in rows):
+      runs = [ROWS[r][0] for r in rows]
+      if any(run.startswith("distill") for run in runs):
+        runs.insert(0, "plain")  # the students' teacher: the seed's fp32 run
+      for run in dict.fromkeys(runs):
         workdir = os.path.join(runs_dir, data, run, str(seed))
         if finished(workdir):
           continue
