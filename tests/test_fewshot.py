@@ -9,6 +9,9 @@ contrastive tasks and the protocol end to end on a tiny model.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -418,3 +421,20 @@ def test_protocol_selects_on_dev_and_summarises(tmp_path, tiny_model_dir):
   assert "| majority class | 50.0 |" in text
   assert f"| fine-tuning | {100 * np.mean(accuracy):.1f} ± " in text
   assert "| zero-shot | " in text
+
+  # The command line: the same table, and a config mistake is one line, exit
+  # status 2 (both CLIs once called a helper that had moved out of train.py).
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  def cli(*args):
+    return subprocess.run([sys.executable, "-m", *args], cwd=root, text=True,
+                          capture_output=True, timeout=300, check=False)
+  done = cli("research.fewshot", "--table", str(tmp_path))
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.strip() == text.strip()
+  for command in (("research.fewshot", "--workdir", str(tmp_path / "x")),
+                  ("research.fewshot.label_search", "--train_file", "t")):
+    done = cli(*command, "--config",
+               "experiments/fewshot_prompt.py:data=sst9")
+    assert done.returncode == 2, done.stderr
+    assert "data='sst9'; valid: quickstart, mr, cr, rte" in done.stderr
+    assert "Traceback" not in done.stderr

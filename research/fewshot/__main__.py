@@ -25,7 +25,7 @@ def main(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from research import train  # pylint: disable=import-outside-toplevel
+  from research import cli  # pylint: disable=import-outside-toplevel
   from research.configs import validate  # pylint: disable=import-outside-toplevel
   from research.fewshot import protocol, table  # pylint: disable=import-outside-toplevel
   from research.training import host_memory, xla_flags  # pylint: disable=import-outside-toplevel
@@ -63,7 +63,7 @@ def main(argv):
     summary = protocol.run_protocol(
         config, f.workdir, f.k, seeds, zero_shot=f.zero_shot, label=label,
         keep_checkpoints=f.keep_checkpoints)
-  except train.USER_ERRORS as e:
+  except cli.USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   for key, value in summary.items():
@@ -76,7 +76,7 @@ def main(argv):
 def parse_flags(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  from research import train  # pylint: disable=import-outside-toplevel
+  from research import cli  # pylint: disable=import-outside-toplevel
   config_flags.DEFINE_config_file(
       "config", None, "Experiment config: experiments/<name>.py[:arg]",
       lock_config=True)
@@ -95,7 +95,7 @@ def parse_flags(argv):
                       "this directory instead of running.")
   flags.DEFINE_string("out", "", "With --table: also write it here.")
   flags.DEFINE_string("metric", "test/accuracy", "With --table: the metric.")
-  return train.parse_or_exit(argv)
+  return cli.parse_or_exit(argv)
 
 
 if __name__ == "__main__":

@@ -120,13 +120,13 @@ def main(argv):
 def parse_flags(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  from research import train  # pylint: disable=import-outside-toplevel
+  from research import cli  # pylint: disable=import-outside-toplevel
   config_flags.DEFINE_config_file("config", None, "A prompt experiment.",
                                   lock_config=False)
   flags.DEFINE_string("train_file", None, "The K-shot training examples.")
   flags.DEFINE_integer("top", 20, "Candidate words per class.")
   flags.mark_flags_as_required(["config", "train_file"])
-  return train.parse_or_exit(argv)
+  return cli.parse_or_exit(argv)
 
 
 if __name__ == "__main__":
