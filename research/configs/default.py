@@ -99,7 +99,8 @@ def get_config():
   c.data.label_names = ()
   c.data.max_length = 128
   # Padded lengths (max_length is always one): one compilation each. Empty:
-  # chosen from the training lengths (research.data.auto_buckets).
+  # chosen from the training lengths (research.data.auto_buckets), and for
+  # each evaluation split as many from its own in-order batches.
   c.data.buckets = ()
   # How many buckets auto_buckets may choose. <= 0: by platform: 8 on CPU
   # (padding is what costs there), 2 on GPU/TPU, where a bert-base shape

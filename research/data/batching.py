@@ -169,7 +169,8 @@ class Batcher:
     batch_size: the global batch size (all hosts together); a Poisson
       sampler's expected size.
     buckets: padded lengths (see `make_buckets`); empty: `auto_buckets` of
-      this split's lengths.
+      this split's lengths (shuffle=False: of its in-order batches' longest
+      examples, what each batch is padded to).
     seed: the data-order seed.
     shuffle: False: the split's order (sampler "sequential").
     process_index: this host's index.
@@ -232,6 +233,12 @@ class Batcher:
       widest = np.concatenate([self._pack(e)[1].max(axis=1)
                                for e in range(epochs)])
       self.buckets = auto_buckets(widest, longest, num_buckets)
+    elif not shuffle and len(self.lengths):
+      # In order, a batch is padded to its longest example: fit the widths
+      # to those maxima, not to the example lengths.
+      n, size = len(self.lengths), self.batch_size
+      widest = np.maximum.reduceat(self.lengths, np.arange(0, n, size))
+      self.buckets = auto_buckets(widest, split.max_length, num_buckets)
     else:
       self.buckets = auto_buckets(self.lengths, split.max_length, num_buckets)
     if not self.packed and len(self.lengths) and \

@@ -164,9 +164,14 @@ def make_batchers(config, train_split, eval_splits, mesh, sampler=None,
         train_batches.batch_size, mesh,
         f"the padded batch of sampler {sampler!r} "
         "(config.data.sampler_options.max_batch_size)")
-  eval_buckets = () if per_row > 1 else train_batches.buckets
+  # Evaluation gets as many shapes (compilations) as training, with widths
+  # fitted to its own in-order batches: a few-shot run's 32 training
+  # sentences chose widths that padded nearly every test batch to max_length.
+  eval_buckets = tuple(config.data.buckets) if per_row == 1 else ()
+  eval_count = (len(train_batches.buckets) if per_row == 1
+                else num_buckets(config, mesh))
   eval_batches = {
       name: batching.Batcher(split, config.eval_batch_size, eval_buckets,
-                         shuffle=False, **hosts)
+                             shuffle=False, num_buckets=eval_count, **hosts)
       for name, split in eval_splits.items()}
   return train_batches, eval_batches
