@@ -43,7 +43,10 @@ DATASETS = {
                           ("text",)),
         "local": ("sentence",), "label_names": (),
         "template": "<s1> It was [MASK] .", "verbalizer": "0=terrible,1=great",
-        "max_length": 128},
+        "max_length": 128,
+        # SentEval's CR train.tsv has one empty sentence (line 1764): skipped
+        # and counted (data.bad_rows), not an error.
+        "bad_rows": "skip"},
     # RTE (GLUE): 0 = entailment ("Yes"), 1 = not_entailment ("No").
     "rte": {
         "dir": "", "hf": ("nyu-mll/glue", "rte", "train", "validation",
@@ -89,6 +92,7 @@ def base_config(args, *, lr, steps, batch, eval_every):
     c.data.train_file = os.path.join(directory, "train.tsv")
     c.data.eval_file = os.path.join(directory, "dev.tsv")
     c.data.text_fields = p["local"]
+    c.data.bad_rows = p.get("bad_rows", "error")
   else:
     name, hf_config, train_split, test_split, fields = p["hf"]
     c.data.source = "hf"
