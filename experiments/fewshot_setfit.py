@@ -22,7 +22,11 @@ experiments/_fewshot_common.py), epochs (over the pairs), sampling
 (oversampling | undersampling | unique), num_iterations (> 0: pairs per
 sentence, SetFit's first releases).
 
-Expected result: TODO(measure)
+Expected result (2026-12-07, 2 CPU cores, K = 16, 5 splits, test accuracy):
+MR 62.4 ± 1.7 against the setfit package's 62.9 ± 1.4 on the same splits,
+CR 74.1 ± 4.4 against 74.1 ± 4.2 (standard fine-tuning 62.4 / 73.0); a
+split takes 55-60 s here against the package's 34-40 s (BENCHMARKS.md,
+"Few-shot and zero-shot").
 """
 
 from experiments import _fewshot_common as common

@@ -27,7 +27,13 @@ exactly as they were, and a step skips the encoder's backward pass), steps,
 batch, lr, max_length, eval_every, eval_rows. The head runs at the masked
 positions only (masked_lm's sparse_prediction).
 
-Expected result: TODO(measure)
+Expected result (2026-12-07, 2 CPU cores, seed 0, the offline WikiText-2
+command above, 300 steps of batch 32 in 18 min): held-out masked-token
+accuracy 0.000 (fresh head) -> 0.372 (step 100) -> 0.435 (step 300), loss
+3.77 nats. A prompt on it stays weak: zero-shot "<s1> It was [MASK] ."
+with great / terrible predicts one class on MR (0.521, the majority share);
+the score great - terrible ranks MR's test sentences at AUC 0.564 only
+(BENCHMARKS.md, "Few-shot and zero-shot").
 """
 
 from experiments import _pretrain_common as common
