@@ -102,8 +102,11 @@ def base_config(args, *, lr, steps, batch, eval_every):
   c.data.label_field = "label"
   c.data.label_names = p["label_names"]
   c.data.max_length = args["max_length"] or p["max_length"]
-  # Few-shot batches are few: two buckets are two compilations.
+  # Few-shot batches are few: two buckets are two compilations. Widths in
+  # multiples of 32 repeat across a protocol's splits, so from the second
+  # split on the persistent compilation cache has most of them.
   c.data.num_buckets = 2
+  c.data.bucket_multiple = 32
   c.batch_size = args["batch"] or batch
   c.eval_batch_size = 32
   c.total_steps = args["steps"] or steps

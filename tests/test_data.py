@@ -484,6 +484,17 @@ def test_eval_covers_every_example_once():
   assert sum(float(b["weights"].sum()) for b in batches) == 53
   for b in batches:
     assert b["input_ids"].shape[1] in batcher.buckets
+  # Shortest first: the same examples once each, in length order, and less
+  # padding than the split's order.
+  ordered = list(data.Batcher(split, 16, (16, 32, 64, 128), shuffle=False,
+                              eval_order="length").eval_batches())
+  ids = sum((example_ids(b) for b in ordered), [])
+  assert sorted(ids) == list(range(53))
+  lengths = [len(split.input_ids[split.offsets[i]:split.offsets[i + 1]])
+             for i in ids]
+  assert lengths == sorted(lengths)
+  width = lambda bs: sum(b["input_ids"].shape[1] for b in bs)
+  assert width(ordered) < width(batches)
 
 
 def test_padding_efficiency_on_short_sentences():
@@ -495,9 +506,11 @@ def test_padding_efficiency_on_short_sentences():
   assert efficiency >= 0.85
   batches = list(sensible.iterate(0, sensible.steps_per_epoch))
   assert data.padding_efficiency(batches) == pytest.approx(efficiency)
-  # Empty buckets: chosen from the lengths (at most 8, max_length included).
+  # Empty buckets: chosen from the lengths (at most 8, the longest included,
+  # rounded up to a multiple of 4).
   auto = data.Batcher(split, 32, (), seed=0)
-  assert len(auto.buckets) <= 8 and auto.buckets[-1] == 128
+  assert len(auto.buckets) <= 8
+  assert auto.buckets[-1] == -(-max(lengths) // 4) * 4 < 128
   assert auto.padding_efficiency(epoch=1) >= 0.85
   # The coarse default wastes most of each batch on such data.
   assert data.Batcher(split, 32, (32, 64, 128)).padding_efficiency() < 0.5
@@ -600,10 +613,14 @@ def test_packed_batches_resume_and_split_over_hosts():
 
 def test_auto_buckets_optimal_for_two_clusters():
   lengths = [10] * 500 + [30] * 500 + [120] * 5
-  assert data.auto_buckets(lengths, 128, num_buckets=3) == (12, 32, 128)
+  assert data.auto_buckets(lengths, 128, num_buckets=3) == (12, 32, 120)
+  assert data.auto_buckets(lengths, 128, num_buckets=3, fit=False) == (
+      12, 32, 128)
   assert data.auto_buckets(lengths, 128, num_buckets=3, multiple=1) == \
-      (10, 30, 128)
-  assert data.auto_buckets([5, 6], 64, num_buckets=4) == (8, 64)
+      (10, 30, 120)
+  assert data.auto_buckets([5, 6], 64, num_buckets=4) == (8,)
+  assert data.auto_buckets([5, 6], 64, num_buckets=4, fit=False) == (8, 64)
+  assert data.auto_buckets([5, 63], 64, num_buckets=1) == (64,)  # capped
 
 
 def test_too_few_examples_for_a_batch():

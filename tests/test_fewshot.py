@@ -438,3 +438,29 @@ def test_protocol_selects_on_dev_and_summarises(tmp_path, tiny_model_dir):
     assert done.returncode == 2, done.stderr
     assert "data='sst9'; valid: quickstart, mr, cr, rte" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_protocol_without_selection_tests_the_end_of_training(tmp_path,
+                                                              tiny_model_dir):
+  # SetFit's recipe evaluates once, at the end: no development set, and the
+  # split's test metric is that evaluation's, the same as restoring the kept
+  # checkpoint and evaluating it afresh.
+  from experiments import fewshot_finetune, fewshot_setfit  # pylint: disable=import-outside-toplevel
+  config = fewshot_setfit.get_config(f"model={tiny_model_dir},lr=0.001")
+  config.parallelism.mesh_shape = (1, 1, 1)
+  assert not protocol.selects(config)
+  assert protocol.selects(fewshot_finetune.get_config(
+      f"model={tiny_model_dir},steps=4,eval_every=2"))
+  workdir = tmp_path / "setfit"
+  protocol.run_protocol(config, str(workdir), k=4, seeds=(13,),
+                        keep_checkpoints=True)
+  result = json.loads((workdir / "k4/seed13/result.json").read_text())
+  assert result["dev_file"] == "" and result["dev"] == {}
+  assert result["best_step"] == result["final_step"] > 0
+  prepared = protocol.prepare_data(config, str(workdir), 4, (13,))
+  again = protocol.evaluate(
+      protocol.split_config(config, 13, result["train_file"],
+                            {"test": next(iter(prepared["tests"].values()))}),
+      str(workdir / "k4/seed13/run"))
+  assert again["test/accuracy"] == pytest.approx(
+      result["test"]["test/accuracy"], abs=1e-6)

@@ -46,6 +46,7 @@ PLUGIN_FIELDS = ("task_options", "method_options", "evals",
                  "data.sampler_options")
 
 POSITIVE = ("batch_size", "eval_batch_size", "data.max_length",
+            "data.bucket_multiple",
             "data.examples_per_row", "optimizer.grad_accum_steps",
             "log_every_steps")
 

@@ -30,6 +30,9 @@ from research.data import samplers
 from research.data.errors import DataError
 
 
+EVAL_ORDERS = ("split", "length")
+
+
 def make_buckets(buckets, max_length):
   """Returns the sorted bucket lengths, clipped to max_length, which is one.
 
@@ -46,25 +49,35 @@ def make_buckets(buckets, max_length):
                       {max_length}))
 
 
-def auto_buckets(lengths, max_length, num_buckets=8, multiple=4):
+def auto_buckets(lengths, max_length, num_buckets=8, multiple=4, fit=True):
   """Chooses the buckets that minimise padding for these example lengths.
 
   Exact dynamic programme over candidate lengths (multiples of `multiple`,
-  and max_length): the padded total when every example is padded to its
-  bucket is minimised for at most `num_buckets` buckets, max_length included.
+  and the last bucket): the padded total when every example is padded to its
+  bucket is minimised for at most `num_buckets` buckets, the last included.
+  With `fit` the last bucket is the longest length rounded up to `multiple`
+  (at most max_length): every length is known, and a bucket past them all
+  only pads (a few-shot split's pairs at 256 when the longest is 150).
+  Without it, max_length, for lengths that are a sample (a longer one may
+  come later).
 
   Args:
     lengths: example lengths (tokens, special tokens included).
     max_length: the truncation length; always the last bucket.
     num_buckets: the most buckets (compilations) to allow.
     multiple: candidate bucket lengths are multiples of this.
+    fit: end at the longest length (rounded up), not at max_length.
 
   Returns:
-    A sorted tuple of bucket lengths, the last one max_length.
+    A sorted tuple of bucket lengths, the last one max_length, or with `fit`
+    the longest length rounded up to `multiple` and at most max_length.
   """
   lengths = np.minimum(np.asarray(lengths, np.int64), max_length)
-  cands = np.unique(np.append(np.arange(multiple, max_length, multiple),
-                              max_length)).astype(np.float64)
+  top = max_length
+  if fit and lengths.size:
+    top = min(max_length, -(-int(lengths.max()) // multiple) * multiple)
+  cands = np.unique(np.append(np.arange(multiple, top, multiple),
+                              top)).astype(np.float64)
   # below[j]: examples no longer than cands[j].
   below = np.searchsorted(np.sort(lengths), cands, side="right")
   # best[t][j]: least padded total for lengths <= cands[j] with exactly t + 1
@@ -85,7 +98,7 @@ def auto_buckets(lengths, max_length, num_buckets=8, multiple=4):
     if t == 0:
       break
     j, t = int(prev[t][j]), t - 1
-  return make_buckets(out, max_length)
+  return make_buckets(out, top)
 
 
 def example_lengths(batch):
@@ -184,11 +197,17 @@ class Batcher:
     sampler_options: the sampler's options (`config.data.sampler_options`).
     num_buckets: the most buckets `auto_buckets` may choose (empty
       `buckets` only).
+    multiple: `auto_buckets`' widths are multiples of this.
+    eval_order: `eval_batches`' order: "split" (the split's), or "length"
+      (shortest first, for an evaluator to which order does not matter:
+      each batch pads to about its own width); with shuffle=False,
+      automatic buckets fit that order's batches.
   """
 
   def __init__(self, split, batch_size, buckets, seed=0, shuffle=True,
                process_index=0, process_count=1, examples_per_row=1,
-               sampler="auto", sampler_options=None, num_buckets=8):
+               sampler="auto", sampler_options=None, num_buckets=8,
+               multiple=4, eval_order="split"):
     per_row = int(examples_per_row)
     if batch_size <= 0:
       raise DataError(f"batch size {batch_size} must be positive")
@@ -221,6 +240,10 @@ class Batcher:
     self.process_index = process_index
     self.process_count = process_count
     self.examples_per_row = per_row
+    if eval_order not in EVAL_ORDERS:
+      raise DataError(f"eval_order={eval_order!r}; valid: "
+                      f"{', '.join(EVAL_ORDERS)}")
+    self.eval_order = eval_order
     self._plan_cache = None
     longest = split.max_length * per_row
     if len(buckets):
@@ -232,15 +255,19 @@ class Batcher:
       epochs = min(20, -(-2000 // self.steps_per_epoch))
       widest = np.concatenate([self._pack(e)[1].max(axis=1)
                                for e in range(epochs)])
-      self.buckets = auto_buckets(widest, longest, num_buckets)
+      self.buckets = auto_buckets(widest, longest, num_buckets, multiple,
+                                  fit=False)
     elif not shuffle and len(self.lengths):
       # In order, a batch is padded to its longest example: fit the widths
       # to those maxima, not to the example lengths.
       n, size = len(self.lengths), self.batch_size
-      widest = np.maximum.reduceat(self.lengths, np.arange(0, n, size))
-      self.buckets = auto_buckets(widest, split.max_length, num_buckets)
+      widest = np.maximum.reduceat(self.lengths[self._eval_indices()],
+                                   np.arange(0, n, size))
+      self.buckets = auto_buckets(widest, split.max_length, num_buckets,
+                                  multiple)
     else:
-      self.buckets = auto_buckets(self.lengths, split.max_length, num_buckets)
+      self.buckets = auto_buckets(self.lengths, split.max_length, num_buckets,
+                                  multiple)
     if not self.packed and len(self.lengths) and \
         self.lengths.max() > self.buckets[-1]:
       raise DataError(f"an example of {self.lengths.max()} tokens is longer "
@@ -357,17 +384,26 @@ class Batcher:
     real = np.where(order >= 0, self.lengths[np.maximum(order, 0)], 0)
     return float(real.sum() / (widths.sum() * rows))
 
+  def _eval_indices(self):
+    """The examples in `eval_order`."""
+    if self.eval_order == "length":
+      return np.argsort(self.lengths, kind="stable")
+    return np.arange(len(self.lengths))
+
   def eval_batches(self):
     """Yields this host's part of each evaluation batch.
 
-    The global batches cover every example exactly once, in the split's
-    order; padding rows (weights 0) fill the last one.
+    The global batches cover every example exactly once, in `eval_order`
+    (the split's, or shortest first); padding rows (weights 0) fill the
+    last one.
     """
     n, size = len(self.lengths), self.batch_size
     lo = self.process_index * self.local_batch_size
+    order = self._eval_indices()
     for start in range(0, n, size):
-      global_idx = np.arange(start, start + size)
-      global_idx[global_idx >= n] = -1
+      global_idx = np.full(size, -1, np.int64)
+      chunk = order[start:start + size]
+      global_idx[:len(chunk)] = chunk
       width = self._bucket(self.lengths[global_idx[global_idx >= 0]].max())
       yield self._assemble(global_idx[lo:lo + self.local_batch_size], width)
 

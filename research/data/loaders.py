@@ -66,7 +66,7 @@ def num_buckets(config, mesh) -> int:
 
 
 def choose_buckets(lengths, max_length, examples, model_cfg, platform,
-                   most=8, cores=None) -> tuple[tuple, dict]:
+                   most=8, cores=None, multiple=4) -> tuple[tuple, dict]:
   """The buckets that minimise compile time plus padded compute of a run.
 
   For k = 1..most buckets (`batching.auto_buckets`: the least padding for
@@ -90,7 +90,7 @@ def choose_buckets(lengths, max_length, examples, model_cfg, platform,
   scale = examples / max(1, len(lengths))  # epochs of the data plan
   options = []
   for k in range(1, most + 1):
-    buckets = batching.auto_buckets(lengths, max_length, k)
+    buckets = batching.auto_buckets(lengths, max_length, k, multiple)
     padded = np.asarray(buckets)[np.searchsorted(buckets, lengths)]
     flops = np.sum(padded * (per_token + 12.0 * layers * hidden * padded))
     options.append({"buckets": tuple(buckets), "compile_s": k * compile_s,
@@ -149,7 +149,8 @@ def make_batchers(config, train_split, eval_splits, mesh, sampler=None,
     buckets, estimate = choose_buckets(
         np.diff(train_split.offsets), train_split.max_length, examples,
         model_cfg or hf.read_config(hf.resolve(config.model.name)),
-        mesh.devices.flat[0].platform, most=num_buckets(config, mesh))
+        mesh.devices.flat[0].platform, most=num_buckets(config, mesh),
+        multiple=config.data.bucket_multiple)
     log.info("buckets %s: estimated %.0f s to compile and %.0f s to train "
              "(%.0f s with %d buckets)", list(buckets), estimate["compile_s"],
              estimate["compute_s"], estimate["total_s_most"],
@@ -158,7 +159,8 @@ def make_batchers(config, train_split, eval_splits, mesh, sampler=None,
       train_split, config.batch_size // accum, buckets,
       seed=config.seed, shuffle=True, examples_per_row=per_row,
       sampler=sampler, sampler_options=sampler_options,
-      num_buckets=num_buckets(config, mesh), **hosts)
+      num_buckets=num_buckets(config, mesh),
+      multiple=config.data.bucket_multiple, **hosts)
   if train_batches.batch_size != config.batch_size // accum:
     parallelism.check_batch_size(
         train_batches.batch_size, mesh,

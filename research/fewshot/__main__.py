@@ -24,11 +24,9 @@ def main(argv):
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
   from research import cli  # pylint: disable=import-outside-toplevel
   from research.configs import validate  # pylint: disable=import-outside-toplevel
   from research.fewshot import protocol, table  # pylint: disable=import-outside-toplevel
-  from research.training import host_memory, xla_flags  # pylint: disable=import-outside-toplevel
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   for noisy in ("absl", "orbax", "jax._src", "wandb"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -55,11 +53,7 @@ def main(argv):
     sys.exit(2)
   try:
     validate(config)
-    host_memory.configure(config.cpu_malloc)
-    xla_flags.configure(config.xla_flags)
-    if config.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
-      jax.config.update("jax_compilation_cache_dir",
-                        os.path.expanduser(config.compilation_cache_dir))
+    cli.configure_process(config)
     summary = protocol.run_protocol(
         config, f.workdir, f.k, seeds, zero_shot=f.zero_shot, label=label,
         keep_checkpoints=f.keep_checkpoints)

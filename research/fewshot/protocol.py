@@ -21,6 +21,12 @@ split(s) its test set:
      over the splits (numpy's, ddof=0, as LM-BFF reports), the mean wall time
      of a split, and the majority-class share of the test set.
 
+A config that evaluates once, at the end of training (`selects(config)`
+is False: SetFit's recipe), has nothing to select: its split trains with
+the test split(s) as the evaluation and reports that end-of-training
+evaluation, as the full-data reference does. Same model as restoring the
+last checkpoint, without a second model load, tokenisation and compile.
+
 `zero_shot=True` skips training: the checkpoint's model as it is on the
 test split (a prompt on the masked-LM head). `k=0` is the full-data
 reference: the whole training set, one evaluation on the test split at the
@@ -50,6 +56,8 @@ from research.models import hf
 log = logging.getLogger("research.fewshot")
 
 RESULT, SUMMARY = table.RESULT, table.SUMMARY
+# An evaluation interval that no run reaches: evaluate once, at the end.
+ONCE = 1 << 30
 
 
 def _raw(source, config, task, labelled):
@@ -147,22 +155,35 @@ def evaluate(config, run_dir=None):
   return out
 
 
+def selects(config) -> bool:
+  """Whether a run's development-set evaluations choose among checkpoints:
+  not when it evaluates once, at its end (an evaluation interval of at
+  least the run's steps, or per epoch over one epoch)."""
+  every, total = config.eval_every_steps, config.total_steps
+  if every <= 0:  # once per epoch
+    return total > 0 or config.num_epochs > 1
+  return every < (total if total > 0 else ONCE)
+
+
 def run_split(config, seed, train_file, dev_file, tests, out_dir, *,
               zero_shot=False, keep_checkpoints=False):
-  """One split: train (unless zero-shot), select on dev, test; result.json."""
+  """One split: train (unless zero-shot), select on dev (when the config
+  `selects`), test; result.json."""
   run_dir = os.path.join(out_dir, "run")
   # One test split is "test" (metrics "test/<metric>"); several keep names.
   tests = {"test": next(iter(tests.values()))} if len(tests) == 1 else tests
   start, cpu = time.perf_counter(), time.process_time()
+  if dev_file and not selects(config):
+    dev_file = ""  # nothing to select: one evaluation, on the test split
   result = {"seed": seed, "train_file": train_file, "dev_file": dev_file}
   if zero_shot:
     summary = {}
   elif dev_file:
     summary = train.train_and_evaluate(
         split_config(config, seed, train_file, {"dev": dev_file}), run_dir)
-  else:  # full data: one evaluation on the test split, at the end
+  else:  # full data, or no selection: one evaluation on the test split
     c = split_config(config, seed, train_file, tests)
-    c.eval_every_steps = 1 << 30
+    c.eval_every_steps = ONCE
     c.keep_checkpoints = 1
     summary = train.train_and_evaluate(c, run_dir)
   trained = time.perf_counter()
@@ -179,7 +200,8 @@ def run_split(config, seed, train_file, dev_file, tests, out_dir, *,
   result.update(
       test=test, best_step=summary.get("best_step"),
       final_step=summary.get("final_step"),
-      dev={k: v for k, v in summary.items() if k.startswith("best/")},
+      dev={k: v for k, v in summary.items()
+           if dev_file and k.startswith("best/")},
       train_s=trained - start, test_s=done - trained, wall_s=done - start,
       # CPU seconds of this process (all threads): on a shared machine the
       # wall time depends on the other jobs, this much less.

@@ -122,7 +122,6 @@ def make_train_step(tx, loss_fn, *, seed, mesh, strategy, state_sharding,
     (consecutive non-finite updates skipped), and a `StepGradFn`'s
     `aux["metrics"]`.
   """
-  base_key = _key(seed)
   batch_sharding = parallelism.batch_sharding(mesh)
   replicated = parallelism.replicated(mesh)
   value_and_grads = grad_fn(loss_fn)
@@ -158,7 +157,7 @@ def make_train_step(tx, loss_fn, *, seed, mesh, strategy, state_sharding,
     return dict(aux.get("metrics", {})) if reduces else {}
 
   if strategy == "jit":
-    def step(state, frozen, batch, micro_step):
+    def step(state, frozen, batch, micro_step, base_key):
       key = jax.random.fold_in(base_key, micro_step)
       (loss, aux), grads = forward_backward(state, frozen, batch, key,
                                             micro_step)
@@ -166,7 +165,7 @@ def make_train_step(tx, loss_fn, *, seed, mesh, strategy, state_sharding,
   else:
     axes = parallelism.BATCH_AXES
 
-    def per_device(state, frozen, batch, micro_step):
+    def per_device(state, frozen, batch, micro_step, base_key):
       key = jax.random.fold_in(jax.random.fold_in(base_key, micro_step),
                                jax.lax.axis_index(axes))
       (loss, aux), grads = forward_backward(state, frozen, batch, key,
@@ -186,12 +185,14 @@ def make_train_step(tx, loss_fn, *, seed, mesh, strategy, state_sharding,
     # the replicated parameters in the transpose, and the psum above would
     # count them once per device. Off, the program is the classic pmap one.
     step = jax.shard_map(per_device, mesh=mesh,
-                         in_specs=(jax.P(), jax.P(), jax.P(axes), jax.P()),
+                         in_specs=(jax.P(), jax.P(), jax.P(axes), jax.P(),
+                                   jax.P()),
                          out_specs=(jax.P(), jax.P()), check_vma=False)
   return AheadOfTime(jax.jit(
       step, in_shardings=(state_sharding, frozen_sharding, batch_sharding,
-                          None),
-      out_shardings=(state_sharding, replicated), donate_argnums=0))
+                          None, replicated),
+      out_shardings=(state_sharding, replicated), donate_argnums=0),
+      key=jax.device_put(_key(seed), replicated))
 
 
 def make_eval_step(forward, *, seed, mesh, params_sharding, frozen_sharding,
@@ -211,17 +212,19 @@ def make_eval_step(forward, *, seed, mesh, params_sharding, frozen_sharding,
   Returns:
     The jitted step; its outputs are replicated (every host reads them).
   """
-  base_key = jax.random.fold_in(_key(seed), EVAL_STREAM)
+  replicated = parallelism.replicated(mesh)
 
-  def step(params, frozen, batch, index):
+  def step(params, frozen, batch, index, base_key):
     if transform is not None:
-      batch = transform(batch, jax.random.fold_in(base_key, index))
+      key = jax.random.fold_in(jax.random.fold_in(base_key, EVAL_STREAM),
+                               index)
+      batch = transform(batch, key)
     return forward(params, frozen, batch)
 
   return AheadOfTime(jax.jit(
       step, in_shardings=(params_sharding, frozen_sharding,
-                          parallelism.batch_sharding(mesh), None),
-      out_shardings=parallelism.replicated(mesh)))
+                          parallelism.batch_sharding(mesh), None, replicated),
+      out_shardings=replicated), key=jax.device_put(_key(seed), replicated))
 
 
 class AheadOfTime:
@@ -233,10 +236,16 @@ class AheadOfTime:
   compiled shape runs that executable directly: no second trace, which a
   plain `jax.jit` call after `.lower().compile()` would do. Other shapes
   fall back to the jitted function.
+
+  The run's root key is the step's last argument, bound here: a key closed
+  over would be a constant of the program, and a run with another seed
+  would then miss the persistent compilation cache (a few-shot protocol's
+  five splits compiled five times).
   """
 
-  def __init__(self, jitted):
+  def __init__(self, jitted, key):
     self.jitted = jitted
+    self.key = key
     self.executables = {}
     self.lock = threading.Lock()
 
@@ -247,11 +256,11 @@ class AheadOfTime:
   def __call__(self, first, frozen, batch, index):
     executable = self.executables.get(self.shape_key(batch))
     if executable is None:
-      return self.jitted(first, frozen, batch, index)
-    return executable(first, frozen, batch, index)
+      return self.jitted(first, frozen, batch, index, self.key)
+    return executable(first, frozen, batch, index, self.key)
 
   def lower(self, *args):
-    return self.jitted.lower(*args)
+    return self.jitted.lower(*args, self.key)
 
   def compile_ahead(self, calls, workers=None) -> dict:
     """Compiles the step for each `(first, frozen, batch, index)` of `calls`
@@ -268,7 +277,7 @@ class AheadOfTime:
     for args in calls:
       key = self.shape_key(args[2])
       if key not in self.executables and key not in lowered:
-        lowered[key] = self.jitted.lower(*args)
+        lowered[key] = self.lower(*args)
     t1 = time.perf_counter()
     workers = workers or max(1, min(len(lowered), os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
