@@ -6,7 +6,9 @@ oversampling, CosineSimilarityLoss on mean-pooled embeddings, 1 epoch,
 batch 16, AdamW lr 2e-5 with 10% linear warm-up then linear decay; then
 scikit-learn's LogisticRegression on the L2-normalised embeddings
 (research/tasks/contrastive.py, research/evaluators/embedding_probe.py).
-As setfit, no model selection: one evaluation, at the end.
+As setfit, no model selection: one evaluation, at the end, so the protocol
+evaluates the test set in the training run (`protocol.selects`) and the
+few-shot dev set goes unused.
 
     python -m research.fewshot --config experiments/fewshot_setfit.py \
         --workdir /tmp/fs/quickstart/setfit --k 16
@@ -23,10 +25,11 @@ experiments/_fewshot_common.py), epochs (over the pairs), sampling
 sentence, SetFit's first releases).
 
 Expected result (2026-12-07, 2 CPU cores, K = 16, 5 splits, test accuracy):
-MR 62.4 ± 1.7 against the setfit package's 62.9 ± 1.4 on the same splits,
-CR 74.1 ± 4.4 against 74.1 ± 4.2 (standard fine-tuning 62.4 / 73.0); a
-split takes 55-60 s here against the package's 34-40 s (BENCHMARKS.md,
-"Few-shot and zero-shot").
+MR 62.6 ± 1.2 against the setfit package's 62.9 ± 1.4 on the same splits,
+CR 74.3 ± 4.4 against 74.1 ± 4.2 (standard fine-tuning 62.4 / 73.0); a
+split takes 42.5 s on MR and 34.7 s on CR (the first, with a cold
+compilation cache, 50-53 s) against the package's 38.8 and 30.9 s
+(BENCHMARKS.md, "Few-shot and zero-shot").
 """
 
 from experiments import _fewshot_common as common
