@@ -18,9 +18,16 @@ from research.tasks import masked_lm
 # ` @-@ ` markers): the Hugging Face dataset by default, or with `data_dir=`
 # a folder holding wiki.train.tokens and wiki.valid.tokens (the same text).
 WIKITEXT_HF = ("Salesforce/wikitext", "wikitext-2-v1")
-# A 4-layer, 256-wide BERT (BERT-mini's width, Turc et al. 2019).
-SMALL = ("hidden_size=256,num_hidden_layers=4,num_attention_heads=4,"
-         "intermediate_size=1024")
+
+
+def encoder(hidden, layers=4):
+  """A BERT shape of Turc et al. 2019's grid: 64-wide heads, a 4x FFN."""
+  return (f"hidden_size={hidden},num_hidden_layers={layers},"
+          f"num_attention_heads={hidden // 64},intermediate_size={4 * hidden}")
+
+
+# A 4-layer, 256-wide BERT (BERT-mini, Turc et al. 2019).
+SMALL = encoder(256)
 # 2 layers, 32 wide: tests and smoke runs.
 TINY = ("hidden_size=32,num_hidden_layers=2,num_attention_heads=2,"
         "intermediate_size=64")
