@@ -131,7 +131,8 @@ def finetune(out, task, arm, seed, model, args):
                   f"--config.num_epochs={args.conll_epochs}"]
   else:
     rte_dir = os.path.join(args.data_dir, FOLDERS["rte"])
-    config = f"experiments/peft.py:task=rte,method=full,lr=1e-4,data_dir={rte_dir}"
+    config = ("experiments/peft.py:task=rte,method=full,lr=1e-4,"
+              f"data_dir={rte_dir}")
   if args.smoke:
     overrides += ["--config.total_steps=4", "--config.eval_every_steps=4"]
   summary, _ = train(workdir, config, overrides)

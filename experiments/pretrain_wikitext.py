@@ -1,7 +1,10 @@
 r"""Pre-train a small BERT (4 layers, 128 wide) from scratch on WikiText-2, on CPU.
 
-    python -m research.train --config \
-        experiments/pretrain_wikitext.py:data_dir=../shared/data/wikitext \
+    python -m research.train --config experiments/pretrain_wikitext.py \
+        --workdir /tmp/pretrain_wikitext
+    # the same text from local files (wiki.train.tokens, wiki.valid.tokens)
+    python -m research.train \
+        --config experiments/pretrain_wikitext.py:data_dir=/data/wikitext-2 \
         --workdir /tmp/pretrain_wikitext
     # BERT's recipe, as this experiment ran before (stays at the unigram plateau)
     python -m research.train \
